@@ -1,0 +1,75 @@
+"""AMA-S: adaptive sampling of tasks with EXP3 (spec section 4).
+
+Each step:
+    p     = (1 - gamma) softmax(log w) + gamma / k
+    draw the batch's task ids from p (one per example, or one per step), examples uniformly within a task
+    theta <- theta - lr * grad_theta mean_batch e(theta; z)           (unweighted: p does the weighting)
+    x_i   = (sum of e over the batch's examples of task i) / (batch size * B),  clipped into [0, 1]
+    EXP3 update with xhat_i = x_i / p_i  (unbiased for E_i / B)
+
+B is ``gain_scale``: a fixed bound (the convex lab's Bl) or ``"running"``, the largest per-task batch
+excess seen so far, which keeps x in [0, 1] without knowing a bound in advance.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from amalab.mixers.base import Mixer, check_k, check_reference, per_run
+from amalab.mixers.excess import check_clip, task_excess
+from amalab.mixers.exp3 import Exp3
+
+DRAW_PER = ("example", "step")
+
+
+class AMAS(Mixer):
+    """EXP3 sampling of tasks on the clipped excess loss."""
+
+    state_keys = ("exp3.log_weights", "scale", "clipped_gains", "steps")
+
+    def __init__(self, k: int, gamma, *, gain_scale="running", eta=None, clip: str = "example",
+                 draw_per: str = "example", reference: str = "specialist",
+                 batch_shape: tuple[int, ...] = ()):
+        self.k = check_k(k)
+        self.clip = check_clip(clip)
+        if draw_per not in DRAW_PER:
+            raise ValueError(f"draw_per must be one of {', '.join(DRAW_PER)}; got {draw_per!r}")
+        self.draw_per = draw_per
+        self.reference = check_reference(reference)
+        self.batch_shape = tuple(batch_shape)
+        self.exp3 = Exp3(self.k, gamma, eta, self.batch_shape)
+        self.running_scale = isinstance(gain_scale, str)
+        if self.running_scale:
+            if gain_scale != "running":
+                raise ValueError(f"gain_scale must be a positive number or 'running'; got {gain_scale!r}")
+            self.scale = np.zeros(self.batch_shape + (1,))
+        else:
+            self.scale = per_run(gain_scale, self.batch_shape, "gain_scale", 0.0, np.inf, low_open=True)
+        #: how many gains fell outside [0, 1] and were clipped (a too-small fixed scale, or clip="none")
+        self.clipped_gains = np.zeros((), dtype=np.int64)
+        self.steps = np.zeros((), dtype=np.int64)
+        self.last_excess = np.zeros(self.batch_shape + (self.k,))
+
+    @property
+    def weights(self) -> np.ndarray:
+        return self.exp3.probs()
+
+    def draw(self, rng: np.random.Generator, batch_size: int) -> np.ndarray:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if self.draw_per == "example":
+            return self.exp3.draw(rng, batch_size)
+        return np.repeat(self.exp3.draw(rng, 1), batch_size, axis=-1)
+
+    def step(self, task_ids, losses, ref_losses=None):
+        g, active, counts = task_excess(task_ids, losses, ref_losses, self.k, self.clip)
+        batch_size = np.shape(task_ids)[-1]
+        if self.running_scale:
+            self.scale = np.maximum(self.scale, g.max(axis=-1, keepdims=True))
+        x = counts * g / (batch_size * np.where(self.scale > 0, self.scale, 1.0))
+        outside = (x < 0) | (x > 1 + 1e-12)
+        self.clipped_gains += int(outside.sum())
+        self.exp3.update(np.clip(x, 0.0, 1.0))
+        self.steps += 1
+        self.last_excess = g
+        return active / batch_size
