@@ -14,7 +14,7 @@ import numpy as np
 from amalab.mixers.base import Mixer, check_k, check_reference
 from amalab.mixers.excess import check_clip, task_excess
 from amalab.mixers.exponentiated_gradient import ExpGradWeights
-from amalab.mixers.task_batches import balanced_tasks, gather
+from amalab.mixers.task_batches import TaskLayout, balanced_tasks
 
 OBJECTIVES = ("excess", "loss")
 
@@ -55,13 +55,14 @@ class AMAR(Mixer):
         return balanced_tasks(self.k, batch_size, self.batch_shape)
 
     def step(self, task_ids, losses, ref_losses=None):
-        g, active, counts = task_excess(task_ids, losses, ref_losses, self.k, self.clip)
-        if np.any(counts == 0):
-            missing = np.flatnonzero((counts == 0).reshape(-1, self.k).any(axis=0)).tolist()
+        layout = TaskLayout(task_ids, self.k)
+        if np.any(layout.counts == 0):
+            missing = np.flatnonzero((layout.counts == 0).reshape(-1, self.k).any(axis=0)).tolist()
             raise ValueError(f"AMA-R needs every task in every batch; tasks {missing} have no example")
+        g, active = task_excess(layout, losses, ref_losses, self.clip)
         alpha = self.eg.update(g)
         self.alpha_sum += alpha
         self.steps += 1
         self.last_excess = g
-        coeffs = gather(alpha / counts, task_ids)
+        coeffs = layout.gather(alpha / layout.counts)
         return coeffs * active if self.objective == "excess" else coeffs

@@ -18,6 +18,7 @@ import numpy as np
 from amalab.mixers.base import Mixer, check_k, check_reference, per_run
 from amalab.mixers.excess import check_clip, task_excess
 from amalab.mixers.exp3 import Exp3
+from amalab.mixers.task_batches import TaskLayout
 
 DRAW_PER = ("example", "step")
 
@@ -62,11 +63,12 @@ class AMAS(Mixer):
         return np.repeat(self.exp3.draw(rng, 1), batch_size, axis=-1)
 
     def step(self, task_ids, losses, ref_losses=None):
-        g, active, counts = task_excess(task_ids, losses, ref_losses, self.k, self.clip)
+        layout = TaskLayout(task_ids, self.k)
+        g, active = task_excess(layout, losses, ref_losses, self.clip)
         batch_size = np.shape(task_ids)[-1]
         if self.running_scale:
             self.scale = np.maximum(self.scale, g.max(axis=-1, keepdims=True))
-        x = counts * g / (batch_size * np.where(self.scale > 0, self.scale, 1.0))
+        x = layout.counts * g / (batch_size * np.where(self.scale > 0, self.scale, 1.0))
         outside = (x < 0) | (x > 1 + 1e-12)
         self.clipped_gains += int(outside.sum())
         self.exp3.update(np.clip(x, 0.0, 1.0))

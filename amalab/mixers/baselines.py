@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from amalab.mixers.base import Mixer, check_k
-from amalab.mixers.task_batches import balanced_tasks, gather, per_task_count, sample_tasks
+from amalab.mixers.task_batches import TaskLayout, balanced_tasks, sample_tasks
 
 
 class FixedMixture(Mixer):
@@ -41,5 +41,5 @@ class FixedMixture(Mixer):
     def step(self, task_ids, losses, ref_losses=None):
         if self.sampling:
             return np.full(np.shape(losses), 1.0 / np.shape(task_ids)[-1])
-        counts = per_task_count(task_ids, self.k)
-        return gather(self.mixture / np.maximum(counts, 1.0), task_ids)
+        layout = TaskLayout(task_ids, self.k)
+        return layout.gather(self.mixture / np.maximum(layout.counts, 1))

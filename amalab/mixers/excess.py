@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from amalab.mixers.task_batches import gather, per_task_count, per_task_sum
+from amalab.mixers.task_batches import TaskLayout
 
 CLIPS = ("example", "task", "none")
 
@@ -28,31 +28,22 @@ def excess_loss(losses: np.ndarray, ref_losses: np.ndarray) -> np.ndarray:
 
 
 def task_excess(
-    task_ids: np.ndarray, losses: np.ndarray, ref_losses: np.ndarray | None, k: int, clip: str = "example"
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    layout: TaskLayout, losses: np.ndarray, ref_losses: np.ndarray | None, clip: str = "example"
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-task excess of a batch and the examples through which it has a gradient.
 
-    Returns ``(g, active, counts)``:
+    ``layout`` says which task each example belongs to. Returns ``(g, active)``:
       - ``g`` (``(..., k)``): the batch estimate of E_i under ``clip`` (0 for a task absent from the batch);
       - ``active`` (``(..., B)``, 0/1): the subgradient of the clipped excess with respect to each
         example's loss, so that ``grad_theta g_i = sum_{z in task i} active_z grad l(theta; z) / n_i``
-        (s is a constant; at a kink we take the subgradient 0);
-      - ``counts`` (``(..., k)``): examples of each task in the batch.
+        (s is a constant; at a kink we take the subgradient 0).
     """
     check_clip(clip)
     losses = np.asarray(losses, dtype=float)
     refs = np.zeros_like(losses) if ref_losses is None else np.broadcast_to(ref_losses, losses.shape)
-    counts = per_task_count(task_ids, k)
-    denominator = np.maximum(counts, 1.0)
     if clip == "example":
-        g = per_task_sum(excess_loss(losses, refs), task_ids, k) / denominator
-        active = (losses > refs).astype(float)
-    else:
-        diff = (per_task_sum(losses, task_ids, k) - per_task_sum(refs, task_ids, k)) / denominator
-        if clip == "task":
-            g = np.maximum(diff, 0.0)
-            active = gather((diff > 0).astype(float), task_ids)
-        else:
-            g = diff
-            active = np.ones_like(losses)
-    return g, active, counts
+        return layout.mean(excess_loss(losses, refs)), (losses > refs).astype(float)
+    diff = layout.mean(losses - refs)
+    if clip == "task":
+        return np.maximum(diff, 0.0), layout.gather((diff > 0).astype(float))
+    return diff, np.ones_like(losses)

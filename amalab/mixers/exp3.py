@@ -14,9 +14,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.special import softmax
 
 from amalab.mixers.base import Stateful, check_k, per_run
+from amalab.mixers.logspace import softmax
 from amalab.mixers.task_batches import sample_tasks
 
 
@@ -43,10 +43,15 @@ class Exp3(Stateful):
         self.gamma = per_run(gamma, self.batch_shape, "gamma", 0.0, 1.0, low_open=True)
         self.eta = self.gamma / self.k if eta is None else per_run(eta, self.batch_shape, "eta", 0.0, np.inf)
         self.log_weights = np.zeros(self.batch_shape + (self.k,))
+        self._probs_of = None
 
     def probs(self) -> np.ndarray:
         """p = (1 - gamma) softmax(log w) + gamma / k; every p_i >= gamma / k."""
-        return (1.0 - self.gamma) * softmax(self.log_weights, axis=-1) + self.gamma / self.k
+        # cached per log-weights array: a step asks for p to draw, to update and to log
+        if self._probs_of is not self.log_weights:
+            self._probs = (1.0 - self.gamma) * softmax(self.log_weights) + self.gamma / self.k
+            self._probs_of = self.log_weights
+        return self._probs
 
     def draw(self, rng: np.random.Generator, size: int = 1) -> np.ndarray:
         """``size`` arms per run, i.i.d. from the current p: shape ``batch_shape + (size,)``."""

@@ -8,9 +8,9 @@ optionally smoothed toward uniform, alpha <- (1 - c) alpha + c / k (DoReMi uses 
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import logsumexp
 
 from amalab.mixers.base import Stateful, check_k, per_run
+from amalab.mixers.logspace import log_normalize
 
 
 class ExpGradWeights(Stateful):
@@ -31,8 +31,7 @@ class ExpGradWeights(Stateful):
 
     def update(self, gains: np.ndarray) -> np.ndarray:
         """One ascent step on the gains ``g`` (``(..., k)``); returns the new weights."""
-        log_w = self.log_weights + self.eta * gains
-        log_w = log_w - logsumexp(log_w, axis=-1, keepdims=True)
+        log_w = log_normalize(self.log_weights + self.eta * gains)
         if np.any(self.smoothing > 0):
             log_w = np.log((1.0 - self.smoothing) * np.exp(log_w) + self.smoothing / self.k)
         self.log_weights = log_w

@@ -11,35 +11,36 @@ from __future__ import annotations
 import numpy as np
 
 
-def one_hot(task_ids: np.ndarray, k: int) -> np.ndarray:
-    """``(..., B) -> (..., B, k)`` float indicator of each example's task."""
-    return (np.asarray(task_ids)[..., None] == np.arange(k)).astype(float)
+class TaskLayout:
+    """Which task each example of a (possibly batched) batch belongs to, as one flat (row, task) index.
 
+    Built once per step, it makes per-task sums and the spreading of per-task values back onto the
+    examples single ``bincount`` / take calls, far cheaper than one-hot products on small batches.
+    """
 
-def per_task_sum(values: np.ndarray, task_ids: np.ndarray, k: int) -> np.ndarray:
-    """Sum of ``values`` over the examples of each task: ``(..., B) -> (..., k)``."""
-    return np.einsum("...b,...bk->...k", np.asarray(values, dtype=float), one_hot(task_ids, k))
+    def __init__(self, task_ids: np.ndarray, k: int):
+        task_ids = np.asarray(task_ids)
+        self.k = k
+        self.shape = task_ids.shape
+        self.n_rows = int(np.prod(self.shape[:-1], dtype=np.int64))
+        self.flat = (np.arange(self.n_rows).reshape(self.shape[:-1] + (1,)) * k + task_ids).ravel()
+        #: examples of each task in the batch, ``(..., k)``
+        self.counts = np.bincount(self.flat, minlength=self.n_rows * k).reshape(self.shape[:-1] + (k,))
 
+    def sum(self, values: np.ndarray) -> np.ndarray:
+        """Sum of per-example ``values`` over each task: ``(..., B) -> (..., k)``."""
+        values = np.broadcast_to(np.asarray(values, dtype=float), self.shape).ravel()
+        sums = np.bincount(self.flat, weights=values, minlength=self.n_rows * self.k)
+        return sums.reshape(self.shape[:-1] + (self.k,))
 
-def per_task_count(task_ids: np.ndarray, k: int) -> np.ndarray:
-    """Number of examples of each task in the batch: ``(..., B) -> (..., k)``."""
-    return one_hot(task_ids, k).sum(axis=-2)
+    def mean(self, values: np.ndarray) -> np.ndarray:
+        """Mean of ``values`` over each task's examples; 0 for a task absent from the batch."""
+        return self.sum(values) / np.maximum(self.counts, 1)
 
-
-def per_task_mean(values: np.ndarray, task_ids: np.ndarray, k: int) -> np.ndarray:
-    """Mean of ``values`` over each task's examples; 0 for a task with no example in the batch."""
-    counts = per_task_count(task_ids, k)
-    return per_task_sum(values, task_ids, k) / np.maximum(counts, 1.0)
-
-
-def gather(per_task: np.ndarray, task_ids: np.ndarray) -> np.ndarray:
-    """Spread a per-task quantity back to the examples: ``(..., k), (..., B) -> (..., B)``."""
-    per_task = np.asarray(per_task, dtype=float)
-    task_ids = np.asarray(task_ids)
-    shape = np.broadcast_shapes(per_task.shape[:-1], task_ids.shape[:-1])
-    per_task = np.broadcast_to(per_task, shape + per_task.shape[-1:])
-    task_ids = np.broadcast_to(task_ids, shape + task_ids.shape[-1:])
-    return np.take_along_axis(per_task, task_ids, axis=-1)
+    def gather(self, per_task: np.ndarray) -> np.ndarray:
+        """Spread a per-task quantity back onto the examples: ``(..., k) -> (..., B)``."""
+        per_task = np.broadcast_to(per_task, self.shape[:-1] + (self.k,)).ravel()
+        return per_task[self.flat].reshape(self.shape)
 
 
 def balanced_tasks(k: int, batch_size: int, batch_shape: tuple[int, ...] = ()) -> np.ndarray:

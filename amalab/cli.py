@@ -1,0 +1,114 @@
+"""The ``amalab`` command.
+
+    amalab convex-rates CONFIG [--out DIR] [--workers N] [--quiet]   run the convex rate reproduction
+    amalab plot RESULTS_JSON [--out DIR]                              redraw its figures from saved results
+    amalab check RESULTS_JSON                                         check saved results against the theory
+    amalab list                                                       losses, algorithms and mixers known
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from amalab.errors import ConfigError
+
+
+def _convex_rates(args) -> int:
+    from amalab.convex.figures import make_figures
+    from amalab.convex.reproduction import load_config, run_reproduction, write_results
+    from amalab.convex.theory_checks import check_results
+
+    config = load_config(args.config)
+    if args.workers is not None:
+        if args.workers < 0:
+            raise ConfigError(f"--workers must be >= 0, got {args.workers}")
+        config = dataclasses.replace(config, workers=args.workers)
+    out = Path(args.out or config.out)
+    record = run_reproduction(config, show_progress=not args.quiet)
+    paths = write_results(record, out) + make_figures(record, out)
+    print(f"finished in {record['elapsed_s']:.1f} s; wrote:")
+    for p in paths:
+        print(f"  {p}")
+    return _report(check_results(record))
+
+
+def _report(failures: list[str]) -> int:
+    if failures:
+        print("theory checks FAILED:")
+        for f in failures:
+            print(f"  - {f}")
+        return 1
+    print("theory checks passed: every gap under its bound, none below -tolerance, rate slopes <= -0.4")
+    return 0
+
+
+def _plot(args) -> int:
+    from amalab.convex.figures import make_figures
+    from amalab.convex.reproduction import load_results
+
+    results = Path(args.results)
+    for p in make_figures(load_results(results), Path(args.out) if args.out else results.parent):
+        print(p)
+    return 0
+
+
+def _check(args) -> int:
+    from amalab.convex.reproduction import load_results
+    from amalab.convex.theory_checks import check_results
+
+    return _report(check_results(load_results(args.results)))
+
+
+def _list(args) -> int:
+    from amalab.convex.algorithms import ALGORITHMS
+    from amalab.convex.exp3_regret import SEQUENCES
+    from amalab.convex.losses import LOSSES
+
+    print("losses:     " + ", ".join(LOSSES))
+    print("algorithms:")
+    for name, text in ALGORITHMS.items():
+        print(f"  {name:<11} {text}")
+    print("EXP3 gain sequences:")
+    for name, text in SEQUENCES.items():
+        print(f"  {name:<11} {text}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="amalab", description="Multi-task preference alignment with AMA.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("convex-rates", help="run the convex rate reproduction (results, figures, checks)")
+    p.add_argument("config", help="TOML config, e.g. experiments/convex_rates/config.toml")
+    p.add_argument("--out", help="output directory (default: the config's `out`)")
+    p.add_argument("--workers", type=int, help="worker processes (default: the config's; 0 = one per core)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_convex_rates)
+    p = sub.add_parser("plot", help="redraw the figures from a saved results.json")
+    p.add_argument("results")
+    p.add_argument("--out", help="output directory (default: next to the results file)")
+    p.set_defaults(run=_plot)
+    p = sub.add_parser("check", help="check a saved results.json against the theory")
+    p.add_argument("results")
+    p.set_defaults(run=_check)
+    p = sub.add_parser("list", help="list the losses, algorithms and gain sequences")
+    p.set_defaults(run=_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except ConfigError as e:
+        print(f"amalab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("amalab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

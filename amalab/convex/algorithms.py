@@ -1,0 +1,60 @@
+"""The algorithms of the convex lab, each with the step sizes its theory prescribes and its gap bound.
+
+A horizon T fixes every step size (spec section 5): eta_theta = D / (G sqrt(T)); AMA-R's
+eta_alpha = sqrt(8 ln k / T) / Bl; AMA-S's gamma = min(1, sqrt(k ln k / ((e - 1) T))), eta = gamma / k and
+gains scaled by Bl. Baselines get the same eta_theta.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from amalab.convex import bounds
+from amalab.convex.optimum import SolvedProblem
+from amalab.mixers import MIXERS, Mixer, make_mixer
+
+#: algorithms whose averaged iterate provably approaches OPT, with their bounds
+RATE_ALGORITHMS = {
+    "ama-r-full": ("AMA-R, full batches (deterministic)", bounds.ama_r_bound),
+    "ama-r": ("AMA-R, task-balanced minibatches", bounds.ama_r_minibatch_bound),
+    "ama-s": ("AMA-S (EXP3 task sampling)", bounds.ama_s_bound),
+}
+#: every algorithm the convex lab can run
+ALGORITHMS = {"ama-r-full": RATE_ALGORITHMS["ama-r-full"][0], **MIXERS}
+
+
+def make_convex_mixer(algorithm: str, solved: SolvedProblem, horizons, gain_scale: str = "bound"
+                      ) -> tuple[Mixer, bool]:
+    """The mixer for ``algorithm`` with one row per entry of ``horizons``; also whether it is full-batch.
+
+    ``gain_scale`` ("bound" or "running") is how AMA-S scales its gains: by Bl, or by a running maximum.
+    """
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algorithm!r}; known: {', '.join(ALGORITHMS)}")
+    horizons = np.asarray(horizons, dtype=float)
+    k, shape = solved.problem.k, horizons.shape
+    name = "ama-r" if algorithm == "ama-r-full" else algorithm
+    if name in ("ama-r", "doremi"):
+        options = dict(eta_alpha=bounds.alpha_step_size(k, solved.Bl, horizons), clip=solved.clip)
+        if name == "doremi":
+            options.pop("clip")
+    elif name in ("ama-s", "odm"):
+        options = dict(gamma=bounds.ama_s_gamma(k, horizons))
+        if name == "ama-s":
+            options.update(clip=solved.clip, gain_scale=solved.Bl if gain_scale == "bound" else "running")
+        else:
+            options.update(gain_scale="running")
+    else:
+        options = {}
+    mixer = make_mixer(name, k, sizes=solved.problem.sizes, batch_shape=shape, **options)
+    return mixer, algorithm == "ama-r-full"
+
+
+def theta_step_sizes(solved: SolvedProblem, horizons) -> np.ndarray:
+    return bounds.theta_step_size(solved.D, solved.G, np.asarray(horizons, dtype=float))
+
+
+def gap_bound(algorithm: str, solved: SolvedProblem, horizons) -> np.ndarray:
+    """The bound on E[max_i E_i(theta_bar)] - OPT for a rate algorithm at each horizon."""
+    _, bound = RATE_ALGORITHMS[algorithm]
+    return bound(solved.D, solved.G, solved.Bl, solved.problem.k, np.asarray(horizons, dtype=float))

@@ -1,0 +1,123 @@
+"""Specialists, the minimax optimum and the constants G, Bl of a convex problem (spec section 5).
+
+    theta_i = argmin_{||u|| <= R} L_i(u)                      (specialist of task i)
+    s(z)    = l(theta_i; z)  for z in D_i                     (its cached per-example loss)
+    OPT     = min_{||u|| <= R} max_i E_i(u)  =  min t  s.t.  E_i(u) <= t,  ||u|| <= R     (epigraph form)
+
+Both are solved with cvxpy (Clarabel, tolerances 1e-10, far below the gaps the rate checks measure).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cvxpy as cp
+import numpy as np
+
+from amalab.convex.problems import MultiTaskProblem
+from amalab.mixers.excess import check_clip, task_excess
+from amalab.mixers.task_batches import TaskLayout
+
+SOLVER_OPTIONS = dict(tol_gap_abs=1e-10, tol_gap_rel=1e-10, tol_feas=1e-10, max_iter=500)
+
+
+def _solve(problem: cp.Problem, what: str) -> None:
+    problem.solve(solver=cp.CLARABEL, **SOLVER_OPTIONS)
+    if problem.status not in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE):
+        raise RuntimeError(f"cvxpy could not solve the {what}: status {problem.status}")
+
+
+def _task_losses(problem: MultiTaskProblem, u: cp.Variable, i: int) -> cp.Expression:
+    rows = problem.slices[i]
+    return problem.loss.cvx(problem.features[rows] @ u, problem.targets[rows], problem.beta)
+
+
+def solve_specialists(problem: MultiTaskProblem) -> np.ndarray:
+    """theta_i = argmin over the ball of task i's mean loss, for every task: ``(k, d)``."""
+    thetas = np.zeros((problem.k, problem.dim))
+    for i in range(problem.k):
+        u = cp.Variable(problem.dim)
+        _solve(cp.Problem(cp.Minimize(cp.sum(_task_losses(problem, u, i)) / problem.sizes[i]),
+                          [cp.norm(u, 2) <= problem.radius]), f"specialist of task {i}")
+        thetas[i] = problem.project(u.value)
+    return thetas
+
+
+def _cvx_task_excess(problem, u, i, s, clip):
+    rows = problem.slices[i]
+    losses = _task_losses(problem, u, i)
+    if clip == "example":
+        return cp.sum(cp.pos(losses - s[rows])) / problem.sizes[i]
+    diff = cp.sum(losses) / problem.sizes[i] - s[rows].mean()
+    return cp.pos(diff) if clip == "task" else diff
+
+
+@dataclass(frozen=True, eq=False)
+class SolvedProblem:
+    """A problem with its specialists, minimax optimum and the constants of its bounds."""
+
+    problem: MultiTaskProblem
+    clip: str
+    specialists: np.ndarray  # (k, d)
+    spec_losses: np.ndarray  # (N,): s(z)
+    opt_theta: np.ndarray  # (d,)
+    opt_value: float  # max_i E_i(opt_theta), evaluated in numpy
+    solver_opt_value: float  # cvxpy's objective value, for the record
+    G: float  # max per-example gradient norm of e on the ball
+    Bl: float  # max per-example e on the ball
+
+    @property
+    def D(self) -> float:
+        """Diameter of the domain: 2R."""
+        return 2.0 * self.problem.radius
+
+    def task_excess(self, u: np.ndarray) -> np.ndarray:
+        """E_i(u) for every task on the full data, for u of shape ``(..., d)``: ``(..., k)``."""
+        losses = self.problem.losses(u)
+        layout = TaskLayout(np.broadcast_to(self.problem.task, losses.shape), self.problem.k)
+        return task_excess(layout, losses, self.spec_losses, self.clip)[0]
+
+    def worst_excess(self, u: np.ndarray) -> np.ndarray:
+        """max_i E_i(u), the minimax objective."""
+        return self.task_excess(u).max(axis=-1)
+
+    def base_losses(self) -> np.ndarray:
+        """Per-example losses of the reference policy (u = 0): DoReMi's reference."""
+        return self.problem.losses(np.zeros(self.problem.dim))
+
+
+def gradient_and_range_bounds(problem: MultiTaskProblem, spec_losses: np.ndarray) -> tuple[float, float]:
+    """G = max_z max_{||u|| <= R} ||grad e(u; z)|| and Bl = max_z max_{||u|| <= R} e(u; z), exactly.
+
+    e's gradient is 0 or grad l = phi_z'(m) a_z, and m = u . a_z sweeps [-R||a_z||, R||a_z||] on the ball;
+    a convex phi_z and its (monotone) slope peak in absolute value at an end of that interval.
+    """
+    norms = np.linalg.norm(problem.features, axis=1)
+    ends = np.stack([-problem.radius * norms, problem.radius * norms])
+    loss, y, beta = problem.loss, problem.targets, problem.beta
+    G = float(np.max(np.abs(loss.slope(ends, y, beta)).max(axis=0) * norms))
+    Bl = float(np.max(loss.value(ends, y, beta).max(axis=0) - spec_losses))
+    return G, max(Bl, 0.0)
+
+
+def minimax_optimum(problem: MultiTaskProblem, spec_losses: np.ndarray, clip: str = "example"
+                    ) -> tuple[np.ndarray, float, float]:
+    """OPT = min over the ball of max_i E_i, in epigraph form; returns (u*, max_i E_i(u*), cvxpy value)."""
+    check_clip(clip)
+    u, t = cp.Variable(problem.dim), cp.Variable()
+    constraints = [cp.norm(u, 2) <= problem.radius]
+    constraints += [_cvx_task_excess(problem, u, i, spec_losses, clip) <= t for i in range(problem.k)]
+    cvx_problem = cp.Problem(cp.Minimize(t), constraints)
+    _solve(cvx_problem, "minimax problem")
+    u_star = problem.project(u.value)
+    value = task_excess(TaskLayout(problem.task, problem.k), problem.losses(u_star), spec_losses, clip)[0].max()
+    return u_star, float(value), float(cvx_problem.value)
+
+
+def solve(problem: MultiTaskProblem, clip: str = "example") -> SolvedProblem:
+    """Specialists, cached specialist losses, OPT and the constants G, Bl of ``problem``."""
+    specialists = solve_specialists(problem)
+    spec_losses = np.concatenate([problem.losses(specialists[i], rows=sl) for i, sl in enumerate(problem.slices)])
+    u_star, opt_value, solver_value = minimax_optimum(problem, spec_losses, clip)
+    G, Bl = gradient_and_range_bounds(problem, spec_losses)
+    return SolvedProblem(problem, clip, specialists, spec_losses, u_star, opt_value, solver_value, G, Bl)
