@@ -93,6 +93,12 @@ def test_task_excess_hand_values():
     np.testing.assert_allclose(g, [-0.5 / 3, 0.2, 0.25], rtol=1e-12)
     np.testing.assert_array_equal(active, np.ones(8))
 
+    # a task whose mean excess is exactly 0 sits on the kink of clip="task": g = 0, subgradient 0
+    ids = np.array([0, 0, 1])
+    g, active, _ = library_excess(ids, np.array([0.5, 0.25, 1.0]), np.array([0.25, 0.5, 0.0]), 2, "task")
+    np.testing.assert_array_equal(g, [0.0, 1.0])
+    np.testing.assert_array_equal(active, [0, 0, 1])
+
     # reference None means s = 0: the raw loss
     g, active, _ = library_excess(TASK_IDS, LOSSES, None, 3, "example")
     np.testing.assert_allclose(g, [1.6 / 3, 1.5 / 3, 2.3 / 2], rtol=1e-14)
@@ -497,6 +503,21 @@ def test_standard_sampling_frequencies_match_sizes(batch_shape):
     assert np.all(np.abs(freq - probs) < 5 * std), (freq, probs)
     coeffs = mixer.step(ids, np.ones(ids.shape))
     np.testing.assert_allclose(coeffs, 1.0 / draws)
+
+
+class AlmostOneRng:
+    """Stands in for a Generator whose uniforms all land just below 1."""
+
+    def random(self, shape):
+        return np.full(shape, np.nextafter(1.0, 0.0))
+
+
+def test_draws_never_run_past_the_last_task():
+    # ten probabilities of 0.1 have a cumulative sum that ends just below 1 in floating point
+    assert np.cumsum(np.full(10, 0.1))[-1] < 1.0  # so a uniform of nextafter(1, 0) is not below it
+    for mixer in (AMAS(10, 1.0), make_mixer("standard", 10, sizes=[1] * 10)):
+        ids = mixer.draw(AlmostOneRng(), 5)
+        np.testing.assert_array_equal(ids, 9)
 
 
 def test_fixed_mixture_balanced_draw_and_uniform():

@@ -7,8 +7,10 @@ beyond 90 degrees the tasks pull against each other (possible up to arccos(-1 / 
 Preference losses (dpo, ipo, hinge): each example is a pair of responses with features phi(x, y_1),
 phi(x, y_2) ~ N(0, I / (2d)); the chosen one is drawn from the Bradley-Terry model
 P(y_1 > y_2) = sigmoid(reward_scale * w_i . (phi_1 - phi_2)), then flipped with probability ``noise``,
-and a_z = phi(x, y_w) - phi(x, y_l). Least squares: y = reward_scale * w_i . x + noise * N(0, 1).
-Logistic: y = +-1 from the same Bradley-Terry model on x, flipped with probability ``noise``.
+and a_z = phi(x, y_w) - phi(x, y_l), rescaled to unit norm. Least squares: y = reward_scale * w_i . x + noise * N(0, 1).
+Logistic: y = +-1 from the same Bradley-Terry model on x, flipped with probability ``noise``. For the
+regression tasks x is drawn on the unit sphere. Unit-norm features keep the worst-case constants G and Bl
+of the bounds close to typical values (Gaussian features' largest norms would inflate them).
 The domain is the ball ||theta - theta_ref|| <= radius; we work with u = theta - theta_ref (theta_ref = 0).
 """
 
@@ -116,9 +118,11 @@ def make_problem(loss: str = "dpo", k: int = 3, dim: int = 8, sizes=(200, 200, 2
         first_wins = rng.random(n) < expit(reward_scale * np.einsum("nd,nd->n", w, diff))
         first_wins ^= rng.random(n) < noise
         features = np.where(first_wins[:, None], diff, -diff)
+        features /= np.linalg.norm(features, axis=1, keepdims=True)
         targets = np.zeros(n)
     else:
-        features = rng.normal(0.0, 1.0 / math.sqrt(dim), size=(n, dim))
+        features = rng.normal(size=(n, dim))
+        features /= np.linalg.norm(features, axis=1, keepdims=True)
         score = reward_scale * np.einsum("nd,nd->n", w, features)
         if loss == "logistic":
             positive = rng.random(n) < expit(score)

@@ -58,8 +58,7 @@ def train(solved: SolvedProblem, mixer: Mixer, horizons, lr, rng: np.random.Gene
     u = np.zeros((n_rows, problem.dim))
     u_sum = np.zeros_like(u)
     theta_bar = np.zeros_like(u)
-    weight_sum = np.zeros((n_rows, problem.k))
-    weights_at_horizon = np.zeros_like(weight_sum)
+    weights_at_horizon = np.zeros((n_rows, problem.k))
     curve = np.zeros((n_rows, len(checkpoints)))
     ends = {int(T): np.flatnonzero(horizons == T) for T in np.unique(horizons)}
     next_checkpoint = 0
@@ -79,7 +78,6 @@ def train(solved: SolvedProblem, mixer: Mixer, horizons, lr, rng: np.random.Gene
             batch_refs = None if refs is None else refs[rows]
         losses = problem.loss.value(margins, targets, problem.beta)
         slopes = problem.loss.slope(margins, targets, problem.beta)
-        weight_sum += mixer.weights  # the weights this step plays with (AMA-R's are updated in step)
         coeffs = mixer.step(task_ids, losses, batch_refs)
         if batch_size is None:
             grad = (coeffs * slopes) @ features
@@ -92,7 +90,7 @@ def train(solved: SolvedProblem, mixer: Mixer, horizons, lr, rng: np.random.Gene
         if done in ends:
             finished = ends[done]
             theta_bar[finished] = u_sum[finished] / done
-            weights_at_horizon[finished] = weight_sum[finished] / done
+            weights_at_horizon[finished] = mixer.average_weights[finished]
         if next_checkpoint < len(checkpoints) and checkpoints[next_checkpoint] == done:
             curve[:, next_checkpoint] = solved.worst_excess(u_sum / done)
             next_checkpoint += 1

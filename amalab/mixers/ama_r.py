@@ -48,8 +48,8 @@ class AMAR(Mixer):
 
     @property
     def average_weights(self) -> np.ndarray:
-        """Running average of alpha_1..alpha_t, the mixture the minimax analysis speaks of."""
-        return self.alpha_sum / max(int(self.steps), 1)
+        """Running average of the alphas theta stepped with (alpha_2..alpha_{t+1}): the minimax mixture."""
+        return self.alpha_sum / int(self.steps) if self.steps else self.weights
 
     def draw(self, rng: np.random.Generator, batch_size: int) -> np.ndarray:
         return balanced_tasks(self.k, batch_size, self.batch_shape)

@@ -26,7 +26,7 @@ DRAW_PER = ("example", "step")
 class AMAS(Mixer):
     """EXP3 sampling of tasks on the clipped excess loss."""
 
-    state_keys = ("exp3.log_weights", "scale", "clipped_gains", "steps")
+    state_keys = ("exp3.log_weights", "scale", "probs_sum", "clipped_gains", "steps")
 
     def __init__(self, k: int, gamma, *, gain_scale="running", eta=None, clip: str = "example",
                  draw_per: str = "example", reference: str = "specialist",
@@ -49,11 +49,17 @@ class AMAS(Mixer):
         #: how many gains fell outside [0, 1] and were clipped (a too-small fixed scale, or clip="none")
         self.clipped_gains = np.zeros((), dtype=np.int64)
         self.steps = np.zeros((), dtype=np.int64)
+        self.probs_sum = np.zeros(self.batch_shape + (self.k,))
         self.last_excess = np.zeros(self.batch_shape + (self.k,))
 
     @property
     def weights(self) -> np.ndarray:
         return self.exp3.probs()
+
+    @property
+    def average_weights(self) -> np.ndarray:
+        """Running average of the sampling distributions p_1..p_t."""
+        return self.probs_sum / int(self.steps) if self.steps else self.weights
 
     def draw(self, rng: np.random.Generator, batch_size: int) -> np.ndarray:
         if batch_size < 1:
@@ -71,6 +77,7 @@ class AMAS(Mixer):
         x = layout.counts * g / (batch_size * np.where(self.scale > 0, self.scale, 1.0))
         outside = (x < 0) | (x > 1 + 1e-12)
         self.clipped_gains += int(outside.sum())
+        self.probs_sum += self.exp3.probs()  # the p this batch was drawn from, before the update
         self.exp3.update(np.clip(x, 0.0, 1.0))
         self.steps += 1
         self.last_excess = g

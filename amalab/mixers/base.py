@@ -45,10 +45,11 @@ def per_run(value, batch_shape: tuple[int, ...], name: str, low: float, high: fl
     except ValueError:
         raise ValueError(f"{name} has shape {arr.shape}, which does not fit the runs' shape {batch_shape}")
     below = arr <= low if low_open else arr < low
-    if np.any(below) or np.any(arr > high) or np.any(np.isnan(arr)):
-        bad = arr[below | (arr > high) | np.isnan(arr)].flat[0]
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-        raise ValueError(f"{name} must lie in {interval}, got {bad:g}")
+    outside = below | (arr > high) | ~np.isfinite(arr)
+    if np.any(outside):
+        bad = arr[outside].flat[0]
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high == np.inf else ']'}"
+        raise ValueError(f"{name} must be a finite number in {interval}, got {bad:g}")
     return arr[..., None].copy()
 
 
@@ -96,3 +97,8 @@ class Mixer(Stateful, abc.ABC):
     @abc.abstractmethod
     def weights(self) -> np.ndarray:
         """Current task weights (the mixture alpha or the sampling distribution p), ``(..., k)``."""
+
+    @property
+    @abc.abstractmethod
+    def average_weights(self) -> np.ndarray:
+        """Mean of the task weights the parameter steps used so far (the current ones before any step)."""

@@ -33,6 +33,10 @@ class FixedMixture(Mixer):
     def weights(self) -> np.ndarray:
         return np.broadcast_to(self.mixture, self.batch_shape + (self.k,))
 
+    @property
+    def average_weights(self) -> np.ndarray:
+        return self.weights
+
     def draw(self, rng: np.random.Generator, batch_size: int) -> np.ndarray:
         if self.sampling:
             return sample_tasks(rng, self.weights, batch_size)

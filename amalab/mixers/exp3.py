@@ -50,6 +50,7 @@ class Exp3(Stateful):
         # cached per log-weights array: a step asks for p to draw, to update and to log
         if self._probs_of is not self.log_weights:
             self._probs = (1.0 - self.gamma) * softmax(self.log_weights) + self.gamma / self.k
+            self._probs.setflags(write=False)  # shared with callers: nobody may edit it in place
             self._probs_of = self.log_weights
         return self._probs
 

@@ -33,6 +33,8 @@ class ExpGradWeights(Stateful):
         """One ascent step on the gains ``g`` (``(..., k)``); returns the new weights."""
         log_w = log_normalize(self.log_weights + self.eta * gains)
         if np.any(self.smoothing > 0):
-            log_w = np.log((1.0 - self.smoothing) * np.exp(log_w) + self.smoothing / self.k)
+            # in log space, so a run with c = 0 keeps its exact log-weights even when batched with others
+            with np.errstate(divide="ignore"):
+                log_w = np.logaddexp(np.log1p(-self.smoothing) + log_w, np.log(self.smoothing / self.k))
         self.log_weights = log_w
         return self.weights

@@ -20,6 +20,8 @@ class TaskLayout:
 
     def __init__(self, task_ids: np.ndarray, k: int):
         task_ids = np.asarray(task_ids)
+        if task_ids.size and (task_ids.min() < 0 or task_ids.max() >= k):
+            raise ValueError(f"task ids must lie in 0..{k - 1}, got values from {task_ids.min()} to {task_ids.max()}")
         self.k = k
         self.shape = task_ids.shape
         self.n_rows = int(np.prod(self.shape[:-1], dtype=np.int64))
