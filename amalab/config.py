@@ -54,8 +54,9 @@ def _check_type(value, tp, where: str):
     raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
 
 
-def load_section(cls, table, where: str):
-    """Build dataclass ``cls`` from a TOML table; ``where`` is "file: [table]" for error messages."""
+def load_section(cls, table, path, name: str = ""):
+    """Build dataclass ``cls`` from TOML table ``name`` (dotted; "" for the top level) of file ``path``."""
+    where = f"{path}: [{name}]" if name else f"{path}:"
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: expected a table, got {table!r}")
     hints = typing.get_type_hints(cls)
@@ -64,15 +65,15 @@ def load_section(cls, table, where: str):
     if unknown:
         raise ConfigError(f"{where}: unknown key {unknown[0]!r}; known keys: {', '.join(fields)}")
     values = {}
-    for name, field in fields.items():
-        if name in table:
-            tp = hints[name]
+    for key, field in fields.items():
+        if key in table:
+            tp = hints[key]
             if dataclasses.is_dataclass(tp):
-                values[name] = load_section(tp, table[name], f"{where[:-1]}.{name}]")
+                values[key] = load_section(tp, table[key], path, f"{name}.{key}" if name else key)
             else:
-                values[name] = _check_type(table[name], tp, f"{where} {name}")
+                values[key] = _check_type(table[key], tp, f"{where} {key}")
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{where}: missing required key {name!r}")
+            raise ConfigError(f"{where}: missing required key {key!r}")
     section = cls(**values)
     check = getattr(section, "check", None)
     if check is not None:

@@ -24,6 +24,7 @@ def rates_figure(record: dict, path: Path) -> Path:
         for algorithm, r in entry["algorithms"].items():
             color = COLORS.get(algorithm)
             ax.plot(T, r["median"], "o-", color=color, ms=3.5, label=f"{algorithm} (slope {r['slope']:.2f})")
+            ax.axvline(entry["slope_from"], color="gray", lw=0.6, ls=":")
             ax.fill_between(T, np.maximum(r["q25"], 1e-12), np.maximum(r["q75"], 1e-12), color=color, alpha=0.2)
             ax.plot(T, r["bound"], "--", color=color, lw=1.0)
         ref = entry["algorithms"][next(iter(entry["algorithms"]))]["median"][0] * np.sqrt(T[0] / T)
@@ -33,7 +34,8 @@ def rates_figure(record: dict, path: Path) -> Path:
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize=7, loc="lower left")
     axes[0][0].set_ylabel(r"$\max_i E_i(\bar\theta_T) - \mathrm{OPT}$")
-    fig.suptitle("Primal gap of the averaged iterate (dashed: theoretical bounds)", fontsize=11)
+    fig.suptitle("Primal gap of the averaged iterate, median and quartiles over seeds (dashed: theoretical "
+                 "bounds; slopes fitted right of the dotted line)", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)

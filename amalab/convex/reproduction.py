@@ -65,7 +65,7 @@ class ProblemConfig:
     conflict_angle: float = 100.0
     noise: float = 0.1
     reward_scale: float = 4.0
-    radius: float = 2.0
+    radius: float = 1.0
     beta: float = 1.0
     clip: str = "example"
 
@@ -84,14 +84,18 @@ class RatesConfig:
     losses: list[str] = field(default_factory=lambda: ["dpo", "ipo", "hinge", "least_squares"])
     algorithms: list[str] = field(default_factory=lambda: list(RATE_ALGORITHMS))
     horizons: list[int] = field(default_factory=lambda: [2**j for j in range(8, 17)])
-    seeds: int = 8
+    seeds: int = 16
     batch_size: int = 12
+    #: the rate slope is fitted on horizons >= this (O(1/sqrt T) is an asymptotic statement)
+    slope_from: int = 8192
     problem: ProblemConfig = field(default_factory=ProblemConfig)
 
     def check(self) -> None:
         _check_names(self.losses, LOSSES, "losses")
         _check_names(self.algorithms, RATE_ALGORITHMS, "algorithms (rate checks)")
         _check_horizons(self.horizons)
+        if sum(T >= self.slope_from for T in self.horizons) < 2:
+            raise ValueError(f"slope_from = {self.slope_from} leaves fewer than two horizons to fit a slope on")
         _check_positive(seeds=self.seeds, batch_size=self.batch_size)
         for loss in self.losses:
             self.problem.check_for(loss)
@@ -102,7 +106,7 @@ class WorstTaskConfig:
     loss: str = "dpo"
     algorithms: list[str] = field(default_factory=lambda: ["standard", "uniform", "doremi", "odm",
                                                            "ama-r", "ama-s"])
-    horizon: int = 8192
+    horizon: int = 16384
     seeds: int = 8
     batch_size: int = 12
     ama_s_gain_scale: str = "bound"
@@ -122,7 +126,7 @@ class WorstTaskConfig:
 class Exp3Config:
     k: int = 5
     horizons: list[int] = field(default_factory=lambda: [2**j for j in range(8, 17, 2)])
-    seeds: int = 64
+    seeds: int = 128
     sequences: list[str] = field(default_factory=lambda: list(SEQUENCES))
 
     def check(self) -> None:
@@ -148,7 +152,7 @@ class ReproductionConfig:
 
 
 def load_config(path: str | Path) -> ReproductionConfig:
-    return load_section(ReproductionConfig, read_toml(path), f"{path}: [top level]")
+    return load_section(ReproductionConfig, read_toml(path), path)
 
 
 # ---------------------------------------------------------------------------------------------- jobs
@@ -289,7 +293,8 @@ def run_reproduction(config: ReproductionConfig, show_progress: bool = True) -> 
     record = dict(amalab_version=amalab.__version__, config=asdict(config),
                   machine=dict(cores=os.cpu_count(), python=platform.python_version(),
                                platform=platform.platform()),
-                  rates={loss: dict(**_solved_record(solved[loss]), horizons=rates.horizons, algorithms={})
+                  rates={loss: dict(**_solved_record(solved[loss]), horizons=rates.horizons,
+                                    slope_from=rates.slope_from, algorithms={})
                          for loss in rates.losses},
                   worst_task=dict(**_solved_record(worst_solved), horizon=worst.horizon,
                                   task_names=[f"task {i} (n={n})" for i, n in enumerate(worst.problem.sizes)],
@@ -300,10 +305,13 @@ def run_reproduction(config: ReproductionConfig, show_progress: bool = True) -> 
             _, loss, algorithm = key
             gap = np.asarray(output["gap"])
             median = np.median(gap, axis=1)
+            tail = np.asarray(rates.horizons) >= rates.slope_from
             entry = dict(gap=output["gap"], median=median.tolist(),
                          q25=np.quantile(gap, 0.25, axis=1).tolist(), q75=np.quantile(gap, 0.75, axis=1).tolist(),
                          bound=gap_bound(algorithm, solved[loss], rates.horizons).tolist(),
-                         slope=log_log_slope(rates.horizons, median) if np.all(median > 0) else math.nan,
+                         slope=log_log_slope(np.asarray(rates.horizons)[tail], median[tail])
+                         if np.all(median[tail] > 0) else math.nan,
+                         slope_all=log_log_slope(rates.horizons, median) if np.all(median > 0) else math.nan,
                          label=RATE_ALGORITHMS[algorithm][0])
             record["rates"][loss]["algorithms"][algorithm] = entry
         elif key[0] == "worst_task":

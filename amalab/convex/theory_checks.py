@@ -2,8 +2,11 @@
 
   - every measured gap is under its theoretical bound;
   - no gap is below -tolerance (which would mean cvxpy's OPT is not optimal);
-  - the fitted slope of log(median gap) against log(T) is <= ``max_slope`` (theory: -1/2);
-  - EXP3's mean regret is under (e - 1) gamma G_max + k ln k / gamma;
+  - the slope of log(median gap) against log(T), fitted on T >= slope_from, is <= ``max_slope``
+    (theory: -1/2; before the asymptotic regime the gap need only stay under its bound);
+  - EXP3's mean regret is under (e - 1) gamma G_max + k ln k / gamma, up to sampling error: the check
+    fails when the mean exceeds the bound by more than ``z`` standard errors (regret on switching
+    sequences is heavy-tailed, so a finite-seed mean can sit above the expectation it estimates);
   - no algorithm beats OPT on the worst-task problem.
 """
 
@@ -15,7 +18,8 @@ import numpy as np
 GAP_TOLERANCE = 1e-6
 
 
-def check_results(record: dict, max_slope: float = -0.4, tolerance: float = GAP_TOLERANCE) -> list[str]:
+def check_results(record: dict, max_slope: float = -0.4, tolerance: float = GAP_TOLERANCE, z: float = 3.0
+                  ) -> list[str]:
     """Return one line per violated expectation (empty: all hold)."""
     failures = []
     for loss, entry in record["rates"].items():
@@ -29,11 +33,13 @@ def check_results(record: dict, max_slope: float = -0.4, tolerance: float = GAP_
                     failures.append(f"{where}: T={T}: gap {gap[h].min():.3g} < -{tolerance:g}: "
                                     "cvxpy's OPT is not optimal")
             if not r["slope"] <= max_slope:
-                failures.append(f"{where}: log-log slope {r['slope']:.3f} > {max_slope}")
+                failures.append(f"{where}: log-log slope {r['slope']:.3f} > {max_slope} "
+                                f"(fitted on T >= {entry['slope_from']})")
     for sequence, r in record["exp3"]["sequences"].items():
-        for T, regret, bound in zip(r["horizons"], r["mean_regret"], r["bound"]):
-            if regret > bound:
-                failures.append(f"exp3/{sequence}: T={T}: mean regret {regret:.4g} above its bound {bound:.4g}")
+        for T, regret, stderr, bound in zip(r["horizons"], r["mean_regret"], r["stderr"], r["bound"]):
+            if regret - z * stderr > bound:
+                failures.append(f"exp3/{sequence}: T={T}: mean regret {regret:.4g} (stderr {stderr:.3g}) "
+                                f"above its bound {bound:.4g} by more than {z:g} standard errors")
     wt = record["worst_task"]
     for algorithm, r in wt["algorithms"].items():
         worst = np.max(r["task_excess"], axis=1)

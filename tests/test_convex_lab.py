@@ -1,0 +1,164 @@
+"""The convex lab against independent references: scipy, grid enumeration, finite differences, theory."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+from scipy.optimize import minimize
+
+from amalab.convex import bounds
+from amalab.convex.algorithms import gap_bound, make_convex_mixer
+from amalab.convex.optimum import gradient_and_range_bounds, solve
+from amalab.convex.problems import MultiTaskProblem, make_problem
+from amalab.convex.reproduction import log_log_slope, rate_job
+from amalab.convex.theory_checks import GAP_TOLERANCE
+from amalab.convex.losses import get_loss
+from amalab.convex.training import train
+from amalab.mixers.excess import excess_loss
+
+
+@pytest.mark.parametrize("loss", ["dpo", "ipo", "least_squares", "logistic"])
+def test_specialists_match_scipy(loss):
+    """cvxpy's specialist value equals an SLSQP solution of min_{||u||<=R} L_i(u) (smooth losses)."""
+    problem = make_problem(loss, k=2, dim=4, sizes=[60, 40], conflict_angle=90, noise=0.1, radius=1.0, seed=3)
+    solved = solve(problem)
+    for i, rows in enumerate(problem.slices):
+        def mean_loss(u):
+            return problem.losses(u, rows=rows).mean()
+        ref = minimize(mean_loss, np.zeros(problem.dim), method="SLSQP", tol=1e-12,
+                       constraints=[dict(type="ineq", fun=lambda u: problem.radius**2 - u @ u)])
+        assert mean_loss(solved.specialists[i]) <= ref.fun + 1e-7
+        assert mean_loss(solved.specialists[i]) == pytest.approx(ref.fun, abs=1e-6)
+        # a specialist has zero clipped excess on its own task, by definition of s(z)
+        assert solved.task_excess(solved.specialists[i])[i] == pytest.approx(0.0, abs=1e-12)
+
+
+def _one_dimensional(loss: str, seed: int = 0) -> MultiTaskProblem:
+    """Two conflicting tasks on a line, so OPT can be found by enumerating u in [-R, R]."""
+    rng = np.random.default_rng(seed)
+    sizes = np.array([30, 20])
+    task = np.repeat([0, 1], sizes)
+    x = rng.uniform(0.3, 1.0, size=(50, 1))
+    sign = np.where(task == 0, 1.0, -1.0)[:, None] * np.where(rng.random((50, 1)) < 0.8, 1.0, -1.0)
+    features, targets = (x * sign, np.zeros(50)) if loss != "least_squares" else (x, (sign * x)[:, 0] * 2)
+    return MultiTaskProblem(get_loss(loss), features, targets, task, sizes, np.eye(2, 1), radius=1.5, beta=1.0)
+
+
+@pytest.mark.parametrize("loss", ["dpo", "ipo", "hinge", "least_squares"])
+@pytest.mark.parametrize("clip", ["example", "task"])
+def test_minimax_optimum_matches_grid_enumeration(loss, clip):
+    problem = _one_dimensional(loss)
+    solved = solve(problem, clip=clip)
+    grid = np.linspace(-problem.radius, problem.radius, 300_001)[:, None]
+    worst = solved.worst_excess(grid)
+    # grid spacing 1e-5 times a slope of at most G bounds the enumeration's own error
+    assert solved.opt_value == pytest.approx(worst.min(), abs=solved.G * 1e-5 + 1e-8)
+    assert solved.opt_value <= worst.min() + 1e-8
+    assert solved.solver_opt_value == pytest.approx(solved.opt_value, abs=1e-7)
+
+
+@pytest.mark.parametrize("loss", ["dpo", "ipo", "hinge", "least_squares", "logistic"])
+def test_constants_bound_every_point_of_the_ball_and_are_attained(loss):
+    problem = make_problem(loss, k=3, dim=5, sizes=[40, 30, 20], conflict_angle=100, noise=0.1, radius=1.0,
+                           seed=1)
+    solved = solve(problem)
+    rng = np.random.default_rng(0)
+    u = rng.normal(size=(2000, problem.dim))
+    u *= problem.radius * rng.random((2000, 1)) ** (1 / problem.dim) / np.linalg.norm(u, axis=1, keepdims=True)
+    e = excess_loss(problem.losses(u), solved.spec_losses)
+    assert e.max() <= solved.Bl + 1e-12
+    # finite-difference gradient norms of e at random points stay under G
+    h = 1e-6
+    grads = np.stack([(excess_loss(problem.losses(u + h * np.eye(problem.dim)[j]), solved.spec_losses) - e) / h
+                      for j in range(problem.dim)], axis=-1)
+    assert np.linalg.norm(grads, axis=-1).max() <= solved.G * (1 + 1e-4)
+    # both are attained at u = +-R a_z / ||a_z|| for some example z
+    a = problem.features / np.linalg.norm(problem.features, axis=1, keepdims=True)
+    ends = np.concatenate([a, -a]) * problem.radius
+    e_ends = excess_loss(problem.losses(ends), solved.spec_losses)
+    assert e_ends.max() == pytest.approx(solved.Bl, rel=1e-12)
+    assert gradient_and_range_bounds(problem, solved.spec_losses) == (solved.G, solved.Bl)
+
+
+@pytest.fixture(scope="module")
+def rate_problem():
+    return solve(make_problem("dpo", k=3, dim=6, sizes=[80, 50, 30], conflict_angle=100, noise=0.1,
+                              radius=1.0, seed=0))
+
+
+HORIZONS = [2**j for j in range(8, 15)]
+
+
+@pytest.mark.parametrize("algorithm,seeds", [("ama-r-full", 1), ("ama-r", 6), ("ama-s", 6)])
+def test_rates(rate_problem, algorithm, seeds):
+    """O(1/sqrt T): slope <= -0.4 on the last four horizons (as the reproduction fits it), every gap
+    under its bound, none below -tolerance."""
+    gap = np.asarray(rate_job(rate_problem, algorithm, HORIZONS, seeds, 12, 0, "dpo")["gap"])
+    median = np.median(gap, axis=1)
+    assert np.all(gap <= gap_bound(algorithm, rate_problem, HORIZONS)[:, None])
+    assert np.all(gap >= -GAP_TOLERANCE)
+    assert log_log_slope(HORIZONS[-4:], median[-4:]) <= -0.4
+
+
+def test_deterministic_ama_r_converges_to_the_cvxpy_optimum(rate_problem):
+    """optax-style: the averaged iterate approaches the known optimum, and the theory's bound holds."""
+    T = 2**15
+    gap = rate_job(rate_problem, "ama-r-full", [T], 1, 12, 0, "dpo")["gap"][0][0]
+    assert 0 <= gap <= 1e-3
+    assert gap <= bounds.ama_r_bound(rate_problem.D, rate_problem.G, rate_problem.Bl, 3, T)
+
+
+def test_ama_beats_standard_on_worst_task(rate_problem):
+    """The reason AMA exists: standard alignment on imbalanced data neglects the small tasks."""
+    solved = solve(make_problem("dpo", k=3, dim=6, sizes=[600, 60, 20], conflict_angle=110, noise=0.1,
+                                radius=1.0, seed=0))
+    worst = {}
+    for algorithm in ("standard", "ama-r"):
+        rows = np.full(4, 4096)
+        mixer, full = make_convex_mixer(algorithm, solved, rows)
+        result = train(solved, mixer, rows, bounds.theta_step_size(solved.D, solved.G, rows),
+                       np.random.default_rng(0), batch_size=12)
+        worst[algorithm] = result.worst_excess.mean()
+    assert worst["ama-r"] - solved.opt_value < 0.25 * (worst["standard"] - solved.opt_value)
+
+
+def test_same_seed_same_results_and_other_seed_differs(rate_problem):
+    a = rate_job(rate_problem, "ama-s", [256, 512], 3, 12, 0, "dpo")["gap"]
+    b = rate_job(rate_problem, "ama-s", [256, 512], 3, 12, 0, "dpo")["gap"]
+    c = rate_job(rate_problem, "ama-s", [256, 512], 3, 12, 1, "dpo")["gap"]
+    assert a == b
+    assert a != c
+    p, q = make_problem(seed=5), make_problem(seed=5)
+    assert np.array_equal(p.features, q.features) and np.array_equal(p.targets, q.targets)
+    assert not np.array_equal(p.features, make_problem(seed=6).features)
+
+
+def test_generator_knobs():
+    problem = make_problem("dpo", k=4, dim=7, sizes=[10, 20, 30, 40], conflict_angle=75.0, seed=2)
+    cosines = problem.rewards @ problem.rewards.T
+    assert np.allclose(np.diag(cosines), 1.0)
+    assert np.allclose(cosines[~np.eye(4, dtype=bool)], np.cos(np.radians(75.0)))
+    assert problem.sizes.tolist() == [10, 20, 30, 40] and problem.features.shape == (100, 7)
+    assert np.allclose(np.linalg.norm(problem.features, axis=1), 1.0)
+    # label noise: with no noise and a sharp reward, preferences agree with the hidden reward
+    clean = make_problem("dpo", k=2, dim=4, sizes=[2000, 2000], reward_scale=50.0, noise=0.0, seed=0)
+    agree = np.einsum("nd,nd->n", clean.features, clean.rewards[clean.task]) > 0
+    noisy = make_problem("dpo", k=2, dim=4, sizes=[2000, 2000], reward_scale=50.0, noise=0.3, seed=0)
+    agree_noisy = np.einsum("nd,nd->n", noisy.features, noisy.rewards[noisy.task]) > 0
+    assert agree.mean() > 0.95
+    assert agree_noisy.mean() == pytest.approx(agree.mean() * 0.7 + (1 - agree.mean()) * 0.3, abs=0.03)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(loss="kl"), "unknown loss 'kl'"),
+    (dict(k=0), "k must be an integer >= 1"),
+    (dict(k=2, sizes=[10, -5]), "sizes must be integers >= 1"),
+    (dict(k=2, sizes=[10]), "one size per task"),
+    (dict(k=3, conflict_angle=150.0), "impossible for k=3"),
+    (dict(k=3, dim=2), "dim must be an integer >= k=3"),
+    (dict(noise=0.7), "label-flip probability"),
+    (dict(radius=0.0), "radius must be a positive number"),
+])
+def test_generator_rejects_bad_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_problem(**{"sizes": [5] * kwargs.get("k", 3), **kwargs})
