@@ -114,7 +114,7 @@ def test_readme_names_the_shipped_config_and_the_test_command():
 
 @pytest.mark.slow
 def test_readme_reproduction_command(tmp_path):
-    """The README's main command, exactly as written (about 1.5 minutes on 2 cores): all checks pass."""
+    """The README's main command, exactly as written (about 100 s on 2 cores): all checks pass."""
     command = next(c for c in _readme_commands() if "amalab convex-rates" in c)
     command = command.split("&&")[-1].strip() + f" --out {tmp_path} --quiet"
     done = subprocess.run(shlex.split(command), cwd=ROOT, capture_output=True, text=True)
