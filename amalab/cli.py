@@ -1,6 +1,7 @@
 """The ``amalab`` command.
 
-    amalab convex-rates CONFIG [--out DIR] [--workers N] [--quiet]   run the convex rate reproduction
+    amalab convex-rates CONFIG [--out DIR] [--workers N] [--quiet] [--fresh]
+                                                  run the convex rate reproduction (resumes if interrupted)
     amalab plot RESULTS_JSON [--out DIR]                              redraw its figures from saved results
     amalab check RESULTS_JSON                                         check saved results against the theory
     amalab list                                                       losses, algorithms and mixers known
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shutil
 import sys
 from pathlib import Path
 
@@ -27,8 +29,12 @@ def _convex_rates(args) -> int:
             raise ConfigError(f"--workers must be >= 0, got {args.workers}")
         config = dataclasses.replace(config, workers=args.workers)
     out = Path(args.out or config.out)
-    record = run_reproduction(config, show_progress=not args.quiet)
+    checkpoints = out / ".jobs"
+    if args.fresh and checkpoints.exists():
+        shutil.rmtree(checkpoints)
+    record = run_reproduction(config, show_progress=not args.quiet, checkpoint_dir=checkpoints)
     paths = write_results(record, out) + make_figures(record, out)
+    shutil.rmtree(checkpoints)  # the results are written: the next run starts afresh
     print(f"finished in {record['elapsed_s']:.1f} s; wrote:")
     for p in paths:
         print(f"  {p}")
@@ -86,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default: the config's `out`)")
     p.add_argument("--workers", type=int, help="worker processes (default: the config's; 0 = one per core)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--fresh", action="store_true",
+                   help="ignore the jobs an interrupted run left in OUT/.jobs (by default they are reused)")
     p.set_defaults(run=_convex_rates)
     p = sub.add_parser("plot", help="redraw the figures from a saved results.json")
     p.add_argument("results")

@@ -10,6 +10,7 @@ Three experiments, each a set of independent jobs spread over worker processes:
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import multiprocessing
@@ -210,37 +211,46 @@ def _run_job(index: int, fn, kwargs: dict):
     return index, fn(**kwargs, progress=progress)
 
 
-def run_jobs(jobs: list[tuple], workers: int, show_progress: bool = True) -> list:
-    """Run ``(fn, kwargs, steps)`` jobs, longest first, over ``workers`` processes, with one progress bar."""
-    total = sum(steps for _, _, steps in jobs)
-    bar = tqdm(total=total, unit="step", unit_scale=True, disable=not show_progress, mininterval=1.0,
-               desc="convex rates", dynamic_ncols=True)
-    results = [None] * len(jobs)
-    order = sorted(range(len(jobs)), key=lambda i: -jobs[i][2])
-    if workers == 1:
-        for i in order:
+def run_jobs(jobs: list[tuple], workers: int, show_progress: bool = True, done: dict | None = None,
+             on_done=None) -> list:
+    """Run ``(fn, kwargs, steps)`` jobs, longest first, over ``workers`` processes, with one progress bar.
+
+    ``done`` maps job indices to results already at hand (they are not rerun); ``on_done(index, result)``
+    is called as each job finishes, so a caller can checkpoint it.
+    """
+    done = done or {}
+    results = [done.get(i) for i in range(len(jobs))]
+    todo = sorted((i for i in range(len(jobs)) if i not in done), key=lambda i: -jobs[i][2])
+    bar = tqdm(total=sum(jobs[i][2] for i in todo), unit="step", unit_scale=True, disable=not show_progress,
+               mininterval=1.0, desc="convex rates", dynamic_ncols=True)
+    on_done = on_done or (lambda index, result: None)
+    if not todo:
+        pass
+    elif workers == 1:
+        for i in todo:
             fn, kwargs, _ = jobs[i]
             last = [0]
 
-            def progress(done, last=last):
-                bar.update(done - last[0])
-                last[0] = done
+            def progress(steps, last=last):
+                bar.update(steps - last[0])
+                last[0] = steps
 
             results[i] = fn(**kwargs, progress=progress)
+            on_done(i, results[i])
     else:
         context = multiprocessing.get_context("spawn")  # no fork: safe whatever threads numpy started
         with context.Manager() as manager:
             queue = manager.Queue()
             with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
                                      initargs=(queue,)) as pool:
-                futures = [pool.submit(_run_job, i, jobs[i][0], jobs[i][1]) for i in order]
-                pending = set(futures)
+                pending = {pool.submit(_run_job, i, jobs[i][0], jobs[i][1]) for i in todo}
                 while pending:
-                    done = {f for f in pending if f.done()}
-                    for f in done:
+                    finished = {f for f in pending if f.done()}
+                    for f in finished:
                         index, value = f.result()
                         results[index] = value
-                    pending -= done
+                        on_done(index, value)
+                    pending -= finished
                     while not queue.empty():
                         bar.update(queue.get())
                     if pending:
@@ -263,8 +273,21 @@ def log_log_slope(horizons, gaps) -> float:
     return float(np.polyfit(np.log(horizons), np.log(gaps), 1)[0])
 
 
-def run_reproduction(config: ReproductionConfig, show_progress: bool = True) -> dict:
-    """Run all three experiments; return the results record (see :func:`write_results`)."""
+def _job_key(name: tuple, kwargs: dict) -> str:
+    """A file name for job ``name`` that changes whenever anything it computes from changes."""
+    described = {k: (dict(problem=v.problem.settings, clip=v.clip) if isinstance(v, SolvedProblem) else v)
+                 for k, v in kwargs.items()}
+    text = json.dumps(dict(version=amalab.__version__, job=name, kwargs=described), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def run_reproduction(config: ReproductionConfig, show_progress: bool = True,
+                     checkpoint_dir: Path | None = None) -> dict:
+    """Run all three experiments; return the results record (see :func:`write_results`).
+
+    With ``checkpoint_dir``, every finished job is saved there at once and jobs already saved are not
+    rerun, so an interrupted reproduction resumes where it stopped.
+    """
     start = time.perf_counter()
     rates, worst = config.rates, config.worst_task
     solved = {loss: solve(make_problem(loss, **rates.problem.generator_args(), seed=config.seed),
@@ -288,7 +311,20 @@ def run_reproduction(config: ReproductionConfig, show_progress: bool = True) -> 
                                     seeds=config.exp3.seeds, seed=config.seed), max(config.exp3.horizons)))
         keys.append(("exp3", sequence))
     workers = config.workers or os.cpu_count() or 1
-    outputs = run_jobs(jobs, min(workers, len(jobs)), show_progress)
+    done, save = {}, None
+    if checkpoint_dir is not None:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        paths = [checkpoint_dir / f"{_job_key(key, kwargs)}.json" for key, (_, kwargs, _) in zip(keys, jobs)]
+        done = {i: json.loads(p.read_text()) for i, p in enumerate(paths) if p.is_file()}
+        if done and show_progress:
+            print(f"resuming: {len(done)} of {len(jobs)} jobs were already done ({checkpoint_dir})")
+
+        def save(index: int, result: dict) -> None:
+            tmp = paths[index].with_suffix(".tmp")
+            tmp.write_text(json.dumps(result))
+            tmp.replace(paths[index])  # atomic: an interrupted write never leaves a half file
+
+    outputs = run_jobs(jobs, min(workers, len(jobs)), show_progress, done, save)
 
     record = dict(amalab_version=amalab.__version__, config=asdict(config),
                   machine=dict(cores=os.cpu_count(), python=platform.python_version(),
