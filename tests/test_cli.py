@@ -49,6 +49,9 @@ def test_shipped_config_loads_and_matches_the_defaults():
     ({("rates", "algorithms"): '["standard"]'}, r"algorithms \(rate checks\): unknown 'standard'"),
     ({("worst_task", "ama_s_gain_scale"): '"huge"'}, r"ama_s_gain_scale must be 'bound' or 'running'"),
     ({("rates.problem", "clip"): '"sometimes"'}, r"clip must be one of example, task, none"),
+    ({("worst_task", "ama_s_gamma"): "1.5"}, r"\[worst_task\]: ama_s_gamma must lie in \(0, 1\], got 1.5"),
+    ({("worst_task", "ama_s_gamma"): "0.0"}, r"ama_s_gamma must lie in \(0, 1\]"),
+    ({("worst_task", "ama_s_gamma"): '"often"'}, r"ama_s_gamma must be 'theory' or a number"),
 ])
 def test_bad_config_gives_one_clear_line(tmp_path, capsys, edit, message):
     path = _write(tmp_path, _shipped_with(edit))

@@ -23,11 +23,12 @@ RATE_ALGORITHMS = {
 ALGORITHMS = {"ama-r-full": RATE_ALGORITHMS["ama-r-full"][0], **MIXERS}
 
 
-def make_convex_mixer(algorithm: str, solved: SolvedProblem, horizons, gain_scale: str = "bound"
-                      ) -> tuple[Mixer, bool]:
+def make_convex_mixer(algorithm: str, solved: SolvedProblem, horizons, gain_scale: str = "bound",
+                      gamma: float | None = None) -> tuple[Mixer, bool]:
     """The mixer for ``algorithm`` with one row per entry of ``horizons``; also whether it is full-batch.
 
-    ``gain_scale`` ("bound" or "running") is how AMA-S scales its gains: by Bl, or by a running maximum.
+    ``gain_scale`` ("bound" or "running") is how AMA-S scales its gains: by Bl, or by a running maximum;
+    ``gamma`` overrides the EXP3 exploration rate the theory sets for each horizon (AMA-S and ODM).
     """
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; known: {', '.join(ALGORITHMS)}")
@@ -39,7 +40,7 @@ def make_convex_mixer(algorithm: str, solved: SolvedProblem, horizons, gain_scal
         if name == "doremi":
             options.pop("clip")
     elif name in ("ama-s", "odm"):
-        options = dict(gamma=bounds.ama_s_gamma(k, horizons))
+        options = dict(gamma=bounds.ama_s_gamma(k, horizons) if gamma is None else gamma)
         if name == "ama-s":
             options.update(clip=solved.clip, gain_scale=solved.Bl if gain_scale == "bound" else "running")
         else:

@@ -111,6 +111,8 @@ class WorstTaskConfig:
     seeds: int = 8
     batch_size: int = 12
     ama_s_gain_scale: str = "bound"
+    #: EXP3 exploration of AMA-S and ODM: "theory" (min(1, sqrt(k ln k / ((e - 1) T)))) or a number in (0, 1]
+    ama_s_gamma: str | float = "theory"
     problem: ProblemConfig = field(default_factory=lambda: ProblemConfig(sizes=[900, 90, 30],
                                                                           conflict_angle=110.0))
 
@@ -120,6 +122,10 @@ class WorstTaskConfig:
         _check_positive(horizon=self.horizon, seeds=self.seeds, batch_size=self.batch_size)
         if self.ama_s_gain_scale not in ("bound", "running"):
             raise ValueError(f"ama_s_gain_scale must be 'bound' or 'running', got {self.ama_s_gain_scale!r}")
+        if isinstance(self.ama_s_gamma, str) and self.ama_s_gamma != "theory":
+            raise ValueError(f"ama_s_gamma must be 'theory' or a number in (0, 1], got {self.ama_s_gamma!r}")
+        if not isinstance(self.ama_s_gamma, str) and not 0.0 < self.ama_s_gamma <= 1.0:
+            raise ValueError(f"ama_s_gamma must lie in (0, 1], got {self.ama_s_gamma!r}")
         self.problem.check_for(self.loss)
 
 
@@ -176,10 +182,10 @@ def rate_job(solved: SolvedProblem, algorithm: str, horizons: list[int], seeds: 
 
 
 def worst_task_job(solved: SolvedProblem, algorithm: str, horizon: int, seeds: int, batch_size: int,
-                   gain_scale: str, seed: int, progress=None) -> dict:
+                   gain_scale: str, seed: int, gamma: float | None = None, progress=None) -> dict:
     """Per-task excess of theta_bar at the horizon and the worst-task curve over training."""
     rows = np.full(seeds, horizon)
-    mixer, full_batch = make_convex_mixer(algorithm, solved, rows, gain_scale)
+    mixer, full_batch = make_convex_mixer(algorithm, solved, rows, gain_scale, gamma)
     checkpoints = np.unique(np.geomspace(16, horizon, 40).astype(int))
     result = train(solved, mixer, rows, theta_step_sizes(solved, rows), _rng(seed, "worst_task", algorithm),
                    batch_size=None if full_batch else batch_size, checkpoints=checkpoints, progress=progress)
@@ -304,7 +310,9 @@ def run_reproduction(config: ReproductionConfig, show_progress: bool = True,
     for algorithm in worst.algorithms:
         jobs.append((worst_task_job, dict(solved=worst_solved, algorithm=algorithm, horizon=worst.horizon,
                                           seeds=worst.seeds, batch_size=worst.batch_size,
-                                          gain_scale=worst.ama_s_gain_scale, seed=config.seed), worst.horizon))
+                                          gain_scale=worst.ama_s_gain_scale, seed=config.seed,
+                                          gamma=None if worst.ama_s_gamma == "theory" else worst.ama_s_gamma),
+                     worst.horizon))
         keys.append(("worst_task", algorithm))
     for sequence in config.exp3.sequences:
         jobs.append((exp3_job, dict(sequence=sequence, k=config.exp3.k, horizons=config.exp3.horizons,
