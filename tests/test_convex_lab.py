@@ -1,19 +1,17 @@
 """The convex lab against independent references: scipy, grid enumeration, finite differences, theory."""
 
-import dataclasses
 
 import numpy as np
 import pytest
 from scipy.optimize import minimize
 
 from amalab.convex import bounds
-from amalab.convex.algorithms import gap_bound, make_convex_mixer
+from amalab.convex.algorithms import gap_bound, train_algorithm
 from amalab.convex.optimum import gradient_and_range_bounds, solve
 from amalab.convex.problems import MultiTaskProblem, make_problem
 from amalab.convex.reproduction import log_log_slope, rate_job
 from amalab.convex.theory_checks import GAP_TOLERANCE
 from amalab.convex.losses import get_loss
-from amalab.convex.training import train
 from amalab.mixers.excess import excess_loss
 
 
@@ -114,10 +112,7 @@ def test_ama_beats_standard_on_worst_task(rate_problem):
                                 radius=1.0, seed=0))
     worst = {}
     for algorithm in ("standard", "ama-r"):
-        rows = np.full(4, 4096)
-        mixer, full = make_convex_mixer(algorithm, solved, rows)
-        result = train(solved, mixer, rows, bounds.theta_step_size(solved.D, solved.G, rows),
-                       np.random.default_rng(0), batch_size=12)
+        result = train_algorithm(algorithm, solved, np.full(4, 4096), 12, np.random.default_rng(0))
         worst[algorithm] = result.worst_excess.mean()
     assert worst["ama-r"] - solved.opt_value < 0.25 * (worst["standard"] - solved.opt_value)
 

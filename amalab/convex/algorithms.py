@@ -11,6 +11,7 @@ import numpy as np
 
 from amalab.convex import bounds
 from amalab.convex.optimum import SolvedProblem
+from amalab.convex.training import TrainingResult, train
 from amalab.mixers import MIXERS, Mixer, make_mixer
 
 #: algorithms whose averaged iterate provably approaches OPT, with their bounds
@@ -35,24 +36,29 @@ def make_convex_mixer(algorithm: str, solved: SolvedProblem, horizons, gain_scal
     horizons = np.asarray(horizons, dtype=float)
     k, shape = solved.problem.k, horizons.shape
     name = "ama-r" if algorithm == "ama-r-full" else algorithm
+    options = {}
     if name in ("ama-r", "doremi"):
-        options = dict(eta_alpha=bounds.alpha_step_size(k, solved.Bl, horizons), clip=solved.clip)
-        if name == "doremi":
-            options.pop("clip")
-    elif name in ("ama-s", "odm"):
-        options = dict(gamma=bounds.ama_s_gamma(k, horizons) if gamma is None else gamma)
-        if name == "ama-s":
-            options.update(clip=solved.clip, gain_scale=solved.Bl if gain_scale == "bound" else "running")
-        else:
-            options.update(gain_scale="running")
-    else:
-        options = {}
+        options["eta_alpha"] = bounds.alpha_step_size(k, solved.Bl, horizons)
+    if name in ("ama-s", "odm"):
+        options["gamma"] = bounds.ama_s_gamma(k, horizons) if gamma is None else gamma
+        options["gain_scale"] = solved.Bl if name == "ama-s" and gain_scale == "bound" else "running"
+    if name in ("ama-r", "ama-s"):  # the presets doremi and odm fix their own clip
+        options["clip"] = solved.clip
     mixer = make_mixer(name, k, sizes=solved.problem.sizes, batch_shape=shape, **options)
     return mixer, algorithm == "ama-r-full"
 
 
 def theta_step_sizes(solved: SolvedProblem, horizons) -> np.ndarray:
     return bounds.theta_step_size(solved.D, solved.G, np.asarray(horizons, dtype=float))
+
+
+def train_algorithm(algorithm: str, solved: SolvedProblem, horizons, batch_size: int,
+                    rng: np.random.Generator, gain_scale: str = "bound", gamma: float | None = None,
+                    checkpoints=(), progress=None) -> TrainingResult:
+    """Train ``algorithm`` with the step sizes its theory sets, one row per entry of ``horizons``."""
+    mixer, full_batch = make_convex_mixer(algorithm, solved, horizons, gain_scale, gamma)
+    return train(solved, mixer, horizons, theta_step_sizes(solved, horizons), rng,
+                 batch_size=None if full_batch else batch_size, checkpoints=checkpoints, progress=progress)
 
 
 def gap_bound(algorithm: str, solved: SolvedProblem, horizons) -> np.ndarray:

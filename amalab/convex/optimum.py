@@ -66,6 +66,13 @@ def _cvx_task_excess(problem, u, i, s, clip):
     return cp.pos(diff) if clip == "task" else diff
 
 
+def full_task_excess(problem: MultiTaskProblem, spec_losses: np.ndarray, clip: str, u: np.ndarray) -> np.ndarray:
+    """E_i(u) for every task on the full data, for u of shape ``(..., d)``: ``(..., k)``."""
+    losses = problem.losses(u)
+    layout = TaskLayout(np.broadcast_to(problem.task, losses.shape), problem.k)
+    return task_excess(layout, losses, spec_losses, clip)[0]
+
+
 @dataclass(frozen=True, eq=False)
 class SolvedProblem:
     """A problem with its specialists, minimax optimum and the constants of its bounds."""
@@ -87,9 +94,7 @@ class SolvedProblem:
 
     def task_excess(self, u: np.ndarray) -> np.ndarray:
         """E_i(u) for every task on the full data, for u of shape ``(..., d)``: ``(..., k)``."""
-        losses = self.problem.losses(u)
-        layout = TaskLayout(np.broadcast_to(self.problem.task, losses.shape), self.problem.k)
-        return task_excess(layout, losses, self.spec_losses, self.clip)[0]
+        return full_task_excess(self.problem, self.spec_losses, self.clip, u)
 
     def worst_excess(self, u: np.ndarray) -> np.ndarray:
         """max_i E_i(u), the minimax objective."""
@@ -124,7 +129,7 @@ def minimax_optimum(problem: MultiTaskProblem, spec_losses: np.ndarray, clip: st
     cvx_problem = cp.Problem(cp.Minimize(t), constraints)
     _solve(cvx_problem, "minimax problem")
     u_star = problem.project(u.value)
-    value = task_excess(TaskLayout(problem.task, problem.k), problem.losses(u_star), spec_losses, clip)[0].max()
+    value = full_task_excess(problem, spec_losses, clip, u_star).max()
     return u_star, float(value), float(cvx_problem.value)
 
 

@@ -27,12 +27,11 @@ from tqdm import tqdm
 
 import amalab
 from amalab.config import load_section, read_toml
-from amalab.convex.algorithms import ALGORITHMS, RATE_ALGORITHMS, gap_bound, make_convex_mixer, theta_step_sizes
+from amalab.convex.algorithms import ALGORITHMS, RATE_ALGORITHMS, gap_bound, train_algorithm
 from amalab.convex.exp3_regret import SEQUENCES, exp3_regret
 from amalab.convex.losses import LOSSES
 from amalab.convex.optimum import SolvedProblem, solve
 from amalab.convex.problems import make_problem
-from amalab.convex.training import train
 from amalab.errors import ConfigError
 from amalab.mixers.excess import check_clip
 
@@ -174,9 +173,8 @@ def rate_job(solved: SolvedProblem, algorithm: str, horizons: list[int], seeds: 
     """Primal gaps max_i E_i(theta_bar) - OPT, shape (horizons, seeds); deterministic runs get 1 seed."""
     n_seeds = 1 if algorithm == "ama-r-full" else seeds
     rows = np.repeat(horizons, n_seeds)
-    mixer, full_batch = make_convex_mixer(algorithm, solved, rows)
-    result = train(solved, mixer, rows, theta_step_sizes(solved, rows), _rng(seed, "rates", loss, algorithm),
-                   batch_size=None if full_batch else batch_size, progress=progress)
+    result = train_algorithm(algorithm, solved, rows, batch_size, _rng(seed, "rates", loss, algorithm),
+                             progress=progress)
     gap = (result.worst_excess - solved.opt_value).reshape(len(horizons), n_seeds)
     return dict(gap=gap.tolist())
 
@@ -184,11 +182,9 @@ def rate_job(solved: SolvedProblem, algorithm: str, horizons: list[int], seeds: 
 def worst_task_job(solved: SolvedProblem, algorithm: str, horizon: int, seeds: int, batch_size: int,
                    gain_scale: str, seed: int, gamma: float | None = None, progress=None) -> dict:
     """Per-task excess of theta_bar at the horizon and the worst-task curve over training."""
-    rows = np.full(seeds, horizon)
-    mixer, full_batch = make_convex_mixer(algorithm, solved, rows, gain_scale, gamma)
     checkpoints = np.unique(np.geomspace(16, horizon, 40).astype(int))
-    result = train(solved, mixer, rows, theta_step_sizes(solved, rows), _rng(seed, "worst_task", algorithm),
-                   batch_size=None if full_batch else batch_size, checkpoints=checkpoints, progress=progress)
+    result = train_algorithm(algorithm, solved, np.full(seeds, horizon), batch_size,
+                             _rng(seed, "worst_task", algorithm), gain_scale, gamma, checkpoints, progress)
     return dict(task_excess=result.task_excess.tolist(), average_weights=result.average_weights.tolist(),
                 checkpoints=result.checkpoints.tolist(), curve=result.curve.tolist())
 
@@ -205,16 +201,21 @@ def _init_worker(queue) -> None:
     _progress_queue = queue
 
 
-def _run_job(index: int, fn, kwargs: dict):
-    """Run one job in a worker, reporting its steps to the parent's progress bar."""
-    last = [0]
+def _step_reporter(sink):
+    """A job's ``progress(steps_done)`` callback that passes on the steps since its last call."""
+    last = 0
 
     def progress(done: int) -> None:
-        if _progress_queue is not None:
-            _progress_queue.put(done - last[0])
-        last[0] = done
+        nonlocal last
+        sink(done - last)
+        last = done
 
-    return index, fn(**kwargs, progress=progress)
+    return progress
+
+
+def _run_job(index: int, fn, kwargs: dict):
+    """Run one job in a worker, reporting its steps to the parent's progress bar."""
+    return index, fn(**kwargs, progress=_step_reporter(_progress_queue.put))
 
 
 def run_jobs(jobs: list[tuple], workers: int, show_progress: bool = True, done: dict | None = None,
@@ -230,20 +231,12 @@ def run_jobs(jobs: list[tuple], workers: int, show_progress: bool = True, done: 
     bar = tqdm(total=sum(jobs[i][2] for i in todo), unit="step", unit_scale=True, disable=not show_progress,
                mininterval=1.0, desc="convex rates", dynamic_ncols=True)
     on_done = on_done or (lambda index, result: None)
-    if not todo:
-        pass
-    elif workers == 1:
+    if workers == 1:
         for i in todo:
             fn, kwargs, _ = jobs[i]
-            last = [0]
-
-            def progress(steps, last=last):
-                bar.update(steps - last[0])
-                last[0] = steps
-
-            results[i] = fn(**kwargs, progress=progress)
+            results[i] = fn(**kwargs, progress=_step_reporter(bar.update))
             on_done(i, results[i])
-    else:
+    elif todo:
         context = multiprocessing.get_context("spawn")  # no fork: safe whatever threads numpy started
         with context.Manager() as manager:
             queue = manager.Queue()
