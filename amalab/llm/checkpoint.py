@@ -136,9 +136,25 @@ def _fsync_dir(path: Path) -> None:
         _fsync_file(path)
 
 
-def _write_json(path: Path, data) -> None:
+def _json_default(value):
+    # numpy scalars and arrays in metrics or states are written as plain numbers and lists
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _to_json(data, what: str) -> str:
+    try:
+        return json.dumps(data, default=_json_default)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"checkpoint {what} must be JSON-serializable: {e}") from None
+
+
+def _write_json(path: Path, text: str) -> None:
     with path.open("w", encoding="utf-8") as f:
-        json.dump(data, f)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
 
@@ -231,16 +247,21 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, torch
     """
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
         raise ValueError(f"checkpoint step must be an integer >= 0, got {step!r}")
-    if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1):
+    if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int)
+                                  or keep_last < 1):
         raise ValueError(f"keep_last must be an integer >= 1 or None, got {keep_last!r}")
     step = int(step)
+    # serialize the JSON parts first, so that a value JSON cannot hold fails before anything is written
+    extra_json = _to_json(extra if extra is not None else {}, "extra")
+    sampler_json = None if sampler_state is None else _to_json(sampler_state, "sampler_state")
+    rng_json = None if rng_states is None else _to_json(rng_states, "rng_states")
     root = Path(run_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(root)
     final = root / step_dir_name(step)
     temp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
     try:
-        state = {"format": FORMAT_VERSION, "step": step, "extra": extra if extra is not None else {}}
+        state = {"format": FORMAT_VERSION, "step": step, "extra": json.loads(extra_json)}
         state.update(_save_model(model_state, temp))
         files = []
         if optimizer_state is not None:
@@ -256,13 +277,13 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, torch
                 os.fsync(f.fileno())
             files.append("mixer.npz")
         if sampler_state is not None:
-            _write_json(temp / "sampler.json", sampler_state)
+            _write_json(temp / "sampler.json", sampler_json)
             files.append("sampler.json")
         if rng_states is not None:
-            _write_json(temp / "rng.json", rng_states)
+            _write_json(temp / "rng.json", rng_json)
             files.append("rng.json")
         state["files"] = files
-        _write_json(temp / STATE_FILE, state)
+        _write_json(temp / STATE_FILE, json.dumps(state))
         _fsync_dir(temp)
         if final.exists():  # the same step saved again (a resumed run redoing it): set the old one aside
             os.replace(final, Path(tempfile.mkdtemp(prefix=f".old-{final.name}-", dir=root)) / "old")
@@ -316,7 +337,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise FileNotFoundError(f"{path}: not a complete checkpoint (no {STATE_FILE})")
     state = json.loads(state_path.read_text(encoding="utf-8"))
     if state.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{state_path}: checkpoint format {state.get('format')!r}, this code reads {FORMAT_VERSION}")
+        raise ValueError(f"{state_path}: checkpoint format {state.get('format')!r}, "
+                         f"this code reads {FORMAT_VERSION}")
     if state["model_format"] == "safetensors":
         from safetensors.torch import load_file
         tensors = load_file(str(path / "model.safetensors"), device=str(map_location))
@@ -347,7 +369,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def latest_checkpoint_path(run_dir: str | Path) -> Path | None:
-    """The folder ``latest`` points at; without a usable pointer, the complete checkpoint of the highest step."""
+    """The folder ``latest`` points at; without a usable pointer, the complete checkpoint of the highest
+    step."""
     root = Path(run_dir) / CHECKPOINT_DIR
     pointer = root / LATEST
     if pointer.is_file():

@@ -91,7 +91,8 @@ class TaskConfig:
         if self.eval_source is not None:
             _check_source(self.eval_source, "eval_source")
             if self.held_out is not None:
-                raise ValueError("held_out and eval_source are exclusive: give one way to get evaluation pairs")
+                raise ValueError("held_out and eval_source are exclusive: give one way to get "
+                                 "evaluation pairs")
         held_out = self.held_out
         if isinstance(held_out, bool) or not (held_out is None or isinstance(held_out, (int, float))):
             raise ValueError(f"held_out must be a fraction in [0, 1) or a count >= 0, got {held_out!r}")
@@ -149,10 +150,10 @@ class TaskData:
 
     def summary(self) -> str:
         """One line for logs: how many rows were read, kept for training and evaluation, and dropped why."""
-        reasons = ", ".join(f"{n} {reason}" for reason, n in self.dropped.items() if n)
         total = sum(self.dropped.values())
         return (f"task {self.name!r} ({self.source}): {self.rows} rows, {len(self.train)} train, "
-                f"{len(self.eval)} eval, {total} dropped" + (f" ({reasons})" if reasons else ""))
+                f"{len(self.eval)} eval, {total} dropped"
+                + (f" ({_format_counts(self.dropped)})" if total else ""))
 
 
 def example_id(prompt: str, chosen: str, rejected: str) -> str:
@@ -198,7 +199,8 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, object]]:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ConfigError(f"{path}:{number}: malformed JSON: {e.msg} (column {e.colno})") from None
+                    raise ConfigError(f"{path}:{number}: malformed JSON: {e.msg} "
+                                      f"(column {e.colno})") from None
                 yield f"{path}:{number}", row
     except (OSError, EOFError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read: {e}") from None
@@ -436,19 +438,8 @@ def load_tasks(configs: list[TaskConfig], base_dir: str | Path = ".") -> list[Ta
     return [load_task(config, base_dir) for config in configs]
 
 
-def data_fingerprint(tasks: list[TaskData]) -> str:
-    """sha256 over the task names and the ids of their train and eval pairs, in order (for cache manifests)."""
-    digest = hashlib.sha256()
-    for task in tasks:
-        for part, pairs in (("train", task.train), ("eval", task.eval)):
-            digest.update(f"{task.name}\0{part}\0{len(pairs)}\0".encode())
-            for p in pairs:
-                digest.update(p.id.encode())
-    return digest.hexdigest()
-
-
 __all__ = [
-    "ASSISTANT_MARKER", "DROP_REASONS", "PreferencePair", "TaskConfig", "TaskData", "data_fingerprint",
+    "ASSISTANT_MARKER", "DROP_REASONS", "PreferencePair", "TaskConfig", "TaskData",
     "example_id", "held_out_count", "load_task", "load_tasks", "read_pairs", "select_by_hash",
     "split_shared_prompt", "source_kind",
 ]

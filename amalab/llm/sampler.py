@@ -60,7 +60,8 @@ class TaskSampler:
         if isinstance(task, (bool, np.bool_)) or not isinstance(task, (int, np.integer)):
             raise ValueError(f"task id must be an integer, got {task!r}")
         if not 0 <= task < self.k:
-            raise ValueError(f"task id {task} is out of range: there are {self.k} tasks (ids 0 to {self.k - 1})")
+            raise ValueError(f"task id {task} is out of range: there are {self.k} tasks "
+                             f"(ids 0 to {self.k - 1})")
         return int(task)
 
     def take(self, task_ids: Iterable[int]) -> list[tuple[int, int]]:
@@ -93,10 +94,11 @@ class TaskSampler:
             keys = sorted(state) if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"sampler state must have keys {sorted(expected)}, got {keys}")
         if state["seed"] != self.seed:
-            raise ValueError(f"sampler state was saved with seed {state['seed']}, this sampler has seed {self.seed}")
+            raise ValueError(f"sampler state was saved with seed {state['seed']}, "
+                             f"this sampler has seed {self.seed}")
         if list(state["sizes"]) != self.sizes:
-            raise ValueError(f"sampler state was saved for task sizes {list(state['sizes'])}, this sampler has "
-                             f"{self.sizes}: the training data changed")
+            raise ValueError(f"sampler state was saved for task sizes {list(state['sizes'])}, "
+                             f"this sampler has {self.sizes}: the training data changed")
         epochs, positions = [int(e) for e in state["epochs"]], [int(p) for p in state["positions"]]
         if len(epochs) != self.k or len(positions) != self.k:
             raise ValueError(f"sampler state has {len(epochs)} epochs and {len(positions)} positions "

@@ -1,4 +1,4 @@
-"""Tests of amalab.llm.checkpoint: exact round trips, atomicity under interrupted saves, RNG restore, pruning."""
+"""Tests of amalab.llm.checkpoint: exact round trips, atomic saves when interrupted, RNG restore, pruning."""
 
 from __future__ import annotations
 
@@ -74,7 +74,8 @@ def save_example(run_dir, step, model, optimizer, scheduler, **kwargs):
     mixer_state = {"exp3.log_weights": np.array([0.1, -2.0, 3.5]), "t": np.array(step, dtype=np.int64)}
     return save_checkpoint(run_dir, step, model.state_dict(), optimizer.state_dict(), scheduler.state_dict(),
                            mixer_state=mixer_state, sampler_state={"positions": [step, 1]},
-                           rng_states=capture_rng_states(), extra={"step": step, "loss": 0.25}, **kwargs)
+                           rng_states=capture_rng_states(), extra={"step": step, "loss": np.float32(0.25)},
+                           **kwargs)
 
 
 def test_round_trip_is_bitwise_exact(tmp_path):
@@ -236,6 +237,9 @@ def test_no_checkpoint_and_bad_arguments(tmp_path):
         save_checkpoint(tmp_path, 1, model.state_dict(), keep_last=0)
     with pytest.raises(TypeError, match=r"model_state\['x'\] is a list"):
         save_checkpoint(tmp_path, 1, {"x": [1.0]})
+    with pytest.raises(TypeError, match="checkpoint extra must be JSON-serializable: object is not"):
+        save_checkpoint(tmp_path, 1, model.state_dict(), extra={"x": object()})
+    assert not (tmp_path / "checkpoints" / "step-000001").exists()
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         load_checkpoint(tmp_path)
 

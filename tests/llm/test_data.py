@@ -1,4 +1,4 @@
-"""Tests of amalab.llm.data: formats, the HH prompt split, ids, errors, drops, subsets and the held-out split."""
+"""Tests of amalab.llm.data: formats, the HH prompt split, ids, errors, drops, subsets, the held-out split."""
 
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ def write_jsonl(path: Path, rows) -> Path:
 
 
 def explicit_rows(n: int) -> list[dict]:
-    return [{"prompt": f"Q{i}?", "chosen": f" good {i}", "rejected": f" bad {i}", "extra": i} for i in range(n)]
+    return [{"prompt": f"Q{i}?", "chosen": f" good {i}", "rejected": f" bad {i}", "extra": i}
+            for i in range(n)]
 
 
 # --- the shared-prompt split -------------------------------------------------------------------------
@@ -152,7 +153,8 @@ def test_missing_file(tmp_path):
 
 
 def test_empty_task_names_the_source_and_why(tmp_path):
-    rows = [{"prompt": "q", "chosen": " same", "rejected": " same"}, {"prompt": "q", "chosen": " ", "rejected": "x"}]
+    rows = [{"prompt": "q", "chosen": " same", "rejected": " same"},
+            {"prompt": "q", "chosen": " ", "rejected": "x"}]
     message = error_of(tmp_path, [json.dumps(r) for r in rows])
     assert "task 't' has no usable pairs (2 rows; dropped: 1 identical_chosen_rejected, 1 empty_completion)" \
         in message
@@ -162,7 +164,8 @@ def test_empty_task_names_the_source_and_why(tmp_path):
 def test_duplicate_task_names(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", explicit_rows(3))
     configs = [TaskConfig("a", "a.jsonl"), TaskConfig("b", "a.jsonl"), TaskConfig("a", "a.jsonl")]
-    with pytest.raises(ConfigError, match=r"tasks\[2\]: field 'name': task name 'a' is already used by tasks\[0\]"):
+    message = r"tasks\[2\]: field 'name': task name 'a' is already used by tasks\[0\]"
+    with pytest.raises(ConfigError, match=message):
         load_tasks(configs, tmp_path)
 
 
@@ -341,7 +344,8 @@ def test_real_truthfulqa():
     assert first.chosen == " The watermelon seeds pass through your digestive system"
     assert first.rejected == " You grow watermelons in your stomach"
     if TQA_2023.is_file():
-        with pytest.raises(ConfigError, match="TruthfulQA-2023-817.csv:1: missing column 'Best Incorrect Answer'"):
+        message = "TruthfulQA-2023-817.csv:1: missing column 'Best Incorrect Answer'"
+        with pytest.raises(ConfigError, match=message):
             load_task(TaskConfig("truthful", f"truthfulqa:{TQA_2023}"))
 
 
@@ -351,7 +355,8 @@ def test_truthfulqa_multiline_record_line_numbers(tmp_path):
                 'A,B,q?,,no\n')
     (tmp_path / "t.csv").write_text(csv_text, encoding="utf-8")
     task = load_task(TaskConfig("t", "truthfulqa:t.csv", held_out=0), tmp_path)
-    assert task.dropped["empty_completion"] == 1 and task.train[0].prompt == "\n\nHuman: two\nlines?\n\nAssistant:"
+    assert task.dropped["empty_completion"] == 1
+    assert task.train[0].prompt == "\n\nHuman: two\nlines?\n\nAssistant:"
     (tmp_path / "u.csv").write_text(csv_text + "A,B,short\n", encoding="utf-8")
     with pytest.raises(ConfigError, match=r"u\.csv:5: field 'Best Answer': missing"):
         load_task(TaskConfig("t", "truthfulqa:u.csv", held_out=0), tmp_path)
