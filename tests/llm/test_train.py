@@ -1,0 +1,220 @@
+"""The one training loop: gradient accumulation equals one batch, exact resume, divergence stops cleanly.
+
+References: the same loop run another way (one big batch, no interruption), a hand-written AMA-S step
+with torch autograd, and the mixers' own one-batch ``step``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from amalab.llm.cache import ValueCache
+from amalab.llm.checkpoint import list_checkpoints
+from amalab.llm.config import OptimConfig
+from amalab.llm.data import PreferencePair
+from amalab.llm.evaluate import pair_logps, pair_losses
+from amalab.llm.logprobs import sequence_logps
+from amalab.llm.collate import collate_pairs
+from amalab.llm.losses import preference_losses
+from amalab.llm.models import tiny_llama, tiny_tokenizer
+from amalab.llm.tokenize import TokenizationConfig, tokenize_pairs
+from amalab.llm.train import TrainingDiverged, TrainingRun, lr_factor, run_training
+from amalab.mixers import make_mixer
+
+CPU = torch.device("cpu")
+
+
+def synthetic_tasks(n=(12, 8)):
+    """Two small tasks of real-looking pairs (distinct texts, so distinct ids)."""
+    tasks = []
+    for t, count in enumerate(n):
+        pairs = []
+        for i in range(count):
+            prompt = f"Human: question {i} of task {t}? Assistant:"
+            pairs.append(PreferencePair(f"t{t}-{i}", f"task{t}", prompt, f" good answer {i} {'yes' * (i % 3)}",
+                                        f" bad answer {i} {'no' * (i % 4)}"))
+        tasks.append(pairs)
+    return tasks
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tokenizer = tiny_tokenizer()
+    base = tiny_llama(len(tokenizer), seed=3, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id)
+    tasks = synthetic_tasks()
+    tok = TokenizationConfig(max_length=48)
+    sets = [tokenize_pairs(pairs, tokenizer, tok)[0] for pairs in tasks]
+    train, evals = [s[:-3] for s in sets], [s[-3:] for s in sets]
+    reference = pair_logps(base, [p for s in sets for p in s], tokenizer.pad_token_id, 8, CPU)
+    # a "specialist": the base model's own losses shifted, so excess is nonzero for some pairs
+    ids = [p.id for s in sets for p in s]
+    losses, _ = pair_losses(reference, reference, ids, "dpo", 0.1)
+    specialist = ValueCache(ids, {"loss": losses - 0.01 * np.arange(len(ids)) % 0.05})
+    return dict(tokenizer=tokenizer, base=base, train=train, evals=evals, reference=reference,
+                specialist=specialist)
+
+
+def make_run(setup, tmp_path, mixer_name="ama-s", name="run", **optim):
+    options = {"ama-s": {"gamma": 0.5}, "ama-r": {"eta_alpha": 5.0}, "ama-r-sim": {"eta_alpha": 5.0},
+               "standard": {}, "odm": {"gamma": 0.5}}[mixer_name]
+    sizes = [len(s) for s in setup["train"]]
+    settings = dict(steps=4, batch_size=4, lr=5e-3, warmup_steps=1, eval_batch_size=8, grad_clip=1.0)
+    settings.update(optim)
+    mixer = make_mixer(mixer_name, 2, sizes=sizes, **options)
+    baselines = [setup["specialist"]] * 2 if mixer.baseline == "specialist" else None
+    return TrainingRun(name=name, run_dir=tmp_path / name, mixer=mixer, task_names=["task0", "task1"],
+                       train_sets=setup["train"], eval_sets=setup["evals"], reference=setup["reference"],
+                       baselines=baselines, specialists=[setup["specialist"]] * 2, optim=OptimConfig(**settings),
+                       loss="dpo", beta=0.1, seed=7, pad_token_id=setup["tokenizer"].pad_token_id,
+                       description={"mixer": mixer_name, "optim": settings})
+
+
+def train(setup, run):
+    model = copy.deepcopy(setup["base"])
+    for p in model.parameters():
+        p.requires_grad_(True)
+    final = run_training(model, run, CPU, show_progress=False)
+    return model, final
+
+
+class RecordingAdamW(torch.optim.AdamW):
+    """AdamW that keeps a copy of the gradients of every step it takes."""
+
+    steps: list = []
+
+    def step(self, closure=None):
+        RecordingAdamW.steps.append([p.grad.detach().clone() for g in self.param_groups for p in g["params"]])
+        return super().step(closure)
+
+
+@pytest.mark.parametrize("mixer_name", ["ama-s", "ama-r-sim", "standard"])
+def test_gradient_accumulation_equals_one_batch(setup, tmp_path, mixer_name, monkeypatch):
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+    RecordingAdamW.steps = []
+    whole, _ = train(setup, make_run(setup, tmp_path, mixer_name, "whole", steps=3))
+    whole_grads, RecordingAdamW.steps = RecordingAdamW.steps, []
+    split_run = make_run(setup, tmp_path, mixer_name, "split", steps=3, micro_batch_size=1)
+    split, _ = train(setup, split_run)
+    # the first step starts from the same parameters: the accumulated gradient is the batch gradient
+    for a, b in zip(whole_grads[0], RecordingAdamW.steps[0]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    assert max(g.abs().max() for g in whole_grads[0]) > 1e-3  # a real gradient, not zeros
+    # Adam then amplifies float-rounding differences of near-zero gradient entries, but only that far
+    for (name, a), b in zip(whole.named_parameters(), split.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4, msg=name)
+    lines = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    split_lines = [json.loads(x) for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(lines, split_lines):
+        if a["kind"] == "train":
+            np.testing.assert_allclose(a["weights"], b["weights"], rtol=1e-9)
+
+
+def test_sequential_amar_refuses_accumulation(setup, tmp_path):
+    with pytest.raises(Exception, match="ama-r-sim"):
+        train(setup, make_run(setup, tmp_path, "ama-r", micro_batch_size=2))
+
+
+def test_one_step_matches_a_hand_written_ama_s_step(setup, tmp_path):
+    """The loop's first AMA-S step equals: draw, mean clipped excess over the batch, AdamW step."""
+    run = make_run(setup, tmp_path, "ama-s", steps=1, warmup_steps=0, grad_clip=0.0)
+    trained, _ = train(setup, run)
+    # by hand, with the same draws
+    mixer = make_mixer("ama-s", 2, gamma=0.5)
+    rng = np.random.default_rng([7, 0x5eed])
+    task_ids = mixer.draw(rng, 4)
+    from amalab.llm.sampler import TaskSampler
+
+    picks = TaskSampler([len(s) for s in setup["train"]], 7).take(task_ids)
+    pairs = [setup["train"][t][i] for t, i in picks]
+    model = copy.deepcopy(setup["base"])
+    for p in model.parameters():
+        p.requires_grad_(True)
+    batch = collate_pairs(pairs, setup["tokenizer"].pad_token_id)
+    logps = sequence_logps(model, batch)
+    ids = list(batch.ids)
+    ref_c = torch.from_numpy(setup["reference"].get("chosen", ids)).float()
+    ref_r = torch.from_numpy(setup["reference"].get("rejected", ids)).float()
+    losses, _ = preference_losses("dpo", logps.chosen, logps.rejected, ref_c, ref_r, 0.1)
+    s = torch.from_numpy(setup["specialist"].get("loss", ids)).float()
+    objective = torch.clamp(losses - s, min=0).sum() / 4  # mean clipped excess: AMA-S's gradient
+    objective.backward()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.0)
+    optimizer.step()
+    for (name, a), b in zip(trained.named_parameters(), model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("mixer_name", ["ama-s", "ama-r"])
+def test_interrupted_run_resumes_exactly(setup, tmp_path, mixer_name):
+    straight, final = train(setup, make_run(setup, tmp_path, mixer_name, "straight", steps=6, eval_every=2))
+    halves = make_run(setup, tmp_path, mixer_name, "halves", steps=6, eval_every=2)
+    model = copy.deepcopy(setup["base"])
+    for p in model.parameters():
+        p.requires_grad_(True)
+    assert run_training(model, halves, CPU, show_progress=False, stop_after=3) == {}
+    assert [s for s, _ in list_checkpoints(halves.run_dir)] == [3]
+    resumed_run = dataclasses.replace(halves, mixer=make_run(setup, tmp_path, mixer_name).mixer)
+    resumed = copy.deepcopy(setup["base"])  # a fresh process: fresh model and mixer, state from disk
+    for p in resumed.parameters():
+        p.requires_grad_(True)
+    final_resumed = run_training(resumed, resumed_run, CPU, show_progress=False)
+    for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name  # bitwise on CPU
+    assert final_resumed == final
+    straight_log = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
+    resumed_log = (tmp_path / "halves" / "metrics.jsonl").read_text().splitlines()
+    strip = [{k: v for k, v in json.loads(x).items() if k not in ("seconds", "tokens_per_s")} for x in straight_log]
+    strip_r = [{k: v for k, v in json.loads(x).items() if k not in ("seconds", "tokens_per_s")} for x in resumed_log]
+    assert strip == strip_r
+
+
+def test_a_finished_run_is_not_rerun(setup, tmp_path):
+    run = make_run(setup, tmp_path, "standard", steps=2)
+    _, final = train(setup, run)
+    before = (run.run_dir / "metrics.jsonl").read_text()
+    _, again = train(setup, run)
+    assert again == final and (run.run_dir / "metrics.jsonl").read_text() == before
+
+
+def test_other_settings_in_the_same_folder_are_refused(setup, tmp_path):
+    train(setup, make_run(setup, tmp_path, "standard", steps=2))
+    with pytest.raises(Exception, match="other settings"):
+        train(setup, make_run(setup, tmp_path, "standard", steps=3))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(setup, tmp_path):
+    run = make_run(setup, tmp_path, "ama-s", steps=4, checkpoint_every=2)
+    model = copy.deepcopy(setup["base"])
+    for p in model.parameters():
+        p.requires_grad_(True)
+    run_training(model, run, CPU, show_progress=False, stop_after=2)
+    saved = {n: p.detach().clone() for n, p in model.named_parameters()}
+    bad = ValueCache(setup["reference"].ids, {**setup["reference"].columns,
+                                               "chosen": np.full(len(setup["reference"].ids), np.nan)})
+    with pytest.raises(TrainingDiverged, match=r"step 3: task \d has a non-finite loss.*last good checkpoint is step 2"):
+        run_training(model, dataclasses.replace(run, reference=bad), CPU, show_progress=False)
+    assert [s for s, _ in list_checkpoints(run.run_dir)] == [2]
+    # resuming with good data continues from step 2 as if nothing had happened
+    fresh = copy.deepcopy(setup["base"])
+    for p in fresh.parameters():
+        p.requires_grad_(True)
+    run_training(fresh, dataclasses.replace(run, mixer=make_run(setup, tmp_path, "ama-s").mixer), CPU,
+                 show_progress=False, stop_after=0)
+    for name, p in fresh.named_parameters():
+        assert torch.equal(p, saved[name]), name
+
+
+def test_lr_schedule_warmup_then_cosine():
+    assert lr_factor(0, 10, 2, 0.1) == pytest.approx(0.5)
+    assert lr_factor(1, 10, 2, 0.1) == pytest.approx(1.0)
+    assert lr_factor(2, 10, 2, 0.1) == pytest.approx(1.0)
+    assert lr_factor(10, 10, 2, 0.1) == pytest.approx(0.1)
+    mid = 2 + 4  # halfway through the decay: the cosine is at its mean
+    assert lr_factor(mid, 10, 2, 0.1) == pytest.approx(0.55)
