@@ -1,4 +1,4 @@
-"""Real HH-RLHF harmless-base pairs for the SmolLM2 test and timing script, split at the last "Assistant:" turn.
+"""Real HH-RLHF harmless-base pairs for the SmolLM2 test and timing, split at the last "Assistant:" turn.
 
 Read from the shared data folder (never copied into the repo); a minimal split, not the data module's loader.
 """
@@ -16,7 +16,7 @@ SEPARATOR = "\n\nAssistant:"
 
 
 def hh_pairs(limit: int, path: Path = HH_HARMLESS_TEST) -> list[PreferencePair]:
-    """The first ``limit`` rows whose chosen and rejected transcripts share the prompt before the last reply."""
+    """The first ``limit`` rows whose chosen and rejected share the prompt before the last reply."""
     pairs = []
     with gzip.open(path, "rt", encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, 1):

@@ -71,7 +71,9 @@ def test_one_dpo_step_on_smollm2_lowers_the_loss(smollm2, batch):
 
     def loss():
         logps = sequence_logps(model, collated)
-        return preference_losses("dpo", logps.chosen, logps.rejected, reference.chosen, reference.rejected, 0.1)[0]
+        return preference_losses(
+            "dpo", logps.chosen, logps.rejected, reference.chosen, reference.rejected, 0.1
+        )[0]
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
     before = loss().mean()
