@@ -1,4 +1,4 @@
-"""Sequence log-probabilities of completions (spec section 9): log pi(y|x) = sum over y's tokens of log pi(token).
+"""Sequence log-probabilities of completions (spec section 9): log pi(y|x) = sum of log pi(token) over y.
 
 One forward of the backbone on the concatenated [chosen; rejected] batch gives hidden states; the LM head is
 applied only at the positions whose next token is a completion token (the prompt and the padding never reach
@@ -38,7 +38,8 @@ def backbone_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module]:
         value = getattr(config, name, None)
         if value is not None and value != 1.0:
             raise NotImplementedError(
-                f"sequence_logps: {type(base).__name__} rescales its logits ({name} = {value}), which is not supported"
+                f"sequence_logps: {type(base).__name__} rescales its logits ({name} = {value}), "
+                "which is not supported"
             )
     return base.get_decoder(), base.get_output_embeddings()
 

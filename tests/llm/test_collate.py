@@ -53,11 +53,14 @@ def test_bad_collate_input_is_one_clear_error():
 
 
 def test_the_batch_matches_trls_preference_collator(tokenized_pairs, tokenizer):
-    """TRL's DataCollatorForPreference marks the completion tokens themselves; ours, the positions before them."""
+    """TRL's DataCollatorForPreference marks the completion tokens; ours, the positions before them."""
     trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer")
     trl_batch = trl_dpo.DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)(
-        [{"prompt_ids": list(p.prompt_ids), "chosen_ids": list(p.chosen_ids), "rejected_ids": list(p.rejected_ids)}
-         for p in tokenized_pairs]
+        [
+            {"prompt_ids": list(p.prompt_ids), "chosen_ids": list(p.chosen_ids),
+             "rejected_ids": list(p.rejected_ids)}
+            for p in tokenized_pairs
+        ]
     )
     batch = collate_pairs(tokenized_pairs, tokenizer.pad_token_id)
     assert torch.equal(batch.input_ids, trl_batch["input_ids"])

@@ -23,7 +23,8 @@ def reference_token_logps(model, pairs) -> list[torch.Tensor]:
         logps = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
         return torch.stack([logps[len(prompt) - 1 + j, token] for j, token in enumerate(completion)])
 
-    return [score(p.prompt_ids, p.chosen_ids) for p in pairs] + [score(p.prompt_ids, p.rejected_ids) for p in pairs]
+    chosen = [score(p.prompt_ids, p.chosen_ids) for p in pairs]
+    return chosen + [score(p.prompt_ids, p.rejected_ids) for p in pairs]
 
 
 # Summed log-probs are ~ -100 on a random tiny model (~ -6 per token): float32 carries ~1e-5 absolute there,
@@ -106,8 +107,11 @@ def test_sequence_logps_match_trls_fused_lm_head(make_model, tokenized_pairs, to
     model = make_model()
     batch = collate_pairs(tokenized_pairs, tokenizer.pad_token_id)
     inputs = trl_dpo.DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)(
-        [{"prompt_ids": list(p.prompt_ids), "chosen_ids": list(p.chosen_ids), "rejected_ids": list(p.rejected_ids)}
-         for p in tokenized_pairs]
+        [
+            {"prompt_ids": list(p.prompt_ids), "chosen_ids": list(p.chosen_ids),
+             "rejected_ids": list(p.rejected_ids)}
+            for p in tokenized_pairs
+        ]
     )
     with torch.no_grad():
         ours = sequence_logps(model, batch)

@@ -23,7 +23,8 @@ def hand_case(name, **kwargs):
     t = lambda x: torch.tensor([x], dtype=torch.float64)  # noqa: E731
     losses, margins = preference_losses(
         name, t(POLICY_W), t(POLICY_L), t(REF_W), t(REF_L), BETA,
-        chosen_token_counts=torch.tensor([TOKENS_W]), rejected_token_counts=torch.tensor([TOKENS_L]), **kwargs,
+        chosen_token_counts=torch.tensor([TOKENS_W]), rejected_token_counts=torch.tensor([TOKENS_L]),
+        **kwargs,
     )
     assert margins.item() == pytest.approx(1.0)
     return losses.item()
@@ -32,7 +33,8 @@ def hand_case(name, **kwargs):
 def test_closed_forms_by_hand():
     assert hand_case("dpo") == pytest.approx(math.log(1 + math.exp(-1.0)))  # -log sigmoid(1)
     assert hand_case("hinge") == pytest.approx(0.0)  # max(0, 1 - 1)
-    assert hand_case("ipo", ipo_length_normalized=False) == pytest.approx((1.0 / 0.5 - 1.0) ** 2)  # (h/b - 1/2b)^2
+    # (h/beta - 1/(2 beta))^2
+    assert hand_case("ipo", ipo_length_normalized=False) == pytest.approx((1.0 / 0.5 - 1.0) ** 2)
     # normalized: h' = 0.5 * (1/2 - (-1)/4) = 0.375, loss = (0.375/0.5 - 1)^2
     assert hand_case("ipo") == pytest.approx((0.75 - 1.0) ** 2)
     assert hand_case("sft") == pytest.approx(3.0 / 2)  # -log pi(y_w|x) / |y_w|
@@ -53,7 +55,8 @@ def test_margin_losses_agree_on_numpy_and_torch_and_stay_finite(name):
     assert isinstance(numpy_values, np.ndarray) and isinstance(torch_values, torch.Tensor)
     np.testing.assert_allclose(torch_values.detach().numpy(), numpy_values, rtol=1e-12, atol=1e-12)
     assert np.all(np.isfinite(numpy_values))
-    torch_values.sum().backward()  # autograd's slope equals the closed-form slope (hinge kink avoided: h != 1)
+    # autograd's slope equals the closed-form slope (the hinge's kink h = 1 is avoided)
+    torch_values.sum().backward()
     np.testing.assert_allclose(tensor.grad.numpy(), margin_loss_slope(name, h, 0.1), rtol=1e-12, atol=1e-300)
 
 
@@ -62,7 +65,8 @@ def test_the_convex_lab_losses_are_these_maps_at_h_equal_beta_m(name):
     convex = pytest.importorskip("amalab.convex.losses")
     m, beta = np.linspace(-40, 40, 81), 0.3
     loss = convex.get_loss(name)
-    np.testing.assert_allclose(margin_loss(name, beta * m, beta), loss.value(m, None, beta), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(margin_loss(name, beta * m, beta), loss.value(m, None, beta),
+                               rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(beta * margin_loss_slope(name, beta * m, beta), loss.slope(m, None, beta),
                                rtol=1e-12, atol=1e-15)
 
@@ -81,8 +85,10 @@ def test_bad_loss_input_is_one_clear_error():
         margin_loss("kto", x, 0.1)
 
 
-def test_dpo_ipo_and_hinge_match_trls_dpo_trainer(make_model, tokenized_pairs, preference_pairs, tokenizer, tmp_path):
-    """TRL's DPOTrainer loss (its own collator, fused head and loss code) on the same tiny models and batch."""
+def test_dpo_ipo_and_hinge_match_trls_dpo_trainer(
+    make_model, tokenized_pairs, preference_pairs, tokenizer, tmp_path
+):
+    """TRL's DPOTrainer loss (its collator, fused head and loss code) on the same tiny models and batch."""
     pytest.importorskip("trl")
     datasets = pytest.importorskip("datasets")
     from trl import DPOConfig, DPOTrainer
@@ -93,9 +99,12 @@ def test_dpo_ipo_and_hinge_match_trls_dpo_trainer(make_model, tokenized_pairs, p
     with torch.no_grad():
         pi = sequence_logps(policy, batch)
         ref = sequence_logps(reference, batch)
-    counts = {"chosen_token_counts": batch.chosen_token_counts, "rejected_token_counts": batch.rejected_token_counts}
+    counts = {"chosen_token_counts": batch.chosen_token_counts,
+              "rejected_token_counts": batch.rejected_token_counts}
     ours = {
-        name: preference_losses(name, pi.chosen, pi.rejected, ref.chosen, ref.rejected, beta, **counts)[0].mean()
+        name: preference_losses(
+            name, pi.chosen, pi.rejected, ref.chosen, ref.rejected, beta, **counts
+        )[0].mean()
         for name in ("dpo", "ipo", "hinge")
     }
 
@@ -107,8 +116,11 @@ def test_dpo_ipo_and_hinge_match_trls_dpo_trainer(make_model, tokenized_pairs, p
     trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=raw,
                          processing_class=tokenizer)
     inputs = trainer.data_collator(
-        [{"prompt_ids": list(p.prompt_ids), "chosen_ids": list(p.chosen_ids), "rejected_ids": list(p.rejected_ids)}
-         for p in tokenized_pairs]
+        [
+            {"prompt_ids": list(p.prompt_ids), "chosen_ids": list(p.chosen_ids),
+             "rejected_ids": list(p.rejected_ids)}
+            for p in tokenized_pairs
+        ]
     )
     for ours_name, trl_name in (("dpo", "sigmoid"), ("ipo", "ipo"), ("hinge", "hinge")):
         trainer.loss_types, trainer.loss_weights = [trl_name], [1.0]

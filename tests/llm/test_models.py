@@ -92,7 +92,8 @@ def test_lora_trains_only_the_adapter_and_starts_as_the_base_model(make_model):
 @pytest.mark.parametrize(
     "lora, message",
     [
-        ({**LORA, "target_modules": ["c_attn"]}, r"none of \['c_attn'\]; its linear modules are \['down_proj'"),
+        ({**LORA, "target_modules": ["c_attn"]},
+         r"none of \['c_attn'\]; its linear modules are \['down_proj'"),
         ({**LORA, "rank": 4}, "unknown"),
         ({k: v for k, v in LORA.items() if k != "r"}, "missing"),
         ({**LORA, "r": 0}, "lora.r"),

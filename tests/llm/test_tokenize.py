@@ -1,4 +1,4 @@
-"""Tokenization once per pair: the separate-then-concatenate convention, eos, truncation, drops (tokenize.py)."""
+"""Tokenization once per pair: separate-then-concatenate, eos, truncation, drops (tokenize.py)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ def test_truncation_keeps_the_prompt_end_and_the_completion_start(tokenizer):
     prompt_ids = ids(tokenizer, prompt)
     chosen_ids = ids(tokenizer, " alpha beta gamma delta epsilon")
     config = TokenizationConfig(max_length=12, max_prompt_length=5)
-    (out,), report = tokenize_pairs([pair(prompt, " alpha beta gamma delta epsilon", " x")], tokenizer, config)
+    long_pair = pair(prompt, " alpha beta gamma delta epsilon", " x")
+    (out,), report = tokenize_pairs([long_pair], tokenizer, config)
     assert list(out.prompt_ids) == prompt_ids[-5:]
     assert list(out.chosen_ids) == (chosen_ids + [tokenizer.eos_token_id])[:7]
     assert list(out.rejected_ids) == ids(tokenizer, " x") + [tokenizer.eos_token_id]
@@ -66,7 +67,8 @@ def test_pairs_whose_prompt_fills_max_length_are_dropped_and_counted(tokenizer):
 def test_a_prompt_of_exactly_max_length_minus_one_keeps_one_completion_token(tokenizer):
     prompt = "one two three four five six"
     n = len(ids(tokenizer, prompt))
-    (out,), _ = tokenize_pairs([pair(prompt, " a b c", " d")], tokenizer, TokenizationConfig(max_length=n + 1))
+    config = TokenizationConfig(max_length=n + 1)
+    (out,), _ = tokenize_pairs([pair(prompt, " a b c", " d")], tokenizer, config)
     assert len(out.chosen_ids) == 1 and len(out.rejected_ids) == 1
     kept, report = tokenize_pairs([pair(prompt, " a", " d")], tokenizer, TokenizationConfig(max_length=n))
     assert kept == [] and report.dropped_long_prompt == ("a",)
