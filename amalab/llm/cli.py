@@ -15,8 +15,10 @@ def run_llm_command(stage: str, config_path: str, show_progress: bool = True) ->
     try:
         if stage == "specialists":
             pipeline.run_all(config, ("specialists",), world, show_progress)
-        elif stage in ("run", "train"):
+        elif stage == "run":
             pipeline.run_all(config, ("specialists", "generalists"), world, show_progress)
+        elif stage == "train":
+            pipeline.run_all(config, ("generalists",), world, show_progress)
         else:
             pipeline.reevaluate(config, world, show_progress)
     finally:

@@ -176,8 +176,8 @@ class MethodsConfig:
         if self.seeds < 1:
             raise ValueError(f"seeds must be >= 1, got {self.seeds}")
         for name, n in self.seeds_per_method.items():
-            if name not in self.names:
-                raise ValueError(f"seeds_per_method: {name!r} is not among names")
+            if name not in MIXERS:
+                raise ValueError(f"seeds_per_method: unknown method {name!r}; known: {', '.join(MIXERS)}")
             if not isinstance(n, int) or n < 1:
                 raise ValueError(f"seeds_per_method.{name}: expected an integer >= 1, got {n!r}")
         for name, opts in self.options.items():

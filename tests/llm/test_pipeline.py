@@ -1,0 +1,185 @@
+"""The LLM pipeline as a user runs it: `amalab llm run CONFIG` on a tiny model, errors as one clear line.
+
+The end-to-end run is the test-sized twin of experiments/llm_tiny (same code path, tiny sizes): caches,
+specialists, every method, summary, figures; a second run reuses everything; `eval` re-evaluates.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from amalab.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def write_task(path: Path, task: str, n: int) -> None:
+    rows = [{"prompt": f"Human: {task} question {i}? Assistant:", "chosen": f" {task} good {i} yes",
+             "rejected": f" {task} bad {i} no no"} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+CONFIG = """
+out = "{out}"
+seed = 0
+device = "cpu"
+
+[model]
+name = "tiny"
+tiny = {{ hidden_size = 16, intermediate_size = 32, num_hidden_layers = 1, num_attention_heads = 2, num_key_value_heads = 1, vocab_size = 300, seed = 0 }}
+
+[tokenize]
+max_length = 40
+max_prompt_length = 24
+
+[loss]
+name = "dpo"
+beta = 0.1
+
+[[tasks]]
+name = "alpha"
+source = "alpha.jsonl"
+held_out = 4
+
+[[tasks]]
+name = "beta"
+source = "beta.jsonl"
+held_out = 4
+
+[specialists.optim]
+steps = 3
+batch_size = 4
+lr = 1e-2
+
+[train]
+steps = 4
+batch_size = 4
+lr = 1e-2
+eval_every = 2
+checkpoint_every = 2
+
+[methods]
+names = {names}
+seeds = 1
+seeds_per_method = {{ ama-s = 2 }}
+
+[methods.options]
+ama-r = {{ eta_alpha = 2.0 }}
+ama-r-sim = {{ eta_alpha = 2.0 }}
+doremi = {{ eta_alpha = 2.0 }}
+ama-s = {{ gamma = 0.5 }}
+odm = {{ gamma = 0.5 }}
+"""
+
+ALL = '["standard", "uniform", "doremi", "odm", "ama-r", "ama-r-sim", "ama-s"]'
+
+
+def experiment(tmp_path: Path, names: str = ALL, **replace) -> Path:
+    write_task(tmp_path / "alpha.jsonl", "alpha", 16)
+    write_task(tmp_path / "beta.jsonl", "beta", 10)
+    text = CONFIG.format(out=tmp_path / "run", names=names)
+    for old, new in replace.items():
+        text = text.replace(old, new)
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def test_run_end_to_end_then_reuse_then_eval(tmp_path, capsys):
+    config = experiment(tmp_path)
+    assert main(["llm", "run", str(config), "--quiet"]) == 0
+    out = tmp_path / "run"
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["methods"]) == {"standard", "uniform", "doremi", "odm", "ama-r", "ama-r-sim", "ama-s"}
+    assert summary["methods"]["ama-s"]["seeds"] == 2 and summary["methods"]["ama-r"]["seeds"] == 1
+    for method in summary["methods"].values():
+        for task in ("alpha", "beta"):
+            metrics = method["tasks"][task]
+            assert 0 <= metrics["accuracy"]["mean"] <= 1 and metrics["excess"]["mean"] >= 0
+        assert method["worst_excess"]["mean"] == max(method["tasks"][t]["excess"]["mean"] for t in ("alpha", "beta")) \
+            or method["seeds"] > 1
+    for name in ("task_excess", "task_accuracy", "worst_excess", "weights", "eval_curves"):
+        assert (out / "figures" / f"{name}.png").stat().st_size > 1000
+    for cache in ("reference", "specialist-alpha", "specialist-beta", "standard"):
+        assert (out / "caches" / cache / "manifest.json").is_file()
+    data = json.loads((out / "data.json").read_text())
+    assert data["alpha"]["train"] == 12 and data["alpha"]["eval"] == 4
+    printed = capsys.readouterr().out
+    assert "worst excess" in printed and "ama-s" in printed  # the summary table, even with --quiet
+    # the eval lines: every eval_every steps and at the end
+    lines = [json.loads(x) for x in (out / "generalists" / "ama-r" / "seed0" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if x["kind"] == "eval"] == [2, 4]
+    assert len([x for x in lines if x["kind"] == "train"]) == 4
+
+    # a second run finds everything done and changes nothing
+    before = (out / "summary.json").read_text()
+    stamp = (out / "generalists" / "ama-s" / "seed1" / "final.json").stat().st_mtime_ns
+    assert main(["llm", "run", str(config), "--quiet"]) == 0
+    assert (out / "summary.json").read_text() == before
+    assert (out / "generalists" / "ama-s" / "seed1" / "final.json").stat().st_mtime_ns == stamp
+
+    # eval re-evaluates the finished runs from their checkpoints: the same numbers
+    assert main(["llm", "eval", str(config), "--quiet"]) == 0
+    again = json.loads((out / "summary.json").read_text())
+    for method, entry in summary["methods"].items():
+        assert again["methods"][method]["worst_excess"]["mean"] == pytest.approx(entry["worst_excess"]["mean"],
+                                                                                  abs=1e-9)
+
+
+def test_changed_beta_is_refused_not_silently_reused(tmp_path, capsys):
+    config = experiment(tmp_path, names='["standard"]')
+    assert main(["llm", "specialists", str(config), "--quiet"]) == 0
+    config.write_text(config.read_text().replace("beta = 0.1", "beta = 0.2"))
+    assert main(["llm", "specialists", str(config), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "beta" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_train_before_specialists_says_what_to_do(tmp_path, capsys):
+    config = experiment(tmp_path, names='["standard"]')
+    assert main(["llm", "train", str(config), "--quiet"]) == 2
+    assert "amalab llm specialists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change,message", [
+    ({'names = ["standard"]': 'names = ["dpo-union"]'}, "unknown method 'dpo-union'"),
+    ({'names = ["standard"]': 'names = ["doremi", "standard"]'}, "list 'standard' before it"),
+    ({'name = "beta"': 'name = "alpha"'}, "duplicate task name 'alpha'"),
+    ({'source = "beta.jsonl"': 'source = "missing.jsonl"'}, "missing.jsonl"),
+    ({"beta = 0.1": "beta = -1.0"}, "beta must be > 0"),
+    ({"max_length = 40": "max_length = 20"}, "max_prompt_length"),
+    ({"steps = 4": "steps = 0"}, "steps must be >= 1"),
+    ({'device = "cpu"': 'device = "tpu"'}, "device must be one of"),
+    ({"lr = 1e-2\neval_every": "learning_rate = 1e-2\neval_every"}, "unknown key 'learning_rate'"),
+    ({'names = ["standard"]': 'names = ["ama-r"]', "eta_alpha = 2.0 }\nama-r-sim": "eta = 2.0 }\nama-r-sim"},
+     "takes no option eta"),
+])
+def test_config_mistakes_are_one_clear_line(tmp_path, capsys, change, message):
+    config = experiment(tmp_path, names='["standard"]', **change)
+    assert main(["llm", "run", str(config), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_bad_data_row_names_file_line_and_field(tmp_path, capsys):
+    config = experiment(tmp_path, names='["standard"]')
+    with (tmp_path / "beta.jsonl").open("a") as f:
+        f.write('{"prompt": "Human: x? Assistant:", "chosen": 3, "rejected": " no"}\n')
+    assert main(["llm", "run", str(config), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "beta.jsonl:11" in err and "chosen" in err
+
+
+@pytest.mark.skipif(not (SHARED / "hh-rlhf" / "harmless-base-test.jsonl.gz").is_file(), reason="shared data absent")
+def test_shipped_tiny_experiment_config_loads():
+    from amalab.llm.config import load_llm_config
+    from amalab.llm.data import load_tasks
+
+    config = load_llm_config(ROOT / "experiments" / "llm_tiny" / "config.toml")
+    tasks = load_tasks(config.tasks, base_dir=config.base_dir)
+    assert [t.name for t in tasks] == ["harmless", "truthful"]
+    assert [len(t.eval) for t in tasks] == [40, 40]
