@@ -183,3 +183,22 @@ def test_shipped_tiny_experiment_config_loads():
     tasks = load_tasks(config.tasks, base_dir=config.base_dir)
     assert [t.name for t in tasks] == ["harmless", "truthful"]
     assert [len(t.eval) for t in tasks] == [40, 40]
+
+
+def test_lora_run_trains_and_checkpoints_only_the_adapter(tmp_path):
+    lora = '[model]\nuse_lora = true\nlora = { r = 2, alpha = 4.0, dropout = 0.1, target_modules = ["q_proj", "v_proj"] }\n'
+    config = experiment(tmp_path, names='["ama-s"]', **{"[model]\n": lora})
+    assert main(["llm", "run", str(config), "--quiet"]) == 0
+    from amalab.llm.checkpoint import load_latest
+
+    state = load_latest(tmp_path / "run" / "generalists" / "ama-s" / "seed0").model_state
+    assert state and all("lora_" in name for name in state)  # the checkpoint holds the adapter alone
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["methods"]["ama-s"]["seeds"] == 2
+
+
+def test_lora_on_a_model_without_the_target_modules_is_a_clear_error(tmp_path, capsys):
+    lora = '[model]\nuse_lora = true\nlora = { r = 2, alpha = 4.0, dropout = 0.0, target_modules = ["c_attn"] }\n'
+    config = experiment(tmp_path, names='["standard"]', **{"[model]\n": lora})
+    assert main(["llm", "run", str(config), "--quiet"]) == 2
+    assert "c_attn" in capsys.readouterr().err
