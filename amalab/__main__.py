@@ -1,4 +1,4 @@
-"""``python -m amalab``: the ``amalab`` command."""
+"""``python -m amalab`` is the ``amalab`` command (what ``torchrun -m amalab llm train CONFIG`` runs)."""
 
 import sys
 

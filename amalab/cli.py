@@ -5,9 +5,11 @@
     amalab plot RESULTS_JSON [--out DIR]                              redraw its figures from saved results
     amalab check RESULTS_JSON                                         check saved results against the theory
     amalab list                                                       losses, algorithms and mixers known
+    amalab llm run|specialists|train|eval CONFIG [--quiet]            the LLM experiment (needs the llm extra)
 
-Exit status: 0 success (every theory check passed); 1 a theory check failed; 2 invalid input (config,
-results file, output folder), reported as one line; 130 interrupted (Ctrl-C; finished jobs are kept).
+Exit status of the convex commands: 0 success (every theory check passed); 1 a theory check failed;
+2 invalid input (config, results file, output folder), reported as one line; 130 interrupted (Ctrl-C;
+finished jobs are kept).
 """
 
 from __future__ import annotations
@@ -114,6 +116,17 @@ def _list(args) -> int:
     return 0
 
 
+def _llm(args) -> int:
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(f"the LLM module needs the llm extra ({e}); see the README's install section") from None
+    from amalab.llm.cli import run_llm_command
+
+    return run_llm_command(args.stage, args.config, show_progress=not args.quiet)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="amalab", description="Multi-task preference alignment with AMA.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -134,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_check)
     p = sub.add_parser("list", help="list the losses, algorithms and gain sequences")
     p.set_defaults(run=_list)
+    p = sub.add_parser("llm", help="multi-task preference training of causal LMs (the llm extra)")
+    p.add_argument("stage", choices=["run", "specialists", "train", "eval"],
+                   help="run: everything; specialists: caches and specialists; train: generalists (and what "
+                        "they need); eval: re-evaluate finished runs, summary and figures")
+    p.add_argument("config", help="TOML config, e.g. experiments/llm_tiny/config.toml")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=_llm)
     return parser
 
 

@@ -243,8 +243,9 @@ def test_readme_python_example_runs():
     exec(compile(example, "README.md", "exec"), namespace)
     task_ids, coeffs = namespace["task_ids"], namespace["coeffs"]
     assert task_ids.shape == (12,) and coeffs.shape == (12,)
-    active = namespace["losses"] > namespace["spec_losses"]
+    active = namespace["losses"] > namespace["baseline_losses"]
     assert coeffs == pytest.approx(active / 12)  # AMA-S: unweighted mean of the clipped excess
+    assert namespace["mixer"].steps == 1 and namespace["stats"].shape == (3, 3)
 
 
 def test_interrupted_reproduction_resumes_without_rerunning_finished_jobs(tmp_path, monkeypatch):

@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 
 from amalab.mixers import AMAR, AMAS, MIXERS, FixedMixture, Mixer, make_mixer
-from amalab.mixers.excess import task_excess
+from amalab.mixers.excess import active_examples, task_excess, task_statistics
 from amalab.mixers.task_batches import TaskLayout
 
 
 def library_excess(task_ids, losses, refs, k, clip):
     """amalab's (g, active, counts) for a batch."""
     layout = TaskLayout(task_ids, k)
-    g, active = task_excess(layout, losses, refs, clip)
-    return g, active, layout.counts
+    g = task_excess(task_statistics(layout, losses, refs), clip)
+    return g, active_examples(layout, losses, refs, clip), layout.counts
 
 # ---------------------------------------------------------------------------------------------------
 # independent reference implementations (plain loops)
@@ -99,7 +99,7 @@ def test_task_excess_hand_values():
     np.testing.assert_array_equal(g, [0.0, 1.0])
     np.testing.assert_array_equal(active, [0, 0, 1])
 
-    # reference None means s = 0: the raw loss
+    # baseline None means s = 0: the raw loss
     g, active, _ = library_excess(TASK_IDS, LOSSES, None, 3, "example")
     np.testing.assert_allclose(g, [1.6 / 3, 1.5 / 3, 2.3 / 2], rtol=1e-14)
     np.testing.assert_array_equal(active, np.ones(8))
@@ -281,8 +281,8 @@ def test_amar_bad_options_raise():
         AMAR(3, 1.0, objective="margin")
     with pytest.raises(ValueError, match="clip"):
         AMAR(3, 1.0, clip="batch")
-    with pytest.raises(ValueError, match="reference"):
-        AMAR(3, 1.0, reference="teacher")
+    with pytest.raises(ValueError, match="baseline"):
+        AMAR(3, 1.0, baseline="teacher")
     with pytest.raises(ValueError, match="eta_alpha"):
         AMAR(3, -1.0)
 
@@ -447,7 +447,7 @@ def test_amas_state_round_trip():
     ({"gain_scale": "max"}, "gain_scale"),
     ({"draw_per": "batch"}, "draw_per"),
     ({"clip": "batch"}, "clip"),
-    ({"reference": "teacher"}, "reference"),
+    ({"baseline": "teacher"}, "baseline"),
 ])
 def test_amas_bad_options_raise(kwargs, name):
     with pytest.raises(ValueError, match=name):
@@ -527,7 +527,7 @@ def test_fixed_mixture_balanced_draw_and_uniform():
     np.testing.assert_array_equal(np.bincount(ids, minlength=3), [2, 2, 2])
     with pytest.raises(ValueError, match="multiple"):
         mixer.draw(np.random.default_rng(0), 5)
-    assert mixer.state_dict() == {}
+    assert mixer.state_dict() == {"steps": 0}
 
 
 @pytest.mark.parametrize("weights", [[1.0, -1.0], [0.0, 0.0], [1.0, float("nan")], [[1.0, 2.0]], []])
@@ -541,6 +541,7 @@ def test_fixed_mixture_rejects_bad_weights(weights):
 
 REQUIRED = {
     "ama-r": {"eta_alpha": 0.5},
+    "ama-r-sim": {"eta_alpha": 0.5},
     "ama-s": {"gamma": 0.2},
     "standard": {"sizes": [10, 20, 30]},
     "uniform": {},
@@ -577,11 +578,11 @@ def test_every_mixer_builds_and_steps(name, batch_shape):
 def test_ama_defaults():
     amar = make_mixer("ama-r", 3, eta_alpha=0.5)
     assert isinstance(amar, AMAR)
-    assert (amar.reference, amar.clip, amar.objective) == ("specialist", "example", "excess")
+    assert (amar.baseline, amar.clip, amar.objective) == ("specialist", "example", "excess")
     assert np.all(amar.eg.smoothing == 0.0) and np.all(amar.eg.eta == 0.5)
     amas = make_mixer("ama-s", 3, gamma=0.2)
     assert isinstance(amas, AMAS)
-    assert (amas.reference, amas.clip, amas.draw_per, amas.running_scale) == (
+    assert (amas.baseline, amas.clip, amas.draw_per, amas.running_scale) == (
         "specialist", "example", "example", True)
     np.testing.assert_allclose(amas.exp3.eta, 0.2 / 3)  # canonical EXP3 eta = gamma / k
 
@@ -589,11 +590,11 @@ def test_ama_defaults():
 def test_doremi_preset():
     mixer = make_mixer("doremi", 3, eta_alpha=0.5)
     assert isinstance(mixer, AMAR)
-    assert mixer.reference == "base"
+    assert mixer.baseline == "standard"
     assert mixer.objective == "loss"
     assert mixer.clip == "example"
     np.testing.assert_array_equal(mixer.eg.smoothing, 1e-3)
-    # alpha follows the clipped excess over pi_ref; theta gets the raw loss weighted by alpha
+    # alpha follows the clipped excess over the standard model's losses; theta gets the raw loss weighted by alpha
     ids = np.array([0, 1, 2, 0, 1, 2])
     losses = np.array([1.0, 0.5, 0.2, 0.8, 0.6, 0.4])
     refs = np.array([0.5, 0.7, 0.1, 0.2, 0.2, 0.6])
@@ -605,13 +606,13 @@ def test_doremi_preset():
     np.testing.assert_allclose(coeffs, alpha[ids] / 2, rtol=1e-12)
     # a preset may be overridden
     plain = make_mixer("doremi", 3, eta_alpha=0.5, smoothing=0.0, objective="excess")
-    assert np.all(plain.eg.smoothing == 0.0) and plain.objective == "excess" and plain.reference == "base"
+    assert np.all(plain.eg.smoothing == 0.0) and plain.objective == "excess" and plain.baseline == "standard"
 
 
 def test_odm_preset():
     mixer = make_mixer("odm", 3, gamma=0.3, gain_scale=10.0)
     assert isinstance(mixer, AMAS)
-    assert mixer.reference == "zero"
+    assert mixer.baseline == "none"
     assert mixer.clip == "none"
     record = spy_on_gains(mixer)
     ids = np.array([0, 0, 1, 2])

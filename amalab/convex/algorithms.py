@@ -18,6 +18,7 @@ from amalab.mixers import MIXERS, Mixer, make_mixer
 RATE_ALGORITHMS = {
     "ama-r-full": ("AMA-R, full batches (deterministic)", bounds.ama_r_bound),
     "ama-r": ("AMA-R, task-balanced minibatches", bounds.ama_r_minibatch_bound),
+    "ama-r-sim": ("AMA-R, minibatches, simultaneous play", bounds.ama_r_simultaneous_bound),
     "ama-s": ("AMA-S (EXP3 task sampling)", bounds.ama_s_bound),
 }
 #: rate algorithms that use the full data every step: one run per horizon, and a duality gap to check
@@ -39,12 +40,12 @@ def build_mixer(algorithm: str, k: int, sizes, clip: str, Bl: float, horizons, g
     horizons = np.asarray(horizons, dtype=float)
     name = "ama-r" if algorithm == "ama-r-full" else algorithm
     options = {}
-    if name in ("ama-r", "doremi"):
+    if name in ("ama-r", "ama-r-sim", "doremi"):
         options["eta_alpha"] = bounds.alpha_step_size(k, Bl, horizons)
     if name in ("ama-s", "odm"):
         options["gamma"] = bounds.ama_s_gamma(k, horizons) if gamma is None else gamma
         options["gain_scale"] = Bl if name == "ama-s" and gain_scale == "bound" else "running"
-    if name in ("ama-r", "ama-s"):  # the presets doremi and odm fix their own clip
+    if name in ("ama-r", "ama-r-sim", "ama-s"):  # the presets doremi and odm fix their own clip
         options["clip"] = clip
     mixer = make_mixer(name, k, sizes=sizes, batch_shape=horizons.shape, **options)
     return mixer, algorithm == "ama-r-full"

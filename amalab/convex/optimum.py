@@ -19,7 +19,7 @@ import cvxpy as cp
 import numpy as np
 
 from amalab.convex.problems import MultiTaskProblem
-from amalab.mixers.excess import check_clip, task_excess
+from amalab.mixers.excess import check_clip, task_excess, task_statistics
 from amalab.mixers.task_batches import TaskLayout
 
 #: tolerances tried in turn, each with Clarabel's default steps and then shorter ones (which get it past
@@ -77,7 +77,7 @@ def full_task_excess(problem: MultiTaskProblem, spec_losses: np.ndarray, clip: s
     """E_i(u) for every task on the full data, for u of shape ``(..., d)``: ``(..., k)``."""
     losses = problem.losses(u)
     layout = TaskLayout(np.broadcast_to(problem.task, losses.shape), problem.k)
-    return task_excess(layout, losses, spec_losses, clip)[0]
+    return task_excess(task_statistics(layout, losses, spec_losses), clip)
 
 
 @dataclass(frozen=True, eq=False)

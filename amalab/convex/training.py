@@ -26,11 +26,11 @@ class TrainingResult:
     curve: np.ndarray  # (R, C): max_i E_i of the averaged iterate at each checkpoint
 
 
-def reference_losses(solved: SolvedProblem, mixer: Mixer) -> np.ndarray | None:
-    """The cached per-example losses that ``mixer.reference`` names."""
-    if mixer.reference == "specialist":
+def baseline_losses(solved: SolvedProblem, mixer: Mixer) -> np.ndarray | None:
+    """The cached per-example losses that ``mixer.baseline`` names."""
+    if mixer.baseline == "specialist":
         return solved.spec_losses
-    if mixer.reference == "base":
+    if mixer.baseline == "standard":
         return solved.base_losses()
     return None
 
@@ -51,7 +51,7 @@ def train(solved: SolvedProblem, mixer: Mixer, horizons, lr, rng: np.random.Gene
     if batch_size is None and isinstance(mixer, AMAS):
         raise ValueError("AMA-S samples its tasks: give it a batch_size")
     lr = np.broadcast_to(np.asarray(lr, dtype=float), (n_rows,))[:, None]
-    refs = reference_losses(solved, mixer)
+    refs = baseline_losses(solved, mixer)
     t_max = int(horizons.max())
     checkpoints = np.array(sorted({int(c) for c in checkpoints if 0 < c <= t_max}), dtype=np.int64)
 

@@ -4,12 +4,12 @@ from amalab.mixers.ama_r import AMAR
 from amalab.mixers.ama_s import AMAS
 from amalab.mixers.base import Mixer
 from amalab.mixers.baselines import FixedMixture
-from amalab.mixers.excess import excess_loss, task_excess
+from amalab.mixers.excess import excess_loss, task_excess, task_statistics
 from amalab.mixers.exp3 import Exp3, exp3_gamma, exp3_regret_bound
 from amalab.mixers.exponentiated_gradient import ExpGradWeights
-from amalab.mixers.registry import MIXERS, make_mixer
+from amalab.mixers.registry import MIXERS, REGISTRY, make_mixer
 
 __all__ = [
-    "AMAR", "AMAS", "Exp3", "ExpGradWeights", "FixedMixture", "MIXERS", "Mixer",
-    "excess_loss", "exp3_gamma", "exp3_regret_bound", "make_mixer", "task_excess",
+    "AMAR", "AMAS", "Exp3", "ExpGradWeights", "FixedMixture", "MIXERS", "Mixer", "REGISTRY",
+    "excess_loss", "exp3_gamma", "exp3_regret_bound", "make_mixer", "task_excess", "task_statistics",
 ]

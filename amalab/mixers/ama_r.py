@@ -1,18 +1,26 @@
 """AMA-R: adaptive reweighting of the task losses (spec section 3; Sagawa et al. 2019's online Group DRO).
 
-Each step, on a task-balanced batch drawn at theta_t:
-    g_i          = batch estimate of the clipped excess E_i(theta_t)
-    alpha_{t+1}  = normalize(alpha_t * exp(eta_alpha g))          (optionally smoothed toward uniform)
-    theta_{t+1}  = theta_t - lr * grad_theta sum_i alpha_{t+1,i} g_i     (objective = "excess")
-                   theta_t - lr * grad_theta sum_i alpha_{t+1,i} L_i     (objective = "loss", DoReMi-style)
+Each step, on a task-balanced batch drawn at theta_t, with g_t the batch estimate of the clipped excess
+E_i(theta_t) (:func:`amalab.mixers.excess.task_excess`):
+
+    alpha_{t+1}  = normalize(alpha_t * exp(eta_alpha g_t))        (optionally smoothed toward uniform)
+
+and theta steps on sum_i a_i g_i (objective = "excess") or sum_i a_i L_i (objective = "loss",
+DoReMi-style) with
+
+    a = alpha_{t+1}   sequential play (default; Group DRO's order)
+    a = alpha_t       simultaneous play (``simultaneous=True``, spec section 8): the weights in force when
+                      the batch was drawn, so gradients can be accumulated over micro-batches and ranks
+                      before the one update of alpha from the global statistics.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from amalab.mixers.base import Mixer, check_k, check_reference
-from amalab.mixers.excess import check_clip, task_excess
+from amalab.mixers.base import (Mixer, check_baseline, check_k, require_log_simplex, require_nonnegative,
+                                require_row_sums)
+from amalab.mixers.excess import COUNT, active_examples, check_clip, task_excess
 from amalab.mixers.exponentiated_gradient import ExpGradWeights
 from amalab.mixers.task_batches import TaskLayout, balanced_tasks
 
@@ -28,13 +36,18 @@ class AMAR(Mixer):
     state_keys = ("eg.log_weights", "alpha_sum", "steps")
 
     def __init__(self, k: int, eta_alpha, *, clip: str = "example", objective: str = "excess",
-                 smoothing=0.0, reference: str = "specialist", batch_shape: tuple[int, ...] = ()):
+                 smoothing=0.0, baseline: str = "specialist", simultaneous: bool = False,
+                 batch_shape: tuple[int, ...] = ()):
         self.k = check_k(k)
         self.clip = check_clip(clip)
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}; got {objective!r}")
         self.objective = objective
-        self.reference = check_reference(reference)
+        self.baseline = check_baseline(baseline)
+        if not isinstance(simultaneous, (bool, np.bool_)):
+            raise ValueError(f"simultaneous must be true or false, got {simultaneous!r}")
+        self.simultaneous = bool(simultaneous)
+        self.update_first = not self.simultaneous
         self.batch_shape = tuple(batch_shape)
         self.eg = ExpGradWeights(self.k, eta_alpha, smoothing, self.batch_shape)
         self.alpha_sum = np.zeros(self.batch_shape + (self.k,))
@@ -48,21 +61,36 @@ class AMAR(Mixer):
 
     @property
     def average_weights(self) -> np.ndarray:
-        """Running average of the alphas theta stepped with (alpha_2..alpha_{t+1}): the minimax mixture."""
+        """Running average of the alphas theta stepped with: the minimax mixture."""
         return self.alpha_sum / int(self.steps) if self.steps else self.weights
 
     def draw(self, rng: np.random.Generator, batch_size: int) -> np.ndarray:
         return balanced_tasks(self.k, batch_size, self.batch_shape)
 
-    def step(self, task_ids, losses, ref_losses=None):
+    def coefficients(self, task_ids, losses, baseline_losses=None, counts=None):
         layout = TaskLayout(task_ids, self.k)
-        if np.any(layout.counts == 0):
-            missing = np.flatnonzero((layout.counts == 0).reshape(-1, self.k).any(axis=0)).tolist()
+        counts = layout.counts if counts is None else np.asarray(counts)
+        coeffs = layout.gather(self.weights / np.maximum(counts, 1))
+        if self.objective == "loss":
+            return coeffs
+        return coeffs * active_examples(layout, losses, baseline_losses, self.clip)
+
+    def update(self, stats) -> None:
+        stats = self.check_stats(stats)
+        counts = stats[..., COUNT, :]
+        if np.any(counts == 0):
+            missing = np.flatnonzero((counts == 0).reshape(-1, self.k).any(axis=0)).tolist()
             raise ValueError(f"AMA-R needs every task in every batch; tasks {missing} have no example")
-        g, active = task_excess(layout, losses, ref_losses, self.clip)
+        g = task_excess(stats, self.clip)
+        if self.simultaneous:
+            self.alpha_sum += self.weights  # alpha_t: the weights this batch's theta step used
         alpha = self.eg.update(g)
-        self.alpha_sum += alpha
+        if not self.simultaneous:
+            self.alpha_sum += alpha  # alpha_{t+1}: the weights theta steps with in sequential play
         self.steps += 1
         self.last_excess = g
-        coeffs = layout.gather(alpha / layout.counts)
-        return coeffs * active if self.objective == "excess" else coeffs
+
+    def check_state(self, state) -> None:
+        require_log_simplex("eg.log_weights", state["eg.log_weights"])
+        require_nonnegative("steps", state["steps"])
+        require_row_sums("alpha_sum", state["alpha_sum"], state["steps"])

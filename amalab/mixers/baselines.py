@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from amalab.mixers.base import Mixer, check_k
+from amalab.mixers.base import Mixer, check_k, require_nonnegative
 from amalab.mixers.task_batches import TaskLayout, balanced_tasks, sample_tasks
 
 
 class FixedMixture(Mixer):
-    """A fixed mixture of the task losses; its state is empty."""
+    """A fixed mixture of the task losses; its state is the step count alone."""
+
+    state_keys = ("steps",)
 
     def __init__(self, weights, *, sampling: bool = False, batch_shape: tuple[int, ...] = ()):
         w = np.asarray(weights, dtype=float)
@@ -26,8 +28,9 @@ class FixedMixture(Mixer):
             raise ValueError(f"mixture weights must be finite, >= 0 and not all 0; got {w.tolist()}")
         self.mixture = w / w.sum()
         self.sampling = bool(sampling)
-        self.reference = "zero"
+        self.baseline = "none"
         self.batch_shape = tuple(batch_shape)
+        self.steps = np.zeros((), dtype=np.int64)
 
     @property
     def weights(self) -> np.ndarray:
@@ -42,8 +45,16 @@ class FixedMixture(Mixer):
             return sample_tasks(rng, self.weights, batch_size)
         return balanced_tasks(self.k, batch_size, self.batch_shape)
 
-    def step(self, task_ids, losses, ref_losses=None):
-        if self.sampling:
-            return np.full(np.shape(losses), 1.0 / np.shape(task_ids)[-1])
+    def coefficients(self, task_ids, losses, baseline_losses=None, counts=None):
         layout = TaskLayout(task_ids, self.k)
-        return layout.gather(self.mixture / np.maximum(layout.counts, 1))
+        counts = layout.counts if counts is None else np.asarray(counts)
+        if self.sampling:
+            return np.broadcast_to(1.0 / counts.sum(axis=-1, keepdims=True), layout.shape).copy()
+        return layout.gather(self.mixture / np.maximum(counts, 1))
+
+    def update(self, stats) -> None:
+        self.check_stats(stats)
+        self.steps += 1
+
+    def check_state(self, state) -> None:
+        require_nonnegative("steps", state["steps"])

@@ -15,16 +15,20 @@ import math
 
 import numpy as np
 
-from amalab.mixers.base import Stateful, check_k, per_run
+from amalab.mixers.base import Stateful, check_k, per_run, require_finite
 from amalab.mixers.logspace import softmax
 from amalab.mixers.task_batches import sample_tasks
 
 
-def exp3_gamma(k: int, horizon: float) -> float:
-    """Auer et al.'s exploration rate for gains summing to at most ``horizon``: Corollary 3.2."""
-    if k == 1:
-        return 1.0
-    return min(1.0, math.sqrt(k * math.log(k) / ((math.e - 1.0) * horizon)))
+def exp3_gamma(k: int, horizon):
+    """Auer et al.'s exploration rate min(1, sqrt(k ln k / ((e - 1) g))) for gains summing to at most
+    ``horizon`` = g (Corollary 3.2); ``horizon`` may be an array (one rate per entry)."""
+    horizon = np.asarray(horizon, dtype=float)
+    if np.any(horizon <= 0) or not np.all(np.isfinite(horizon)):
+        raise ValueError(f"EXP3's horizon must be finite and > 0, got {horizon}")
+    # k = 1: nothing to explore against, and the formula's ln k = 0 would give gamma = 0; p is 1 anyway
+    gamma = np.minimum(1.0, np.sqrt(k * math.log(k) / ((math.e - 1.0) * horizon))) if k > 1 else np.ones_like(horizon)
+    return float(gamma) if gamma.ndim == 0 else gamma
 
 
 def exp3_regret_bound(k: int, gamma, g_max):
@@ -43,16 +47,14 @@ class Exp3(Stateful):
         self.gamma = per_run(gamma, self.batch_shape, "gamma", 0.0, 1.0, low_open=True)
         self.eta = self.gamma / self.k if eta is None else per_run(eta, self.batch_shape, "eta", 0.0, np.inf)
         self.log_weights = np.zeros(self.batch_shape + (self.k,))
-        self._probs_of = None
 
     def probs(self) -> np.ndarray:
-        """p = (1 - gamma) softmax(log w) + gamma / k; every p_i >= gamma / k."""
-        # cached per log-weights array: a step asks for p to draw, to update and to log
-        if self._probs_of is not self.log_weights:
-            self._probs = (1.0 - self.gamma) * softmax(self.log_weights) + self.gamma / self.k
-            self._probs.setflags(write=False)  # shared with callers: nobody may edit it in place
-            self._probs_of = self.log_weights
-        return self._probs
+        """p = (1 - gamma) softmax(log w) + gamma / k; every p_i >= gamma / k.
+
+        Computed afresh at every call (no cache: a cache keyed on the log-weights array went stale when a
+        caller wrote into that array in place); a fresh array is also the caller's to modify.
+        """
+        return (1.0 - self.gamma) * softmax(self.log_weights) + self.gamma / self.k
 
     def draw(self, rng: np.random.Generator, size: int = 1) -> np.ndarray:
         """``size`` arms per run, i.i.d. from the current p: shape ``batch_shape + (size,)``."""
@@ -68,3 +70,8 @@ class Exp3(Stateful):
         log_w = self.log_weights + self.eta * xhat
         self.log_weights = log_w - log_w.max(axis=-1, keepdims=True)
         return xhat
+
+    def check_state(self, state) -> None:
+        # any finite log-weights are a valid state: p is invariant to a shift of a row, so no
+        # normalization is required (update re-centres them on the row maximum only to stay finite)
+        require_finite("log_weights", state["log_weights"])

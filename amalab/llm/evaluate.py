@@ -1,0 +1,103 @@
+"""Scoring pairs without gradients, and the per-task held-out evaluation (spec sections 1, 2 and 9).
+
+:func:`pair_logps` computes sequence log-probs of many pairs in length-sorted batches (what the reference
+cache stores); :func:`pair_losses` turns policy log-probs and cached reference log-probs into per-example
+losses and margins (what the baseline caches store, and what evaluation averages). Both shard their pairs
+over the ranks of a distributed run and gather the results, so every rank ends with all of them.
+
+Per task, on its held-out pairs:
+    loss      mean l(theta; z)
+    excess    mean max(l(theta; z) - s(z), 0), s the task specialist's cached loss  (E_i, spec section 2)
+    accuracy  share of pairs with implicit reward margin h > 0
+    margin    mean h
+and the worst-task excess max_i E_i, the number AMA minimizes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from amalab.llm.cache import ValueCache
+from amalab.llm.collate import collate_pairs, length_sorted_batches
+from amalab.llm.distributed import World
+from amalab.llm.logprobs import sequence_logps
+from amalab.llm.losses import preference_losses
+from amalab.llm.models import autocast_context
+from amalab.llm.tokenize import TokenizedPair
+
+
+def _gather(values: dict[str, np.ndarray], world: World) -> dict[str, np.ndarray]:
+    if not world.distributed:
+        return values
+    import torch.distributed as dist
+
+    parts = [None] * world.size
+    dist.all_gather_object(parts, values)
+    return {key: np.concatenate([p[key] for p in parts]) for key in values}
+
+
+@torch.no_grad()
+def pair_logps(model, pairs: list[TokenizedPair], pad_token_id: int, batch_size: int, device: torch.device,
+               world: World = World(), progress=None) -> ValueCache:
+    """Summed completion log-probs of every pair (columns chosen, rejected, chosen_tokens, rejected_tokens).
+
+    Length-sorted batches keep padding small; rank r scores pairs r, r + W, ... and the results are gathered.
+    """
+    was_training = model.training
+    model.eval()
+    mine = pairs[world.rank::world.size]
+    ids, columns = [], {"chosen": [], "rejected": [], "chosen_tokens": [], "rejected_tokens": []}
+    for group in length_sorted_batches(mine, batch_size) if mine else []:
+        batch = collate_pairs(group, pad_token_id).to(device)
+        with autocast_context(device):
+            logps = sequence_logps(model, batch)
+        ids.extend(batch.ids)
+        columns["chosen"].append(logps.chosen.double().cpu().numpy())
+        columns["rejected"].append(logps.rejected.double().cpu().numpy())
+        columns["chosen_tokens"].append(batch.chosen_token_counts.double().cpu().numpy())
+        columns["rejected_tokens"].append(batch.rejected_token_counts.double().cpu().numpy())
+        if progress is not None:
+            progress(len(group))
+    model.train(was_training)
+    local = {key: np.concatenate(value) if value else np.zeros(0) for key, value in columns.items()}
+    gathered = _gather({"ids": np.array(ids, dtype=object), **local}, world)
+    return ValueCache(list(gathered.pop("ids")), gathered)
+
+
+def pair_losses(logps: ValueCache, reference: ValueCache, ids: list[str], loss: str, beta: float
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(per-example losses, margins h) of the pairs ``ids`` from policy and reference log-probs."""
+    def column(cache, name):
+        return torch.from_numpy(cache.get(name, ids))
+
+    losses, margins = preference_losses(
+        loss, column(logps, "chosen"), column(logps, "rejected"), column(reference, "chosen"),
+        column(reference, "rejected"), beta, chosen_token_counts=column(logps, "chosen_tokens"),
+        rejected_token_counts=column(logps, "rejected_tokens"))
+    return losses.numpy(), margins.numpy()
+
+
+def evaluate(model, eval_sets: list[list[TokenizedPair]], task_names: list[str], reference: ValueCache,
+             specialists: list[ValueCache | None], loss: str, beta: float, pad_token_id: int, batch_size: int,
+             device: torch.device, world: World = World()) -> dict:
+    """Held-out metrics per task and the worst-task excess (module docstring)."""
+    everything = [pair for pairs in eval_sets for pair in pairs]
+    logps = pair_logps(model, everything, pad_token_id, batch_size, device, world)
+    tasks = {}
+    for name, pairs, specialist in zip(task_names, eval_sets, specialists):
+        if not pairs:
+            continue
+        ids = [p.id for p in pairs]
+        losses, margins = pair_losses(logps, reference, ids, loss, beta)
+        entry = dict(n=len(ids), loss=float(losses.mean()), accuracy=float((margins > 0).mean()),
+                     margin=float(margins.mean()))
+        if specialist is not None:
+            entry["excess"] = float(np.maximum(losses - specialist.get("loss", ids), 0.0).mean())
+        tasks[name] = entry
+    result = {"tasks": tasks}
+    excess = {name: t["excess"] for name, t in tasks.items() if "excess" in t}
+    if excess:
+        worst = max(excess, key=excess.get)
+        result.update(worst_excess=excess[worst], worst_task=worst)
+    return result

