@@ -6,6 +6,10 @@
     amalab check RESULTS_JSON                                         check saved results against the theory
     amalab list                                                       losses, algorithms and mixers known
     amalab llm run|specialists|train|eval CONFIG [--quiet]            the LLM experiment (needs the llm extra)
+
+Exit status of the convex commands: 0 success (every theory check passed); 1 a theory check failed;
+2 invalid input (config, results file, output folder), reported as one line; 130 interrupted (Ctrl-C;
+finished jobs are kept).
 """
 
 from __future__ import annotations
@@ -13,15 +17,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import shutil
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from amalab.errors import ConfigError
 
 
 def _convex_rates(args) -> int:
+    from amalab.convex.experiment import load_config
     from amalab.convex.figures import make_figures
-    from amalab.convex.reproduction import load_config, run_reproduction, write_results
+    from amalab.convex.reproduction import run_reproduction
+    from amalab.convex.results_io import compare_results, locked_output_folder, write_results
     from amalab.convex.theory_checks import check_results
 
     config = load_config(args.config)
@@ -30,41 +38,64 @@ def _convex_rates(args) -> int:
             raise ConfigError(f"--workers must be >= 0, got {args.workers}")
         config = dataclasses.replace(config, workers=args.workers)
     out = Path(args.out or config.out)
-    checkpoints = out / ".jobs"
-    if args.fresh and checkpoints.exists():
-        shutil.rmtree(checkpoints)
-    record = run_reproduction(config, show_progress=not args.quiet, checkpoint_dir=checkpoints)
-    paths = write_results(record, out) + make_figures(record, out)
-    shutil.rmtree(checkpoints)  # the results are written: the next run starts afresh
+    with locked_output_folder(out):
+        checkpoints = out / ".jobs"
+        if args.fresh and checkpoints.exists():
+            shutil.rmtree(checkpoints)
+        try:
+            record = run_reproduction(config, show_progress=not args.quiet, checkpoint_dir=checkpoints)
+        except KeyboardInterrupt:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # stopping already: a second Ctrl-C changes nothing
+            saved = len(list(checkpoints.glob("*.json"))) if checkpoints.is_dir() else 0
+            print(f"amalab: interrupted; {saved} finished jobs are kept in {checkpoints}: rerun the same command "
+                  "to resume", file=sys.stderr)
+            return 130
+        paths = write_results(record, out) + make_figures(record, out)
+        shutil.rmtree(checkpoints, ignore_errors=True)  # the results are written: the next run starts afresh
     print(f"finished in {record['elapsed_s']:.1f} s; wrote:")
     for p in paths:
         print(f"  {p}")
+    committed = Path(config.compare_with) if config.compare_with else None
+    if committed is not None and committed.resolve() != out.resolve():
+        print(f"compared with the committed results in {committed}:")
+        for line in compare_results(out, committed):
+            print(f"  {line}")
     return _report(check_results(record))
 
 
-def _report(failures: list[str]) -> int:
-    if failures:
-        print("theory checks FAILED:")
-        for f in failures:
-            print(f"  - {f}")
+def _report(checks) -> int:
+    """Print every check with its gate and result; exit status 0 if all pass, 1 otherwise."""
+    from amalab.convex.theory_checks import failures
+
+    print("theory checks (gates from the results' [checks] config):")
+    for check in checks:
+        print(f"  {check.line()}")
+    failed = failures(checks)
+    if failed:
+        print(f"theory checks FAILED: {len(failed)} of {len(checks)}")
         return 1
-    print("theory checks passed: every gap under its bound and none below -tolerance; rate slopes <= -0.4; "
-          "EXP3 regret under its bound; no algorithm below OPT")
+    print(f"theory checks passed: all {len(checks)}")
     return 0
 
 
 def _plot(args) -> int:
     from amalab.convex.figures import make_figures
-    from amalab.convex.reproduction import load_results
+    from amalab.convex.results_io import load_results
 
     results = Path(args.results)
-    for p in make_figures(load_results(results), Path(args.out) if args.out else results.parent):
+    record = load_results(results)
+    out = Path(args.out) if args.out else results.parent
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{out}: cannot write the output folder: {e.strerror or e}") from None
+    for p in make_figures(record, out):
         print(p)
     return 0
 
 
 def _check(args) -> int:
-    from amalab.convex.reproduction import load_results
+    from amalab.convex.results_io import load_results
     from amalab.convex.theory_checks import check_results
 
     return _report(check_results(load_results(args.results)))
@@ -101,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("convex-rates", help="run the convex rate reproduction (results, figures, checks)")
     p.add_argument("config", help="TOML config, e.g. experiments/convex_rates/config.toml")
-    p.add_argument("--out", help="output directory (default: the config's `out`)")
+    p.add_argument("--out", help="output directory (default: the config's `out`, runs/convex_rates)")
     p.add_argument("--workers", type=int, help="worker processes (default: the config's; 0 = one per core)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--fresh", action="store_true",
@@ -128,14 +159,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    sigint = signal.getsignal(signal.SIGINT)
     try:
         return args.run(args)
     except ConfigError as e:
         print(f"amalab: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # stopping already: a second Ctrl-C changes nothing
         print("amalab: interrupted", file=sys.stderr)
         return 130
+    finally:
+        # As the program (argv from the command line) a stopping run keeps ignoring Ctrl-C until it exits;
+        # called with explicit arguments (a test, a notebook) it gives the caller its Ctrl-C back.
+        if argv is not None and sigint is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, sigint)
 
 
 if __name__ == "__main__":

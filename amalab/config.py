@@ -80,5 +80,5 @@ def load_section(cls, table, path, name: str = ""):
         try:
             check()
         except ValueError as e:
-            raise ConfigError(f"{where}: {e}") from None
+            raise ConfigError(f"{where if name else path}: {e}") from None
     return section

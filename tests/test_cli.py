@@ -1,17 +1,23 @@
 """The command line as a user meets it: the shipped config, clear one-line errors, and the README's command."""
 
+import contextlib
+import fcntl
 import json
+import os
 import re
 import shlex
+import signal
 import subprocess
+import sys
+import time
 import tomllib
 from pathlib import Path
 
 import pytest
 
 from amalab.cli import main
-from amalab.convex.reproduction import ReproductionConfig, load_config
-from amalab.convex.theory_checks import check_results
+from amalab.convex.experiment import ReproductionConfig, load_config
+from amalab.convex.theory_checks import check_results, failures
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "experiments" / "convex_rates" / "config.toml"
@@ -51,6 +57,12 @@ def test_shipped_config_loads_and_matches_the_defaults():
     ({("worst_task", "ama_s_gamma"): "1.5"}, r"\[worst_task\]: ama_s_gamma must lie in \(0, 1\], got 1.5"),
     ({("worst_task", "ama_s_gamma"): "0.0"}, r"ama_s_gamma must lie in \(0, 1\]"),
     ({("worst_task", "ama_s_gamma"): '"often"'}, r"ama_s_gamma must be 'theory' or a number"),
+    ({("rates", "batch_size"): "10"}, r"\[rates\]: batch_size = 10 does not suit algorithm 'ama-r': .*multiple"),
+    ({("worst_task", "batch_size"): "4"}, r"\[worst_task\]: batch_size = 4 does not suit algorithm 'uniform'"),
+    ({("checks", "slope_gate"): "0.1"}, r"\[checks\]: slope_gate must lie in \[-2, 0\)"),
+    ({("checks", "slope_horizons"): "12"}, r"slope_horizons = 12 needs at least that many \[rates\] horizons"),
+    ({("exp3", "seeds"): "1"}, r"\[exp3\]: seeds must be >= 2"),
+    ({("", "out"): '" "'}, r"out must name an output folder"),
 ])
 def test_bad_config_gives_one_clear_line(tmp_path, capsys, edit, message):
     path = _write(tmp_path, _shipped_with(edit))
@@ -73,30 +85,129 @@ def test_unknown_key_missing_file_and_bad_toml(tmp_path, capsys):
     assert "no such results file" in capsys.readouterr().err
 
 
-def test_a_small_reproduction_end_to_end(tmp_path, capsys):
-    """The whole pipeline on a reduced copy of the shipped config: results, CSVs, figures, checks."""
-    text = _shipped_with({
-        ("rates", "horizons"): "[256, 512, 1024, 2048]", ("rates", "seeds"): "3", ("rates", "slope_from"): "256",
-        ("rates", "losses"): '["dpo", "hinge"]', ("worst_task", "horizon"): "512", ("worst_task", "seeds"): "2",
-        ("exp3", "horizons"): "[256, 1024]", ("exp3", "seeds"): "8", ("", "workers"): "1",
-    })
-    out = tmp_path / "out"
-    status = main(["convex-rates", str(_write(tmp_path, text)), "--out", str(out), "--quiet"])
-    printed = capsys.readouterr().out
+SMALL = {
+    ("rates", "horizons"): "[256, 512, 1024, 2048]", ("rates", "seeds"): "3", ("checks", "slope_horizons"): "4",
+    ("checks", "slope_gate"): "-0.1", ("checks", "duality_slope_gate"): "-0.3",
+    ("rates", "losses"): '["dpo", "hinge"]', ("worst_task", "horizon"): "512", ("worst_task", "seeds"): "2",
+    ("exp3", "horizons"): "[256, 1024]", ("exp3", "seeds"): "8", ("", "workers"): "1",
+}
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """A reduced copy of the shipped config, run once through the command line."""
+    tmp = tmp_path_factory.mktemp("small")
+    out = tmp / "out"
+    import io
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        status = main(["convex-rates", str(_write(tmp, _shipped_with(SMALL))), "--out", str(out), "--quiet"])
+    return status, printed.getvalue(), out
+
+
+def test_a_small_reproduction_end_to_end(small_run, capsys):
+    """The whole pipeline on a reduced config: results, CSVs, figures, every gate printed, checks pass."""
+    status, printed, out = small_run
     record = json.loads((out / "results.json").read_text())
-    assert status == (1 if check_results(record) else 0)
+    # 3 seeds and T <= 2048: the fixed seeds give median slopes < -0.1 (loose gates) and gaps far under bounds
+    assert status == 0, printed
     for name in ["results.json", "rates.csv", "worst_task.csv", "exp3.csv", "rates.png", "worst_task.png",
                  "exp3_regret.png"]:
         assert (out / name).stat().st_size > 0 and name in printed
     assert set(record["rates"]) == {"dpo", "hinge"}
     assert len(record["rates"]["dpo"]["algorithms"]["ama-s"]["gap"][0]) == 3
-    assert len(record["rates"]["dpo"]["algorithms"]["ama-r-full"]["gap"][0]) == 1
+    full = record["rates"]["dpo"]["algorithms"]["ama-r-full"]
+    assert len(full["gap"][0]) == 1
+    # weak duality: the duality gap of the averaged pair is at least the primal gap
+    assert all(d >= g[0] - 1e-6 for d, g in zip(full["duality_gap"], full["gap"]))
     rows = (out / "rates.csv").read_text().splitlines()
-    assert len(rows) == 1 + 2 * 4 * (1 + 3 + 3)
+    assert len(rows) == 1 + 2 * 4 * (1 + 3 + 3 + 3)  # losses x horizons x (ama-r-full, ama-r, ama-r-sim, ama-s seeds)
+    for gate in ("slope of median gap, last 4 T <= -0.1", "slope of duality gap, last 4 T <= -0.3",
+                 "gap >= -1e-06", "mean regret <= bound + 3 s.e."):
+        assert gate in printed
+    assert "compared with the committed results" in printed and "configs differ in: " in printed
     # figures redraw from the saved results alone, and the checks rerun on them
     (out / "rates.png").unlink()
     assert main(["plot", str(out / "results.json")]) == 0 and (out / "rates.png").exists()
-    assert main(["check", str(out / "results.json")]) == status
+    assert main(["check", str(out / "results.json")]) == 0
+    assert "theory checks passed" in capsys.readouterr().out
+
+
+def _broken(record: dict, how: str) -> dict:
+    record = json.loads(json.dumps(record))
+    if how == "empty rates":
+        record["rates"] = {}
+    elif how == "missing field":
+        del record["rates"]["dpo"]["algorithms"]["ama-r"]["bound"]
+    elif how == "nan gap":
+        record["rates"]["dpo"]["algorithms"]["ama-r"]["gap"][1][0] = float("nan")
+    elif how == "empty gap":
+        record["rates"]["dpo"]["algorithms"]["ama-r"]["gap"] = []
+    elif how == "missing gates":
+        del record["config"]["checks"]
+    return record
+
+
+@pytest.mark.parametrize("how,message", [
+    ("empty rates", "rates: expected a non-empty table"),
+    ("missing field", "rates.dpo.algorithms.ama-r: missing field 'bound'"),
+    ("nan gap", "rates.dpo.algorithms.ama-r.gap: contains a non-finite value"),
+    ("empty gap", "rates.dpo.algorithms.ama-r.gap: is empty"),
+    ("missing gates", "config: missing field 'checks'"),
+    ("binary", "not UTF-8 text"),
+    ("not json", "invalid JSON"),
+])
+@pytest.mark.parametrize("command", ["check", "plot"])
+def test_check_and_plot_reject_malformed_results(small_run, tmp_path, capsys, how, message, command):
+    record = json.loads((small_run[2] / "results.json").read_text())
+    path = tmp_path / "results.json"
+    if how == "binary":
+        path.write_bytes(bytes(range(256)) * 4)
+    elif how == "not json":
+        path.write_text("{rates: ")
+    else:
+        path.write_text(json.dumps(_broken(record, how)))
+    capsys.readouterr()
+    assert main([command, str(path)]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and captured.err.startswith(f"amalab: error: {path}: ")
+    assert captured.err.count("\n") == 1 and "passed" not in captured.out
+    assert not (tmp_path / "rates.png").exists()
+
+
+def test_output_folder_errors_are_one_line(tmp_path, capsys):
+    config = _write(tmp_path, _shipped_with(SMALL))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert main(["convex-rates", str(config), "--out", str(blocker / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"amalab: error: {blocker / 'out'}: cannot write the output folder") and err.count("\n") == 1
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_output_folder_is_one_line(tmp_path, capsys):
+    config = _write(tmp_path, _shipped_with(SMALL))
+    out = tmp_path / "ro"
+    out.mkdir()
+    out.chmod(0o500)
+    try:
+        assert main(["convex-rates", str(config), "--out", str(out), "--quiet"]) == 2
+    finally:
+        out.chmod(0o700)
+    assert "cannot write the output folder" in capsys.readouterr().err
+
+
+def test_second_run_into_the_same_folder_refuses(tmp_path, capsys):
+    """A run holds OUT/.lock; another run into OUT refuses at once instead of mixing their files."""
+    config = _write(tmp_path, _shipped_with(SMALL))
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running reproduction holds it
+        assert main(["convex-rates", str(config), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "another amalab run is writing to this folder" in err and err.count("\n") == 1
+    assert not (out / "results.json").exists()
 
 
 def _readme_commands() -> list[str]:
@@ -142,7 +253,7 @@ def test_interrupted_reproduction_resumes_without_rerunning_finished_jobs(tmp_pa
     from amalab.convex import reproduction
 
     text = _shipped_with({
-        ("rates", "horizons"): "[256, 512]", ("rates", "seeds"): "2", ("rates", "slope_from"): "256",
+        ("rates", "horizons"): "[256, 512]", ("rates", "seeds"): "2", ("checks", "slope_horizons"): "2",
         ("rates", "losses"): '["dpo"]', ("worst_task", "horizon"): "256", ("worst_task", "seeds"): "2",
         ("exp3", "horizons"): "[256]", ("exp3", "seeds"): "4", ("", "workers"): "1",
     })
@@ -163,7 +274,86 @@ def test_interrupted_reproduction_resumes_without_rerunning_finished_jobs(tmp_pa
     monkeypatch.setattr(reproduction, "rate_job", lambda **kw: calls.append(kw["algorithm"]) or real_rate_job(**kw))
     calls.clear()
     main(["convex-rates", str(config_path), "--out", str(out), "--quiet"])
-    assert len(calls) == 2  # three rate jobs; the checkpointed one was not rerun
+    assert len(calls) == 3  # four rate jobs; the checkpointed one was not rerun
     assert not (out / ".jobs").exists() and (out / "results.json").exists()
     fresh = json.loads((out / "results.json").read_text())
-    assert len(fresh["rates"]["dpo"]["algorithms"]) == 3
+    assert len(fresh["rates"]["dpo"]["algorithms"]) == 4
+
+
+# ------------------------------------------------------------------ interrupts with several workers
+
+INTERRUPTIBLE = {  # 17 jobs of about a second each
+    ("rates", "losses"): '["dpo", "hinge"]', ("rates", "horizons"): "[256, 512, 1024, 2048, 4096]",
+    ("rates", "seeds"): "4", ("worst_task", "horizon"): "2048", ("worst_task", "seeds"): "2",
+    ("exp3", "horizons"): "[256, 1024]", ("exp3", "seeds"): "8", ("", "workers"): "2",
+}
+
+
+def _children(pid: int) -> set[int]:
+    children = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            children |= {int(c) for c in (task / "children").read_text().split()}
+    return children
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")  # a zombie has ended; only its exit status is left
+
+
+def _start_and_wait_for_a_checkpoint(tmp_path):
+    """Start the reproduction with 2 workers and wait until its first job is checkpointed."""
+    config, out = _write(tmp_path, _shipped_with(INTERRUPTIBLE)), tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONFAULTHANDLER="1")
+    proc = subprocess.Popen([sys.executable, "-m", "amalab", "convex-rates", str(config), "--out", str(out),
+                             "--quiet"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 60
+    while not list((out / ".jobs").glob("*.json")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.1)
+    workers = _children(proc.pid)
+    return proc, out, {w for w in workers if "amalab" in Path(f"/proc/{w}/cmdline").read_text(errors="replace")
+                       or "multiprocessing" in Path(f"/proc/{w}/cmdline").read_text(errors="replace")}
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_ctrl_c_twice_stops_the_workers_at_once_and_keeps_finished_jobs(tmp_path):
+    proc, out, workers = _start_and_wait_for_a_checkpoint(tmp_path)
+    assert len(workers) >= 2
+    kept = set((out / ".jobs").glob("*.json"))
+    start = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # a second Ctrl-C during the clean-up must not hang it
+    try:
+        _, err = proc.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)  # PYTHONFAULTHANDLER prints where it hung
+        pytest.fail("Ctrl-C hung: " + proc.communicate()[1][-4000:])
+    assert time.monotonic() - start < 5, "Ctrl-C took too long"
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert kept <= set((out / ".jobs").glob("*.json"))  # every finished job is still there
+    assert len(list((out / ".jobs").glob("*.json"))) < 17  # it stopped: not every job ran
+    deadline = time.monotonic() + 5
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(w) for w in workers)
+    assert not (out / "results.json").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_workers_die_with_a_killed_parent(tmp_path):
+    proc, out, workers = _start_and_wait_for_a_checkpoint(tmp_path)
+    assert len(workers) >= 2
+    proc.kill()  # SIGKILL: the parent runs no clean-up at all
+    proc.communicate(timeout=10)
+    deadline = time.monotonic() + 5
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(w) for w in workers), "a worker outlived its parent"

@@ -50,6 +50,18 @@ def ama_r_minibatch_bound(D, G, Bl, k, T):
     return first + (2.0 * D * G + Bl) * np.expm1(np.sqrt(8.0 * math.log(k) / T))
 
 
+def ama_r_simultaneous_bound(D, G, Bl, k, T):
+    """Minibatch AMA-R with simultaneous play (docs/maths.md (4c)), in expectation:
+
+        3 (D G + Bl sqrt(ln(k) / 2)) / sqrt(T)
+
+    the first term of :func:`ama_r_minibatch_bound`: theta_t steps with alpha_t, which was fixed before
+    the batch was drawn, so both players' gradients are unbiased given the past and the correlation term
+    of sequential play does not arise (Nemirovski et al. 2009's stochastic saddle-point argument).
+    """
+    return 3.0 * (D * G + Bl * math.sqrt(math.log(k) / 2.0)) / np.sqrt(np.asarray(T, dtype=float))
+
+
 def ama_s_bound(D, G, Bl, k, T):
     """AMA-S, in expectation, as the spec states it: (D G + 2.63 Bl sqrt(k ln k)) / sqrt(T).
 

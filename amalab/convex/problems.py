@@ -17,13 +17,14 @@ The domain is the ball ||theta - theta_ref|| <= radius; we work with u = theta -
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 from scipy.special import expit
 
 from amalab.convex.losses import MarginLoss, get_loss
 from amalab.mixers.base import check_k
+from amalab.mixers.excess import check_clip
 
 
 @dataclass(frozen=True, eq=False)
@@ -38,6 +39,7 @@ class MultiTaskProblem:
     rewards: np.ndarray  # (k, d): hidden w_i
     radius: float
     beta: float
+    #: the generator's settings, loss and seed, for the record (empty for hand-made problems)
     settings: dict = field(default_factory=dict)
 
     @property
@@ -70,11 +72,7 @@ class MultiTaskProblem:
 
 def equiangular_rewards(k: int, dim: int, angle_deg: float, rng: np.random.Generator) -> np.ndarray:
     """k unit vectors in R^dim whose pairwise angles all equal ``angle_deg``, in a random orientation."""
-    c = math.cos(math.radians(angle_deg))
-    if k > 1 and c < -1.0 / (k - 1) - 1e-12:
-        limit = math.degrees(math.acos(-1.0 / (k - 1)))
-        raise ValueError(f"conflict_angle {angle_deg:g} degrees is impossible for k={k} tasks: "
-                         f"equal pairwise angles need angle <= {limit:.4g} degrees")
+    c = math.cos(math.radians(angle_deg))  # feasible: checked by ProblemSettings.check_for
     gram = (1.0 - c) * np.eye(k) + c * np.ones((k, k))
     eigval, eigvec = np.linalg.eigh(gram)
     coords = eigvec * np.sqrt(np.clip(eigval, 0.0, None))  # rows: the k vectors in R^k
@@ -82,30 +80,71 @@ def equiangular_rewards(k: int, dim: int, angle_deg: float, rng: np.random.Gener
     return coords @ basis.T
 
 
-def make_problem(loss: str = "dpo", k: int = 3, dim: int = 8, sizes=(200, 200, 200),
-                 conflict_angle: float = 60.0, noise: float = 0.0, reward_scale: float = 4.0,
-                 radius: float = 2.0, beta: float = 1.0, seed: int = 0) -> MultiTaskProblem:
-    """Generate a k-task problem; see the module docstring for what each knob means."""
+@dataclass(frozen=True)
+class ProblemSettings:
+    """The knobs of the generator, with the one set of defaults every caller shares (the rate problem).
+
+    ``clip`` is not a generator knob but part of the objective E_i (spec section 2): it travels with the
+    problem so that a config's ``[..problem]`` table describes the whole problem.
+    """
+
+    k: int = 3
+    dim: int = 8
+    sizes: list[int] = field(default_factory=lambda: [200, 120, 60])
+    conflict_angle: float = 100.0
+    noise: float = 0.1
+    reward_scale: float = 4.0
+    radius: float = 1.0
+    beta: float = 1.0
+    clip: str = "example"
+
+    def check_for(self, loss: str) -> None:
+        """Raise ValueError naming the first knob that is out of range for ``loss``."""
+        family = get_loss(loss)
+        k = check_k(self.k)
+        check_clip(self.clip)
+        sizes = np.asarray(self.sizes)
+        if sizes.shape != (k,):
+            raise ValueError(f"sizes must list one size per task (k={k}), got {sizes.tolist()}")
+        if not np.issubdtype(sizes.dtype, np.integer) or np.any(sizes < 1):
+            raise ValueError(f"sizes must be integers >= 1, got {sizes.tolist()}")
+        dim = self.dim
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < k:
+            raise ValueError(f"dim must be an integer >= k={k} (room for k distinct reward vectors), got {dim!r}")
+        for name in ("reward_scale", "radius", "beta"):
+            value = getattr(self, name)
+            if not value > 0.0 or not math.isfinite(value):
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        noise = self.noise
+        if family.preference or loss == "logistic":
+            if not 0.0 <= noise <= 0.5:
+                raise ValueError(f"noise is a label-flip probability for loss {loss!r}: it must lie in [0, 0.5], "
+                                 f"got {noise!r}")
+        elif not (noise >= 0.0 and math.isfinite(noise)):
+            raise ValueError(f"noise is the label noise std for loss {loss!r}: it must be >= 0, got {noise!r}")
+        if not 0.0 <= self.conflict_angle <= 180.0:
+            raise ValueError(f"conflict_angle must lie in [0, 180] degrees, got {self.conflict_angle!r}")
+        c = math.cos(math.radians(self.conflict_angle))
+        if k > 1 and c < -1.0 / (k - 1) - 1e-12:
+            limit = math.degrees(math.acos(-1.0 / (k - 1)))
+            raise ValueError(f"conflict_angle {self.conflict_angle:g} degrees is impossible for k={k} tasks: "
+                             f"equal pairwise angles need angle <= {limit:.4g} degrees")
+
+
+def make_problem(loss: str = "dpo", seed: int = 0, settings: ProblemSettings | None = None,
+                 **knobs) -> MultiTaskProblem:
+    """Generate a k-task problem from ``settings`` (default :class:`ProblemSettings`) with ``knobs``
+    overriding single fields; see the module docstring for what each knob means."""
+    try:
+        settings = replace(settings or ProblemSettings(), **knobs)
+    except TypeError:
+        unknown = sorted(set(knobs) - {f.name for f in fields(ProblemSettings)})
+        raise ValueError(f"unknown problem knob {unknown[0]!r}") from None
+    settings.check_for(loss)
     family = get_loss(loss)
-    k = check_k(k)
-    sizes = np.asarray(sizes)
-    if sizes.shape != (k,):
-        raise ValueError(f"sizes must list one size per task (k={k}), got {sizes.tolist()}")
-    if not np.issubdtype(sizes.dtype, np.integer) or np.any(sizes < 1):
-        raise ValueError(f"sizes must be integers >= 1, got {sizes.tolist()}")
-    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < k:
-        raise ValueError(f"dim must be an integer >= k={k} (room for k distinct reward vectors), got {dim!r}")
-    for name, value, low in (("reward_scale", reward_scale, 0.0), ("radius", radius, 0.0), ("beta", beta, 0.0)):
-        if not value > low or not math.isfinite(value):
-            raise ValueError(f"{name} must be a positive number, got {value!r}")
-    if family.preference or loss == "logistic":
-        if not 0.0 <= noise <= 0.5:
-            raise ValueError(f"noise is a label-flip probability for loss {loss!r}: it must lie in [0, 0.5], "
-                             f"got {noise!r}")
-    elif not noise >= 0.0:
-        raise ValueError(f"noise is the label noise std for loss {loss!r}: it must be >= 0, got {noise!r}")
-    if not 0.0 <= conflict_angle <= 180.0:
-        raise ValueError(f"conflict_angle must lie in [0, 180] degrees, got {conflict_angle!r}")
+    k, dim, sizes = int(settings.k), int(settings.dim), np.asarray(settings.sizes)
+    conflict_angle, noise, reward_scale = settings.conflict_angle, settings.noise, settings.reward_scale
+    radius, beta = settings.radius, settings.beta
 
     rng = np.random.default_rng(seed)
     rewards = equiangular_rewards(k, dim, conflict_angle, rng)
@@ -130,7 +169,5 @@ def make_problem(loss: str = "dpo", k: int = 3, dim: int = 8, sizes=(200, 200, 2
             targets = np.where(positive, 1.0, -1.0)
         else:
             targets = score + noise * rng.standard_normal(n)
-    settings = dict(loss=loss, k=k, dim=int(dim), sizes=sizes.tolist(), conflict_angle=conflict_angle,
-                    noise=noise, reward_scale=reward_scale, radius=radius, beta=beta, seed=seed)
-    return MultiTaskProblem(family, features, targets, task, sizes, rewards, float(radius), float(beta),
-                            settings)
+    record = dict(loss=loss, **asdict(settings), seed=seed)
+    return MultiTaskProblem(family, features, targets, task, sizes, rewards, float(radius), float(beta), record)
