@@ -23,6 +23,8 @@ import cvxpy as cp
 import numpy as np
 from scipy.special import expit
 
+from amalab.margin_losses import margin_loss, margin_loss_slope
+
 
 @dataclass(frozen=True)
 class MarginLoss:
@@ -40,28 +42,21 @@ class MarginLoss:
         return get_loss, (self.name,)
 
 
+def _preference_loss(name: str, cvx) -> MarginLoss:
+    """A preference loss of m through the shared margin-to-loss map of h = beta * m (amalab.margin_losses)."""
+    return MarginLoss(
+        name,
+        value=lambda m, y, beta: margin_loss(name, beta * np.asarray(m, dtype=float), beta),
+        slope=lambda m, y, beta: beta * margin_loss_slope(name, beta * np.asarray(m, dtype=float), beta),
+        cvx=cvx,
+        preference=True,
+    )
+
+
 LOSSES = {
-    "dpo": MarginLoss(
-        "dpo",
-        value=lambda m, y, beta: np.logaddexp(0.0, -beta * m),
-        slope=lambda m, y, beta: -beta * expit(-beta * m),
-        cvx=lambda m, y, beta: cp.logistic(-beta * m),
-        preference=True,
-    ),
-    "ipo": MarginLoss(
-        "ipo",
-        value=lambda m, y, beta: (m - 0.5 / beta) ** 2,
-        slope=lambda m, y, beta: 2.0 * (m - 0.5 / beta),
-        cvx=lambda m, y, beta: cp.square(m - 0.5 / beta),
-        preference=True,
-    ),
-    "hinge": MarginLoss(
-        "hinge",
-        value=lambda m, y, beta: np.maximum(0.0, 1.0 - beta * m),
-        slope=lambda m, y, beta: np.where(1.0 - beta * m > 0, -beta, 0.0),
-        cvx=lambda m, y, beta: cp.pos(1.0 - beta * m),
-        preference=True,
-    ),
+    "dpo": _preference_loss("dpo", lambda m, y, beta: cp.logistic(-beta * m)),
+    "ipo": _preference_loss("ipo", lambda m, y, beta: cp.square(m - 0.5 / beta)),
+    "hinge": _preference_loss("hinge", lambda m, y, beta: cp.pos(1.0 - beta * m)),
     "least_squares": MarginLoss(
         "least_squares",
         value=lambda m, y, beta: (m - y) ** 2,
