@@ -134,9 +134,9 @@ def prepare(config: LLMConfig, world: World = World(), show_progress: bool = Tru
         (out / "data.json").write_text(json.dumps(report, indent=1))
         if config.source_path is not None:
             shutil.copyfile(config.source_path, out / "config.toml")
-    for name, r in report.items():
-        experiment.say(f"task {name}: {r['train']} train / {r['eval']} held-out pairs; "
-                       f"train tokenization: {r['tokenization_train']}")
+    for t, (name, r) in zip(tasks, report.items()):
+        experiment.say(f"{t.summary()}; tokenized: {r['train']} train / {r['eval']} held-out pairs "
+                       f"(train: {r['tokenization_train']})")
     every = [p for pairs in train_sets + eval_sets for p in pairs]
     unique = list({p.id: p for p in every}.values())
     experiment.reference_manifest = {
