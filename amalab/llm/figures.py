@@ -76,8 +76,12 @@ def make_figures(out: Path, summary: dict) -> list[Path]:
 
     adaptive = [m for m in methods if m in ADAPTIVE]
     if adaptive:
-        fig, axes = plt.subplots(1, len(adaptive), figsize=(4 * len(adaptive), 3.2), squeeze=False)
-        for ax, method in zip(axes[0], adaptive):
+        cols = min(3, len(adaptive))
+        rows = -(-len(adaptive) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+        for ax in axes.flat[len(adaptive):]:
+            ax.axis("off")
+        for ax, method in zip(axes.flat, adaptive):
             train = [r for r in _metrics(out / "generalists" / method / "seed0") if r.get("kind") == "train"]
             if not train:
                 continue
