@@ -77,6 +77,10 @@ class ModelConfig:
     use_lora: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
     gradient_checkpointing: bool = False
+    #: under torchrun, shard the policy over the ranks with FSDP2 (one unit per decoder layer); one process: no-op
+    fsdp: bool = False
+    #: torch.compile each decoder layer of the policy (off by default: compiling costs time before the first step)
+    compile: bool = False
 
     def check(self) -> None:
         if not self.name:

@@ -20,8 +20,7 @@ import torch
 
 from amalab.llm.cache import ValueCache
 from amalab.llm.collate import collate_pairs, length_sorted_batches
-from amalab.llm.distributed import World
-from amalab.llm.logprobs import sequence_logps
+from amalab.llm.distributed import World, is_sharded, policy_logps
 from amalab.llm.losses import preference_losses
 from amalab.llm.models import autocast_context
 from amalab.llm.tokenize import TokenizedPair
@@ -42,7 +41,8 @@ def pair_logps(model, pairs: list[TokenizedPair], pad_token_id: int, batch_size:
                world: World = World(), progress=None) -> ValueCache:
     """Summed completion log-probs of every pair (columns chosen, rejected, chosen_tokens, rejected_tokens).
 
-    Length-sorted batches keep padding small; rank r scores pairs r, r + W, ... and the results are gathered.
+    Length-sorted batches keep padding small; rank r scores pairs r, r + W, ... and the results are gathered
+    (each result travels with its pair id, so the order of the gathered pairs does not matter).
     """
     was_training = model.training
     model.eval()
@@ -51,7 +51,7 @@ def pair_logps(model, pairs: list[TokenizedPair], pad_token_id: int, batch_size:
     for group in length_sorted_batches(mine, batch_size) if mine else []:
         batch = collate_pairs(group, pad_token_id).to(device)
         with autocast_context(device):
-            logps = sequence_logps(model, batch)
+            logps = policy_logps(model, batch)
         ids.extend(batch.ids)
         columns["chosen"].append(logps.chosen.double().cpu().numpy())
         columns["rejected"].append(logps.rejected.double().cpu().numpy())
@@ -59,6 +59,13 @@ def pair_logps(model, pairs: list[TokenizedPair], pad_token_id: int, batch_size:
         columns["rejected_tokens"].append(batch.rejected_token_counts.double().cpu().numpy())
         if progress is not None:
             progress(len(group))
+    if is_sharded(model) and pairs:
+        # a sharded model's forward is a collective: a rank with fewer batches than rank 0 (which holds the most
+        # pairs) runs the missing forwards on a pair whose result it discards
+        most = -(-len(pairs[0::world.size]) // batch_size)
+        for _ in range(most - (-(-len(mine) // batch_size))):
+            with autocast_context(device):
+                policy_logps(model, collate_pairs(pairs[:1], pad_token_id).to(device))
     model.train(was_training)
     local = {key: np.concatenate(value) if value else np.zeros(0) for key, value in columns.items()}
     gathered = _gather({"ids": np.array(ids, dtype=object), **local}, world)

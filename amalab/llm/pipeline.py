@@ -28,16 +28,16 @@ import numpy as np
 import torch
 
 from amalab.errors import ConfigError
-from amalab.llm.cache import ValueCache, cached, data_hash
+from amalab.llm.cache import ValueCache, cached, data_hash, load_cache, save_cache
 from amalab.llm.checkpoint import load_latest
 from amalab.llm.config import LLMConfig
 from amalab.llm.data import TaskData, load_tasks
-from amalab.llm.distributed import World
+from amalab.llm.distributed import World, any_rank, barrier, is_sharded, shard_policy
 from amalab.llm.evaluate import pair_logps, pair_losses
 from amalab.llm.models import (load_model, load_tokenizer, model_fingerprint, prepare_model, resolve_device,
                                smollm2_gguf_path, tiny_llama, tiny_tokenizer, tokenizer_fingerprint)
 from amalab.llm.tokenize import TokenizationConfig, TokenizedPair, tokenize_pairs
-from amalab.llm.train import TrainingRun, load_trainable_state, run_training
+from amalab.llm.train import TrainingRun, load_trainable_state, run_training, trainable_state
 from amalab.mixers import make_mixer
 
 
@@ -71,7 +71,11 @@ class Experiment:
             print(message, flush=True)
 
     def policy(self, seed: int) -> torch.nn.Module:
-        """A fresh trainable copy of the base model (with a LoRA adapter initialized from ``seed`` if asked)."""
+        """A fresh trainable copy of the base model (with a LoRA adapter initialized from ``seed`` if asked).
+
+        With ``[model] compile`` each decoder layer is compiled; with ``[model] fsdp`` under torchrun the copy
+        is sharded over the ranks (:func:`amalab.llm.distributed.shard_policy`).
+        """
         model = copy.deepcopy(self.base_model)
         lora = asdict(self.config.model.lora) if self.config.model.use_lora else None
         for p in model.parameters():  # the base is frozen (it is pi_ref); peft freezes all but the adapter
@@ -79,7 +83,58 @@ class Experiment:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = prepare_model(model, gradient_checkpointing=self.config.model.gradient_checkpointing, lora=lora)
-        return model.to(self.device)
+        model = model.to(self.device)
+        if self.config.model.compile:
+            compile_layers(model)
+        if self.config.model.fsdp and self.world.distributed:
+            model = shard_policy(model, self.world)
+        return model
+
+
+def compile_layers(model: torch.nn.Module) -> None:
+    """``torch.compile`` each decoder layer in place (names and checkpoints unchanged; composes with FSDP2).
+
+    Layers rather than the whole backbone: the layers are identical, so one compiled graph serves them all,
+    and the backbone's mask building and our head-at-completions indexing stay eager.
+    """
+    from amalab.llm.logprobs import backbone_and_head
+
+    backbone, _ = backbone_and_head(model)
+    layers = getattr(backbone, "layers", None)
+    if layers is None:
+        raise ConfigError(f"[model] compile: {type(backbone).__name__} has no `layers` list of decoder layers")
+    for layer in layers:
+        layer.compile()
+
+
+def _fingerprint(model) -> str:
+    """:func:`model_fingerprint` of a policy; of a sharded one, a hash of its gathered trainable tensors
+    (every rank gets the same; gathering is a collective)."""
+    if not is_sharded(model):
+        return model_fingerprint(model)
+    import hashlib
+
+    digest = hashlib.sha256(b"sharded policy, trainable tensors:")
+    for name, tensor in sorted(trainable_state(model).items()):
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _cached(experiment: "Experiment", folder: Path, manifest: dict, build) -> ValueCache:
+    """:func:`cached` for several ranks: all build (``build`` is sharded) unless all find it; rank 0 writes."""
+    world = experiment.world
+    if not world.distributed:
+        return cached(folder, manifest, build, log=experiment.say)
+    cache = load_cache(folder, manifest)
+    if not any_rank(cache is None, world):
+        experiment.say(f"reusing {folder} ({len(cache)} examples)")
+        return cache
+    cache = build()
+    if world.is_main:
+        save_cache(folder, manifest, cache)
+    barrier(world)  # no rank reads the folder before it is complete
+    return cache
 
 
 # --------------------------------------------------------------------------------------------- set-up
@@ -142,12 +197,11 @@ def prepare(config: LLMConfig, world: World = World(), show_progress: bool = Tru
     experiment.reference_manifest = {
         "kind": "reference log-probs", "model": model_fingerprint(base), "tokenizer": tokenizer_fingerprint(tokenizer),
         "tokenization": tok.to_dict(), "data": data_hash(sorted(p.id for p in unique))}
-    experiment.reference = cached(
-        out / "caches" / "reference", experiment.reference_manifest,
+    experiment.reference = _cached(
+        experiment, out / "caches" / "reference", experiment.reference_manifest,
         lambda: _timed(experiment, "reference log-probs", len(unique),
                        lambda: pair_logps(base, unique, experiment.pad_token_id, config.train.eval_batch_size,
-                                          device, world)),
-        log=experiment.say)
+                                          device, world)))
     return experiment
 
 
@@ -177,7 +231,7 @@ def _loss_cache(experiment: Experiment, model, pairs: list[TokenizedPair], folde
     manifest = {**manifest, "reference": experiment.reference_manifest["model"],
                 "loss": experiment.config.loss.name, "beta": experiment.config.loss.beta,
                 "data": data_hash(sorted(p.id for p in unique))}
-    return cached(folder, manifest, lambda: _timed(experiment, what, len(unique), build), log=experiment.say)
+    return _cached(experiment, folder, manifest, lambda: _timed(experiment, what, len(unique), build))
 
 
 # ------------------------------------------------------------------------------------------ stages
@@ -216,7 +270,7 @@ def specialists(experiment: Experiment, allow_training: bool = True) -> list[Val
                                   config.seed, config.specialists.optim, {"name": "uniform", "task": name})
             source = {"trained": str(run_dir), "steps": config.specialists.optim.steps}
             experiment.say(f"specialist {name}: held-out {_short(final['tasks'].get(name, {}))}")
-        manifest = {"kind": "specialist losses", "task": name, "specialist": model_fingerprint(model), **source}
+        manifest = {"kind": "specialist losses", "task": name, "specialist": _fingerprint(model), **source}
         caches.append(_loss_cache(experiment, model, pairs, experiment.out / "caches" / f"specialist-{name}",
                                   manifest, f"specialist {name} losses"))
         del model
@@ -265,7 +319,7 @@ def generalists(experiment: Experiment, specialist_caches: list[ValueCache]) -> 
                 every = [p for pairs in experiment.train_sets + experiment.eval_sets for p in pairs]
                 standard_cache = _loss_cache(
                     experiment, model, every, experiment.out / "caches" / "standard",
-                    {"kind": "standard generalist losses", "model": model_fingerprint(model), "run": str(run_dir)},
+                    {"kind": "standard generalist losses", "model": _fingerprint(model), "run": str(run_dir)},
                     "standard generalist losses")
             records.append({"method": method, "seed": s, **final})
             experiment.say(f"{method} seed {s}: worst-task excess {final.get('worst_excess', float('nan')):.4f} "

@@ -5,7 +5,7 @@ One optimizer step reads top to bottom:
     task_ids = mixer.draw(draw_rng, global_batch)              # the same generator on every rank
     picks    = sampler.take(task_ids)                          # the example of each slot
     for micro in split(this rank's slots, micro_batch):
-        logps  = sequence_logps(policy, collate(micro))        # the only forward pass
+        logps  = sequence_logps(policy, collate(micro))        # the only forward pass (policy_logps)
         losses = loss(logps, cached reference log-probs)       # per example
         stats += mixer.statistics(micro tasks, losses, cached baseline losses)
         (mixer.coefficients(micro, losses, global counts) * losses).sum().backward()
@@ -41,9 +41,9 @@ from amalab.llm.cache import ValueCache
 from amalab.llm.checkpoint import capture_rng_states, load_latest, restore_rng_states, save_checkpoint
 from amalab.llm.collate import collate_pairs
 from amalab.llm.config import OptimConfig
-from amalab.llm.distributed import World, all_reduce_sum, check_ranks_agree, rank_slots
+from amalab.llm.distributed import (World, all_reduce_gradients, all_reduce_sum, check_ranks_agree, gather_full,
+                                    is_sharded, policy_logps, rank_slots, shard_like, unwrap)
 from amalab.llm.evaluate import evaluate
-from amalab.llm.logprobs import sequence_logps
 from amalab.llm.losses import preference_losses
 from amalab.llm.models import autocast_context
 from amalab.llm.sampler import TaskSampler
@@ -90,19 +90,43 @@ def lr_factor(step: int, steps: int, warmup: int, min_ratio: float) -> float:
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
-    """The parameters the run trains (all of them, or only the LoRA adapter): what a checkpoint stores."""
-    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    """The parameters the run trains (all of them, or only the LoRA adapter): what a checkpoint stores.
+
+    Full CPU tensors under the policy's own names, sharded (FSDP) or not; gathering shards is a collective,
+    so every rank calls this, and rank 0 writes.
+    """
+    return {name: gather_full(p) for name, p in unwrap(model).named_parameters() if p.requires_grad}
 
 
 def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
+    """Put full tensors (a checkpoint's) into the trainable parameters; each rank keeps its shard under FSDP."""
+    params = dict(unwrap(model).named_parameters())
     expected = {name for name, p in params.items() if p.requires_grad}
     if set(state) != expected:
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         raise ConfigError(f"checkpoint does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     with torch.no_grad():
         for name, value in state.items():
-            params[name].copy_(value)
+            params[name].copy_(shard_like(value, params[name]))
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """``optimizer.state_dict()`` with full CPU tensors (Adam's moments are sharded under FSDP); collective."""
+    state = optimizer.state_dict()
+    state["state"] = {i: {key: gather_full(value) for key, value in entry.items()}
+                      for i, entry in sorted(state["state"].items())}
+    return state
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a :func:`full_optimizer_state`: per-parameter tensors are cut to this rank's shard where sharded."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    entries = {}
+    for i, entry in state["state"].items():
+        param = params[int(i)]
+        entries[i] = {key: shard_like(value, param) if torch.is_tensor(value) and value.shape == param.shape
+                      else value for key, value in entry.items()}
+    optimizer.load_state_dict({**state, "state": entries})
 
 
 def _write_json_atomic(path: Path, data) -> None:
@@ -146,6 +170,15 @@ def run_training(model, run: TrainingRun, device: torch.device, world: World = W
         raise ConfigError(f"batch_size {optim.batch_size} leaves no example for rank {world.rank} of {world.size}")
     micro = optim.micro_batch_size or len(slots)
     chunks = [slots[i:i + micro] for i in range(0, len(slots), micro)]
+    sharded = is_sharded(model)
+    if sharded:  # every forward and backward of a sharded model is a collective: same number on every rank
+        counts_per_rank = {math.ceil(n / (optim.micro_batch_size or n))
+                           for n in (len(rank_slots(optim.batch_size, World(r, world.size))) for r in range(world.size))}
+        if len(counts_per_rank) > 1:
+            raise ConfigError(f"{run.name}: with fsdp every rank needs the same number of micro-batches; "
+                              f"batch_size {optim.batch_size} over {world.size} ranks in micro-batches of "
+                              f"{optim.micro_batch_size} gives {sorted(counts_per_rank)}: make batch_size a "
+                              f"multiple of {world.size} x micro_batch_size")
     if mixer.update_first and len(chunks) > 1:
         raise ConfigError(f"{run.name}: this mixer updates its weights before the parameter step (sequential "
                           "AMA-R), which needs the whole batch in one forward per rank; set micro_batch_size = 0 "
@@ -167,7 +200,7 @@ def run_training(model, run: TrainingRun, device: torch.device, world: World = W
     checkpoint = load_latest(run.run_dir)
     if checkpoint is not None:
         load_trainable_state(model, {n: t.to(device) for n, t in checkpoint.model_state.items()})
-        optimizer.load_state_dict(checkpoint.optimizer_state)
+        load_optimizer_state(optimizer, checkpoint.optimizer_state)
         scheduler.load_state_dict(checkpoint.scheduler_state)
         mixer.load_state_dict(checkpoint.mixer_state)
         sampler.load_state_dict(checkpoint.sampler_state)
@@ -181,8 +214,9 @@ def run_training(model, run: TrainingRun, device: torch.device, world: World = W
 
     def save(step: int) -> None:
         check_ranks_agree(mixer.state_dict(), world)
+        model_state, optimizer_state = trainable_state(model), full_optimizer_state(optimizer)  # collectives
         if world.is_main:
-            save_checkpoint(run.run_dir, step, trainable_state(model), optimizer.state_dict(),
+            save_checkpoint(run.run_dir, step, model_state, optimizer_state,
                             scheduler.state_dict(), mixer.state_dict(), sampler.state_dict(),
                             capture_rng_states({"draw": draw_rng}), keep_last=optim.keep_checkpoints)
 
@@ -191,7 +225,7 @@ def run_training(model, run: TrainingRun, device: torch.device, world: World = W
             with metrics_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def run_eval(step: int) -> dict:
+    def run_eval(step: int) -> dict:  # every rank evaluates its share (evaluate shards the pairs)
         result = evaluate(model, run.eval_sets, run.task_names, run.reference, run.specialists, run.loss,
                           run.beta, run.pad_token_id, optim.eval_batch_size, device, world)
         log({"step": step, "kind": "eval", **result})
@@ -210,12 +244,14 @@ def run_training(model, run: TrainingRun, device: torch.device, world: World = W
         stats, diverged = np.zeros((3, k)), None
         tokens, loss_sum = 0.0, 0.0
         pending = []  # sequential AMA-R keeps its one micro-batch's graph until alpha is updated
-        for chunk in chunks:
+        for c, chunk in enumerate(chunks):
             pairs = [run.train_sets[picks[j][0]][picks[j][1]] for j in chunk]
             batch = collate_pairs(pairs, run.pad_token_id).to(device)
             ids = list(batch.ids)
+            if sharded:  # FSDP reduce-scatters gradients once, after the last micro-batch's backward
+                model.set_requires_gradient_sync(c == len(chunks) - 1 or mixer.update_first)
             with autocast_context(device):
-                logps = sequence_logps(model, batch)
+                logps = policy_logps(model, batch)
             ref = [torch.from_numpy(run.reference.get(c, ids)).to(device, torch.float32)
                    for c in ("chosen", "rejected")]
             losses, _ = preference_losses(run.loss, logps.chosen, logps.rejected, *ref, run.beta,
@@ -239,7 +275,9 @@ def run_training(model, run: TrainingRun, device: torch.device, world: World = W
             if mixer.update_first:
                 pending.append((losses, chunk_tasks, values, baseline))
             else:
-                coeffs = mixer.coefficients(chunk_tasks, values, baseline, counts)
+                # a diverged step is abandoned after the all-reduce below; its backward still runs, since under
+                # FSDP a backward pass is a collective that the other ranks wait for
+                coeffs = np.zeros(len(chunk)) if diverged else mixer.coefficients(chunk_tasks, values, baseline, counts)
                 (torch.from_numpy(coeffs).to(device, losses.dtype) * losses).sum().backward()
         reduced = all_reduce_sum(np.concatenate([stats.ravel(), [tokens, loss_sum]]), world)
         stats, tokens, loss_sum = reduced[:3 * k].reshape(3, k), reduced[-2], reduced[-1]
@@ -253,14 +291,10 @@ def run_training(model, run: TrainingRun, device: torch.device, world: World = W
                 (torch.from_numpy(coeffs).to(device, losses.dtype) * losses).sum().backward()
         else:
             mixer.update(stats)
-        if world.distributed:
-            import torch.distributed as dist
-
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        if not sharded:  # FSDP has reduced the gradients (a sum over ranks) in the backward pass
+            all_reduce_gradients(params, world)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, optim.grad_clip if optim.grad_clip > 0 else math.inf)
+        grad_norm = gather_full(grad_norm)  # under FSDP, a replicated DTensor
         if not torch.isfinite(grad_norm):
             raise TrainingDiverged(f"{run.name}: step {step + 1}: non-finite gradient norm ({float(grad_norm)}); "
                                    f"the last good checkpoint is step {last_good} in {run.run_dir}")

@@ -45,6 +45,11 @@ def synthetic_tasks(n=(12, 8)):
 
 @pytest.fixture(scope="module")
 def setup():
+    return build_setup()
+
+
+def build_setup() -> dict:
+    """A tiny Llama (pi_ref), two small tokenized tasks, their reference log-probs and a "specialist" cache."""
     tokenizer = tiny_tokenizer()
     base = tiny_llama(len(tokenizer), seed=3, eos_token_id=tokenizer.eos_token_id,
                       pad_token_id=tokenizer.pad_token_id)
