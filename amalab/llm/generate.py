@@ -86,8 +86,8 @@ def greedy_generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens:
             rows = order[start:start + batch_size]
             input_ids, attention_mask = left_pad([token_ids[i] for i in rows], pad)
             with autocast_context(device):
-                output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                        generation_config=config)
+                output = model.generate(input_ids=input_ids.to(device),
+                                        attention_mask=attention_mask.to(device), generation_config=config)
             new_tokens = output[:, input_ids.shape[1]:].tolist()
             for row, tokens in zip(rows, new_tokens):
                 responses[row] = tokenizer.decode(cut_at_eos(tokens, eos), skip_special_tokens=False)

@@ -77,7 +77,7 @@ def dare_drop(tensor: torch.Tensor, drop: float, generator: torch.Generator) -> 
 
 
 def elect_sign(stacked: torch.Tensor) -> torch.Tensor:
-    """TIES "elect": per entry, the sign (+1 / -1) of the sum over the specialists (dim 0); a zero sum is +1."""
+    """TIES "elect": per entry, the sign (+1 / -1) of the sum over the specialists (dim 0); a zero sum: +1."""
     return torch.where(stacked.sum(dim=0) >= 0, 1.0, -1.0).to(stacked.dtype)
 
 

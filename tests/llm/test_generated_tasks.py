@@ -168,8 +168,8 @@ def test_the_check_can_fail():
 
 
 def test_generated_source_in_a_task_config(tmp_path):
-    config = load_section(TaskConfig, {"name": "fmt", "source": "generated:format?n=40&hardness=3&noise=0.25"
-                                                                "&seed=2", "held_out": 8}, tmp_path / "c.toml")
+    source = "generated:format?n=40&hardness=3&noise=0.25&seed=2"
+    config = load_section(TaskConfig, {"name": "fmt", "source": source, "held_out": 8}, tmp_path / "c.toml")
     data = load_task(config)
     assert (len(data.train), len(data.eval), sum(data.dropped.values())) == (32, 8, 0)
     task = generate_task(GeneratorKnobs("format", n=40, hardness=3, noise=0.25, seed=2))
@@ -195,7 +195,7 @@ def test_bad_knobs_are_one_line_config_errors(tmp_path, source, message):
 
 def test_verifier_mismatch_and_unknown_family_are_errors():
     format_spec = spec_of("\n\nHuman: Describe cats. Write in lowercase letters only.\n\nAssistant:")
-    with pytest.raises(ConfigError, match="verifier mismatch: the arithmetic verifier got a spec of 'format'"):
+    with pytest.raises(ConfigError, match="verifier mismatch: the arithmetic verifier got a spec of 'format"):
         verifier_for("arithmetic")(format_spec, " cats")
     assert verifier_for("format")(format_spec, " cats sleep.")
     with pytest.raises(ConfigError, match="unknown task family 'poetry'"):

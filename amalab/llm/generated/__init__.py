@@ -58,11 +58,12 @@ class GeneratorKnobs:
         if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
             raise ConfigError(f"generated:{self.family}: n must be an integer >= 1, got {self.n!r}")
         top = _FAMILIES[self.family].MAX_HARDNESS
-        if isinstance(self.hardness, bool) or not isinstance(self.hardness, int) or not 1 <= self.hardness <= top:
+        hardness, noise = self.hardness, self.noise
+        if isinstance(hardness, bool) or not isinstance(hardness, int) or not 1 <= hardness <= top:
             raise ConfigError(f"generated:{self.family}: hardness must be an integer in [1, {top}], "
                               f"got {self.hardness!r}")
-        if isinstance(self.noise, bool) or not isinstance(self.noise, (int, float)) or not 0 <= self.noise <= 1:
-            raise ConfigError(f"generated:{self.family}: noise must be a fraction in [0, 1], got {self.noise!r}")
+        if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0 <= noise <= 1:
+            raise ConfigError(f"generated:{self.family}: noise must be a fraction in [0, 1], got {noise!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"generated:{self.family}: seed must be an integer, got {self.seed!r}")
 
@@ -110,7 +111,7 @@ def generate_task(knobs: GeneratorKnobs, task: str | None = None) -> GeneratedTa
         if example is None:
             continue
         spec, chosen, rejected = example
-        prompt = prompt_of(formatting.render_instruction(spec) if knobs.family == "format" else spec["question"])
+        prompt = prompt_of(family.render_instruction(spec))
         if prompt in prompts:
             continue
         prompts.add(prompt)
@@ -183,7 +184,7 @@ _KNOB_TYPES = {"n": int, "hardness": int, "noise": float, "seed": int}
 
 
 def parse_source(rest: str) -> GeneratorKnobs:
-    """Knobs from the part of a source after ``generated:``: ``<family>?n=..&hardness=..&noise=..&seed=..``."""
+    """Knobs from what follows ``generated:`` in a source: ``<family>?n=..&hardness=..&noise=..&seed=..``."""
     family, _, query = rest.partition("?")
     values: dict = {}
     for key, text in parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)) if query else []:

@@ -87,6 +87,10 @@ def parse_instruction(instruction: str) -> dict | None:
     return None
 
 
+def render_instruction(spec: dict) -> str:
+    return spec["question"]
+
+
 def failed_constraints(spec: dict, response: str) -> list[int]:
     """[0] if the last number of the response (with its unit, for a conversion) is not the answer, else []."""
     matches = list(_ANSWER.finditer(response))
