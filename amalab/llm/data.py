@@ -8,7 +8,9 @@ Row formats (each file is one format, decided by its first row):
 - explicit prompt (TRL's standard preference format): string fields ``prompt``, ``chosen``, ``rejected``;
 - implicit prompt (HH-RLHF style): ``chosen`` and ``rejected`` are whole transcripts sharing a prefix,
   which becomes the prompt (:func:`split_shared_prompt`);
-- TruthfulQA (source ``truthfulqa:<csv>``): ``Best Answer`` preferred to ``Best Incorrect Answer``.
+- TruthfulQA (source ``truthfulqa:<csv>``): ``Best Answer`` preferred to ``Best Incorrect Answer``;
+- generated (source ``generated:<family>?n=..&hardness=..&noise=..&seed=..``): verifiable pairs the project
+  makes itself (:mod:`amalab.llm.generated`), as explicit-prompt rows.
 
 Extra fields are ignored. A field that is missing or not a string, malformed JSON, a missing file, a
 task with no usable pair and a task name given twice are errors (:class:`ConfigError`, one line naming
@@ -55,7 +57,7 @@ DROP_REASONS = (
     "over_max_examples",          # cut by max_examples
 )
 
-SOURCE_KINDS = ("file", "hf", "truthfulqa")
+SOURCE_KINDS = ("file", "hf", "truthfulqa", "generated")
 FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
 
 
@@ -65,7 +67,8 @@ class TaskConfig:
 
     ``source``: a local file (``.jsonl``, ``.jsonl.gz``, ``.json`` list of objects, ``.parquet``; relative
     paths are relative to the config's folder), ``hf:<dataset id>`` (Hugging Face ``datasets``, needs a
-    network) or ``truthfulqa:<csv path>``.
+    network), ``truthfulqa:<csv path>`` or ``generated:<family>?n=..&hardness=..&noise=..&seed=..``
+    (:func:`amalab.llm.generated.parse_source`).
     ``held_out``: the evaluation pairs taken out of ``source``: a fraction in [0, 1) (float) or a count
     (int); default 0.1. Exclusive with ``eval_source``, which reads the evaluation pairs from a second
     source of the same kinds instead (its pairs that are also training pairs are dropped).
@@ -127,11 +130,15 @@ def _check_source(source, name: str) -> None:
                          f"(or use hf:<dataset id> or truthfulqa:<csv path>)")
     if kind == "truthfulqa" and not rest.endswith(".csv"):
         raise ValueError(f"{name} {source!r}: truthfulqa: takes the path of a TruthfulQA .csv file")
+    if kind == "generated":
+        from amalab.llm.generated import parse_source  # imported here: it imports this module
+
+        parse_source(rest)  # unknown family or a bad knob: ConfigError, a ValueError
 
 
 def source_kind(source: str) -> tuple[str, str]:
-    """``("hf", id)``, ``("truthfulqa", csv path)`` or ``("file", path)``."""
-    for kind in ("hf", "truthfulqa"):
+    """``("hf", id)``, ``("truthfulqa", csv path)``, ``("generated", family?knobs)`` or ``("file", path)``."""
+    for kind in ("hf", "truthfulqa", "generated"):
         if source.startswith(kind + ":"):
             return kind, source[len(kind) + 1:]
     return "file", source
@@ -254,6 +261,9 @@ def _read_rows(source: str, split: str, base_dir: Path) -> Iterator[tuple[str, o
     if kind == "hf":
         yield from _iter_hf(rest, split)
         return
+    if kind == "generated":
+        yield from _iter_generated(rest)
+        return
     path = Path(rest)
     if not path.is_absolute():
         path = base_dir / path
@@ -305,6 +315,15 @@ def _iter_truthfulqa(path: Path) -> Iterator[tuple[str, object]]:
                 }
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise ConfigError(f"{path}: cannot read CSV: {e}") from None
+
+
+def _iter_generated(rest: str) -> Iterator[tuple[str, object]]:
+    """The pairs of a generated task as explicit-prompt rows (the task name is set by :func:`read_pairs`)."""
+    from amalab.llm.generated import generate_task, parse_source
+
+    for index, pair in enumerate(generate_task(parse_source(rest)).pairs):
+        yield f"generated:{rest}: pair {index}", {"prompt": pair.prompt, "chosen": pair.chosen,
+                                                   "rejected": pair.rejected}
 
 
 def _string_field(row: dict, key: str, where: str) -> str:
