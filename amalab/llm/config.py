@@ -16,6 +16,8 @@
 from __future__ import annotations
 
 import dataclasses
+
+import numpy as np
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -195,6 +197,51 @@ class MethodsConfig:
 
 
 @dataclass(frozen=True)
+class MergesConfig:
+    """Merged specialists as baselines (spec section 7; amalab.llm.merge), evaluated like generalists."""
+
+    #: merge methods to evaluate: linear, task_arithmetic, ties, dare_linear, dare_ties
+    names: list[str] = field(default_factory=list)
+    #: seeds of the DARE methods (their random drop masks); the other methods are deterministic
+    seeds: int = 1
+    #: options of each method: scale, density (ties), drop (dare_*), weights
+    options: dict = field(default_factory=dict)
+
+    def check(self) -> None:
+        from amalab.llm.merge import MERGE_METHODS
+
+        for name in self.names:
+            if name not in MERGE_METHODS:
+                raise ValueError(f"names: unknown merge method {name!r}; known: {', '.join(MERGE_METHODS)}")
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"names: a method is listed twice: {self.names}")
+        if self.seeds < 1:
+            raise ValueError(f"seeds must be >= 1, got {self.seeds}")
+        for name, opts in self.options.items():
+            if name not in MERGE_METHODS:
+                raise ValueError(f"options: unknown merge method {name!r}")
+            unknown = set(opts) - {"scale", "density", "drop", "weights"} if isinstance(opts, dict) else {opts}
+            if unknown:
+                raise ValueError(f"options.{name}: unknown option {sorted(map(str, unknown))[0]!r}; "
+                                 "known: scale, density, drop, weights")
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Greedy generation on the held-out prompts of the verifiable (generated) tasks, scored by their verifiers."""
+
+    enabled: bool = True
+    max_new_tokens: int = 48
+    batch_size: int = 16
+    #: held-out prompts per task (the first ones; 0 = all)
+    max_prompts: int = 100
+
+    def check(self) -> None:
+        if self.max_new_tokens < 1 or self.batch_size < 1 or self.max_prompts < 0:
+            raise ValueError("max_new_tokens and batch_size must be >= 1, max_prompts >= 0")
+
+
+@dataclass(frozen=True)
 class LLMConfig:
     out: str = "runs/llm"
     seed: int = 0
@@ -206,6 +253,8 @@ class LLMConfig:
     specialists: SpecialistsConfig = field(default_factory=SpecialistsConfig)
     train: OptimConfig = field(default_factory=OptimConfig)
     methods: MethodsConfig = field(default_factory=MethodsConfig)
+    merges: MergesConfig = field(default_factory=MergesConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
     #: set by :func:`load_llm_config`, not read from the file: the config file, and the folder that task
     #: sources and specialist paths are relative to
     source_path: str | None = None
@@ -239,11 +288,18 @@ def load_llm_config(path: str | Path) -> LLMConfig:
     if "source_path" in table or "base_dir" in table:
         raise ConfigError(f"{path}: source_path and base_dir are set by amalab, not by the config")
     config = dataclasses.replace(config, tasks=parsed, source_path=str(path), base_dir=str(path.parent))
+    if config.merges.names and config.model.fsdp:
+        raise ConfigError(f"{path}: [merges] needs the specialists' full weights on one process; it does not "
+                          "combine with [model] fsdp = true yet")
     for name in config.methods.names:
         try:
             mixer = make_mixer(name, len(parsed), sizes=[1] * len(parsed), **config.methods.options.get(name, {}))
         except ValueError as e:
             raise ConfigError(f"{path}: [methods.options] {name}: {e}") from None
+        try:  # a batch the mixer cannot draw (e.g. task-balanced with batch_size not a multiple of k)
+            mixer.draw(np.random.default_rng(0), config.train.batch_size)
+        except ValueError as e:
+            raise ConfigError(f"{path}: [train] batch_size for method {name}: {e}") from None
         if mixer.update_first and config.train.micro_batch_size not in (0, config.train.batch_size):
             raise ConfigError(f"{path}: [methods] {name} updates its weights before the parameter step "
                               "(sequential AMA-R) and needs the whole batch in one forward: set [train] "

@@ -2,6 +2,7 @@
 
     task_excess.png     held-out clipped excess over the specialist, per task and method (mean, seed range)
     task_accuracy.png   held-out preference accuracy, likewise
+    generation_success.png  verifier success of greedy generations on the verifiable tasks, likewise
     worst_excess.png    the worst-task excess per method, every seed shown
     weights.png         the adaptive mixers' task weights (and running averages) over training, seed 0
     eval_curves.png     held-out excess per task against steps, seed 0 of every method
@@ -57,6 +58,17 @@ def make_figures(out: Path, summary: dict) -> list[Path]:
         ax.set_title(f"per-task {metric}, mean over seeds")
         fig.tight_layout()
         paths.append(folder / f"{name}.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+
+    generated = [n for n in summary["tasks"]
+                 if any("success" in m["tasks"][n] for m in summary["methods"].values())]
+    if generated:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        _bars(ax, {**summary, "tasks": generated}, "success", "verifier success of greedy generations")
+        ax.set_title("generation on the verifiable tasks' held-out prompts, mean over seeds")
+        fig.tight_layout()
+        paths.append(folder / "generation_success.png")
         fig.savefig(paths[-1], dpi=120)
         plt.close(fig)
 

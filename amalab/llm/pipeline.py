@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from amalab.errors import ConfigError
+from amalab.llm.baseline_merges import add_generation, merged_specialists
 from amalab.llm.cache import ValueCache, cached, data_hash, load_cache, save_cache
 from amalab.llm.checkpoint import load_latest
 from amalab.llm.config import LLMConfig
@@ -321,6 +322,7 @@ def generalists(experiment: Experiment, specialist_caches: list[ValueCache]) -> 
                     experiment, model, every, experiment.out / "caches" / "standard",
                     {"kind": "standard generalist losses", "model": _fingerprint(model), "run": str(run_dir)},
                     "standard generalist losses")
+            final = add_generation(experiment, model, run_dir, final)
             records.append({"method": method, "seed": s, **final})
             experiment.say(f"{method} seed {s}: worst-task excess {final.get('worst_excess', float('nan')):.4f} "
                            f"({final.get('worst_task')})")
@@ -352,11 +354,11 @@ def summarize(experiment: Experiment, records: list[dict]) -> dict:
         (experiment.out / "summary.json").write_text(json.dumps(summary, indent=1))
         with (experiment.out / "summary.csv").open("w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["method", "seed", "task", "loss", "excess", "accuracy", "margin", "worst_excess"])
+            w.writerow(["method", "seed", "task", "loss", "excess", "accuracy", "margin", "success", "worst_excess"])
             for r in records:
                 for n in names:
                     t = r["tasks"].get(n, {})
-                    w.writerow([r["method"], r["seed"], n] + [t.get(m, "") for m in ("loss", "excess", "accuracy", "margin")]
+                    w.writerow([r["method"], r["seed"], n] + [t.get(m, "") for m in ("loss", "excess", "accuracy", "margin", "success")]
                                + [r.get("worst_excess", "")])
     return summary
 
@@ -368,16 +370,24 @@ def _spread(values: list[float]) -> dict:
 
 
 def summary_table(summary: dict) -> str:
-    """A plain-text table: worst-task excess and per-task excess / accuracy, mean (std) over seeds."""
+    """A plain-text table: worst-task excess, per-task excess and accuracy, and the generation success of the
+    verifiable tasks; mean (std) over seeds."""
     names = summary["tasks"]
-    header = ["method", "seeds", "worst excess"] + [f"{n} excess" for n in names] + [f"{n} acc" for n in names]
+    generated = [n for n in names if any("success" in m["tasks"][n] for m in summary["methods"].values())]
+    header = (["method", "seeds", "worst excess"] + [f"{n} excess" for n in names] + [f"{n} acc" for n in names]
+              + [f"{n} success" for n in generated])
+
+    def fmt(entry: dict, metric: str) -> str:
+        s = entry.get(metric)
+        if s is None:
+            return "-"
+        return f"{s['mean']:.4f}" + (f" ({s['std']:.4f})" if s["n"] > 1 else "")
+
     rows = []
     for method, m in summary["methods"].items():
-        def fmt(s):
-            return f"{s['mean']:.4f}" + (f" ({s['std']:.4f})" if s["n"] > 1 else "")
-        rows.append([method, str(m["seeds"]), fmt(m["worst_excess"])]
-                    + [fmt(m["tasks"][n]["excess"]) if "excess" in m["tasks"][n] else "-" for n in names]
-                    + [fmt(m["tasks"][n]["accuracy"]) if "accuracy" in m["tasks"][n] else "-" for n in names])
+        rows.append([method, str(m["seeds"]), fmt(m, "worst_excess")]
+                    + [fmt(m["tasks"][n], "excess") for n in names] + [fmt(m["tasks"][n], "accuracy") for n in names]
+                    + [fmt(m["tasks"][n], "success") for n in generated])
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [header] + rows]
     return "\n".join([lines[0], "  ".join("-" * w for w in widths)] + lines[1:])
@@ -393,7 +403,7 @@ def run_all(config: LLMConfig, stages: tuple[str, ...] = ("specialists", "genera
     specialist_caches = specialists(experiment, allow_training="specialists" in stages)
     if "generalists" not in stages:
         return None
-    records = generalists(experiment, specialist_caches)
+    records = generalists(experiment, specialist_caches) + merged_specialists(experiment, specialist_caches)
     return _report(experiment, records)
 
 
@@ -417,9 +427,11 @@ def reevaluate(config: LLMConfig, world: World = World(), show_progress: bool = 
             final.update(evaluate(model, experiment.eval_sets, experiment.task_names, experiment.reference,
                                   specialist_caches, config.loss.name, config.loss.beta, experiment.pad_token_id,
                                   config.train.eval_batch_size, experiment.device, world))
+            final = add_generation(experiment, model, run_dir, final)
             if world.is_main:
                 (run_dir / "final.json").write_text(json.dumps(final, indent=1))
             records.append({"method": method, "seed": s, **final})
+    records += merged_specialists(experiment, specialist_caches)
     if not records:
         raise ConfigError(f"{experiment.out}: no finished generalist to evaluate: run `amalab llm train` first")
     return _report(experiment, records)

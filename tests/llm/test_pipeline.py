@@ -50,6 +50,8 @@ name = "beta"
 source = "beta.jsonl"
 held_out = 4
 
+{extra_task}
+
 [specialists.optim]
 steps = 3
 batch_size = 4
@@ -57,7 +59,7 @@ lr = 1e-2
 
 [train]
 steps = 4
-batch_size = 4
+batch_size = {batch}
 lr = 1e-2
 eval_every = 2
 checkpoint_every = 2
@@ -73,6 +75,7 @@ ama-r-sim = {{ eta_alpha = 2.0 }}
 doremi = {{ eta_alpha = 2.0 }}
 ama-s = {{ gamma = 0.5 }}
 odm = {{ gamma = 0.5 }}
+{extra}
 """
 
 ALL = '["standard", "uniform", "doremi", "odm", "ama-r", "ama-r-sim", "ama-s"]'
@@ -81,7 +84,9 @@ ALL = '["standard", "uniform", "doremi", "odm", "ama-r", "ama-r-sim", "ama-s"]'
 def experiment(tmp_path: Path, names: str = ALL, **replace) -> Path:
     write_task(tmp_path / "alpha.jsonl", "alpha", 16)
     write_task(tmp_path / "beta.jsonl", "beta", 10)
-    text = CONFIG.format(out=tmp_path / "run", names=names)
+    text = CONFIG.format(out=tmp_path / "run", names=names, extra=replace.pop("extra", ""),
+                         batch=replace.pop("batch", "4"),
+                         extra_task=replace.pop("extra_task", ""))
     for old, new in replace.items():
         text = text.replace(old, new)
     path = tmp_path / "config.toml"
@@ -89,22 +94,46 @@ def experiment(tmp_path: Path, names: str = ALL, **replace) -> Path:
     return path
 
 
+GENERATED_TASK = """
+[[tasks]]
+name = "sums"
+source = "generated:arithmetic?n=14&hardness=1&noise=0.0&seed=0"
+held_out = 4
+"""
+MERGES = """
+[merges]
+names = ["linear", "task_arithmetic", "ties", "dare_ties"]
+seeds = 2
+options = { task_arithmetic = { scale = 0.5 }, ties = { density = 0.5 }, dare_ties = { drop = 0.3 } }
+
+[generation]
+max_new_tokens = 6
+batch_size = 4
+"""
+
+
 def test_run_end_to_end_then_reuse_then_eval(tmp_path, capsys):
-    config = experiment(tmp_path)
+    config = experiment(tmp_path, extra=MERGES, extra_task=GENERATED_TASK, batch="6")
     assert main(["llm", "run", str(config), "--quiet"]) == 0
     out = tmp_path / "run"
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["methods"]) == {"standard", "uniform", "doremi", "odm", "ama-r", "ama-r-sim", "ama-s"}
+    trained = {"standard", "uniform", "doremi", "odm", "ama-r", "ama-r-sim", "ama-s"}
+    merged = {"merge-linear", "merge-task_arithmetic", "merge-ties", "merge-dare_ties"}
+    assert set(summary["methods"]) == trained | merged
     assert summary["methods"]["ama-s"]["seeds"] == 2 and summary["methods"]["ama-r"]["seeds"] == 1
+    assert summary["methods"]["merge-dare_ties"]["seeds"] == 2 and summary["methods"]["merge-ties"]["seeds"] == 1
+    tasks = ("alpha", "beta", "sums")
     for method in summary["methods"].values():
-        for task in ("alpha", "beta"):
+        for task in tasks:
             metrics = method["tasks"][task]
             assert 0 <= metrics["accuracy"]["mean"] <= 1 and metrics["excess"]["mean"] >= 0
-        assert method["worst_excess"]["mean"] == max(method["tasks"][t]["excess"]["mean"] for t in ("alpha", "beta")) \
+        assert 0 <= method["tasks"]["sums"]["success"]["mean"] <= 1  # generation scored by the verifier
+        assert "success" not in method["tasks"]["alpha"]  # no verifier, no generation
+        assert method["worst_excess"]["mean"] == max(method["tasks"][t]["excess"]["mean"] for t in tasks) \
             or method["seeds"] > 1
-    for name in ("task_excess", "task_accuracy", "worst_excess", "weights", "eval_curves"):
+    for name in ("task_excess", "task_accuracy", "worst_excess", "weights", "eval_curves", "generation_success"):
         assert (out / "figures" / f"{name}.png").stat().st_size > 1000
-    for cache in ("reference", "specialist-alpha", "specialist-beta", "standard"):
+    for cache in ("reference", "specialist-alpha", "specialist-beta", "specialist-sums", "standard"):
         assert (out / "caches" / cache / "manifest.json").is_file()
     data = json.loads((out / "data.json").read_text())
     assert data["alpha"]["train"] == 12 and data["alpha"]["eval"] == 4
@@ -153,6 +182,7 @@ def test_train_before_specialists_says_what_to_do(tmp_path, capsys):
     ({"beta = 0.1": "beta = -1.0"}, "beta must be > 0"),
     ({"max_length = 40": "max_length = 20"}, "max_prompt_length"),
     ({"steps = 4": "steps = 0"}, "steps must be >= 1"),
+    ({'names = ["standard"]': 'names = ["uniform"]', "batch": "5"}, "multiple of the number of tasks k=2"),
     ({'device = "cpu"': 'device = "tpu"'}, "device must be one of"),
     ({"lr = 1e-2\neval_every": "learning_rate = 1e-2\neval_every"}, "unknown key 'learning_rate'"),
     ({'names = ["standard"]': 'names = ["ama-r"]', "eta_alpha = 2.0 }\nama-r-sim": "eta = 2.0 }\nama-r-sim"},

@@ -1,0 +1,125 @@
+"""The merged-specialist baselines and the generation scores of an experiment (spec section 7; issue 7).
+
+Merges: the specialists' dense weights (full fine-tuning: their parameters; LoRA: base + B A * scaling of
+each adapter, :func:`amalab.llm.merge.lora_dense_state_dict`) are merged with the base by each method of
+``[merges]`` and evaluated on the held-out pairs exactly like a generalist, into
+``OUT/merges/<method>/seed<s>/final.json``; DARE methods get one run per seed (their random masks).
+
+Generation: for every task whose source is a generated, verifiable one, greedy decoding of its held-out
+prompts is scored by the task's verifier (:mod:`amalab.llm.generate`); the success rate goes into the run's
+per-task metrics as ``success``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+from amalab.llm.checkpoint import load_latest
+from amalab.llm.evaluate import evaluate
+from amalab.llm.train import load_trainable_state
+
+RANDOM_METHODS = ("dare_linear", "dare_ties")
+
+
+def _dense_state(model) -> dict[str, torch.Tensor]:
+    """The plain model's float32 state dict, with a LoRA adapter folded in."""
+    if getattr(model, "peft_config", None):
+        from amalab.llm.merge import lora_dense_state_dict
+
+        return lora_dense_state_dict(model)
+    return {n: t.detach().float().cpu() for n, t in model.state_dict().items()}
+
+
+def _specialist_states(experiment) -> list[dict[str, torch.Tensor]]:
+    states = []
+    for name in experiment.task_names:
+        run_dir = experiment.out / "specialists" / name
+        checkpoint = load_latest(run_dir)
+        if checkpoint is None:
+            from amalab.errors import ConfigError
+
+            raise ConfigError(f"[merges] needs the trained specialist of task {name!r} in {run_dir}; a loaded "
+                              "specialist ([specialists] load) cannot be merged yet")
+        model = experiment.policy(experiment.config.seed)  # unsharded: [merges] refuses fsdp
+        load_trainable_state(model, {n: t.to(experiment.device) for n, t in checkpoint.model_state.items()})
+        states.append(_dense_state(model))
+        del model
+    return states
+
+
+def generation_scores(experiment, model) -> dict[str, float]:
+    """Verifier success rate per generated task on its held-out prompts ({} when none or when disabled)."""
+    from amalab.llm.generate import evaluate_generation
+    from amalab.llm.generated import is_generated_prompt
+
+    settings = experiment.config.generation
+    if not settings.enabled or experiment.config.model.fsdp and experiment.world.distributed:
+        return {}
+    scores = {}
+    for task in experiment.tasks:
+        pairs = [p for p in task.eval if is_generated_prompt(p.prompt)]
+        if not pairs:
+            continue
+        if settings.max_prompts:
+            pairs = pairs[:settings.max_prompts]
+        report = evaluate_generation(model, experiment.tokenizer, pairs, max_new_tokens=settings.max_new_tokens,
+                                     batch_size=settings.batch_size,
+                                     max_prompt_length=experiment.config.tokenize.max_prompt_length,
+                                     device=experiment.device)
+        scores[task.name] = report.success_rate[task.name]
+    return scores
+
+
+def add_generation(experiment, model, run_dir: Path, final: dict) -> dict:
+    """``final`` with each generated task's ``success``; computed once per run and kept in generation.json."""
+    path = run_dir / "generation.json"
+    if path.is_file():
+        scores = json.loads(path.read_text())
+    else:
+        scores = generation_scores(experiment, model)
+        if scores and experiment.world.is_main:
+            path.write_text(json.dumps(scores, indent=1))
+    for task, rate in scores.items():
+        final.setdefault("tasks", {}).setdefault(task, {})["success"] = rate
+    return final
+
+
+def merged_specialists(experiment, specialist_caches) -> list[dict]:
+    """Evaluate every merge of ``[merges]``; one record per method and seed, named ``merge-<method>``."""
+    from amalab.llm.merge import merge_state_dicts
+
+    config = experiment.config
+    if not config.merges.names:
+        return []
+    base = _dense_state(experiment.base_model)
+    specialists = None
+    records = []
+    for method in config.merges.names:
+        options = dict(config.merges.options.get(method, {}))
+        for s in range(config.merges.seeds if method in RANDOM_METHODS else 1):
+            run_dir = experiment.out / "merges" / method / f"seed{s}"
+            final_path = run_dir / "final.json"
+            if final_path.is_file():
+                final = json.loads(final_path.read_text())
+            else:
+                if specialists is None:
+                    specialists = _specialist_states(experiment)
+                merged = merge_state_dicts(base, specialists, method, seed=config.seed + s, **options)
+                model = copy.deepcopy(experiment.base_model)
+                model.load_state_dict(merged)
+                final = evaluate(model, experiment.eval_sets, experiment.task_names, experiment.reference,
+                                 specialist_caches, config.loss.name, config.loss.beta, experiment.pad_token_id,
+                                 config.train.eval_batch_size, experiment.device, experiment.world)
+                run_dir.mkdir(parents=True, exist_ok=True)
+                final = add_generation(experiment, model, run_dir, final)
+                final["options"] = options
+                if experiment.world.is_main:
+                    final_path.write_text(json.dumps(final, indent=1))
+                del model
+            records.append({"method": f"merge-{method}", "seed": s, **final})
+            experiment.say(f"merge {method} seed {s}: worst-task excess {final.get('worst_excess', float('nan')):.4f}")
+    return records
