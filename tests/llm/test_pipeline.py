@@ -232,3 +232,29 @@ def test_lora_on_a_model_without_the_target_modules_is_a_clear_error(tmp_path, c
     config = experiment(tmp_path, names='["standard"]', **{"[model]\n": lora})
     assert main(["llm", "run", str(config), "--quiet"]) == 2
     assert "c_attn" in capsys.readouterr().err
+
+
+def test_given_specialists_are_loaded_instead_of_trained(tmp_path):
+    first = tmp_path / "first"
+    first.mkdir()
+    config_a = experiment(first, names='["standard"]')
+    assert main(["llm", "specialists", str(config_a), "--quiet"]) == 0
+    trained = {t: json.loads((first / "run" / "caches" / f"specialist-{t}" / "ids.json").read_text()) for t in ("alpha", "beta")}
+
+    second = tmp_path / "second"
+    second.mkdir()
+    load = f'[specialists]\nload = {{ alpha = "{first / "run" / "specialists" / "alpha"}", beta = "{first / "run" / "specialists" / "beta"}" }}\n\n[specialists.optim]'
+    config_b = experiment(second, names='["standard"]', **{"[specialists.optim]": load})
+    assert main(["llm", "specialists", str(config_b), "--quiet"]) == 0
+    assert not (second / "run" / "specialists").exists()  # nothing was trained
+    import numpy as np
+
+    for task in ("alpha", "beta"):
+        manifest = json.loads((second / "run" / "caches" / f"specialist-{task}" / "manifest.json").read_text())
+        assert manifest["loaded"].endswith(f"specialists/{task}")
+        # the loaded specialist gives the very losses the trained one gave
+        a = np.load(first / "run" / "caches" / f"specialist-{task}" / "values.npz")["loss"]
+        b = np.load(second / "run" / "caches" / f"specialist-{task}" / "values.npz")["loss"]
+        ids_b = json.loads((second / "run" / "caches" / f"specialist-{task}" / "ids.json").read_text())
+        assert ids_b == trained[task]
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
