@@ -25,7 +25,8 @@ def draw(results: dict, path: Path) -> None:
     rows = len(models) + 1
     fig, axes = plt.subplots(rows, 2, figsize=(11, 3.4 * rows), squeeze=False)
     for row, model in enumerate(models):
-        variants = {n: v for n, v in results["step_time"][model]["variants"].items() if v["step_seconds"]["n"]}
+        variants = {n: v for n, v in results["step_time"][model]["variants"].items()
+                    if v["step_seconds"]["n"]}
         names = list(variants)
         s = [variants[n]["step_seconds"] for n in names]
         colors = ["tab:orange" if n.startswith("trl") else "tab:blue" for n in names]
@@ -33,8 +34,8 @@ def draw(results: dict, path: Path) -> None:
               f"{model}: step time (median, min-max)", "seconds / step", colors)
         ratio = results["step_time"][model].get("ratio_vs_trl")
         if ratio is not None:
-            axes[row][0].text(0.02, 0.95, f"amalab standard / TRL = {ratio:.2f}", transform=axes[row][0].transAxes,
-                              va="top", fontsize=8)
+            axes[row][0].text(0.02, 0.95, f"amalab standard / TRL = {ratio:.2f}",
+                              transform=axes[row][0].transAxes, va="top", fontsize=8)
         key = "peak_cuda_allocated_mib" if all("peak_cuda_allocated_mib" in variants[n] for n in names) \
             else "peak_rss_growth_mib"
         m = [variants[n][key] for n in names]
@@ -44,7 +45,8 @@ def draw(results: dict, path: Path) -> None:
     entries = [(model, method, block[method]) for model, block in results["logprob_memory"].items()
                for method in ("sequence_logps", "full_log_softmax") if "memory" in block.get(method, {})]
     if entries:
-        key = "peak_cuda_growth_mib" if "peak_cuda_growth_mib" in entries[0][2]["memory"] else "peak_rss_growth_mib"
+        on_cuda = "peak_cuda_growth_mib" in entries[0][2]["memory"]
+        key = "peak_cuda_growth_mib" if on_cuda else "peak_rss_growth_mib"
         values = [e[2]["memory"][key] for e in entries]
         _bars(memory_ax, [f"{m}\n{meth}" for m, meth, _ in entries], values, values, values,
               f"log-prob forward+backward peak growth (vocab {entries[0][2]['vocab_size']})", "MiB",
@@ -61,8 +63,9 @@ def draw(results: dict, path: Path) -> None:
     else:
         cache_ax.set_axis_off()
     machine = results["machine"]
-    fig.suptitle(f"amalab vs TRL DPOTrainer - {machine['device']}, {machine.get('gpu') or machine.get('cpu_model', '')}"
-                 f", {machine['cpu_count']} cores, torch {machine['torch']}", fontsize=10)
+    hardware = machine.get("gpu") or machine.get("cpu_model", "")
+    fig.suptitle(f"amalab vs TRL DPOTrainer - {machine['device']}, {hardware}, {machine['cpu_count']} cores, "
+                 f"torch {machine['torch']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

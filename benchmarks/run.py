@@ -39,11 +39,14 @@ def parse_args(argv=None):
     parser.add_argument("--models", nargs="+", default=["tiny", "smollm2"], choices=["tiny", "smollm2"])
     parser.add_argument("--parts", nargs="+", default=["step", "features", "cache", "memory"],
                         choices=["step", "features", "cache", "memory"])
+    parser.add_argument("--mixers", nargs="+", default=list(MIXERS), choices=MIXERS,
+                        help="amalab mixers timed against TRL (ratios need 'standard')")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every step variant")
     parser.add_argument("--warmup-steps", type=int, default=2, help="untimed steps at the start of each run")
     parser.add_argument("--timed-steps", type=int, default=3, help="timed steps of each run")
     parser.add_argument("--batch-size", type=int, default=8, help="pairs per optimizer step")
-    parser.add_argument("--seq-len", type=int, default=128, help="tokens per row (every timed row has exactly this)")
+    parser.add_argument("--seq-len", type=int, default=128,
+                        help="tokens per row (every timed row has exactly this many)")
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1")
@@ -51,16 +54,17 @@ def parse_args(argv=None):
                         help="torch CPU threads in every measurement (0: torch's default, all cores)")
     parser.add_argument("--data", default="/work/shared/data/hh-rlhf/harmless-base-test.jsonl.gz",
                         help="HH-RLHF style pairs file; missing or '' gives synthetic pairs")
-    parser.add_argument("--features", nargs="+", default=["gradient_checkpointing", "compile", "bf16_autocast"],
-                        choices=["gradient_checkpointing", "compile", "bf16_autocast"])
+    features = ["gradient_checkpointing", "compile", "bf16_autocast"]
+    parser.add_argument("--features", nargs="+", default=features, choices=features)
     parser.add_argument("--cache-pairs", type=int, default=64, help="pairs scored per cache-building pass")
     parser.add_argument("--cache-seq-len", type=int, default=256, help="max_length of the cache pairs")
     parser.add_argument("--cache-repeats", type=int, default=3)
     parser.add_argument("--memory-models", nargs="+", default=["tiny-vocab49k"],
                         choices=["tiny-vocab49k", "smollm2"])
     parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="peak FLOP/s of the device in TFLOP/s for MFU (default: a table by CUDA device name)")
-    parser.add_argument("--out", default="benchmarks/results", help="folder of results.json, figure.png, logs/")
+                        help="peak of the device in TFLOP/s, for MFU (default: a table by CUDA device name)")
+    parser.add_argument("--out", default="benchmarks/results",
+                        help="folder of results.json, figure.png, logs/")
     parser.add_argument("--in-process", action="store_true",
                         help="run every measurement in this process (fast; memory peaks then less isolated)")
     return parser.parse_args(argv)
@@ -82,8 +86,8 @@ def run_measurement(spec: dict, args, log_dir: Path, label: str) -> dict:
             env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
                        TQDM_DISABLE="1")
             with open(log_dir / f"{label}.log", "w") as log:
-                done = subprocess.run([sys.executable, "-m", "benchmarks.workers", json.dumps(spec), str(out)],
-                                      cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+                command = [sys.executable, "-m", "benchmarks.workers", json.dumps(spec), str(out)]
+                done = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
             if done.returncode != 0:
                 tail = (log_dir / f"{label}.log").read_text().strip().splitlines()[-3:]
                 raise RuntimeError(f"exit {done.returncode}: {' | '.join(tail)}")
@@ -112,7 +116,7 @@ def spread(values) -> dict:
 
 def step_variants(args, device_type: str) -> tuple[dict[str, dict], dict[str, str]]:
     """{variant name: spec overrides} of the rounds, and {feature: reason} for features that cannot run."""
-    variants = {f"amalab-{m}": {"worker": "amalab_step", "mixer": m} for m in MIXERS}
+    variants = {f"amalab-{m}": {"worker": "amalab_step", "mixer": m} for m in args.mixers}
     variants[TRL] = {"worker": "trl_step"}
     skipped = {}
     if "features" in args.parts:
@@ -120,25 +124,26 @@ def step_variants(args, device_type: str) -> tuple[dict[str, dict], dict[str, st
             variants["amalab-standard+gc"] = {"worker": "amalab_step", "mixer": "standard",
                                               "gradient_checkpointing": True}
         if "compile" in args.features:
-            variants["amalab-standard+compile"] = {"worker": "amalab_step", "mixer": "standard", "compile": True}
+            variants["amalab-standard+compile"] = {"worker": "amalab_step", "mixer": "standard",
+                                                   "compile": True}
         if "bf16_autocast" in args.features:
-            if device_type == "cuda":  # amalab autocasts bf16 on CUDA: the feature is measured by turning it off
+            if device_type == "cuda":  # amalab autocasts bf16 on CUDA: measured by turning it off
                 variants["amalab-standard+fp32"] = {"worker": "amalab_step", "mixer": "standard",
                                                     "fp32_on_cuda": True}
             else:
-                skipped["bf16_autocast"] = ("CPU: amalab runs plain float32 on CPU (bf16 autocast is its CUDA "
-                                            "policy), so there is nothing to toggle here")
+                skipped["bf16_autocast"] = ("CPU: amalab runs plain float32 on CPU (bf16 autocast is its "
+                                            "CUDA policy), so there is nothing to toggle here")
         skipped["length_grouped_batching"] = (
             "not a training option of amalab (the mixer draws each slot's task, the sampler its example); "
-            "the timed pairs all have the same length anyway. Length sorting is measured where amalab uses it: "
-            "cache building (part 'cache')")
+            "the timed pairs all have the same length anyway. Length sorting is measured where amalab uses "
+            "it: cache building (part 'cache')")
         skipped["padding_free"] = ("not implemented in amalab; TRL 1.16 disables padding_free (it warns and "
                                    "falls back to padding)")
     return variants, skipped
 
 
 def mfu(tokens_per_s: float | None, parameters: int, peak_tflops: float | None) -> float | None:
-    """Model FLOPs utilization 6 * N * tokens/s / peak (N: all parameters; forward + backward, no attention)."""
+    """Model FLOPs utilization 6 * N * tokens/s / peak (N: all parameters; attention FLOPs not counted)."""
     if tokens_per_s is None or not peak_tflops:
         return None
     return 6 * parameters * tokens_per_s / (peak_tflops * 1e12)
@@ -172,7 +177,8 @@ def ratio(variants: dict, numerator: str, denominator: str) -> dict | None:
         return None
     per_round = [np.median(x["step_seconds"]) / np.median(y["step_seconds"])
                  for x, y in zip(a["rounds"], b["rounds"]) if "error" not in x and "error" not in y]
-    return {"median": a["step_seconds"]["median"] / b["step_seconds"]["median"], "per_round": spread(per_round)}
+    return {"median": a["step_seconds"]["median"] / b["step_seconds"]["median"],
+            "per_round": spread(per_round)}
 
 
 def step_benchmark(args, model: str, device, peak_tflops, log_dir: Path) -> dict:
@@ -185,7 +191,8 @@ def step_benchmark(args, model: str, device, peak_tflops, log_dir: Path) -> dict
         print(f"{model}: round {r + 1}/{args.rounds}", flush=True)
         order = list(variants) if r % 2 == 0 else list(reversed(variants))  # no variant always goes first
         for name in order:
-            rounds[name].append(run_measurement({**base, **variants[name]}, args, log_dir, f"{model}-{name}-r{r}"))
+            label = f"{model}-{name}-r{r}"
+            rounds[name].append(run_measurement({**base, **variants[name]}, args, log_dir, label))
     summaries = {name: summarize_variant(results, peak_tflops) for name, results in rounds.items()}
     by_mixer = {m: ratio(summaries, f"amalab-{m}", TRL) for m in MIXERS}
     vs_standard = {m: ratio(summaries, f"amalab-{m}", "amalab-standard") for m in ("ama-r", "ama-s")}
@@ -198,7 +205,8 @@ def step_benchmark(args, model: str, device, peak_tflops, log_dir: Path) -> dict
         "ratio_vs_standard": vs_standard,
         "targets": {
             "amalab_vs_trl_at_most": TARGET_VS_TRL, "mixer_vs_standard_at_most": TARGET_VS_STANDARD,
-            "met": {**{f"{m}_vs_trl": None if v is None else v["median"] <= TARGET_VS_TRL for m, v in by_mixer.items()},
+            "met": {**{f"{m}_vs_trl": None if v is None else v["median"] <= TARGET_VS_TRL
+                       for m, v in by_mixer.items()},
                     **{f"{m}_vs_standard": None if v is None else v["median"] <= TARGET_VS_STANDARD
                        for m, v in vs_standard.items()}},
         },
@@ -206,7 +214,8 @@ def step_benchmark(args, model: str, device, peak_tflops, log_dir: Path) -> dict
     if "features" in args.parts:
         features = {name: {"skipped": reason} for name, reason in skipped.items()}
         for name, variant in (("gradient_checkpointing", "amalab-standard+gc"),
-                              ("compile", "amalab-standard+compile"), ("bf16_autocast", "amalab-standard+fp32")):
+                              ("compile", "amalab-standard+compile"),
+                              ("bf16_autocast", "amalab-standard+fp32")):
             if variant in summaries:
                 on_off = ratio(summaries, variant, "amalab-standard")
                 features[name] = {"variant": variant, "baseline": "amalab-standard",
@@ -270,10 +279,11 @@ def main(argv=None) -> dict:
         peak_source = f"table, bf16 dense, {torch.cuda.get_device_name(device)}" if peak_tflops else None
     began = time.perf_counter()
     results = {
-        "schema": SCHEMA, "command": ["python", "-m", "benchmarks", *(sys.argv[1:] if argv is None else argv)],
+        "schema": SCHEMA,
+        "command": ["python", "-m", "benchmarks", *(sys.argv[1:] if argv is None else argv)],
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": workload.machine_description(device),
-        "settings": {**{k: v for k, v in vars(args).items()}, "dtype": "float32 parameters; bf16 autocast on CUDA",
+        "settings": {**vars(args), "dtype": "float32 parameters; bf16 autocast on CUDA",
                      "optimizer": "AdamW (torch), weight_decay 0, grad clip 1.0, same lr in both",
                      "peak_tflops": peak_tflops, "peak_tflops_source": peak_source},
         "step_time": {}, "cache_throughput": {}, "logprob_memory": {},
@@ -311,8 +321,9 @@ def table(results: dict) -> str:
             mem = v.get("peak_cuda_allocated_mib") or v.get("peak_rss_growth_mib", {})
             mfu_text = "" if v.get("mfu") is None else f"{100 * v['mfu']:.1f}%"
             vs = "" if not trl else f"{s['median'] / trl:.2f}x"
+            memory_text = f"{mem.get('median', float('nan')):.0f}"
             lines.append(f"| {model} | {name} | {s['median']:.3f} [{s['q1']:.3f}, {s['q3']:.3f}] | "
-                         f"{v['tokens_per_s']:.0f} | {mfu_text} | {mem.get('median', float('nan')):.0f} | {vs} |")
+                         f"{v['tokens_per_s']:.0f} | {mfu_text} | {memory_text} | {vs} |")
     return "\n".join(lines)
 
 

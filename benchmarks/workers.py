@@ -64,7 +64,7 @@ def _timing_summary(seconds: list[float], tokens: list[float]) -> dict:
 
 
 def amalab_step(spec: dict) -> dict:
-    """Generalist steps of amalab's loop with mixer ``spec['mixer']``; the first ``warmup_steps`` are dropped."""
+    """Generalist steps of amalab's loop with mixer ``spec['mixer']``; the first ``warmup_steps`` dropped."""
     from amalab.llm import train as train_module
     from amalab.llm.cache import ValueCache
     from amalab.llm.config import OptimConfig
@@ -107,8 +107,8 @@ def amalab_step(spec: dict) -> dict:
         for module, name, value in patches:
             setattr(module, name, value)
         run = train_module.TrainingRun(
-            name=f"bench-{spec['mixer']}", run_dir=run_dir / "run", mixer=mixer, task_names=["task0", "task1"],
-            train_sets=tasks, eval_sets=[[], []], reference=reference,
+            name=f"bench-{spec['mixer']}", run_dir=run_dir / "run", mixer=mixer,
+            task_names=["task0", "task1"], train_sets=tasks, eval_sets=[[], []], reference=reference,
             baselines=[specialist] * 2 if mixer.baseline == "specialist" else None, specialists=[None, None],
             optim=optim, loss="dpo", beta=0.1, seed=spec["seed"], pad_token_id=tokenizer.pad_token_id)
         baseline = workload.reset_peak_memory(device)
@@ -151,7 +151,8 @@ def trl_step(spec: dict) -> dict:
             self.device, self.seconds, self.began, self.baseline = device, [], None, None
 
         def on_train_begin(self, args, state, control, **kwargs):
-            self.baseline = workload.reset_peak_memory(self.device)  # after the reference precompute of __init__
+            # after the reference precompute, which DPOTrainer.__init__ ran
+            self.baseline = workload.reset_peak_memory(self.device)
 
         def on_step_begin(self, args, state, control, **kwargs):
             workload.synchronize(self.device)
@@ -176,7 +177,8 @@ def trl_step(spec: dict) -> dict:
         output_dir=str(out_dir), max_steps=steps, per_device_train_batch_size=spec["batch_size"],
         gradient_accumulation_steps=1, learning_rate=spec["lr"], weight_decay=0.0, max_grad_norm=1.0,
         optim="adamw_torch", lr_scheduler_type="cosine", warmup_steps=0, beta=0.1, loss_type=["sigmoid"],
-        max_length=spec["seq_len"], precompute_ref_log_probs=True, precompute_ref_batch_size=spec["batch_size"],
+        max_length=spec["seq_len"], precompute_ref_log_probs=True,
+        precompute_ref_batch_size=spec["batch_size"],
         # TRL defaults gradient checkpointing on and bf16 on: set both as amalab runs (amalab autocasts bf16
         # on CUDA and runs plain fp32 on CPU)
         gradient_checkpointing=bool(spec.get("gradient_checkpointing")),
@@ -245,11 +247,13 @@ def cache_throughput(spec: dict) -> dict:
             workload.synchronize(device)
             times[method].append(time.perf_counter() - synchronize_and_start)
     result = {"pairs": len(pairs), "batch_size": batch, "seq_len": spec["seq_len"], "data": source,
-              "real_tokens": real, "padded_tokens": {"length_sorted": sorted_padded, "data_order": order_padded}}
+              "real_tokens": real,
+              "padded_tokens": {"length_sorted": sorted_padded, "data_order": order_padded}}
     for method, seconds in times.items():
         result[method] = {"seconds": seconds, "pairs_per_s": [len(pairs) / s for s in seconds],
                           "median_pairs_per_s": float(np.median([len(pairs) / s for s in seconds]))}
-    result["speedup"] = result["length_sorted"]["median_pairs_per_s"] / result["data_order"]["median_pairs_per_s"]
+    medians = {method: result[method]["median_pairs_per_s"] for method in times}
+    result["speedup"] = medians["length_sorted"] / medians["data_order"]
     return result
 
 
@@ -267,7 +271,8 @@ def logprob_memory(spec: dict) -> dict:
     pairs, source = workload.tokenized_pairs(tokenizer, spec["batch_size"], spec["seq_len"], full_length=True,
                                              data=_data_path(spec))
     batch = collate_pairs(pairs, tokenizer.pad_token_id).to(device)
-    scorer = {"sequence_logps": sequence_logps, "full_log_softmax": full_logits_sequence_logps}[spec["method"]]
+    methods = {"sequence_logps": sequence_logps, "full_log_softmax": full_logits_sequence_logps}
+    scorer = methods[spec["method"]]
     reference = torch.zeros(len(pairs), device=device)
 
     def step():

@@ -76,7 +76,8 @@ def machine_description(device: torch.device) -> dict:
         "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     try:
-        cpu = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next(line for line in lines if line.startswith("model name"))
         info["cpu_model"] = cpu.split(":", 1)[1].strip()
     except (OSError, StopIteration):
         pass
@@ -128,7 +129,8 @@ def peak_memory(device: torch.device, baseline: dict | None = None) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         result["peak_cuda_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-        result["peak_cuda_growth_mib"] = result["peak_cuda_allocated_mib"] - result["cuda_allocated_at_reset_mib"]
+        result["peak_cuda_growth_mib"] = (result["peak_cuda_allocated_mib"]
+                                          - result["cuda_allocated_at_reset_mib"])
     return result
 
 
@@ -170,11 +172,11 @@ def build_model(name: str, device: torch.device, seed: int = 0):
 
 
 def count_parameters(model) -> dict:
-    """All parameters, and those outside the input embedding (the usual base of 6 * N * tokens FLOPs)."""
+    """All parameters (a tied embedding / LM head counted once), and those outside the input embedding."""
     total = sum(p.numel() for p in model.parameters())
-    embedding = model.get_input_embeddings().weight.numel()
-    tied = model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
-    return {"total": total, "non_embedding": total - (0 if tied else embedding), "tied_embeddings": tied}
+    embedding = model.get_input_embeddings().weight
+    tied = model.get_output_embeddings().weight.data_ptr() == embedding.data_ptr()
+    return {"total": total, "non_embedding": total - embedding.numel(), "tied_embeddings": tied}
 
 
 # ----------------------------------------------------------------------------------------- pairs
@@ -195,7 +197,8 @@ def synthetic_pairs(n: int, seed: int = 0) -> list[PreferencePair]:
             return " ".join(rng.choice(_WORDS) for _ in range(k))
         prompt = f"\n\nHuman: {words(rng.randint(8, 30))}?\n\nAssistant:"
         chosen, rejected = " " + words(rng.randint(20, 120)), " " + words(rng.randint(20, 120))
-        pairs.append(PreferencePair(example_id(prompt, chosen, rejected), "synthetic", prompt, chosen, rejected))
+        pair_id = example_id(prompt, chosen, rejected)
+        pairs.append(PreferencePair(pair_id, "synthetic", prompt, chosen, rejected))
     return pairs
 
 
