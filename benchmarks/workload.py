@@ -158,6 +158,10 @@ def build_model(name: str, device: torch.device, seed: int = 0):
         path = smollm2_gguf_path()
         tokenizer = load_tokenizer(path)
         model = load_model(path, device=device)
+        # amalab's load_model dequantizes the GGUF weights to plain floats and drops the quantizer, but
+        # transformers' `is_quantized` flag stays True, and Hugging Face's Trainer (so TRL) then refuses to
+        # train "a purely quantized model". The weights are ordinary float32 tensors: clear the flag.
+        model.is_quantized = False
     elif name in ("tiny", "tiny-vocab49k"):
         tokenizer = _tiny_tokenizer()
         vocab = len(tokenizer) if name == "tiny" else SMOLLM2_VOCAB

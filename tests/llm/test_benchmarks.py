@@ -22,12 +22,19 @@ if str(REPO) not in sys.path:  # benchmarks/ is a folder of the repository, not 
 
 
 def test_smallest_benchmark_writes_the_documented_json(tmp_path):
+    import torch
+
     from benchmarks.run import main
 
     out = tmp_path / "bench"
-    results = main(["--models", "tiny", "--parts", "step", "cache", "--rounds", "1", "--warmup-steps", "1",
-                    "--timed-steps", "1", "--cache-pairs", "8", "--cache-seq-len", "64", "--cache-repeats", "1",
-                    "--threads", "1", "--data", "", "--device", "cpu", "--in-process", "--out", str(out)])
+    threads = torch.get_num_threads()
+    try:
+        results = main(["--models", "tiny", "--parts", "step", "cache", "--rounds", "1",
+                        "--warmup-steps", "1", "--timed-steps", "1", "--cache-pairs", "8",
+                        "--cache-seq-len", "64", "--cache-repeats", "1", "--threads", "1", "--data", "",
+                        "--device", "cpu", "--in-process", "--out", str(out)])
+    finally:  # --threads 1 applies to this process: give the other tests their threads back
+        torch.set_num_threads(threads)
     written = json.loads((out / "results.json").read_text())
     assert written["schema"] == "amalab-benchmark/1" == results["schema"]
     assert (out / "figure.png").stat().st_size > 0
