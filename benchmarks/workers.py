@@ -55,6 +55,12 @@ def _data_path(spec: dict) -> Path | None:
     return Path(spec["data"]) if spec.get("data") else None
 
 
+def _checkpointing_active(model) -> bool:
+    """Whether activation (gradient) checkpointing is on, as transformers reports it (checked, not assumed)."""
+    flag = getattr(model, "is_activation_checkpointing", None)
+    return bool(model.is_gradient_checkpointing if flag is None else flag)
+
+
 def _timing_summary(seconds: list[float], tokens: list[float]) -> dict:
     return {"step_seconds": seconds, "tokens_per_step": tokens,
             "median_step_seconds": float(np.median(seconds)) if seconds else None}
@@ -120,7 +126,8 @@ def amalab_step(spec: dict) -> dict:
         shutil.rmtree(run_dir, ignore_errors=True)
     train = [r for r in records if r["kind"] == "train"][spec["warmup_steps"]:]
     result = _timing_summary([r["seconds"] for r in train], [r["tokens"] for r in train])
-    result.update(memory=memory_at_end, data=source, parameters=workload.count_parameters(model))
+    result.update(memory=memory_at_end, data=source, parameters=workload.count_parameters(model),
+                  gradient_checkpointing_active=_checkpointing_active(model))
     return result
 
 
@@ -191,11 +198,13 @@ def trl_step(spec: dict) -> dict:
                                          processing_class=tokenizer, callbacks=[timer])
         trainer.train()
         memory = workload.peak_memory(device, timer.baseline)
+        checkpointing = _checkpointing_active(trainer.model)
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
     tokens = 2 * spec["batch_size"] * spec["seq_len"]  # every pair has two rows of exactly seq_len tokens
     result = _timing_summary(timer.seconds[spec["warmup_steps"]:], [tokens] * spec["timed_steps"])
-    result.update(memory=memory, data=source, parameters=workload.count_parameters(model))
+    result.update(memory=memory, data=source, parameters=workload.count_parameters(model),
+                  gradient_checkpointing_active=checkpointing)
     return result
 
 

@@ -50,6 +50,7 @@ def test_smallest_benchmark_writes_the_documented_json(tmp_path):
         assert variant["tokens_per_step"] == 2 * 8 * 128
         assert variant["peak_rss_mib"]["median"] > 0
         assert variant["data"] == "synthetic"
+        assert variant["rounds"][0]["gradient_checkpointing_active"] is False, name
     ratio = block["ratio_vs_trl"]
     assert isinstance(ratio, float) and math.isfinite(ratio) and ratio > 0
     assert ratio == pytest.approx(block["variants"]["amalab-standard"]["step_seconds"]["median"]
