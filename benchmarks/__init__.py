@@ -1,0 +1,1 @@
+"""Benchmarks of amalab against TRL: `python -m benchmarks` (see benchmarks/README.md)."""

@@ -1,0 +1,68 @@
+"""The benchmark's smallest configuration end to end: tiny Llama, one round of one warm-up and one timed step
+of every step variant (amalab ama-r, ama-s, standard, TRL DPOTrainer), the cache part, and the JSON schema.
+
+Timings here mean nothing (a tiny model on a shared machine); the test checks that every path runs and
+that results.json has the documented shape, including ``ratio_vs_trl`` per model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("trl")
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # benchmarks/ is a folder of the repository, not part of the installed package
+    sys.path.insert(0, str(REPO))
+
+
+def test_smallest_benchmark_writes_the_documented_json(tmp_path):
+    import torch
+
+    from benchmarks.run import main
+
+    out = tmp_path / "bench"
+    threads = torch.get_num_threads()
+    try:
+        results = main(["--models", "tiny", "--parts", "step", "cache", "--rounds", "1",
+                        "--warmup-steps", "1", "--timed-steps", "1", "--cache-pairs", "8",
+                        "--cache-seq-len", "64", "--cache-repeats", "1", "--threads", "1", "--data", "",
+                        "--device", "cpu", "--in-process", "--out", str(out)])
+    finally:  # --threads 1 applies to this process: give the other tests their threads back
+        torch.set_num_threads(threads)
+    written = json.loads((out / "results.json").read_text())
+    assert written["schema"] == "amalab-benchmark/1" == results["schema"]
+    assert (out / "figure.png").stat().st_size > 0
+    for key in ("cpu_count", "torch", "device", "transformers", "trl"):
+        assert key in written["machine"]
+
+    block = written["step_time"]["tiny"]
+    assert set(block["variants"]) == {"amalab-ama-r", "amalab-ama-s", "amalab-standard", "trl-dpo"}
+    for name, variant in block["variants"].items():
+        assert variant["errors"] == [], name
+        assert variant["step_seconds"]["n"] == 1 and variant["step_seconds"]["median"] > 0
+        # every step of either framework processes the same 2 * 8 pairs * 128 tokens
+        assert variant["tokens_per_step"] == 2 * 8 * 128
+        assert variant["peak_rss_mib"]["median"] > 0
+        assert variant["data"] == "synthetic"
+        assert variant["rounds"][0]["gradient_checkpointing_active"] is False, name
+    ratio = block["ratio_vs_trl"]
+    assert isinstance(ratio, float) and math.isfinite(ratio) and ratio > 0
+    assert ratio == pytest.approx(block["variants"]["amalab-standard"]["step_seconds"]["median"]
+                                  / block["variants"]["trl-dpo"]["step_seconds"]["median"])
+    assert set(block["ratio_vs_trl_by_mixer"]) == {"ama-r", "ama-s", "standard"}
+    assert set(block["ratio_vs_standard"]) == {"ama-r", "ama-s"}
+    assert set(block["targets"]["met"]) == {"ama-r_vs_trl", "ama-s_vs_trl", "standard_vs_trl",
+                                            "ama-r_vs_standard", "ama-s_vs_standard"}
+
+    cache = written["cache_throughput"]["tiny"]
+    assert cache["pairs"] == 8
+    for method in ("length_sorted", "data_order"):
+        assert cache[method]["median_pairs_per_s"] > 0
+    # sorting by length never pads more than data order does
+    assert cache["padded_tokens"]["length_sorted"] <= cache["padded_tokens"]["data_order"]
