@@ -158,6 +158,7 @@ def load_model(
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if gguf_name is not None:
         model.hf_quantizer = None
+        model.is_quantized = False  # else Hugging Face's Trainer (TRL) refuses to train a "quantized" model
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
     model.to(device)

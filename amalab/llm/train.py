@@ -303,6 +303,8 @@ def run_training(model, run: TrainingRun, device: torch.device, world: World = W
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
+        if device.type == "cuda":  # CUDA runs asynchronously: the step's time ends when its kernels do
+            torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - began
         excess = stats[1] / np.maximum(stats[COUNT], 1)
         log({"step": done, "kind": "train", "loss": loss_sum / optim.batch_size, "lr": lr,
