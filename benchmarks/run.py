@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+#: the HH-RLHF file in the shared data folder beside the repository
+HH_HARMLESS = REPO.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 SCHEMA = "amalab-benchmark/1"
 MIXERS = ("ama-r", "ama-s", "standard")
 TRL = "trl-dpo"
@@ -52,7 +54,7 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads in every measurement (0: torch's default, all cores)")
-    parser.add_argument("--data", default="/work/shared/data/hh-rlhf/harmless-base-test.jsonl.gz",
+    parser.add_argument("--data", default=str(HH_HARMLESS),
                         help="HH-RLHF style pairs file; missing or '' gives synthetic pairs")
     features = ["gradient_checkpointing", "compile", "bf16_autocast"]
     parser.add_argument("--features", nargs="+", default=features, choices=features)

@@ -6,7 +6,7 @@ and ``tiny-vocab49k`` (a tiny-hidden Llama with SmolLM2's vocabulary size, where
 vocabulary projection dominates). Every model is built from a fixed seed, so every variant starts from the
 same weights.
 
-Pairs: HH-RLHF harmless pairs (``/work/shared/data/hh-rlhf/harmless-base-test.jsonl.gz``), tokenized once
+Pairs: HH-RLHF harmless pairs (``../shared/data/hh-rlhf/harmless-base-test.jsonl.gz`` beside the repository), tokenized once
 with amalab's tokenizer convention and truncated to ``seq_len`` tokens per row. For step timing only
 *full-length* pairs are kept (both rows exactly ``seq_len`` tokens), so every step of every framework
 processes exactly ``2 * batch * seq_len`` tokens. Without the data file, synthetic pairs of random words
@@ -28,7 +28,8 @@ import torch
 from amalab.llm.data import PreferencePair, example_id, read_pairs
 from amalab.llm.tokenize import TokenizationConfig, TokenizedPair, tokenize_pairs
 
-HH_HARMLESS = Path("/work/shared/data/hh-rlhf/harmless-base-test.jsonl.gz")
+#: the shared data folder sits beside the repository checkout (../shared/data from the repository root)
+HH_HARMLESS = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 MODELS = ("tiny", "smollm2", "tiny-vocab49k")
 SMOLLM2_VOCAB = 49152
 

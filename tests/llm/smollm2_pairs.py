@@ -11,7 +11,7 @@ from pathlib import Path
 
 from amalab.llm.data import PreferencePair
 
-HH_HARMLESS_TEST = Path("/work/shared/data/hh-rlhf/harmless-base-test.jsonl.gz")
+HH_HARMLESS_TEST = Path(__file__).resolve().parents[3] / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 SEPARATOR = "\n\nAssistant:"
 
 
