@@ -18,9 +18,8 @@ from pathlib import Path
 
 import torch
 
-from amalab.llm.checkpoint import load_latest
+from amalab.errors import ConfigError
 from amalab.llm.evaluate import evaluate
-from amalab.llm.train import load_trainable_state
 
 RANDOM_METHODS = ("dare_linear", "dare_ties")
 
@@ -38,14 +37,10 @@ def _specialist_states(experiment) -> list[dict[str, torch.Tensor]]:
     states = []
     for name in experiment.task_names:
         run_dir = experiment.out / "specialists" / name
-        checkpoint = load_latest(run_dir)
-        if checkpoint is None:
-            from amalab.errors import ConfigError
-
+        model = experiment.trained_policy(run_dir, experiment.config.seed)  # unsharded: [merges] refuses fsdp
+        if model is None:
             raise ConfigError(f"[merges] needs the trained specialist of task {name!r} in {run_dir}; a loaded "
                               "specialist ([specialists] load) cannot be merged yet")
-        model = experiment.policy(experiment.config.seed)  # unsharded: [merges] refuses fsdp
-        load_trainable_state(model, {n: t.to(experiment.device) for n, t in checkpoint.model_state.items()})
         states.append(_dense_state(model))
         del model
     return states

@@ -91,6 +91,15 @@ class Experiment:
             model = shard_policy(model, self.world)
         return model
 
+    def trained_policy(self, run_dir: Path, seed: int) -> torch.nn.Module | None:
+        """A fresh policy holding the trained parameters of ``run_dir``'s last checkpoint; None without one."""
+        checkpoint = load_latest(run_dir)
+        if checkpoint is None:
+            return None
+        model = self.policy(seed)
+        load_trainable_state(model, checkpoint.model_state)
+        return model
+
 
 def compile_layers(model: torch.nn.Module) -> None:
     """``torch.compile`` each decoder layer in place (names and checkpoints unchanged; composes with FSDP2).
@@ -248,8 +257,6 @@ def _train(experiment: Experiment, name: str, run_dir: Path, mixer, train_sets, 
                                    "loss": asdict(experiment.config.loss),
                                    "reference": experiment.reference_manifest})
     final = run_training(model, run, experiment.device, experiment.world, experiment.show_progress)
-    checkpoint = load_latest(run_dir)  # a run finished earlier: its model is in its last checkpoint
-    load_trainable_state(model, {n: t.to(experiment.device) for n, t in checkpoint.model_state.items()})
     return model, final
 
 
@@ -281,12 +288,10 @@ def specialists(experiment: Experiment, allow_training: bool = True) -> list[Val
 def _load_given_specialist(experiment: Experiment, path: Path) -> torch.nn.Module:
     if (path / "config.json").is_file():
         return load_model(path, device=experiment.device)
-    checkpoint = load_latest(path)
-    if checkpoint is None:
+    model = experiment.trained_policy(path, experiment.config.seed)
+    if model is None:
         raise ConfigError(f"specialists.load: {path} is neither a model folder (config.json) nor a run folder "
                           "with checkpoints")
-    model = experiment.policy(experiment.config.seed)
-    load_trainable_state(model, {n: t.to(experiment.device) for n, t in checkpoint.model_state.items()})
     return model
 
 
@@ -417,12 +422,10 @@ def reevaluate(config: LLMConfig, world: World = World(), show_progress: bool = 
     for method in config.methods.names:
         for s in range(config.methods.seeds_of(method)):
             run_dir = experiment.out / "generalists" / method / f"seed{s}"
-            checkpoint = load_latest(run_dir)
-            if checkpoint is None or not (run_dir / "final.json").is_file():
+            if not (run_dir / "final.json").is_file():
                 experiment.say(f"{method} seed {s}: not finished ({run_dir}); skipped")
                 continue
-            model = experiment.policy(config.seed + s)
-            load_trainable_state(model, {n: t.to(experiment.device) for n, t in checkpoint.model_state.items()})
+            model = experiment.trained_policy(run_dir, config.seed + s)
             final = json.loads((run_dir / "final.json").read_text())
             final.update(evaluate(model, experiment.eval_sets, experiment.task_names, experiment.reference,
                                   specialist_caches, config.loss.name, config.loss.beta, experiment.pad_token_id,

@@ -162,6 +162,8 @@ def run_training(model, run: TrainingRun, device: torch.device, world: World = W
                  show_progress: bool = True, stop_after: int | None = None) -> dict:
     """Train ``model`` in place for ``run.optim.steps`` steps (resuming if checkpointed); return the final eval.
 
+    A run that finished earlier is not rerun: ``model`` gets the parameters of its last checkpoint.
+
     ``stop_after``: stop (with a checkpoint) after this many steps, as an interruption would (tests).
     """
     optim, mixer, k = run.optim, run.mixer, len(run.task_names)
@@ -187,6 +189,7 @@ def run_training(model, run: TrainingRun, device: torch.device, world: World = W
         _check_run_dir(run)
     final_path = run.run_dir / "final.json"
     if final_path.is_file():
+        load_trainable_state(model, load_latest(run.run_dir).model_state)
         return json.loads(final_path.read_text())
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -199,7 +202,7 @@ def run_training(model, run: TrainingRun, device: torch.device, world: World = W
     start = 0
     checkpoint = load_latest(run.run_dir)
     if checkpoint is not None:
-        load_trainable_state(model, {n: t.to(device) for n, t in checkpoint.model_state.items()})
+        load_trainable_state(model, checkpoint.model_state)
         load_optimizer_state(optimizer, checkpoint.optimizer_state)
         scheduler.load_state_dict(checkpoint.scheduler_state)
         mixer.load_state_dict(checkpoint.mixer_state)
