@@ -27,6 +27,18 @@ from amalab.llm.data import TaskConfig
 from amalab.mixers import MIXERS, make_mixer
 
 LOSSES = ("dpo", "ipo", "hinge", "sft")
+
+#: Methods that are not a mixer of their own: (the mixer they train with, the loss they train on). ``sft`` is
+#: supervised fine-tuning on the chosen responses of the union (reference-free NLL, the size-proportional
+#: mixture), the baseline parameter-efficient alignment studies put beside DPO. Every method is still
+#: evaluated in the config's [loss], so its excess over the specialists is comparable.
+LOSS_BASELINES = {"sft": ("standard", "sft")}
+METHODS = (*MIXERS, *LOSS_BASELINES)
+
+
+def method_mixer_and_loss(method: str, loss: str) -> tuple[str, str]:
+    """The mixer a generalist method trains with and its training loss (``loss``: the config's)."""
+    return LOSS_BASELINES.get(method, (method, loss))
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -158,7 +170,8 @@ class SpecialistsConfig:
 
 @dataclass(frozen=True)
 class MethodsConfig:
-    #: mixers to train generalists with (amalab.mixers names), in order; doremi needs standard before it
+    #: methods to train generalists with, in order: amalab.mixers names, or "sft" (the standard mixture trained
+    #: on the chosen responses' NLL); doremi needs standard before it
     names: list[str] = field(default_factory=lambda: ["standard", "ama-r", "ama-s"])
     #: seeds per method (a method listed in seeds_per_method gets that many instead)
     seeds: int = 1
@@ -172,8 +185,8 @@ class MethodsConfig:
         if not self.names:
             raise ValueError("names: give at least one method")
         for name in self.names:
-            if name not in MIXERS:
-                raise ValueError(f"names: unknown method {name!r}; known: {', '.join(MIXERS)}")
+            if name not in METHODS:
+                raise ValueError(f"names: unknown method {name!r}; known: {', '.join(METHODS)}")
         if len(set(self.names)) != len(self.names):
             raise ValueError(f"names: a method is listed twice: {self.names}")
         if "doremi" in self.names and ("standard" not in self.names
@@ -182,8 +195,8 @@ class MethodsConfig:
         if self.seeds < 1:
             raise ValueError(f"seeds must be >= 1, got {self.seeds}")
         for name, n in self.seeds_per_method.items():
-            if name not in MIXERS:
-                raise ValueError(f"seeds_per_method: unknown method {name!r}; known: {', '.join(MIXERS)}")
+            if name not in METHODS:
+                raise ValueError(f"seeds_per_method: unknown method {name!r}; known: {', '.join(METHODS)}")
             if not isinstance(n, int) or n < 1:
                 raise ValueError(f"seeds_per_method.{name}: expected an integer >= 1, got {n!r}")
         for name, opts in self.options.items():
@@ -292,8 +305,9 @@ def load_llm_config(path: str | Path) -> LLMConfig:
         raise ConfigError(f"{path}: [merges] needs the specialists' full weights on one process; it does not "
                           "combine with [model] fsdp = true yet")
     for name in config.methods.names:
+        mixer_name, _ = method_mixer_and_loss(name, config.loss.name)
         try:
-            mixer = make_mixer(name, len(parsed), sizes=[1] * len(parsed), **config.methods.options.get(name, {}))
+            mixer = make_mixer(mixer_name, len(parsed), sizes=[1] * len(parsed), **config.methods.options.get(name, {}))
         except ValueError as e:
             raise ConfigError(f"{path}: [methods.options] {name}: {e}") from None
         try:  # a batch the mixer cannot draw (e.g. task-balanced with batch_size not a multiple of k)

@@ -436,6 +436,10 @@ def load_task(config: TaskConfig, base_dir: str | Path = ".") -> TaskData:
         train = [p for p, e in zip(pairs, is_eval) if not e]
         eval_pairs = [p for p, e in zip(pairs, is_eval) if e]
         source = config.source
+        if source_kind(config.source)[0] == "generated":
+            from amalab.llm.generated import with_verified_labels  # imported here: it imports this module
+
+            eval_pairs, _ = with_verified_labels(eval_pairs)
     return TaskData(config.name, train, eval_pairs, dropped, source, rows)
 
 

@@ -31,7 +31,7 @@ from amalab.errors import ConfigError
 from amalab.llm.baseline_merges import add_generation, merged_specialists
 from amalab.llm.cache import ValueCache, cached, data_hash, load_cache, save_cache
 from amalab.llm.checkpoint import load_latest
-from amalab.llm.config import LLMConfig
+from amalab.llm.config import LLMConfig, method_mixer_and_loss
 from amalab.llm.data import TaskData, load_tasks
 from amalab.llm.distributed import World, any_rank, barrier, is_sharded, shard_policy
 from amalab.llm.evaluate import pair_logps, pair_losses
@@ -247,14 +247,18 @@ def _loss_cache(experiment: Experiment, model, pairs: list[TokenizedPair], folde
 # ------------------------------------------------------------------------------------------ stages
 
 def _train(experiment: Experiment, name: str, run_dir: Path, mixer, train_sets, eval_sets, task_names,
-           baselines, specialists, seed: int, optim, description: dict) -> tuple[torch.nn.Module, dict]:
+           baselines, specialists, seed: int, optim, description: dict, loss: str | None = None
+           ) -> tuple[torch.nn.Module, dict]:
+    """Train one model; ``loss``: its training loss (default the config's; evaluation always uses the config's)."""
     model = experiment.policy(seed)
+    config_loss = experiment.config.loss
+    loss = loss or config_loss.name
     run = TrainingRun(name=name, run_dir=run_dir, mixer=mixer, task_names=task_names, train_sets=train_sets,
                       eval_sets=eval_sets, reference=experiment.reference, baselines=baselines,
-                      specialists=specialists, optim=optim, loss=experiment.config.loss.name,
-                      beta=experiment.config.loss.beta, seed=seed, pad_token_id=experiment.pad_token_id,
+                      specialists=specialists, optim=optim, loss=loss, beta=config_loss.beta, seed=seed,
+                      pad_token_id=experiment.pad_token_id, eval_loss=config_loss.name,
                       description={"name": name, "mixer": description, "seed": seed, "optim": asdict(optim),
-                                   "loss": asdict(experiment.config.loss),
+                                   "loss": {**asdict(config_loss), "name": loss},
                                    "reference": experiment.reference_manifest})
     final = run_training(model, run, experiment.device, experiment.world, experiment.show_progress)
     return model, final
@@ -308,7 +312,8 @@ def generalists(experiment: Experiment, specialist_caches: list[ValueCache]) -> 
         for s in range(config.methods.seeds_of(method)):
             seed = config.seed + s
             options = dict(config.methods.options.get(method, {}))
-            mixer = make_mixer(method, k, sizes=sizes, **options)
+            mixer_name, loss = method_mixer_and_loss(method, config.loss.name)
+            mixer = make_mixer(mixer_name, k, sizes=sizes, **options)
             if mixer.baseline == "specialist":
                 baselines = specialist_caches
             elif mixer.baseline == "standard":
@@ -320,7 +325,7 @@ def generalists(experiment: Experiment, specialist_caches: list[ValueCache]) -> 
             run_dir = experiment.out / "generalists" / method / f"seed{s}"
             model, final = _train(experiment, f"{method} seed {s}", run_dir, mixer, experiment.train_sets,
                                   experiment.eval_sets, experiment.task_names, baselines, specialist_caches,
-                                  seed, config.train, {"name": method, "options": options})
+                                  seed, config.train, {"name": mixer_name, "options": options}, loss)
             if method == "standard" and standard_cache is None:
                 every = [p for pairs in experiment.train_sets + experiment.eval_sets for p in pairs]
                 standard_cache = _loss_cache(

@@ -78,6 +78,8 @@ class TrainingRun:
     pad_token_id: int
     #: what the run is, for run.json: a rerun with other settings into the same folder is refused
     description: dict = field(default_factory=dict)
+    #: the loss held-out evaluation reports (None: ``loss``); an sft baseline is evaluated in the DPO loss
+    eval_loss: str | None = None
 
 
 def lr_factor(step: int, steps: int, warmup: int, min_ratio: float) -> float:
@@ -229,8 +231,8 @@ def run_training(model, run: TrainingRun, device: torch.device, world: World = W
                 f.write(json.dumps(record) + "\n")
 
     def run_eval(step: int) -> dict:  # every rank evaluates its share (evaluate shards the pairs)
-        result = evaluate(model, run.eval_sets, run.task_names, run.reference, run.specialists, run.loss,
-                          run.beta, run.pad_token_id, optim.eval_batch_size, device, world)
+        result = evaluate(model, run.eval_sets, run.task_names, run.reference, run.specialists,
+                          run.eval_loss or run.loss, run.beta, run.pad_token_id, optim.eval_batch_size, device, world)
         log({"step": step, "kind": "eval", **result})
         return result
 

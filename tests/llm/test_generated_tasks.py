@@ -173,8 +173,21 @@ def test_generated_source_in_a_task_config(tmp_path):
     data = load_task(config)
     assert (len(data.train), len(data.eval), sum(data.dropped.values())) == (32, 8, 0)
     task = generate_task(GeneratorKnobs("format", n=40, hardness=3, noise=0.25, seed=2))
-    assert {p.id for p in data.train + data.eval} == {p.id for p in task.pairs}
-    assert all(p.task == "fmt" for p in data.train)
+    by_prompt = {p.prompt: p for p in task.pairs}
+    assert {p.id for p in data.train} <= {p.id for p in task.pairs}
+    assert {p.prompt for p in data.train + data.eval} == set(by_prompt)
+    assert all(p.task == "fmt" for p in data.train + data.eval)
+    # label noise stays in training (mixed quality); held-out pairs are put back in their true order
+    assert any(p.id in task.swapped for p in data.train)
+    eval_swapped = [p for p in data.eval if by_prompt[p.prompt].id in task.swapped]
+    assert eval_swapped, "this seed should put a noisy pair in the held-out set"
+    for pair in data.eval:
+        generated = by_prompt[pair.prompt]
+        if generated.id in task.swapped:
+            assert (pair.chosen, pair.rejected) == (generated.rejected, generated.chosen)
+            assert pair.id == example_id(pair.prompt, pair.chosen, pair.rejected) != generated.id
+        else:
+            assert (pair.id, pair.chosen, pair.rejected) == (generated.id, generated.chosen, generated.rejected)
     assert parse_source("arithmetic") == GeneratorKnobs("arithmetic")
 
 

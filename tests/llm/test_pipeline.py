@@ -258,3 +258,26 @@ def test_given_specialists_are_loaded_instead_of_trained(tmp_path):
         ids_b = json.loads((second / "run" / "caches" / f"specialist-{task}" / "ids.json").read_text())
         assert ids_b == trained[task]
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
+
+
+def test_sft_baseline_trains_on_chosen_nll_and_is_evaluated_in_the_config_loss(tmp_path):
+    config = experiment(tmp_path, names='["standard", "sft"]')
+    assert main(["llm", "run", str(config), "--quiet"]) == 0
+    out = tmp_path / "run"
+
+    def metrics(method):
+        path = out / "generalists" / method / "seed0" / "metrics.jsonl"
+        return [json.loads(x) for x in path.read_text().splitlines()]
+
+    run = json.loads((out / "generalists" / "sft" / "seed0" / "run.json").read_text())
+    assert run["loss"]["name"] == "sft" and run["mixer"]["name"] == "standard"
+    first = {m: next(x for x in metrics(m) if x["kind"] == "train") for m in ("standard", "sft")}
+    # DPO at the first step is log 2 (policy == reference); SFT is the chosen tokens' NLL, about log(vocab 300)
+    assert first["standard"]["loss"] == pytest.approx(0.6931, abs=1e-3)
+    assert first["sft"]["loss"] > 3.0
+    sft_eval = [x for x in metrics("sft") if x["kind"] == "eval"][-1]
+    summary = json.loads((out / "summary.json").read_text())
+    for task in ("alpha", "beta"):  # evaluated in DPO: the same held-out loss the summary reports, near log 2
+        assert sft_eval["tasks"][task]["loss"] < 2.0
+        assert summary["methods"]["sft"]["tasks"][task]["loss"]["mean"] == pytest.approx(
+            sft_eval["tasks"][task]["loss"])
