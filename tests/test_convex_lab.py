@@ -89,15 +89,19 @@ def rate_problem():
 HORIZONS = [2**j for j in range(8, 15)]
 
 
-@pytest.mark.parametrize("algorithm,seeds", [("ama-r-full", 1), ("ama-r", 6), ("ama-s", 6)])
+@pytest.mark.parametrize("algorithm,seeds", [("ama-r-full", 1), ("ama-r", 12), ("ama-s", 12)])
 def test_rates(rate_problem, algorithm, seeds):
-    """O(1/sqrt T): slope <= -0.4 on the last four horizons (as the reproduction fits it), every gap
-    under its bound, none below -tolerance."""
+    """O(1/sqrt T): slope of the median gap <= -0.4 on the last five horizons (as the reproduction fits
+    it), every gap under its bound, none below -tolerance.
+
+    12 seeds: with 6, the median's slope over these horizons ranged from -0.23 to -0.73 across config seeds
+    (a coin toss at this gate); with 12 it ranged from -0.45 to -0.64 over config seeds 0-5.
+    """
     gap = np.asarray(rate_job(rate_problem, algorithm, HORIZONS, seeds, 12, 0, "dpo")["gap"])
     median = np.median(gap, axis=1)
     assert np.all(gap <= gap_bound(algorithm, rate_problem, HORIZONS)[:, None])
     assert np.all(gap >= -1e-6)
-    assert log_log_fit(HORIZONS[-4:], median[-4:])[0] <= -0.4
+    assert log_log_fit(HORIZONS[-5:], median[-5:])[0] <= -0.4
 
 
 def test_deterministic_ama_r_converges_to_the_cvxpy_optimum(rate_problem):

@@ -31,11 +31,16 @@ def job_rng(seed: int, *names: str) -> np.random.Generator:
 
 def rate_job(solved: SolvedProblem, algorithm: str, horizons: list[int], seeds: int, batch_size: int,
              seed: int, loss: str, progress=None) -> dict:
-    """Primal gaps, shape (horizons, seeds); deterministic runs get 1 seed and their duality gaps."""
+    """Primal gaps, shape (horizons, seeds); deterministic runs get 1 seed and their duality gaps.
+
+    The reproduction gives each horizon its own job (rows of one job all run to its longest horizon, so
+    one job per horizon costs sum T steps instead of len(horizons) x max T); the random numbers depend on
+    the horizons asked for, so a horizon's gaps are the same whichever other horizons a config lists.
+    """
     n_seeds = 1 if algorithm in DETERMINISTIC else seeds
     rows = np.repeat(horizons, n_seeds)
-    result = train_algorithm(algorithm, solved, rows, batch_size, job_rng(seed, "rates", loss, algorithm),
-                             progress=progress)
+    rng = job_rng(seed, "rates", loss, algorithm, *(str(T) for T in horizons))
+    result = train_algorithm(algorithm, solved, rows, batch_size, rng, progress=progress)
     output = dict(gap=(result.worst_excess - solved.opt_value).reshape(len(horizons), n_seeds).tolist())
     if algorithm in DETERMINISTIC:
         output["duality_gap"] = solved.duality_gap(result.theta_bar, result.average_weights).tolist()

@@ -70,14 +70,20 @@ def build_record(config, solved: dict, worst_solved: SolvedProblem, keys: list[t
                                   task_names=[f"task {i} (n={n})" for i, n in enumerate(worst.problem.sizes)],
                                   algorithms={}),
                   exp3=dict(k=config.exp3.k, sequences={}))
+    per_horizon: dict[tuple[str, str], dict[int, dict]] = {}
     for key, output in zip(keys, outputs):
-        if key[0] == "rates":
-            _, loss, algorithm = key
-            record["rates"][loss]["algorithms"][algorithm] = rate_entry(
-                algorithm, solved[loss], rates.horizons, output, config.checks.slope_horizons)
+        if key[0] == "rates":  # one job per (loss, algorithm, horizon): joined below in the config's order
+            _, loss, algorithm, horizon = key
+            per_horizon.setdefault((loss, algorithm), {})[int(horizon)] = output
         elif key[0] == "worst_task":
             record["worst_task"]["algorithms"][key[1]] = dict(**output, label=ALGORITHMS[key[1]])
         else:
             record["exp3"]["sequences"][key[1]] = dict(**output, description=SEQUENCES[key[1]])
+    for (loss, algorithm), by_horizon in per_horizon.items():
+        outputs_in_order = [by_horizon[T] for T in rates.horizons]
+        joined = {field: [row for output in outputs_in_order for row in output[field]]
+                  for field in outputs_in_order[0]}
+        record["rates"][loss]["algorithms"][algorithm] = rate_entry(
+            algorithm, solved[loss], rates.horizons, joined, config.checks.slope_horizons)
     record["elapsed_s"] = elapsed_s
     return record

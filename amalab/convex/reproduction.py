@@ -30,10 +30,11 @@ def plan_jobs(config: ReproductionConfig, solved: dict, worst_solved) -> tuple[l
     jobs, names = [], []
     for loss in rates.losses:
         for algorithm in rates.algorithms:
-            jobs.append((rate_job, dict(solved=solved[loss], algorithm=algorithm, horizons=rates.horizons,
-                                        seeds=rates.seeds, batch_size=rates.batch_size, seed=config.seed,
-                                        loss=loss), max(rates.horizons)))
-            names.append(("rates", loss, algorithm))
+            for horizon in rates.horizons:  # one job per horizon: see rate_job
+                jobs.append((rate_job, dict(solved=solved[loss], algorithm=algorithm, horizons=[horizon],
+                                            seeds=rates.seeds, batch_size=rates.batch_size, seed=config.seed,
+                                            loss=loss), horizon))
+                names.append(("rates", loss, algorithm, str(horizon)))
     for algorithm in worst.algorithms:
         jobs.append((worst_task_job, dict(solved=worst_solved, algorithm=algorithm, horizon=worst.horizon,
                                           seeds=worst.seeds, batch_size=worst.batch_size,

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from amalab.errors import ConfigError
 from amalab.llm.baseline_merges import add_generation, merged_specialists
@@ -210,16 +211,20 @@ def prepare(config: LLMConfig, world: World = World(), show_progress: bool = Tru
     experiment.reference = _cached(
         experiment, out / "caches" / "reference", experiment.reference_manifest,
         lambda: _timed(experiment, "reference log-probs", len(unique),
-                       lambda: pair_logps(base, unique, experiment.pad_token_id, config.train.eval_batch_size,
-                                          device, world)))
+                       lambda progress: pair_logps(base, unique, experiment.pad_token_id,
+                                                   config.train.eval_batch_size, device, world, progress)))
     return experiment
 
 
 def _timed(experiment: Experiment, what: str, n: int, fn):
+    """``fn(progress)`` with a progress bar over its ``n`` pairs (rank 0); then its time and throughput."""
     import time
 
     start = time.perf_counter()
-    result = fn()
+    with tqdm(total=n, desc=what, unit="pair", dynamic_ncols=True, mininterval=1.0,
+              disable=not (experiment.show_progress and experiment.world.is_main)) as bar:
+        # each rank scores about 1/W of the pairs: rank 0's count, scaled, is the whole job's progress
+        result = fn(lambda done: bar.update(done * experiment.world.size))
     seconds = time.perf_counter() - start
     experiment.say(f"{what}: {n} pairs in {seconds:.1f} s ({n / max(seconds, 1e-9):.1f} pairs/s)")
     return result
@@ -230,9 +235,9 @@ def _loss_cache(experiment: Experiment, model, pairs: list[TokenizedPair], folde
     """Per-example losses of ``model`` on ``pairs`` (the baseline s(z)), cached in ``folder``."""
     unique = list({p.id: p for p in pairs}.values())
 
-    def build():
+    def build(progress):
         logps = pair_logps(model, unique, experiment.pad_token_id, experiment.config.train.eval_batch_size,
-                           experiment.device, experiment.world)
+                           experiment.device, experiment.world, progress)
         ids = [p.id for p in unique]
         losses, _ = pair_losses(logps, experiment.reference, ids, experiment.config.loss.name,
                                 experiment.config.loss.beta)
