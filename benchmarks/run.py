@@ -6,7 +6,9 @@ Parts (``--parts``):
   step      generalist step time and peak memory: amalab (ama-r, ama-s, standard) and TRL DPOTrainer
             (precompute_ref_log_probs=True), interleaved rounds, one subprocess per variant and round;
   features  throughput features measured as extra variants of the same rounds: gradient checkpointing,
-            torch.compile of the backbone, bf16 autocast (CUDA only);
+            torch.compile of the backbone, bf16 autocast (CUDA only), length-grouped micro-batches
+            (gradient accumulation in micro-batches of 2 over pairs of the data's own lengths, grouped
+            against not grouped);
   cache     reference-cache building, pairs/s: length-sorted batches (amalab) against data order;
   memory    peak memory of forward + backward of the log-prob computation at vocabulary 49152.
 See benchmarks/README.md for the JSON schema.
@@ -34,6 +36,7 @@ MIXERS = ("ama-r", "ama-s", "standard")
 TRL = "trl-dpo"
 TARGET_VS_TRL = 0.75  # amalab's step <= 0.75x TRL's (issue 8)
 TARGET_VS_STANDARD = 1.02  # AMA-R / AMA-S <= 1.02x amalab's standard step
+MICRO_BATCH = 2  # pairs per forward in the length-grouping variants (gradient accumulation over the batch)
 
 
 def parse_args(argv=None):
@@ -56,7 +59,7 @@ def parse_args(argv=None):
                         help="torch CPU threads in every measurement (0: torch's default, all cores)")
     parser.add_argument("--data", default=str(HH_HARMLESS),
                         help="HH-RLHF style pairs file; missing or '' gives synthetic pairs")
-    features = ["gradient_checkpointing", "compile", "bf16_autocast"]
+    features = ["gradient_checkpointing", "compile", "bf16_autocast", "length_grouping"]
     parser.add_argument("--features", nargs="+", default=features, choices=features)
     parser.add_argument("--cache-pairs", type=int, default=64, help="pairs scored per cache-building pass")
     parser.add_argument("--cache-seq-len", type=int, default=256, help="max_length of the cache pairs")
@@ -135,10 +138,11 @@ def step_variants(args, device_type: str) -> tuple[dict[str, dict], dict[str, st
             else:
                 skipped["bf16_autocast"] = ("CPU: amalab runs plain float32 on CPU (bf16 autocast is its "
                                             "CUDA policy), so there is nothing to toggle here")
-        skipped["length_grouped_batching"] = (
-            "not a training option of amalab (the mixer draws each slot's task, the sampler its example); "
-            "the timed pairs all have the same length anyway. Length sorting is measured where amalab uses "
-            "it: cache building (part 'cache')")
+        if "length_grouping" in args.features:  # micro-batches of the data's own lengths, grouped or not
+            micro = {"worker": "amalab_step", "mixer": "standard", "variable_length": True,
+                     "micro_batch_size": MICRO_BATCH}
+            variants["amalab-standard+micro"] = {**micro, "group_by_length": False}
+            variants["amalab-standard+micro+grouped"] = {**micro, "group_by_length": True}
         skipped["padding_free"] = ("not implemented in amalab; TRL 1.16 disables padding_free (it warns and "
                                    "falls back to padding)")
     return variants, skipped
@@ -168,6 +172,9 @@ def summarize_variant(rounds: list[dict], peak_tflops: float | None) -> dict:
         if "peak_cuda_allocated_mib" in ok[0]["memory"]:
             summary["peak_cuda_allocated_mib"] = spread([r["memory"]["peak_cuda_allocated_mib"] for r in ok])
         summary["data"] = ok[0]["data"]
+        padded = [t for r in ok for t in r.get("padded_tokens_per_step", [])]
+        if padded:
+            summary["padded_tokens_per_step"] = float(np.median(padded))
     return summary
 
 
@@ -223,6 +230,13 @@ def step_benchmark(args, model: str, device, peak_tflops, log_dir: Path) -> dict
                 features[name] = {"variant": variant, "baseline": "amalab-standard",
                                   "step_time_ratio_vs_baseline": on_off,
                                   "peak_rss_growth_mib": summaries[variant].get("peak_rss_growth_mib")}
+        grouped, plain = "amalab-standard+micro+grouped", "amalab-standard+micro"
+        if grouped in summaries and plain in summaries:
+            features["length_grouping"] = {
+                "variant": grouped, "baseline": plain, "micro_batch_size": MICRO_BATCH,
+                "step_time_ratio_vs_baseline": ratio(summaries, grouped, plain),
+                "padded_tokens_per_step": {v: summaries[v].get("padded_tokens_per_step") for v in (grouped, plain)},
+                "real_tokens_per_step": {v: summaries[v].get("tokens_per_step") for v in (grouped, plain)}}
         result["features"] = features
     return result
 

@@ -45,9 +45,11 @@ def _apply_gradient_checkpointing(model, spec: dict) -> None:
 
 
 def _step_pairs(tokenizer, spec: dict):
+    """The timed pairs: every row exactly ``seq_len`` tokens, or (``variable_length``) the data's own lengths
+    up to ``seq_len``, what length grouping is measured on."""
     steps = spec["warmup_steps"] + spec["timed_steps"]
-    return workload.tokenized_pairs(tokenizer, spec["batch_size"] * steps, spec["seq_len"], full_length=True,
-                                    data=_data_path(spec))
+    return workload.tokenized_pairs(tokenizer, spec["batch_size"] * steps, spec["seq_len"],
+                                    full_length=not spec.get("variable_length"), data=_data_path(spec))
 
 
 def _data_path(spec: dict) -> Path | None:
@@ -96,7 +98,9 @@ def amalab_step(spec: dict) -> dict:
     mixer = make_mixer(spec["mixer"], 2, sizes=[len(t) for t in tasks], **MIXER_OPTIONS[spec["mixer"]])
     steps = spec["warmup_steps"] + spec["timed_steps"]
     optim = OptimConfig(steps=steps, batch_size=spec["batch_size"], lr=spec["lr"], warmup_steps=0,
-                        weight_decay=0.0, grad_clip=1.0, eval_batch_size=spec["batch_size"])
+                        weight_decay=0.0, grad_clip=1.0, eval_batch_size=spec["batch_size"],
+                        micro_batch_size=spec.get("micro_batch_size", 0),
+                        group_by_length=spec.get("group_by_length", True))
     memory_at_end = {}
 
     def skip_checkpoint_but_read_memory(*args, **kwargs):
@@ -126,6 +130,7 @@ def amalab_step(spec: dict) -> dict:
         shutil.rmtree(run_dir, ignore_errors=True)
     train = [r for r in records if r["kind"] == "train"][spec["warmup_steps"]:]
     result = _timing_summary([r["seconds"] for r in train], [r["tokens"] for r in train])
+    result["padded_tokens_per_step"] = [r["padded_tokens"] for r in train]
     result.update(memory=memory_at_end, data=source, parameters=workload.count_parameters(model),
                   gradient_checkpointing_active=_checkpointing_active(model))
     return result

@@ -92,6 +92,11 @@ def collate_pairs(
     )
 
 
+def padded_length(pair: TokenizedPair) -> int:
+    """The columns a pair needs in a batch: the longer of its two rows."""
+    return max(pair.chosen_length, pair.rejected_length)
+
+
 def length_sorted_batches(pairs: Sequence[TokenizedPair], batch_size: int) -> list[list[TokenizedPair]]:
     """Batches of pairs of similar length (longest first), for no-gradient passes such as cache building.
 
@@ -100,8 +105,6 @@ def length_sorted_batches(pairs: Sequence[TokenizedPair], batch_size: int) -> li
     """
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ConfigError(f"batch_size: expected a positive integer, got {batch_size!r}")
-    order = sorted(
-        range(len(pairs)), key=lambda i: (-max(pairs[i].chosen_length, pairs[i].rejected_length), i)
-    )
+    order = sorted(range(len(pairs)), key=lambda i: (-padded_length(pairs[i]), i))
     ordered = [pairs[i] for i in order]
     return [ordered[start : start + batch_size] for start in range(0, len(ordered), batch_size)]

@@ -131,6 +131,9 @@ class OptimConfig:
     steps: int = 20
     batch_size: int = 8  # pairs per optimizer step, over all ranks
     micro_batch_size: int = 0  # pairs per forward on one rank; 0 = the whole per-rank batch
+    #: with micro-batches: put a step's pairs of similar length in the same micro-batch (less padding; the
+    #: step's gradient is the same sum over the same pairs)
+    group_by_length: bool = True
     lr: float = 1e-4
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1

@@ -39,7 +39,7 @@ from tqdm import tqdm
 from amalab.errors import ConfigError
 from amalab.llm.cache import ValueCache
 from amalab.llm.checkpoint import capture_rng_states, load_latest, restore_rng_states, save_checkpoint
-from amalab.llm.collate import collate_pairs
+from amalab.llm.collate import collate_pairs, padded_length
 from amalab.llm.config import OptimConfig
 from amalab.llm.distributed import (World, all_reduce_gradients, all_reduce_sum, check_ranks_agree, gather_full,
                                     is_sharded, policy_logps, rank_slots, shard_like, unwrap)
@@ -80,6 +80,32 @@ class TrainingRun:
     description: dict = field(default_factory=dict)
     #: the loss held-out evaluation reports (None: ``loss``); an sft baseline is evaluated in the DPO loss
     eval_loss: str | None = None
+
+
+def length_grouped_chunks(slots: np.ndarray, lengths: list[int], micro: int) -> list[np.ndarray]:
+    """This step's slots in micro-batches of ``micro`` pairs of similar length (what ``group_by_length`` does),
+    so each micro-batch pads its rows to a length close to their own.
+
+    Consecutive runs of the slots sorted longest first; when ``micro`` does not divide the slots, the short
+    micro-batch goes wherever it pads least. The padding, sum over micro-batches g of |g| max_{j in g}
+    length_j, is then the least of any cut into micro-batches of these sizes (checked by enumeration in the
+    tests). Ties keep slot order: deterministic, so a resumed run groups exactly as the uninterrupted one.
+    """
+    ranked = sorted(range(len(slots)), key=lambda i: (-lengths[i], i))
+    order, longest = slots[ranked], [lengths[i] for i in ranked]
+    n, short = len(order), len(order) % micro
+    sizes_by_place = [[micro] * (n // micro)] if not short else \
+        [[micro] * g + [short] + [micro] * (n // micro - g) for g in range(n // micro + 1)]
+
+    def cuts(sizes):
+        return np.cumsum([0] + sizes)
+
+    def padding(sizes):  # each micro-batch's longest pair is its first
+        return sum(size * longest[start] for size, start in zip(sizes, cuts(sizes)))
+
+    best = min(sizes_by_place, key=padding)
+    bounds = cuts(best)
+    return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def lr_factor(step: int, steps: int, warmup: int, min_ratio: float) -> float:
@@ -249,7 +275,12 @@ def run_training(model, run: TrainingRun, device: torch.device, world: World = W
         stats, diverged = np.zeros((3, k)), None
         tokens, loss_sum = 0.0, 0.0
         pending = []  # sequential AMA-R keeps its one micro-batch's graph until alpha is updated
-        for c, chunk in enumerate(chunks):
+        padded = 0.0
+        step_chunks = chunks
+        if optim.group_by_length and len(chunks) > 1:
+            step_chunks = length_grouped_chunks(slots, [padded_length(run.train_sets[picks[j][0]][picks[j][1]])
+                                                        for j in slots], micro)
+        for c, chunk in enumerate(step_chunks):
             pairs = [run.train_sets[picks[j][0]][picks[j][1]] for j in chunk]
             batch = collate_pairs(pairs, run.pad_token_id).to(device)
             ids = list(batch.ids)
@@ -276,6 +307,7 @@ def run_training(model, run: TrainingRun, device: torch.device, world: World = W
                 diverged = f"{run.name}: {e}"
                 stats[:] = np.nan
             tokens += float(batch.attention_mask.sum())
+            padded += float(batch.attention_mask.numel())
             loss_sum += float(np.nansum(values))
             if mixer.update_first:
                 pending.append((losses, chunk_tasks, values, baseline))
@@ -284,8 +316,8 @@ def run_training(model, run: TrainingRun, device: torch.device, world: World = W
                 # FSDP a backward pass is a collective that the other ranks wait for
                 coeffs = np.zeros(len(chunk)) if diverged else mixer.coefficients(chunk_tasks, values, baseline, counts)
                 (torch.from_numpy(coeffs).to(device, losses.dtype) * losses).sum().backward()
-        reduced = all_reduce_sum(np.concatenate([stats.ravel(), [tokens, loss_sum]]), world)
-        stats, tokens, loss_sum = reduced[:3 * k].reshape(3, k), reduced[-2], reduced[-1]
+        reduced = all_reduce_sum(np.concatenate([stats.ravel(), [tokens, padded, loss_sum]]), world)
+        stats, (tokens, padded, loss_sum) = reduced[:3 * k].reshape(3, k), reduced[-3:]
         if not np.all(np.isfinite(stats)):
             raise TrainingDiverged((diverged or f"{run.name}: step {step + 1}: another rank saw a non-finite loss")
                                    + f"; the last good checkpoint is step {last_good} in {run.run_dir}")
@@ -313,7 +345,7 @@ def run_training(model, run: TrainingRun, device: torch.device, world: World = W
         elapsed = time.perf_counter() - began
         excess = stats[1] / np.maximum(stats[COUNT], 1)
         log({"step": done, "kind": "train", "loss": loss_sum / optim.batch_size, "lr": lr,
-             "grad_norm": float(grad_norm), "tokens": tokens, "seconds": elapsed,
+             "grad_norm": float(grad_norm), "tokens": tokens, "padded_tokens": padded, "seconds": elapsed,
              "tokens_per_s": tokens / elapsed, "task_counts": stats[COUNT].tolist(),
              "batch_excess": excess.tolist(), "weights": np.asarray(mixer.weights).tolist(),
              "average_weights": np.asarray(mixer.average_weights).tolist()})

@@ -66,3 +66,25 @@ def test_smallest_benchmark_writes_the_documented_json(tmp_path):
         assert cache[method]["median_pairs_per_s"] > 0
     # sorting by length never pads more than data order does
     assert cache["padded_tokens"]["length_sorted"] <= cache["padded_tokens"]["data_order"]
+
+
+def test_length_grouping_feature_pads_less_for_the_same_tokens(tmp_path):
+    import torch
+
+    from benchmarks.run import main
+
+    threads = torch.get_num_threads()
+    try:
+        results = main(["--models", "tiny", "--parts", "features", "--features", "length_grouping",
+                        "--mixers", "standard", "--rounds", "1", "--warmup-steps", "1", "--timed-steps", "2",
+                        "--seq-len", "512", "--threads", "1", "--data", "", "--device", "cpu", "--in-process",
+                        "--out", str(tmp_path / "bench")])
+    finally:
+        torch.set_num_threads(threads)
+    feature = results["step_time"]["tiny"]["features"]["length_grouping"]
+    grouped, plain = feature["variant"], feature["baseline"]
+    assert (grouped, plain) == ("amalab-standard+micro+grouped", "amalab-standard+micro")
+    real, padded = feature["real_tokens_per_step"], feature["padded_tokens_per_step"]
+    assert real[grouped] == real[plain] < 2 * 8 * 512  # the same pairs, of their own (varied) lengths
+    assert real[grouped] <= padded[grouped] < padded[plain]  # grouping removes padding
+    assert feature["step_time_ratio_vs_baseline"]["median"] > 0

@@ -223,3 +223,56 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_factor(10, 10, 2, 0.1) == pytest.approx(0.1)
     mid = 2 + 4  # halfway through the decay: the cosine is at its mean
     assert lr_factor(mid, 10, 2, 0.1) == pytest.approx(0.55)
+
+
+def _padding_cost(chunks, lengths) -> int:
+    return sum(2 * len(chunk) * max(lengths[j] for j in chunk) for chunk in chunks)
+
+
+def _partitions(items: list[int], size: int):
+    """Every way to cut ``items`` into groups of ``size`` (the last may be smaller), by enumeration."""
+    if len(items) <= size:
+        yield [items]
+        return
+    import itertools
+
+    first, rest = items[0], items[1:]
+    for others in itertools.combinations(rest, size - 1):
+        remaining = [x for x in rest if x not in others]
+        for tail in _partitions(remaining, size):
+            yield [[first, *others], *tail]
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("n, micro", [(6, 2), (7, 3), (8, 4)])
+def test_length_grouped_chunks_pad_as_little_as_any_partition(n, micro, seed):
+    from amalab.llm.train import length_grouped_chunks
+
+    rng = np.random.default_rng(seed)
+    slots = np.arange(n) * 3 + 1  # slot numbers are not positions
+    lengths = rng.integers(5, 60, size=n).tolist()
+    chunks = length_grouped_chunks(slots, lengths, micro)
+    position = {int(s): i for i, s in enumerate(slots)}
+    assert sorted(int(s) for c in chunks for s in c) == sorted(slots.tolist())  # every slot once
+    assert sorted(len(c) for c in chunks) == sorted(len(c) for c in (range(n)[i:i + micro] for i in range(0, n, micro)))
+    best = min(_padding_cost(p, lengths) for p in _partitions(list(range(n)), micro))
+    assert _padding_cost([[position[int(s)] for s in c] for c in chunks], lengths) == best
+
+
+def test_length_grouped_micro_batches_pad_less_for_the_same_step(setup, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+    runs = {}
+    for grouped in (False, True):
+        RecordingAdamW.steps = []
+        name = f"grouped-{grouped}"
+        train(setup, make_run(setup, tmp_path, "ama-s", name, steps=3, batch_size=8, micro_batch_size=2,
+                              group_by_length=grouped))
+        lines = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        runs[grouped] = (RecordingAdamW.steps[0], [x for x in lines if x["kind"] == "train"])
+    (plain_grads, plain), (grouped_grads, grouped) = runs[False], runs[True]
+    for a, b in zip(plain_grads, grouped_grads):  # the same pairs, only summed in another order
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    for a, b in zip(plain, grouped):
+        assert a["tokens"] == b["tokens"] and b["padded_tokens"] <= a["padded_tokens"]
+        np.testing.assert_allclose(a["weights"], b["weights"], rtol=1e-9)
+    assert sum(b["padded_tokens"] for b in grouped) < sum(a["padded_tokens"] for a in plain)
