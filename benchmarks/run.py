@@ -175,6 +175,9 @@ def summarize_variant(rounds: list[dict], peak_tflops: float | None) -> dict:
         padded = [t for r in ok for t in r.get("padded_tokens_per_step", [])]
         if padded:
             summary["padded_tokens_per_step"] = float(np.median(padded))
+        mixer = [t for r in ok for t in r.get("mixer_seconds_per_step", [])]
+        if mixer:  # the mixer's own work inside the step (draw, baselines, statistics, coefficients, update)
+            summary["mixer_seconds"] = spread(mixer)
     return summary
 
 

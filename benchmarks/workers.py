@@ -131,6 +131,7 @@ def amalab_step(spec: dict) -> dict:
     train = [r for r in records if r["kind"] == "train"][spec["warmup_steps"]:]
     result = _timing_summary([r["seconds"] for r in train], [r["tokens"] for r in train])
     result["padded_tokens_per_step"] = [r["padded_tokens"] for r in train]
+    result["mixer_seconds_per_step"] = [r["mixer_seconds"] for r in train]
     result.update(memory=memory_at_end, data=source, parameters=workload.count_parameters(model),
                   gradient_checkpointing_active=_checkpointing_active(model))
     return result

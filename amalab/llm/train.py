@@ -270,6 +270,7 @@ def run_training(model, run: TrainingRun, device: torch.device, world: World = W
     for step in range(start, end):
         began = time.perf_counter()
         task_ids = mixer.draw(draw_rng, optim.batch_size)
+        mixer_seconds = time.perf_counter() - began  # the mixer's own work in the step, logged beside its time
         picks = sampler.take(task_ids)
         counts = np.bincount(task_ids, minlength=k).astype(float)
         stats, diverged = np.zeros((3, k)), None
@@ -294,6 +295,7 @@ def run_training(model, run: TrainingRun, device: torch.device, world: World = W
                                           chosen_token_counts=batch.chosen_token_counts,
                                           rejected_token_counts=batch.rejected_token_counts)
             values = losses.detach().double().cpu().numpy()
+            mixer_began = time.perf_counter()
             chunk_tasks = task_ids[chunk]
             baseline = None
             if run.baselines is not None:
@@ -306,6 +308,7 @@ def run_training(model, run: TrainingRun, device: torch.device, world: World = W
             except ValueError as e:  # finish the step's collectives on every rank, then stop everywhere
                 diverged = f"{run.name}: {e}"
                 stats[:] = np.nan
+            mixer_seconds += time.perf_counter() - mixer_began
             tokens += float(batch.attention_mask.sum())
             padded += float(batch.attention_mask.numel())
             loss_sum += float(np.nansum(values))
@@ -314,20 +317,24 @@ def run_training(model, run: TrainingRun, device: torch.device, world: World = W
             else:
                 # a diverged step is abandoned after the all-reduce below; its backward still runs, since under
                 # FSDP a backward pass is a collective that the other ranks wait for
+                mixer_began = time.perf_counter()
                 coeffs = np.zeros(len(chunk)) if diverged else mixer.coefficients(chunk_tasks, values, baseline, counts)
+                mixer_seconds += time.perf_counter() - mixer_began
                 (torch.from_numpy(coeffs).to(device, losses.dtype) * losses).sum().backward()
         reduced = all_reduce_sum(np.concatenate([stats.ravel(), [tokens, padded, loss_sum]]), world)
         stats, (tokens, padded, loss_sum) = reduced[:3 * k].reshape(3, k), reduced[-3:]
         if not np.all(np.isfinite(stats)):
             raise TrainingDiverged((diverged or f"{run.name}: step {step + 1}: another rank saw a non-finite loss")
                                    + f"; the last good checkpoint is step {last_good} in {run.run_dir}")
+        mixer_began = time.perf_counter()
+        mixer.update(stats)
+        if mixer.update_first:  # sequential AMA-R: this step's coefficients come from the updated weights
+            coefficients = [mixer.coefficients(chunk_tasks, values, baseline, counts)
+                            for _, chunk_tasks, values, baseline in pending]
+        mixer_seconds += time.perf_counter() - mixer_began
         if mixer.update_first:
-            mixer.update(stats)
-            for losses, chunk_tasks, values, baseline in pending:
-                coeffs = mixer.coefficients(chunk_tasks, values, baseline, counts)
+            for (losses, *_), coeffs in zip(pending, coefficients):
                 (torch.from_numpy(coeffs).to(device, losses.dtype) * losses).sum().backward()
-        else:
-            mixer.update(stats)
         if not sharded:  # FSDP has reduced the gradients (a sum over ranks) in the backward pass
             all_reduce_gradients(params, world)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, optim.grad_clip if optim.grad_clip > 0 else math.inf)
@@ -346,6 +353,7 @@ def run_training(model, run: TrainingRun, device: torch.device, world: World = W
         excess = stats[1] / np.maximum(stats[COUNT], 1)
         log({"step": done, "kind": "train", "loss": loss_sum / optim.batch_size, "lr": lr,
              "grad_norm": float(grad_norm), "tokens": tokens, "padded_tokens": padded, "seconds": elapsed,
+             "mixer_seconds": mixer_seconds,
              "tokens_per_s": tokens / elapsed, "task_counts": stats[COUNT].tolist(),
              "batch_excess": excess.tolist(), "weights": np.asarray(mixer.weights).tolist(),
              "average_weights": np.asarray(mixer.average_weights).tolist()})
