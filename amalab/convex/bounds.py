@@ -51,13 +51,14 @@ def ama_r_minibatch_bound(D, G, Bl, k, T):
 
 
 def ama_r_simultaneous_bound(D, G, Bl, k, T):
-    """Minibatch AMA-R with simultaneous play (docs/maths.md (4c)), in expectation:
+    """Minibatch AMA-R with simultaneous play (docs/maths.md (4c)), in expectation (docs/maths.md (11s)):
 
         3 (D G + Bl sqrt(ln(k) / 2)) / sqrt(T)
 
     the first term of :func:`ama_r_minibatch_bound`: theta_t steps with alpha_t, which was fixed before
     the batch was drawn, so both players' gradients are unbiased given the past and the correlation term
-    of sequential play does not arise (Nemirovski et al. 2009's stochastic saddle-point argument).
+    of sequential play does not arise. Proved in docs/maths.md after (11s): the two players' regrets plus
+    a ghost-iterate bound on each player's sampling noise (Nemirovski et al. 2009, section 3).
     """
     return 3.0 * (D * G + Bl * math.sqrt(math.log(k) / 2.0)) / np.sqrt(np.asarray(T, dtype=float))
 
