@@ -100,7 +100,7 @@ def amalab_step(spec: dict) -> dict:
     optim = OptimConfig(steps=steps, batch_size=spec["batch_size"], lr=spec["lr"], warmup_steps=0,
                         weight_decay=0.0, grad_clip=1.0, eval_batch_size=spec["batch_size"],
                         micro_batch_size=spec.get("micro_batch_size", 0),
-                        group_by_length=spec.get("group_by_length", True))
+                        group_by_length=spec.get("group_by_length", False))
     memory_at_end = {}
 
     def skip_checkpoint_but_read_memory(*args, **kwargs):
