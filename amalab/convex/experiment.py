@@ -75,7 +75,7 @@ def _check_algorithms_draw(algorithms: list[str], problem: ProblemSettings, batc
 class RatesConfig:
     losses: list[str] = field(default_factory=lambda: ["dpo", "ipo", "hinge", "least_squares"])
     algorithms: list[str] = field(default_factory=lambda: list(RATE_ALGORITHMS))
-    horizons: list[int] = field(default_factory=lambda: [2**j for j in range(8, 18)])
+    horizons: list[int] = field(default_factory=lambda: [2**j for j in range(8, 19)])
     seeds: int = 48
     batch_size: int = 12
     problem: ProblemSettings = field(default_factory=ProblemSettings)
