@@ -27,6 +27,7 @@ from amalab.llm.data import TaskConfig
 from amalab.mixers import MIXERS, make_mixer
 
 LOSSES = ("dpo", "ipo", "hinge", "sft")
+DEVICES = ("auto", "cpu", "cuda")
 
 #: Methods that are not a mixer of their own: (the mixer they train with, the loss they train on). ``sft`` is
 #: supervised fine-tuning on the chosen responses of the union (reference-free NLL, the size-proportional
@@ -39,7 +40,6 @@ METHODS = (*MIXERS, *LOSS_BASELINES)
 def method_mixer_and_loss(method: str, loss: str) -> tuple[str, str]:
     """The mixer a generalist method trains with and its training loss (``loss``: the config's)."""
     return LOSS_BASELINES.get(method, (method, loss))
-DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True)

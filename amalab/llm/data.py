@@ -439,7 +439,7 @@ def load_task(config: TaskConfig, base_dir: str | Path = ".") -> TaskData:
         if source_kind(config.source)[0] == "generated":
             from amalab.llm.generated import with_verified_labels  # imported here: it imports this module
 
-            eval_pairs, _ = with_verified_labels(eval_pairs)
+            eval_pairs = with_verified_labels(eval_pairs)
     return TaskData(config.name, train, eval_pairs, dropped, source, rows)
 
 

@@ -93,18 +93,17 @@ def length_grouped_chunks(slots: np.ndarray, lengths: list[int], micro: int) -> 
     """
     ranked = sorted(range(len(slots)), key=lambda i: (-lengths[i], i))
     order, longest = slots[ranked], [lengths[i] for i in ranked]
-    n, short = len(order), len(order) % micro
-    sizes_by_place = [[micro] * (n // micro)] if not short else \
-        [[micro] * g + [short] + [micro] * (n // micro - g) for g in range(n // micro + 1)]
+    full, short = divmod(len(order), micro)
+    # the candidate cuts: the short micro-batch (if any) placed after g full ones, for every g
+    candidates = [[micro] * g + [short] * bool(short) + [micro] * (full - g) for g in range(full + 1 if short else 1)]
 
-    def cuts(sizes):
+    def starts(sizes):
         return np.cumsum([0] + sizes)
 
     def padding(sizes):  # each micro-batch's longest pair is its first
-        return sum(size * longest[start] for size, start in zip(sizes, cuts(sizes)))
+        return sum(size * longest[start] for size, start in zip(sizes, starts(sizes)))
 
-    best = min(sizes_by_place, key=padding)
-    bounds = cuts(best)
+    bounds = starts(min(candidates, key=padding))
     return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
@@ -277,12 +276,12 @@ def run_training(model, run: TrainingRun, device: torch.device, world: World = W
         tokens, loss_sum = 0.0, 0.0
         pending = []  # sequential AMA-R keeps its one micro-batch's graph until alpha is updated
         padded = 0.0
+        pair_of = {int(j): run.train_sets[picks[j][0]][picks[j][1]] for j in slots}  # this rank's pairs
         step_chunks = chunks
         if optim.group_by_length and len(chunks) > 1:
-            step_chunks = length_grouped_chunks(slots, [padded_length(run.train_sets[picks[j][0]][picks[j][1]])
-                                                        for j in slots], micro)
+            step_chunks = length_grouped_chunks(slots, [padded_length(pair_of[int(j)]) for j in slots], micro)
         for c, chunk in enumerate(step_chunks):
-            pairs = [run.train_sets[picks[j][0]][picks[j][1]] for j in chunk]
+            pairs = [pair_of[int(j)] for j in chunk]
             batch = collate_pairs(pairs, run.pad_token_id).to(device)
             ids = list(batch.ids)
             if sharded:  # FSDP reduce-scatters gradients once, after the last micro-batch's backward

@@ -166,22 +166,21 @@ def verify(spec: dict, response: str) -> bool:
     return not failed_constraints(spec, response)
 
 
-def with_verified_labels(pairs: list[PreferencePair]) -> tuple[list[PreferencePair], int]:
-    """The pairs with chosen and rejected put back in the order the verifier gives, and how many were swapped.
+def with_verified_labels(pairs: list[PreferencePair]) -> list[PreferencePair]:
+    """The pairs with chosen and rejected put back in the order the verifier gives.
 
     Label noise belongs to the training data (mixed quality); held-out pairs are scored against the truth, so
     a noisy pair whose chosen response fails its verifier while the rejected one passes is turned round (and
     gets the id of its new content).
     """
-    out, fixed = [], 0
+    out = []
     for pair in pairs:
         spec = spec_of(pair.prompt)
         if not verify(spec, pair.chosen) and verify(spec, pair.rejected):
             pair = PreferencePair(example_id(pair.prompt, pair.rejected, pair.chosen), pair.task, pair.prompt,
                                   pair.rejected, pair.chosen)
-            fixed += 1
         out.append(pair)
-    return out, fixed
+    return out
 
 
 def verifier_for(family: str) -> Callable[[dict, str], bool]:
