@@ -52,8 +52,8 @@ def state_digest(state: Mapping[str, torch.Tensor | np.ndarray], prefix: str = "
     Every byte is hashed, not a sample: a sample misses sparse changes (a few embedding rows touched by
     fine-tuning), and a cache reused for another model is the failure digests guard against.
     """
-    tensors = {name: value for name, value in state.items() if isinstance(value, torch.Tensor)}
-    aliases = tied_aliases(tensors)
+    # aliases by sorted name, so the digest does not depend on the order of ``state``
+    aliases = tied_aliases({name: state[name] for name in sorted(state) if isinstance(state[name], torch.Tensor)})
     digest = hashlib.sha256(prefix.encode())
     for name in sorted(state):
         if name in aliases:
