@@ -107,7 +107,7 @@ def merged_specialists(experiment, specialist_caches) -> list[dict]:
                 model = copy.deepcopy(experiment.base_model)
                 model.load_state_dict(merged)
                 final = evaluate(model, experiment.eval_sets, experiment.task_names, experiment.reference,
-                                 specialist_caches, config.loss.name, config.loss.beta, experiment.pad_token_id,
+                                 specialist_caches, config.loss, experiment.pad_token_id,
                                  config.train.eval_batch_size, experiment.device, experiment.world)
                 run_dir.mkdir(parents=True, exist_ok=True)
                 final = add_generation(experiment, model, run_dir, final)

@@ -6,7 +6,7 @@
 
     [model]                          # a hub id or local folder, a GGUF file, or a tiny Llama built here
     [tokenize]                       # max_length, max_prompt_length
-    [loss]                           # dpo | ipo | hinge | sft, beta
+    [loss]                           # name (TRL's loss_type: sigmoid, ipo, ...; or sft), beta and options
     [[tasks]]                        # name, source, held_out, max_examples (amalab.llm.data.TaskConfig)
     [specialists]                    # train one per task (optimizer settings) or load given checkpoints
     [train]                          # generalist optimizer settings, shared by every method
@@ -24,9 +24,9 @@ from pathlib import Path
 from amalab.config import load_section, read_toml
 from amalab.errors import ConfigError
 from amalab.llm.data import TaskConfig
+from amalab.llm.losses import PreferenceLoss
 from amalab.mixers import MIXERS, make_mixer
 
-LOSSES = ("dpo", "ipo", "hinge", "sft")
 DEVICES = ("auto", "cpu", "cuda")
 
 #: Methods that are not a mixer of their own: (the mixer they train with, the loss they train on). ``sft`` is
@@ -110,18 +110,6 @@ class TokenizeConfig:
         if self.max_prompt_length < 1 or self.max_length <= self.max_prompt_length:
             raise ValueError(f"need 1 <= max_prompt_length < max_length, got {self.max_prompt_length} and "
                              f"{self.max_length}")
-
-
-@dataclass(frozen=True)
-class LossConfig:
-    name: str = "dpo"
-    beta: float = 0.1
-
-    def check(self) -> None:
-        if self.name not in LOSSES:
-            raise ValueError(f"name must be one of {', '.join(LOSSES)}; got {self.name!r}")
-        if not self.beta > 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
 
 
 @dataclass(frozen=True)
@@ -265,7 +253,8 @@ class LLMConfig:
     device: str = "auto"
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
+    #: the [loss] table: a name of amalab.llm.losses.PREFERENCE_LOSSES, beta, and TRL's loss options
+    loss: PreferenceLoss = field(default_factory=PreferenceLoss)
     tasks: list = field(default_factory=list)
     specialists: SpecialistsConfig = field(default_factory=SpecialistsConfig)
     train: OptimConfig = field(default_factory=OptimConfig)

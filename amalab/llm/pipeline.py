@@ -21,7 +21,7 @@ import copy
 import csv
 import json
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -239,12 +239,11 @@ def _loss_cache(experiment: Experiment, model, pairs: list[TokenizedPair], folde
         logps = pair_logps(model, unique, experiment.pad_token_id, experiment.config.train.eval_batch_size,
                            experiment.device, experiment.world, progress)
         ids = [p.id for p in unique]
-        losses, _ = pair_losses(logps, experiment.reference, ids, experiment.config.loss.name,
-                                experiment.config.loss.beta)
+        losses, _ = pair_losses(logps, experiment.reference, ids, experiment.config.loss)
         return ValueCache(ids, {"loss": losses})
 
     manifest = {**manifest, "reference": experiment.reference_manifest["model"],
-                "loss": experiment.config.loss.name, "beta": experiment.config.loss.beta,
+                "loss": asdict(experiment.config.loss),
                 "data": data_hash(sorted(p.id for p in unique))}
     return _cached(experiment, folder, manifest, lambda: _timed(experiment, what, len(unique), build))
 
@@ -257,13 +256,13 @@ def _train(experiment: Experiment, name: str, run_dir: Path, mixer, train_sets, 
     """Train one model; ``loss``: its training loss (default the config's; evaluation always uses the config's)."""
     model = experiment.policy(seed)
     config_loss = experiment.config.loss
-    loss = loss or config_loss.name
+    loss = replace(config_loss, name=loss or config_loss.name)
     run = TrainingRun(name=name, run_dir=run_dir, mixer=mixer, task_names=task_names, train_sets=train_sets,
                       eval_sets=eval_sets, reference=experiment.reference, baselines=baselines,
-                      specialists=specialists, optim=optim, loss=loss, beta=config_loss.beta, seed=seed,
-                      pad_token_id=experiment.pad_token_id, eval_loss=config_loss.name,
+                      specialists=specialists, optim=optim, loss=loss, seed=seed,
+                      pad_token_id=experiment.pad_token_id, eval_loss=config_loss,
                       description={"name": name, "mixer": description, "seed": seed, "optim": asdict(optim),
-                                   "loss": {**asdict(config_loss), "name": loss},
+                                   "loss": asdict(loss),
                                    "reference": experiment.reference_manifest})
     final = run_training(model, run, experiment.device, experiment.world, experiment.show_progress)
     return model, final
@@ -438,7 +437,7 @@ def reevaluate(config: LLMConfig, world: World = World(), show_progress: bool = 
             model = experiment.trained_policy(run_dir, config.seed + s)
             final = json.loads((run_dir / "final.json").read_text())
             final.update(evaluate(model, experiment.eval_sets, experiment.task_names, experiment.reference,
-                                  specialist_caches, config.loss.name, config.loss.beta, experiment.pad_token_id,
+                                  specialist_caches, config.loss, experiment.pad_token_id,
                                   config.train.eval_batch_size, experiment.device, world))
             final = add_generation(experiment, model, run_dir, final)
             if world.is_main:

@@ -44,7 +44,7 @@ from amalab.llm.config import OptimConfig
 from amalab.llm.distributed import (World, all_reduce_gradients, all_reduce_sum, check_ranks_agree, gather_full,
                                     is_sharded, policy_logps, rank_slots, shard_like, unwrap)
 from amalab.llm.evaluate import evaluate
-from amalab.llm.losses import preference_losses
+from amalab.llm.losses import PreferenceLoss
 from amalab.llm.models import autocast_context
 from amalab.llm.sampler import TaskSampler
 from amalab.llm.tokenize import TokenizedPair
@@ -72,14 +72,13 @@ class TrainingRun:
     #: per task, the specialist's cached losses: the excess reported by evaluation (None: not reported)
     specialists: list[ValueCache | None]
     optim: OptimConfig
-    loss: str
-    beta: float
+    loss: PreferenceLoss  # the training loss: its name, beta and options
     seed: int
     pad_token_id: int
     #: what the run is, for run.json: a rerun with other settings into the same folder is refused
     description: dict = field(default_factory=dict)
     #: the loss held-out evaluation reports (None: ``loss``); an sft baseline is evaluated in the DPO loss
-    eval_loss: str | None = None
+    eval_loss: PreferenceLoss | None = None
 
 
 def length_grouped_chunks(slots: np.ndarray, lengths: list[int], micro: int) -> list[np.ndarray]:
@@ -257,7 +256,7 @@ def run_training(model, run: TrainingRun, device: torch.device, world: World = W
 
     def run_eval(step: int) -> dict:  # every rank evaluates its share (evaluate shards the pairs)
         result = evaluate(model, run.eval_sets, run.task_names, run.reference, run.specialists,
-                          run.eval_loss or run.loss, run.beta, run.pad_token_id, optim.eval_batch_size, device, world)
+                          run.eval_loss or run.loss, run.pad_token_id, optim.eval_batch_size, device, world)
         log({"step": step, "kind": "eval", **result})
         return result
 
@@ -288,11 +287,11 @@ def run_training(model, run: TrainingRun, device: torch.device, world: World = W
                 model.set_requires_gradient_sync(c == len(chunks) - 1 or mixer.update_first)
             with autocast_context(device):
                 logps = policy_logps(model, batch)
-            ref = [torch.from_numpy(run.reference.get(c, ids)).to(device, torch.float32)
+            ref = [torch.from_numpy(run.reference.get(c, ids)).to(device, logps.chosen.dtype)
                    for c in ("chosen", "rejected")]
-            losses, _ = preference_losses(run.loss, logps.chosen, logps.rejected, *ref, run.beta,
-                                          chosen_token_counts=batch.chosen_token_counts,
-                                          rejected_token_counts=batch.rejected_token_counts)
+            losses, _ = run.loss(logps.chosen, logps.rejected, *ref,
+                                 chosen_token_counts=batch.chosen_token_counts,
+                                 rejected_token_counts=batch.rejected_token_counts)
             values = losses.detach().double().cpu().numpy()
             mixer_began = time.perf_counter()
             chunk_tasks = task_ids[chunk]
