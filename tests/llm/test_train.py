@@ -144,10 +144,10 @@ def test_one_step_matches_a_hand_written_ama_s_step(setup, tmp_path):
     batch = collate_pairs(pairs, setup["tokenizer"].pad_token_id)
     logps = sequence_logps(model, batch)
     ids = list(batch.ids)
-    ref_c = torch.from_numpy(setup["reference"].get("chosen", ids)).float()
-    ref_r = torch.from_numpy(setup["reference"].get("rejected", ids)).float()
+    ref_c = torch.from_numpy(setup["reference"].get("chosen", ids))  # float64, as the loop reads the cache
+    ref_r = torch.from_numpy(setup["reference"].get("rejected", ids))
     losses, _ = preference_losses("dpo", logps.chosen, logps.rejected, ref_c, ref_r, 0.1)
-    s = torch.from_numpy(setup["specialist"].get("loss", ids)).float()
+    s = torch.from_numpy(setup["specialist"].get("loss", ids))
     objective = torch.clamp(losses - s, min=0).sum() / 4  # mean clipped excess: AMA-S's gradient
     objective.backward()
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.0)
