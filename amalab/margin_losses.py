@@ -1,8 +1,9 @@
-"""The preference losses that are functions of the margin alone, one definition for numpy arrays and torch tensors.
+"""The preference losses that are functions of the margin alone, one definition for numpy and torch.
 
 With the implicit reward margin (docs/maths.md section 10, (10a))
     h = beta * ( [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)] ),
-these per-example losses depend on h alone (TRL's ``DPOTrainer`` names; eps = label_smoothing, tau = discopop_tau):
+these per-example losses depend on h alone (TRL's ``DPOTrainer`` names; eps = label_smoothing,
+tau = discopop_tau):
 
     sigmoid   l = -log sigmoid(h) = softplus(-h)                                 (10c; ``dpo`` is an alias)
     hinge     l = max(0, 1 - h)                                                  (10d)
@@ -19,7 +20,8 @@ recognised only when torch is already imported by the caller.
 
 :data:`MARGIN_LOSSES` is the one registry of these names, with each loss's slope d l / d h (the convex lab's
 constants G use it; torch has autograd) and whether it is convex in h (sigmoid, hinge, ipo, robust are;
-exo_pair and discopop are not: their slopes are not monotone, so the convex lab's bounds do not hold for them).
+exo_pair and discopop are not: their slopes are not monotone, so the convex lab's bounds do not hold for
+them).
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ def hinge_margin_loss(h):
 
 
 def ipo_margin_loss(h, beta: float):
-    """(h / beta - 1 / (2 beta))^2: the squared distance of the log-ratio difference from 1 / (2 beta) (10e)."""
+    """(h / beta - 1 / (2 beta))^2: the log-ratio difference's squared distance from 1 / (2 beta) (10e)."""
     return (_as_float(h) / beta - 0.5 / beta) ** 2
 
 
@@ -90,7 +92,7 @@ def exo_pair_margin_loss(h, label_smoothing: float):
 
 
 def robust_margin_loss(h, label_smoothing: float):
-    """The unbiased loss under preference flips of probability eps in [0, 1/2) (10g): DPO plus a linear term."""
+    """The unbiased loss under label flips of probability eps in [0, 1/2) (10g): DPO plus a linear term."""
     h = _as_float(h)
     return _softplus(-h) - label_smoothing / (1.0 - 2.0 * label_smoothing) * h
 
@@ -119,7 +121,7 @@ def _discopop_slope(h, beta, label_smoothing, discopop_tau):
 
 @dataclass(frozen=True)
 class MarginLossSpec:
-    """A margin-only loss: its value l(h) and slope dl/dh, both (h, beta, label_smoothing, discopop_tau) -> array."""
+    """A margin-only loss: value l(h) and slope dl/dh, each of (h, beta, label_smoothing, discopop_tau)."""
 
     value: Callable
     slope: Callable
@@ -128,7 +130,7 @@ class MarginLossSpec:
 
 _SIGMOID = MarginLossSpec(
     value=lambda h, beta, eps, tau: dpo_margin_loss(h),
-    slope=lambda h, beta, eps, tau: -np.exp(-np.logaddexp(0.0, h)),  # -sigmoid(-h), no overflow or cancellation
+    slope=lambda h, beta, eps, tau: -np.exp(-np.logaddexp(0.0, h)),  # -sigmoid(-h), without overflow
     convex=True,
 )
 
@@ -138,7 +140,7 @@ MARGIN_LOSSES = {
     "dpo": _SIGMOID,
     "hinge": MarginLossSpec(
         value=lambda h, beta, eps, tau: hinge_margin_loss(h),
-        slope=lambda h, beta, eps, tau: np.where(h < 1.0, -1.0, 0.0),  # the right derivative at the kink h = 1
+        slope=lambda h, beta, eps, tau: np.where(h < 1.0, -1.0, 0.0),  # the right derivative at the kink
         convex=True,
     ),
     "ipo": MarginLossSpec(

@@ -1,4 +1,4 @@
-"""Sequence log-probabilities of completions (docs/maths.md section 9): log pi(y|x) = sum of log pi(token) over y.
+"""Sequence log-probabilities of completions (docs/maths.md section 9): log pi(y|x) = sum of log pi(t) over y.
 
 One forward of the backbone on the concatenated [chosen; rejected] batch gives hidden states; the LM head is
 applied only at the positions whose next token is a completion token (the prompt and the padding never reach
@@ -27,8 +27,12 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
                      "lm_head_multiplier")
 
 
+#: the dtype sequence sums accumulate in and are returned in (module docstring); caches of them record it
+SUM_DTYPE = torch.float64
+
+
 class SequenceLogps(NamedTuple):
-    """Summed completion log-probs, shape (B,) each, float64; token counts are in ``batch.chosen_token_counts``."""
+    """Summed completion log-probs, (B,) each, float64; token counts are in ``batch.chosen_token_counts``."""
 
     chosen: torch.Tensor
     rejected: torch.Tensor
@@ -80,8 +84,8 @@ def sequence_logps(model, batch: PreferenceBatch) -> SequenceLogps:
     Works for a plain causal LM and a peft-wrapped one; differentiable (the only forward pass of a step).
     """
     token_logps, rows = completion_token_logps(model, batch)
-    sums = torch.zeros(2 * batch.num_pairs, dtype=torch.float64, device=token_logps.device)
-    sums = sums.index_add(0, rows, token_logps.double())
+    sums = torch.zeros(2 * batch.num_pairs, dtype=SUM_DTYPE, device=token_logps.device)
+    sums = sums.index_add(0, rows, token_logps.to(SUM_DTYPE))
     return SequenceLogps(chosen=sums[: batch.num_pairs], rejected=sums[batch.num_pairs :])
 
 
@@ -94,5 +98,5 @@ def full_logits_sequence_logps(model, batch: PreferenceBatch) -> SequenceLogps:
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
     logps = torch.log_softmax(logits.float(), dim=-1)[:, :-1]  # position t scores token t + 1
     per_token = logps.gather(2, batch.input_ids[:, 1:].unsqueeze(2)).squeeze(2)
-    sums = (per_token.double() * batch.completion_mask[:, :-1]).sum(dim=1)
+    sums = (per_token.to(SUM_DTYPE) * batch.completion_mask[:, :-1]).sum(dim=1)
     return SequenceLogps(chosen=sums[: batch.num_pairs], rejected=sums[batch.num_pairs :])

@@ -8,11 +8,12 @@ With the log-ratios r_w = log pi(y_w|x) - log pi_ref(y_w|x) and r_l = log pi(y_l
         reverse_kl: r   forward_kl: 1 - exp(-r)   js_divergence: log 2 + log sigmoid(r)
         alpha_divergence: (exp((alpha - 1) r) - 1) / (alpha - 1)   (r at alpha = 1)
 
-``sigmoid`` (alias ``dpo``), ``hinge``, ``exo_pair``, ``robust`` and ``discopop`` are the margin-only losses of
-:mod:`amalab.margin_losses` ((10c)-(10h)) at beta (s_w - s_l), which is h under reverse_kl. ``ipo`` and
+``sigmoid`` (alias ``dpo``), ``hinge``, ``exo_pair``, ``robust`` and ``discopop`` are the margin-only losses
+of :mod:`amalab.margin_losses` ((10c)-(10h)) at beta (s_w - s_l), which is h under reverse_kl. ``ipo`` and
 ``sigmoid_norm`` apply the ipo and sigmoid maps to the length-normalized margin (10i)
     h' = beta (s_w / |y_w| - s_l / |y_l|),
-as TRL does (the convention the IPO authors confirmed: the target 1 / (2 beta) does not depend on reply length).
+as TRL does (the convention the IPO authors confirmed: the target 1 / (2 beta) does not depend on reply
+length).
 The others are functions of the rewards beta r_w and beta r_l separately (10j):
 
     nca_pair   -log sigmoid(beta r_w) - 1/2 log sigmoid(-beta r_w) - 1/2 log sigmoid(-beta r_l)
@@ -125,7 +126,8 @@ class PreferenceLoss:
             raise ValueError(f"f_divergence_type: {self.f_divergence_type} applies to the losses of the "
                              f"chosen-rejected score difference only ({', '.join(F_DIVERGENCE_LOSSES)}), "
                              f"not to {self.name}")
-        check_margin_options(LENGTH_NORMALIZED.get(self.name, self.name), self.label_smoothing, self.discopop_tau)
+        check_margin_options(LENGTH_NORMALIZED.get(self.name, self.name), self.label_smoothing,
+                             self.discopop_tau)
 
     def scores(self, log_ratios: torch.Tensor) -> torch.Tensor:
         """s = f'(exp r) of log-ratios r under ``f_divergence_type`` (10b)."""
@@ -205,8 +207,8 @@ def preference_losses(
     rejected_token_counts: torch.Tensor | None = None,
     **options,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(losses (B,), margins h (B,)) of ``PreferenceLoss(name, beta, **options)`` (its options: label_smoothing,
-    discopop_tau, f_divergence_type, f_alpha_divergence_coef, with TRL's defaults)."""
+    """(losses (B,), margins h (B,)) of ``PreferenceLoss(name, beta, **options)``; the options are
+    label_smoothing, discopop_tau, f_divergence_type and f_alpha_divergence_coef, with TRL's defaults."""
     try:
         loss = PreferenceLoss(name, beta, **options)
     except TypeError as e:

@@ -36,6 +36,7 @@ from amalab.llm.config import LLMConfig, method_mixer_and_loss
 from amalab.llm.data import TaskData, load_tasks
 from amalab.llm.distributed import World, any_rank, barrier, is_sharded, shard_policy
 from amalab.llm.evaluate import pair_logps, pair_losses
+from amalab.llm.logprobs import SUM_DTYPE
 from amalab.llm.models import (load_model, load_tokenizer, model_fingerprint, prepare_model, resolve_device,
                                smollm2_gguf_path, tiny_llama, tiny_tokenizer, tokenizer_fingerprint)
 from amalab.llm.tokenize import TokenizationConfig, TokenizedPair, tokenize_pairs
@@ -207,7 +208,8 @@ def prepare(config: LLMConfig, world: World = World(), show_progress: bool = Tru
     unique = list({p.id: p for p in every}.values())
     experiment.reference_manifest = {
         "kind": "reference log-probs", "model": model_fingerprint(base), "tokenizer": tokenizer_fingerprint(tokenizer),
-        "tokenization": tok.to_dict(), "data": data_hash(sorted(p.id for p in unique))}
+        "tokenization": tok.to_dict(), "data": data_hash(sorted(p.id for p in unique)),
+        "sum_dtype": str(SUM_DTYPE)}
     experiment.reference = _cached(
         experiment, out / "caches" / "reference", experiment.reference_manifest,
         lambda: _timed(experiment, "reference log-probs", len(unique),

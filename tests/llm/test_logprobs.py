@@ -73,7 +73,8 @@ def test_long_sequences_are_summed_in_float64(make_model, tokenizer):
         in_float64 = reference_token_logps(copy.deepcopy(model).double(), pairs)
     sums = torch.cat([ours.chosen, ours.rejected])
     assert sums.dtype is torch.float64 and token_logps.dtype is torch.float32
-    exact = torch.tensor([math.fsum(token_logps[rows == row].tolist()) for row in range(4)], dtype=torch.float64)
+    exact = torch.tensor([math.fsum(token_logps[rows == row].tolist()) for row in range(4)],
+                         dtype=torch.float64)
     torch.testing.assert_close(sums, exact, atol=1e-9, rtol=0)
     torch.testing.assert_close(sums, torch.stack([r.sum() for r in in_float64]), atol=2e-5, rtol=0)
 

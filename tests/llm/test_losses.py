@@ -1,8 +1,8 @@
 """Per-example preference losses: closed forms by hand, the shared margin-to-loss maps, and TRL's DPOTrainer.
 
-Every loss is checked per example against TRL's own ``DPOTrainer._compute_loss`` (values and gradients), called
-on one pair at a time (it returns the batch mean), and as a batch mean against a real DPOTrainer step on tiny
-models.
+Every loss is checked per example against TRL's own ``DPOTrainer._compute_loss`` (values and gradients),
+called on one pair at a time (it returns the batch mean), and as a batch mean against a real DPOTrainer step
+on tiny models.
 """
 
 from __future__ import annotations
@@ -152,8 +152,9 @@ def trl_pair_loss(loss: PreferenceLoss, logps, tokens, dtype):
 
     ``self`` is a stub carrying the config fields ``_compute_loss`` reads, and the model returns the policy's
     per-token log-probs (the whole sequence log-prob on the first completion token, zeros elsewhere, so TRL's
-    sum over positions is exact); the reference log-probs come precomputed, as TRL's ``precompute_ref_log_probs``
-    feeds them. TRL's loss code, f-divergence scores and token counts (from the completion mask) are its own.
+    sum over positions is exact); the reference log-probs come precomputed, as TRL's
+    ``precompute_ref_log_probs`` feeds them. The loss code, f-divergence scores and token counts (from the
+    completion mask) are TRL's own.
     """
     from trl import DPOTrainer
 
@@ -170,8 +171,9 @@ def trl_pair_loss(loss: PreferenceLoss, logps, tokens, dtype):
     model = lambda **kwargs: SimpleNamespace(  # noqa: E731
         log_probs=per_token, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool())
     stub = SimpleNamespace(
-        model=SimpleNamespace(training=True), aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True,
-        accelerator=SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda x: x, gather=lambda x: x),
+        model=SimpleNamespace(training=True), aux_loss_enabled=False, ld_alpha=None,
+        precompute_ref_logps=True, accelerator=SimpleNamespace(
+            device=torch.device("cpu"), gather_for_metrics=lambda x: x, gather=lambda x: x),
         loss_types=[{"dpo": "sigmoid"}.get(loss.name, loss.name)], loss_weights=[1.0], beta=loss.beta,
         label_smoothing=loss.label_smoothing, f_divergence_type=loss.f_divergence_type,
         f_alpha_divergence_coef=loss.f_alpha_divergence_coef, use_weighting=False,
@@ -197,8 +199,8 @@ def loss_cases():
         options = {"exo_pair": {"label_smoothing": 0.01}, "robust": {"label_smoothing": 0.1}}.get(name, {})
         cases += [PreferenceLoss(name, 0.3, f_divergence_type="forward_kl", **options),
                   PreferenceLoss(name, 0.3, f_divergence_type="js_divergence", **options)]
-        cases += [PreferenceLoss(name, 0.3, f_divergence_type="alpha_divergence", f_alpha_divergence_coef=alpha,
-                                 **options) for alpha in (0.5, 1.0, 1.7)]
+        cases += [PreferenceLoss(name, 0.3, f_divergence_type="alpha_divergence",
+                                 f_alpha_divergence_coef=alpha, **options) for alpha in (0.5, 1.0, 1.7)]
     return cases
 
 
@@ -240,7 +242,8 @@ def test_discopop_stays_finite_where_trls_exponential_overflows():
 
 # --- a real DPOTrainer on tiny models -------------------------------------------------------------------
 
-def test_every_loss_matches_trls_dpo_trainer(make_model, tokenized_pairs, preference_pairs, tokenizer, tmp_path):
+def test_every_loss_matches_trls_dpo_trainer(make_model, tokenized_pairs, preference_pairs, tokenizer,
+                                             tmp_path):
     """TRL's DPOTrainer loss (its collator, fused head and loss code) on the same tiny models and batch."""
     pytest.importorskip("trl")
     datasets = pytest.importorskip("datasets")
