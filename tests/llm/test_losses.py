@@ -232,7 +232,7 @@ def test_each_loss_equals_trls_per_example_with_its_gradient(loss):
 
 
 def test_discopop_stays_finite_where_trls_exponential_overflows():
-    """exp(-h) sigmoid(h / tau) is 0 * inf in float32 at h = -100 in TRL's form; ours is its limit."""
+    """TRL's exp(-h) * sigmoid(h / tau) is inf * 0 = nan in float32 at h = -100; ours is the limit, 0."""
     h = torch.tensor([-100.0, -30.0], requires_grad=True)
     value = margin_loss("discopop", h, 0.1)
     value.sum().backward()
