@@ -84,13 +84,6 @@ F_DIVERGENCE_LOSSES = (*MARGIN_ONLY, *LENGTH_NORMALIZED, "sft")
 _ALPHA_CLAMP = 80.0
 
 
-def implicit_reward_margins(
-    policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float
-) -> torch.Tensor:
-    """h = beta * ((pi_w - ref_w) - (pi_l - ref_l)) per example (10a)."""
-    return beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))
-
-
 @dataclass(frozen=True)
 class PreferenceLoss:
     """A per-example preference loss and its options, under TRL's names and defaults (module docstring).
@@ -166,7 +159,7 @@ class PreferenceLoss:
             )
         beta = self.beta
         chosen_ratios, rejected_ratios = policy_chosen - ref_chosen, policy_rejected - ref_rejected
-        margins = beta * (chosen_ratios - rejected_ratios)
+        margins = beta * (chosen_ratios - rejected_ratios)  # (10a)
         if self.name == "sft":  # the mean negative log-likelihood per chosen token
             return -policy_chosen / _counts("sft", chosen_token_counts, policy_chosen), margins
         if self.name in REWARD_LOSSES:
