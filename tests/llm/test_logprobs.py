@@ -54,18 +54,23 @@ def test_sequence_logps_equal_the_full_logits_computation(make_model, tokenized_
     torch.testing.assert_close(full.rejected, ours.rejected, **SUM_TOLERANCE)
 
 
-def test_long_sequences_are_summed_in_float64(make_model, tokenizer):
-    """Two pairs of ~900 completion tokens (sums ~ -5000): the float32 token values are summed as exactly as
-    math.fsum sums them, and the result is within 2e-5 of the whole computation in float64 (a float32 running
-    sum of the same tokens is ~4e-3 off here)."""
-    model = make_model(max_position_embeddings=2048)
+def long_pairs(tokenizer) -> list[TokenizedPair]:
+    """Two pairs of random tokens with ~900 and ~600 completion tokens each (sums ~ -5000 and -3500)."""
     generator = torch.Generator().manual_seed(0)
 
     def tokens(n):
         return tuple(torch.randint(3, len(tokenizer), (n,), generator=generator).tolist())
 
-    pairs = [TokenizedPair(id=f"long{i}", task="t", prompt_ids=tokens(5), chosen_ids=tokens(n),
-                           rejected_ids=tokens(n - 7)) for i, n in enumerate((900, 600))]
+    return [TokenizedPair(id=f"long{i}", task="t", prompt_ids=tokens(5), chosen_ids=tokens(n),
+                          rejected_ids=tokens(n - 7)) for i, n in enumerate((900, 600))]
+
+
+def test_long_sequences_are_summed_in_float64(make_model, tokenizer):
+    """Two pairs of ~900 completion tokens (sums ~ -5000): the float32 token values are summed as exactly as
+    math.fsum sums them, and the result is within 2e-5 of the whole computation in float64 (a float32 running
+    sum of the same tokens is ~4e-3 off here)."""
+    model = make_model(max_position_embeddings=2048)
+    pairs = long_pairs(tokenizer)
     batch = collate_pairs(pairs, tokenizer.pad_token_id)
     with torch.no_grad():
         ours = sequence_logps(model, batch)
@@ -77,6 +82,21 @@ def test_long_sequences_are_summed_in_float64(make_model, tokenizer):
                          dtype=torch.float64)
     torch.testing.assert_close(sums, exact, atol=1e-9, rtol=0)
     torch.testing.assert_close(sums, torch.stack([r.sum() for r in in_float64]), atol=2e-5, rtol=0)
+
+
+def test_cached_log_probs_keep_the_float64_sums(make_model, tokenizer):
+    """What the reference cache stores (``pair_logps``) is the float64 sum itself, never a float32 copy
+    (at sums ~ -5000 a float32 copy is up to 2.4e-4 off)."""
+    from amalab.llm.evaluate import pair_logps
+
+    model = make_model(max_position_embeddings=2048)
+    pairs = long_pairs(tokenizer)
+    with torch.no_grad():
+        ours = sequence_logps(model, collate_pairs(pairs, tokenizer.pad_token_id))
+    cache = pair_logps(model, pairs, tokenizer.pad_token_id, len(pairs), torch.device("cpu"))
+    for column, sums in (("chosen", ours.chosen), ("rejected", ours.rejected)):
+        torch.testing.assert_close(torch.from_numpy(cache.get(column, [p.id for p in pairs])), sums,
+                                   atol=1e-9, rtol=0)
 
 
 def test_the_check_fails_when_the_mask_is_off_by_one(make_model, tokenized_pairs, tokenizer):
