@@ -8,7 +8,11 @@ on tiny models.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from collections import defaultdict
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -85,6 +89,13 @@ def test_a_margin_loss_is_marked_convex_exactly_when_its_slope_never_decreases(n
     h = np.linspace(-20, 20, 4001)
     slopes = margin_loss_slope(name, h, 0.5, **MARGIN_OPTIONS)
     assert bool(np.all(np.diff(slopes) >= -1e-12)) == MARGIN_LOSSES[name].convex
+
+
+def test_the_margin_losses_import_no_torch():
+    """The convex lab uses them without torch."""
+    root = Path(__file__).resolve().parents[2]
+    code = "import sys, amalab.margin_losses; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
 
 
 @pytest.mark.parametrize("name", ("dpo", "ipo", "hinge"))
