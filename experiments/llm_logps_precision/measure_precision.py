@@ -47,7 +47,8 @@ def main() -> None:
                 ids = list(p.prompt_ids) + list(getattr(p, completion))
                 logps = torch.log_softmax(in_float64(input_ids=torch.tensor([ids])).logits[0], dim=-1)
                 start = len(p.prompt_ids) - 1
-                exact.append(math.fsum(logps[start + j, t].item() for j, t in enumerate(getattr(p, completion))))
+                targets = getattr(p, completion)
+                exact.append(math.fsum(logps[start + j, t].item() for j, t in enumerate(targets)))
     exact = torch.tensor(exact, dtype=torch.float64)
     print("sums:", [round(x, 2) for x in exact.tolist()])
     print(f"float32 running sum:          max error {(float32_sums.double() - exact).abs().max().item():.2e}")
