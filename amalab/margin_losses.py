@@ -1,6 +1,6 @@
 """Margin-to-loss maps of the preference losses, one definition for numpy arrays and torch tensors.
 
-With the implicit reward margin of spec section 1,
+With the implicit reward margin of docs/maths.md (28),
     h = beta * ( [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)] ),
 the per-example losses are functions of h alone:
 

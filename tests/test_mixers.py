@@ -1,4 +1,4 @@
-"""AMA-R, AMA-S, the fixed-mixture baselines and the registry (spec sections 2-4 and 7).
+"""AMA-R, AMA-S, the fixed-mixture baselines and the registry (docs/maths.md sections 2-4 and 7).
 
 Reference values come from independent numpy loops, closed forms and finite differences on a tiny
 linear model with l_j(theta) = (theta . a_j - y_j)^2.

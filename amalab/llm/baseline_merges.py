@@ -1,4 +1,4 @@
-"""The merged-specialist baselines and the generation scores of an experiment (spec section 7; issue 7).
+"""The merged-specialist baselines and the generation scores of an experiment (docs/maths.md section 7).
 
 Merges: the specialists' dense weights (full fine-tuning: their parameters; LoRA: base + B A * scaling of
 each adapter, :func:`amalab.llm.merge.lora_dense_state_dict`) are merged with the base by each method of

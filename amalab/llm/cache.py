@@ -1,4 +1,4 @@
-"""Per-example values computed once without gradients and kept on disk (spec section 9).
+"""Per-example values computed once without gradients and kept on disk (docs/maths.md section 11).
 
 Two kinds: the reference policy's log-probs (log pi_ref(y_w|x), log pi_ref(y_l|x)) of every example, and
 baseline losses s(z) (a task's specialist, or the standard generalist for DoReMi) of every example. A

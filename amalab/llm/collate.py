@@ -1,6 +1,6 @@
 """Pad tokenized pairs into one concatenated batch [chosen_1..chosen_B; rejected_1..rejected_B].
 
-One forward pass scores chosen and rejected together (spec section 9). Rows are right-padded with the pad id,
+One forward pass scores both replies (docs/maths.md (27)). Rows are right-padded with the pad id,
 and every mask comes from the sequence lengths, never from comparing ids with the pad id: SmolLM2's pad id is
 its eos, which also ends every completion.
 """
@@ -22,7 +22,7 @@ class PreferenceBatch:
 
     completion_mask[r, t] is True exactly when the next-token target of position t, input_ids[r, t + 1], is a
     completion token; the last column is therefore always False. completion_token_counts[r] is the number of
-    completion tokens of row r (its row sum), the |y| of the spec.
+    completion tokens of row r (its row sum), the |y| of docs/maths.md (27).
     """
 
     input_ids: torch.Tensor  # (2B, L) long

@@ -215,7 +215,7 @@ class MethodsConfig:
 
 @dataclass(frozen=True)
 class MergesConfig:
-    """Merged specialists as baselines (spec section 7; amalab.llm.merge), evaluated like generalists."""
+    """Merged specialists as baselines (docs/maths.md section 7), evaluated like generalists."""
 
     #: merge methods to evaluate: linear, task_arithmetic, ties, dare_linear, dare_ties
     names: list[str] = field(default_factory=list)

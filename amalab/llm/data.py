@@ -1,4 +1,4 @@
-"""Preference pairs of the tasks (spec section 1): z = (x, y_w, y_l) with a stable id and its task.
+"""Preference pairs of the tasks (docs/maths.md section 1): z = (x, y_w, y_l) with a stable id and its task.
 
 A task is one preference dataset D_i, described by a :class:`TaskConfig` and read by :func:`load_tasks`
 into a :class:`TaskData` (training and held-out pairs, and the count of every row that was dropped).

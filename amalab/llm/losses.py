@@ -1,4 +1,4 @@
-"""Per-example preference losses, pure functions of policy and reference sequence log-probs (spec section 1).
+"""Per-example preference losses from policy and reference sequence log-probs (docs/maths.md section 10).
 
     h = beta * ( [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)] )
     dpo    l = -log sigmoid(h)
@@ -12,7 +12,7 @@ IPO convention: by default (``ipo_length_normalized=True``, as TRL's ``loss_type
 IPO authors confirmed) each log-ratio is divided by its completion's token count before the difference,
 h' = beta * ( [log pi(y_w|x) - log pi_ref(y_w|x)] / |y_w| - [log pi(y_l|x) - log pi_ref(y_l|x)] / |y_l| ),
 so the target 1 / (2 beta) does not depend on reply length. ``ipo_length_normalized=False`` uses h' = h,
-the spec's formula as written (and the convex lab's).
+docs/maths.md section 1's formula as written (and the convex lab's).
 
 The returned margins are always h, unnormalized, for every loss: evaluation's preference accuracy (h > 0)
 and mean margin mean the same thing whatever the training loss.
@@ -31,7 +31,7 @@ PREFERENCE_LOSSES = ("dpo", "ipo", "hinge", "sft")
 def implicit_reward_margins(
     policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float
 ) -> torch.Tensor:
-    """h = beta * ((pi_w - ref_w) - (pi_l - ref_l)) per example (spec section 1)."""
+    """h = beta * ((pi_w - ref_w) - (pi_l - ref_l)) per example (docs/maths.md (28))."""
     return beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))
 
 

@@ -1,4 +1,4 @@
-"""Model merging of the per-task specialists: the merge baselines of spec section 7 (issue 7, item 2).
+"""Model merging of the per-task specialists: the merge baselines of docs/maths.md (18)-(21).
 
 With base weights theta_0 and specialists theta_1..theta_k, task vectors tau_i = theta_i - theta_0
 (Ilharco et al. 2023, "Editing models with task arithmetic"), every method works tensor by tensor, in

@@ -3,7 +3,7 @@
 Models come from `transformers` (a hub id, a local folder, or a GGUF file through transformers' ``gguf_file``)
 or are built from a config (:func:`tiny_llama`, :func:`tiny_tokenizer`) for tests and the tiny experiment.
 
-Device and dtype policy (issue 6, item 10): parameters stay in float32 (the optimizer's master weights);
+Device and dtype policy: parameters stay in float32 (the optimizer's master weights);
 on CUDA the forward runs under bf16 autocast (:func:`autocast_context`), on CPU everything is float32.
 Sequence log-probs apply the LM head in float32 in either case (see :mod:`amalab.llm.logprobs`).
 """

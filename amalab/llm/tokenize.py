@@ -1,4 +1,4 @@
-"""Tokenize each preference pair once: prompt ids, chosen ids, rejected ids (spec section 9).
+"""Tokenize each preference pair once: prompt ids, chosen ids, rejected ids (docs/maths.md section 9).
 
 Convention (as TRL's DPO): the prompt and each completion are tokenized separately and concatenated, so the
 completion tokens are exactly the tokens the model is scored on, whatever the tokenizer would merge across

@@ -1,4 +1,4 @@
-"""AMA-S: adaptive sampling of tasks with EXP3 (spec section 4).
+"""AMA-S: adaptive sampling of tasks with EXP3 (docs/maths.md section 4).
 
 Each step:
     p     = (1 - gamma) softmax(log w) + gamma / k
@@ -9,8 +9,8 @@ Each step:
 
 B is ``gain_scale``: a fixed bound (the convex lab's Bl) or ``"running"``, the largest per-task batch
 excess seen so far, which keeps x in [0, 1] without knowing a bound in advance. The weights that drew the
-batch also weight its gradient, so splitting a batch over micro-batches or ranks changes nothing (spec
-section 8).
+batch also weight its gradient, so splitting a batch over micro-batches or ranks changes nothing
+(docs/maths.md section 8).
 """
 
 from __future__ import annotations

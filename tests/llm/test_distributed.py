@@ -1,4 +1,4 @@
-"""The trainer on 2 gloo processes equals the trainer on one (spec section 8), replicated and sharded (FSDP2).
+"""2 gloo processes train as one does (docs/maths.md section 8), replicated and sharded (FSDP2).
 
 One spawn of 2 CPU processes runs every distributed scenario (starting processes that import torch and
 transformers costs most of the time on 2 cores); each rank saves what it saw, and the tests compare it with
