@@ -15,11 +15,10 @@ import pytest
 from amalab.config import load_section
 from amalab.errors import ConfigError
 from amalab.llm.data import (
-    DROP_REASONS, PreferencePair, TaskConfig, example_id, held_out_count, load_task, load_tasks,
+    DROP_REASONS, SHARED_DATA, PreferencePair, TaskConfig, example_id, held_out_count, load_task, load_tasks,
     read_pairs, split_shared_prompt,
 )
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 HH_FILE = SHARED_DATA / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 TQA_2025 = SHARED_DATA / "truthfulqa" / "TruthfulQA-2025-790.csv"
 TQA_2023 = SHARED_DATA / "truthfulqa" / "TruthfulQA-2023-817.csv"

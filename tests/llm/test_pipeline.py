@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from amalab.cli import main
+from amalab.llm.data import SHARED_DATA as SHARED
 
 ROOT = Path(__file__).resolve().parents[2]
-SHARED = ROOT.parent / "shared" / "data"
 
 
 def write_task(path: Path, task: str, n: int) -> None:
