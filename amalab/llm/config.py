@@ -320,7 +320,8 @@ def load_llm_config(path: str | Path) -> LLMConfig:
 
 
 def _check_method(path: Path, config: LLMConfig, name: str, earlier: list[str]) -> None:
-    """What a method needs of the rest of the config: valid options, a drawable batch, its baseline first."""
+    """What a method needs of the rest of the config: valid options, a drawable batch, and the run its
+    baseline losses come from (the standard generalist) listed before it."""
     k = len(config.tasks)
     mixer_name, _ = method_mixer_and_loss(name, config.loss.name)
     try:

@@ -67,7 +67,7 @@ def specialist_run(experiment: Experiment, task: int) -> TrainingRun:
     return _describe(experiment, run, {"name": "uniform", "task": name})
 
 
-def specialists(experiment: Experiment, allow_training: bool = True) -> list[ValueCache]:
+def specialist_loss_caches(experiment: Experiment, allow_training: bool = True) -> list[ValueCache]:
     """Train (or load) one specialist per task; return the caches of its losses on every pair of its task."""
     config, caches = experiment.config, []
     for i, name in enumerate(experiment.task_names):
@@ -178,7 +178,7 @@ def run_all(config: LLMConfig, stages: tuple[str, ...] = ("specialists", "genera
     Without "specialists" among the stages, the specialists must have been trained already.
     """
     experiment = prepare(config, world, show_progress)
-    specialist_caches = specialists(experiment, allow_training="specialists" in stages)
+    specialist_caches = specialist_loss_caches(experiment, allow_training="specialists" in stages)
     if "generalists" not in stages:
         return None
     records = generalists(experiment, specialist_caches) + merged_specialists(experiment, specialist_caches)
@@ -188,7 +188,7 @@ def run_all(config: LLMConfig, stages: tuple[str, ...] = ("specialists", "genera
 def reevaluate(config: LLMConfig, world: World = World(), show_progress: bool = True) -> dict:
     """Evaluate every finished generalist again from its last checkpoint; rewrite the summary and figures."""
     experiment = prepare(config, world, show_progress)
-    specialist_caches = specialists(experiment, allow_training=False)
+    specialist_caches = specialist_loss_caches(experiment, allow_training=False)
     records = reevaluated_generalists(experiment, specialist_caches)
     records += merged_specialists(experiment, specialist_caches)
     if not records:

@@ -359,3 +359,8 @@ def test_truthfulqa_multiline_record_line_numbers(tmp_path):
     (tmp_path / "u.csv").write_text(csv_text + "A,B,short\n", encoding="utf-8")
     with pytest.raises(ConfigError, match=r"u\.csv:5: field 'Best Answer': missing"):
         load_task(TaskConfig("t", "truthfulqa:u.csv", held_out=0), tmp_path)
+
+
+def test_the_shared_data_folder_sits_beside_the_repository():
+    root = Path(__file__).resolve().parents[2]
+    assert SHARED_DATA == root.parent / "shared" / "data"
