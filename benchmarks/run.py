@@ -28,9 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
+from amalab.llm.data import SHARED_DATA
+
 REPO = Path(__file__).resolve().parents[1]
-#: the HH-RLHF file in the shared data folder beside the repository
-HH_HARMLESS = REPO.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+HH_HARMLESS = SHARED_DATA / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 SCHEMA = "amalab-benchmark/1"
 MIXERS = ("ama-r", "ama-s", "standard")
 TRL = "trl-dpo"

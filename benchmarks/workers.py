@@ -119,7 +119,7 @@ def amalab_step(spec: dict) -> dict:
         run = train_module.TrainingRun(
             name=f"bench-{spec['mixer']}", run_dir=run_dir / "run", mixer=mixer,
             task_names=["task0", "task1"], train_sets=tasks, eval_sets=[[], []], reference=reference,
-            baselines=[specialist] * 2 if mixer.baseline == "specialist" else None, specialists=[None, None],
+            baseline_losses=[specialist] * 2 if mixer.baseline == "specialist" else None, specialist_caches=[None, None],
             optim=optim, loss="dpo", beta=0.1, seed=spec["seed"], pad_token_id=tokenizer.pad_token_id)
         baseline = workload.reset_peak_memory(device)
         train_module.run_training(model, run, device, show_progress=False)

@@ -25,6 +25,7 @@ from typing import Callable
 import numpy as np
 
 from amalab.errors import ConfigError
+from amalab.llm.distributed import World, any_rank, barrier
 
 
 class CacheMismatch(ConfigError):
@@ -105,12 +106,19 @@ def save_cache(folder: Path, manifest: dict, cache: ValueCache) -> None:
         raise
 
 
-def cached(folder: Path, manifest: dict, build: Callable[[], ValueCache], log=print) -> ValueCache:
-    """Load the cache in ``folder`` if it matches ``manifest``, else build it with ``build()`` and save it."""
+def cached(folder: Path, manifest: dict, build: Callable[[], ValueCache], log=print,
+           world: World = World()) -> ValueCache:
+    """Load the cache in ``folder`` if it matches ``manifest``, else build it with ``build()`` and save it.
+
+    Under several ranks: every rank builds (``build`` is then sharded, a collective) unless every rank finds
+    the cache; rank 0 writes, and no rank returns before the folder is complete.
+    """
     cache = load_cache(folder, manifest)
-    if cache is not None:
+    if not any_rank(cache is None, world):
         log(f"reusing {folder} ({len(cache)} examples)")
         return cache
     cache = build()
-    save_cache(folder, manifest, cache)
+    if world.is_main:
+        save_cache(folder, manifest, cache)
+    barrier(world)  # no rank reads the folder before it is complete
     return cache

@@ -21,7 +21,6 @@ or not, continues on any number of ranks, sharded or not.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 
@@ -29,6 +28,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
+
+from amalab.llm.tensor_identity import state_digest
 
 
 @dataclass(frozen=True)
@@ -77,15 +78,6 @@ def all_reduce_sum(values: np.ndarray, world: World) -> np.ndarray:
     buffer = torch.from_numpy(values.copy()).to(device)
     dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
     return buffer.cpu().numpy().reshape(values.shape)
-
-
-def state_digest(state: dict[str, np.ndarray]) -> str:
-    """A hash of a mixer state's exact bytes, to compare across ranks."""
-    h = hashlib.sha256()
-    for key in sorted(state):
-        h.update(key.encode())
-        h.update(np.ascontiguousarray(state[key]).tobytes())
-    return h.hexdigest()
 
 
 def check_ranks_agree(state: dict[str, np.ndarray], world: World, what: str = "mixer state") -> None:
@@ -151,15 +143,11 @@ def shard_policy(model: torch.nn.Module, world: World) -> ShardedPolicy:
     """
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
-    from amalab.llm.logprobs import backbone_and_head
+    from amalab.llm.models import decoder_layers
 
     if not world.distributed:
         raise ValueError("fsdp needs several processes: launch with torchrun --nproc-per-node N (N >= 2)")
-    backbone, _ = backbone_and_head(model)
-    layers = getattr(backbone, "layers", None)
-    if layers is None:
-        raise ValueError(f"fsdp: {type(backbone).__name__} has no `layers` list of decoder layers to shard")
-    for layer in layers:
+    for layer in decoder_layers(model):
         fully_shard(layer)
     root = fully_shard(ShardedPolicy(model))
     for module in root.modules():

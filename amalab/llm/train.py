@@ -68,9 +68,9 @@ class TrainingRun:
     eval_sets: list[list[TokenizedPair]]
     reference: ValueCache  # pi_ref log-probs of every pair (columns chosen, rejected)
     #: per task, the cached losses the mixer's baseline names (None: no baseline, s = 0)
-    baselines: list[ValueCache | None] | None
+    baseline_losses: list[ValueCache | None] | None
     #: per task, the specialist's cached losses: the excess reported by evaluation (None: not reported)
-    specialists: list[ValueCache | None]
+    specialist_caches: list[ValueCache | None]
     optim: OptimConfig
     loss: str
     beta: float
@@ -256,7 +256,7 @@ def run_training(model, run: TrainingRun, device: torch.device, world: World = W
                 f.write(json.dumps(record) + "\n")
 
     def run_eval(step: int) -> dict:  # every rank evaluates its share (evaluate shards the pairs)
-        result = evaluate(model, run.eval_sets, run.task_names, run.reference, run.specialists,
+        result = evaluate(model, run.eval_sets, run.task_names, run.reference, run.specialist_caches,
                           run.eval_loss or run.loss, run.beta, run.pad_token_id, optim.eval_batch_size, device, world)
         log({"step": step, "kind": "eval", **result})
         return result
@@ -297,11 +297,11 @@ def run_training(model, run: TrainingRun, device: torch.device, world: World = W
             mixer_began = time.perf_counter()
             chunk_tasks = task_ids[chunk]
             baseline = None
-            if run.baselines is not None:
+            if run.baseline_losses is not None:
                 baseline = np.empty(len(chunk))
                 for task in np.unique(chunk_tasks):
                     where = chunk_tasks == task
-                    baseline[where] = run.baselines[task].get("loss", [i for i, w in zip(ids, where) if w])
+                    baseline[where] = run.baseline_losses[task].get("loss", [i for i, w in zip(ids, where) if w])
             try:
                 stats += mixer.statistics(chunk_tasks, values, baseline)
             except ValueError as e:  # finish the step's collectives on every rank, then stop everywhere

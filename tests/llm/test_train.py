@@ -76,7 +76,7 @@ def make_run(setup, tmp_path, mixer_name="ama-s", name="run", **optim):
     baselines = [setup["specialist"]] * 2 if mixer.baseline == "specialist" else None
     return TrainingRun(name=name, run_dir=tmp_path / name, mixer=mixer, task_names=["task0", "task1"],
                        train_sets=setup["train"], eval_sets=setup["evals"], reference=setup["reference"],
-                       baselines=baselines, specialists=[setup["specialist"]] * 2, optim=OptimConfig(**settings),
+                       baseline_losses=baselines, specialist_caches=[setup["specialist"]] * 2, optim=OptimConfig(**settings),
                        loss="dpo", beta=0.1, seed=7, pad_token_id=setup["tokenizer"].pad_token_id,
                        description={"mixer": mixer_name, "optim": settings})
 
