@@ -318,8 +318,8 @@ def load_llm_config(path: str | Path) -> LLMConfig:
             mixer.draw(np.random.default_rng(0), config.train.batch_size)
         except ValueError as e:
             raise ConfigError(f"{path}: [train] batch_size for method {name}: {e}") from None
-        if mixer.update_first and config.train.micro_batch_size not in (0, config.train.batch_size):
-            raise ConfigError(f"{path}: [methods] {name} updates its weights before the parameter step "
-                              "(sequential AMA-R) and needs the whole batch in one forward: set [train] "
-                              "micro_batch_size = 0, or use ama-r-sim")
+        from amalab.llm.train_step import check_sequential_update
+
+        check_sequential_update(mixer, config.train.micro_batch_size, config.train.batch_size,
+                                f"{path}: [methods] {name}")
     return config

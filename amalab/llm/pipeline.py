@@ -259,8 +259,8 @@ def _train(experiment: Experiment, name: str, run_dir: Path, mixer, train_sets, 
     config_loss = experiment.config.loss
     loss = loss or config_loss.name
     run = TrainingRun(name=name, run_dir=run_dir, mixer=mixer, task_names=task_names, train_sets=train_sets,
-                      eval_sets=eval_sets, reference=experiment.reference, baselines=baselines,
-                      specialists=specialists, optim=optim, loss=loss, beta=config_loss.beta, seed=seed,
+                      eval_sets=eval_sets, reference=experiment.reference, baseline_losses=baselines,
+                      specialist_caches=specialists, optim=optim, loss=loss, beta=config_loss.beta, seed=seed,
                       pad_token_id=experiment.pad_token_id, eval_loss=config_loss.name,
                       description={"name": name, "mixer": description, "seed": seed, "optim": asdict(optim),
                                    "loss": {**asdict(config_loss), "name": loss},
