@@ -31,12 +31,13 @@ from amalab.llm.evaluate import evaluate
 from amalab.llm.losses import preference_losses
 from amalab.llm.models import autocast_context
 from amalab.llm.tokenize import TokenizedPair
-from amalab.llm.train_state import TrainState, load_trainable_state, lr_factor, trainable_state
-from amalab.llm.train_step import ExampleLosses, check_micro_batches, length_grouped_chunks, train_step
+from amalab.llm.train_state import TrainState, load_trainable_state, trainable_state
+from amalab.llm.train_step import ExampleLosses, check_micro_batches, train_step
 from amalab.mixers import Mixer
 
-__all__ = ["TrainingDiverged", "TrainingRun", "length_grouped_chunks", "load_trainable_state", "lr_factor",
-           "preference_example_losses", "run_training", "trainable_state"]
+#: trainable_state and load_trainable_state live in amalab.llm.train_state; named here for older imports
+__all__ = ["TrainingDiverged", "TrainingRun", "load_trainable_state", "preference_example_losses", "run_training",
+           "trainable_state"]
 
 
 class TrainingDiverged(RuntimeError):

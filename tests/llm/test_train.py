@@ -24,7 +24,8 @@ from amalab.llm.collate import collate_pairs
 from amalab.llm.losses import preference_losses
 from amalab.llm.models import tiny_llama, tiny_tokenizer
 from amalab.llm.tokenize import TokenizationConfig, tokenize_pairs
-from amalab.llm.train import TrainingDiverged, TrainingRun, lr_factor, run_training
+from amalab.llm.train import TrainingDiverged, TrainingRun, run_training
+from amalab.llm.train_state import lr_factor
 from amalab.mixers import make_mixer
 
 CPU = torch.device("cpu")
@@ -259,7 +260,7 @@ def _partitions(items: list[int], size: int):
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("n, micro", [(6, 2), (7, 3), (8, 4)])
 def test_length_grouped_chunks_pad_as_little_as_any_partition(n, micro, seed):
-    from amalab.llm.train import length_grouped_chunks
+    from amalab.llm.train_step import length_grouped_chunks
 
     rng = np.random.default_rng(seed)
     slots = np.arange(n) * 3 + 1  # slot numbers are not positions
