@@ -153,16 +153,17 @@ def test_a_non_finite_loss_is_a_signal_and_changes_nothing():
         np.testing.assert_array_equal(state.mixer.state_dict()[key], value)
 
 
-def test_a_train_state_round_trip_continues_bitwise():
+@pytest.mark.parametrize("mixer_name", ["ama-s", "ama-r"])
+def test_a_train_state_round_trip_continues_bitwise(mixer_name):
     tasks = toy_tasks()
     baselines = toy_baselines(tasks)
     optim = OptimConfig(steps=4, batch_size=6, lr=0.05, warmup_steps=2)
-    straight = fresh_state("ama-r", tasks, optim)
+    straight = fresh_state(mixer_name, tasks, optim)
     for _ in range(2):
         train_step(straight, tasks, TOY, baselines, optim)
     saved = copy.deepcopy(straight.state_dict())
     train_step(straight, tasks, TOY, baselines, optim)
-    resumed = fresh_state("ama-r", tasks, optim)
+    resumed = fresh_state(mixer_name, tasks, optim)
     resumed.load_state_dict(saved)
     assert resumed.step == 2
     train_step(resumed, tasks, TOY, baselines, optim)
