@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from amalab.atomic_write import atomic_folder
 from amalab.errors import ConfigError
 from amalab.llm.distributed import World, any_rank, barrier
 
@@ -87,23 +85,12 @@ def load_cache(folder: Path, manifest: dict) -> ValueCache | None:
 
 
 def save_cache(folder: Path, manifest: dict, cache: ValueCache) -> None:
-    """Write atomically: a temporary sibling folder, fsynced, then renamed over ``folder``."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    """Write atomically (:func:`amalab.atomic_write.atomic_folder`): a temporary sibling folder, fsynced,
+    then renamed over ``folder``."""
+    with atomic_folder(folder) as tmp:
         (tmp / "ids.json").write_text(json.dumps(cache.ids))
         np.savez(tmp / "values.npz", **cache.columns)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        for name in ("ids.json", "values.npz", "manifest.json"):
-            with open(tmp / name, "rb") as f:
-                os.fsync(f.fileno())
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def cached(folder: Path, manifest: dict, build: Callable[[], ValueCache], log=print,

@@ -335,7 +335,7 @@ def _check_method(path: Path, config: LLMConfig, name: str, earlier: list[str]) 
     if mixer.baseline == "standard" and "standard" not in earlier:
         raise ConfigError(f"{path}: [methods] names: {name} measures excess over the standard generalist: "
                           "list 'standard' before it")
-    if mixer.update_first and config.train.micro_batch_size not in (0, config.train.batch_size):
-        raise ConfigError(f"{path}: [methods] {name} updates its weights before the parameter step "
-                          "(sequential AMA-R) and needs the whole batch in one forward: set [train] "
-                          "micro_batch_size = 0, or use ama-r-sim")
+    from amalab.llm.train_step import check_sequential_update
+
+    check_sequential_update(mixer, config.train.micro_batch_size, config.train.batch_size,
+                            f"{path}: [methods] {name}")

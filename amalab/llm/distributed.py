@@ -1,6 +1,6 @@
 """Several processes under ``torchrun``: who this rank is, the one all-reduce of mixer statistics, agreement.
 
-Spec section 8: every rank draws the global batch's task ids from one identically seeded generator and
+docs/maths.md section 8: every rank draws the global batch's task ids from one identically seeded generator and
 takes its own slots (rank, rank + W, ...); per-task statistics travel as one float64 array in one
 all-reduce (SUM), so every rank applies the same update and holds bit-identical mixer state.
 Backends: nccl on CUDA, gloo on CPU. Without ``torchrun`` (no ``WORLD_SIZE`` in the environment) everything
@@ -15,8 +15,8 @@ Parameters, two ways (``[model] fsdp``):
   the root's own parameters (embeddings, final norm, head) in the root module's forward hook, which calling
   submodules would skip. FSDP2 divides reduced gradients by the world size; we set the divide factor to 1
   (with plain SUM collectives, which gloo needs), so the gradient is the same sum as in the replicated case.
-Checkpoints hold full (unsharded) tensors either way (:func:`gather_full`), so a run saved on W ranks, sharded
-or not, continues on any number of ranks, sharded or not.
+Checkpoints hold full (unsharded) tensors either way (:mod:`amalab.llm.train_state`), so a run saved on W
+ranks, sharded or not, continues on any number of ranks, sharded or not.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, distribute_tensor
+
+from amalab.llm.tensor_identity import state_digest
 
 from amalab.llm.tensor_identity import state_digest
 
@@ -172,17 +173,3 @@ def policy_logps(model: torch.nn.Module, batch):
 
 def is_sharded(model: torch.nn.Module) -> bool:
     return isinstance(model, ShardedPolicy)
-
-
-def gather_full(value):
-    """A full CPU tensor of a (possibly sharded) tensor; a collective for DTensors: call it on every rank."""
-    if isinstance(value, DTensor):
-        return value.full_tensor().cpu()
-    return value.detach().cpu() if isinstance(value, torch.Tensor) else value
-
-
-def shard_like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """``value`` (a full tensor) laid out like ``param``: this rank's shard if ``param`` is sharded."""
-    if isinstance(param, DTensor):
-        return distribute_tensor(value.to(param.device_mesh.device_type), param.device_mesh, param.placements)
-    return value.to(param.device)

@@ -29,7 +29,7 @@ from amalab.llm.models import (compile_layers, load_model, load_tokenizer, model
                                resolve_device, smollm2_gguf_path, tiny_llama, tiny_tokenizer,
                                tokenizer_fingerprint)
 from amalab.llm.tokenize import TokenizedPair, tokenize_pairs
-from amalab.llm.train import load_trainable_state
+from amalab.llm.train_state import load_trainable_state
 
 
 @dataclass

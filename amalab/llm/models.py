@@ -270,7 +270,7 @@ def policy_fingerprint(model) -> str:
     """:func:`model_fingerprint` of a policy; of a sharded one (FSDP), the digest of its gathered trainable
     tensors (every rank gets the same; gathering is a collective)."""
     from amalab.llm.distributed import is_sharded
-    from amalab.llm.train import trainable_state
+    from amalab.llm.train_state import trainable_state
 
     if not is_sharded(model):
         return model_fingerprint(model)
