@@ -1,4 +1,4 @@
-"""Property tests of EXP3 (spec section 6) and of AMA-S's importance-weighted gains (spec section 4).
+"""Property tests of EXP3 (docs/maths.md (13)-(16)) and of AMA-S's importance-weighted gains ((5c), (15)).
 
 Every number is checked against something computed independently of amalab: exact enumeration of the
 draws, the closed-form probabilities, or Auer et al.'s regret bound.

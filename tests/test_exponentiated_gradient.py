@@ -1,4 +1,4 @@
-"""Exponentiated-gradient weights (spec section 3.3): the KL-prox step, checked against cvxpy."""
+"""Exponentiated-gradient weights (docs/maths.md (4a)): the KL-prox step, checked against cvxpy."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The statistics / coefficients / update split of the mixers (spec section 8) and their guards.
+"""The statistics / coefficients / update split of the mixers (docs/maths.md section 8) and their guards.
 
 References: the mixers' own one-batch ``step`` (which the convex lab's numbers rest on, themselves
 checked against loops in test_mixers.py), hand computations of simultaneous AMA-R, and plain numpy.

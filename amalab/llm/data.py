@@ -1,4 +1,4 @@
-"""Preference pairs of the tasks (spec section 1): z = (x, y_w, y_l) with a stable id and its task.
+"""Preference pairs of the tasks (docs/maths.md section 1): z = (x, y_w, y_l) with a stable id and its task.
 
 A task is one preference dataset D_i, described by a :class:`TaskConfig` and read by :func:`load_tasks`
 into a :class:`TaskData` (training and held-out pairs, and the count of every row that was dropped).
@@ -7,7 +7,8 @@ Row formats (each file is one format, decided by its first row):
 
 - explicit prompt (TRL's standard preference format): string fields ``prompt``, ``chosen``, ``rejected``;
 - implicit prompt (HH-RLHF style): ``chosen`` and ``rejected`` are whole transcripts sharing a prefix,
-  which becomes the prompt (:func:`split_shared_prompt`);
+  which becomes the prompt (:func:`split_shared_prompt`); dialogue transcripts whose shared prefix holds
+  no ``"\\n\\nAssistant:"`` turn have no reply to split off and are dropped (``no_assistant_turn``);
 - TruthfulQA (source ``truthfulqa:<csv>``): ``Best Answer`` preferred to ``Best Incorrect Answer``;
 - generated (source ``generated:<family>?n=..&hardness=..&noise=..&seed=..``): verifiable pairs the project
   makes itself (:mod:`amalab.llm.generated`), as explicit-prompt rows.
@@ -19,10 +20,13 @@ the file, line and field); rows that are merely unusable are dropped and counted
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
 import hashlib
+import io
 import json
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,18 +50,25 @@ class PreferencePair:
 
 #: the turn marker of HH-RLHF transcripts; an implicit prompt ends with the last one the replies share
 ASSISTANT_MARKER = "\n\nAssistant:"
+#: the other turn marker of HH-RLHF transcripts: a transcript holding either marker is a dialogue
+HUMAN_MARKER = "\n\nHuman:"
 
 #: why a row can be dropped; every TaskData.dropped holds all of them (zeros included)
 DROP_REASONS = (
     "identical_chosen_rejected",  # no preference to learn: chosen == rejected
     "empty_completion",           # chosen or rejected is empty or whitespace after the prompt
     "empty_prompt",               # nothing to condition on (or, implicit format, no shared prefix)
+    "no_assistant_turn",          # implicit format: dialogues that share no "Assistant:" turn
     "duplicate",                  # same (prompt, chosen, rejected) as an earlier row of the task
     "eval_in_train",              # a pair of eval_source that is also a training pair (no leakage)
     "over_max_examples",          # cut by max_examples
 )
 
 SOURCE_KINDS = ("file", "hf", "truthfulqa", "generated")
+
+#: the offline data folder beside the repository checkout (``../shared/data`` from the repository root):
+#: real datasets read in place, never copied into the repository (tests, benchmarks and timing scripts)
+SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
 
 
@@ -173,6 +184,11 @@ def example_id(prompt: str, chosen: str, rejected: str) -> str:
     return hashlib.sha256(data).hexdigest()[:32]
 
 
+def is_dialogue(transcript: str) -> bool:
+    """Whether a transcript is an HH-RLHF dialogue: it holds ``"\\n\\nHuman:"`` or ``"\\n\\nAssistant:"``."""
+    return HUMAN_MARKER in transcript or ASSISTANT_MARKER in transcript
+
+
 def split_shared_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
     """Split two transcripts sharing a prefix into (prompt, chosen completion, rejected completion).
 
@@ -196,30 +212,54 @@ def split_shared_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
 
 # --- reading rows ------------------------------------------------------------------------------------
 
+def _decode_utf8(data: bytes, where: str) -> str:
+    """``data`` as UTF-8 text; invalid bytes are a ConfigError naming the line and column of the first one.
+
+    ``where`` is ``"path:line"`` of the first line of ``data`` (a file's text or one of its lines).
+    """
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        path, _, first = where.rpartition(":")
+        line = int(first) + data.count(b"\n", 0, e.start)
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ConfigError(f"{path}:{line}: not valid UTF-8: byte 0x{data[e.start]:02x} at column {column} "
+                          f"({e.reason}); save the file as UTF-8") from None
+
+
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, object]]:
     opener = gzip.open if path.name.endswith(".gz") else open
+    number = 0
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
+        with opener(path, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                line = _decode_utf8(raw, f"{path}:{number}")
                 if not line.strip():
                     continue
                 try:
-                    row = json.loads(line)
+                    row = json.loads(line.rstrip("\r\n"))  # an error at the line's end is then in this line
                 except json.JSONDecodeError as e:
                     raise ConfigError(f"{path}:{number}: malformed JSON: {e.msg} "
                                       f"(column {e.colno})") from None
                 yield f"{path}:{number}", row
-    except (OSError, EOFError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read: {e}") from None
+    except EOFError:  # a gzip stream cut short, as by an interrupted download or copy
+        stops = f"after line {number}" if number else "within line 1"
+        raise ConfigError(f"{path}: truncated gzip file: its data stops {stops}") from None
+    except (zlib.error, gzip.BadGzipFile) as e:
+        if number == 0 and str(e).startswith("Not a gzipped file"):
+            raise ConfigError(f"{path}: not a gzip file, although its name ends in .gz") from None
+        raise ConfigError(f"{path}: corrupt gzip data after line {number} ({e})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
 
 
 def _iter_json(path: Path) -> Iterator[tuple[str, object]]:
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read: {e}") from None
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
     try:
-        data = json.loads(text)
+        data = json.loads(_decode_utf8(raw, f"{path}:1"))
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
     if not isinstance(data, list):
@@ -293,8 +333,13 @@ def _iter_truthfulqa(path: Path) -> Iterator[tuple[str, object]]:
     a completion is never glued to its prompt without a separator.
     """
     try:
-        # utf-8-sig: some copies of the file start with a byte-order mark (data README)
-        with path.open(encoding="utf-8-sig", newline="") as f:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
+    # some copies of the file start with a byte-order mark (data README)
+    text = _decode_utf8(raw.removeprefix(codecs.BOM_UTF8), f"{path}:1")
+    try:
+        with io.StringIO(text, newline="") as f:
             reader = csv.DictReader(f)
             missing = [c for c in TRUTHFULQA_COLUMNS if c not in (reader.fieldnames or [])]
             if missing:
@@ -313,7 +358,7 @@ def _iter_truthfulqa(path: Path) -> Iterator[tuple[str, object]]:
                     "chosen": " " + values["Best Answer"].strip(),
                     "rejected": " " + values["Best Incorrect Answer"].strip(),
                 }
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
+    except csv.Error as e:
         raise ConfigError(f"{path}: cannot read CSV: {e}") from None
 
 
@@ -357,12 +402,17 @@ def read_pairs(source: str, task: str, split: str = "train", base_dir: str | Pat
             explicit = "prompt" in row
         chosen = _string_field(row, "chosen", where)
         rejected = _string_field(row, "rejected", where)
+        dialogue = False
         if explicit:
             prompt = _string_field(row, "prompt", where)
         else:
+            dialogue = is_dialogue(chosen) or is_dialogue(rejected)
             prompt, chosen, rejected = split_shared_prompt(chosen, rejected)
         if chosen == rejected:
             dropped["identical_chosen_rejected"] += 1
+        elif dialogue and not prompt.endswith(ASSISTANT_MARKER):
+            # "\n\nHuman: hi" vs "\n\nHuman: hello" would split mid-word into "h" / "i" / "ello"
+            dropped["no_assistant_turn"] += 1
         elif not chosen.strip() or not rejected.strip():
             dropped["empty_completion"] += 1
         elif not prompt.strip():
@@ -413,8 +463,8 @@ def load_task(config: TaskConfig, base_dir: str | Path = ".") -> TaskData:
         dropped["over_max_examples"] += len(pairs) - config.max_examples
         pairs = [p for p, k in zip(pairs, keep) if k]
     if not pairs:
-        raise ConfigError(f"{config.source}: task {config.name!r} has no usable pairs "
-                          f"({rows} rows; dropped: {_format_counts(dropped)})")
+        why = f"dropped: {_format_counts(dropped)}" if rows else "the source is empty"
+        raise ConfigError(f"{config.source}: task {config.name!r} has no usable pairs ({rows} rows; {why})")
     if config.eval_source is not None:
         train = pairs
         eval_pairs, eval_dropped, eval_rows = read_pairs(config.eval_source, config.name, config.eval_split,
@@ -447,22 +497,27 @@ def _format_counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{n} {reason}" for reason, n in counts.items() if n) or "none"
 
 
+def check_distinct_task_names(configs: list[TaskConfig]) -> None:
+    """The one rule on task names: no two tasks share one (their caches and runs are keyed by name)."""
+    first_index: dict[str, int] = {}
+    for index, config in enumerate(configs):
+        if config.name in first_index:
+            raise ConfigError(f"tasks[{index}]: field 'name': task name {config.name!r} is already used by "
+                              f"tasks[{first_index[config.name]}] (duplicate task name {config.name!r})")
+        first_index[config.name] = index
+
+
 def load_tasks(configs: list[TaskConfig], base_dir: str | Path = ".") -> list[TaskData]:
     """Load every task of a config, in order; task names must be distinct.
 
     ``base_dir``: the folder relative file sources are read from (the config file's folder).
     """
-    first_index: dict[str, int] = {}
-    for index, config in enumerate(configs):
-        if config.name in first_index:
-            raise ConfigError(f"tasks[{index}]: field 'name': task name {config.name!r} is already used by "
-                              f"tasks[{first_index[config.name]}]")
-        first_index[config.name] = index
+    check_distinct_task_names(configs)
     return [load_task(config, base_dir) for config in configs]
 
 
 __all__ = [
-    "ASSISTANT_MARKER", "DROP_REASONS", "PreferencePair", "TaskConfig", "TaskData",
-    "example_id", "held_out_count", "load_task", "load_tasks", "read_pairs", "select_by_hash",
+    "ASSISTANT_MARKER", "DROP_REASONS", "PreferencePair", "SHARED_DATA", "TaskConfig", "TaskData",
+    "check_distinct_task_names", "example_id", "held_out_count", "load_task", "load_tasks", "read_pairs", "select_by_hash",
     "split_shared_prompt", "source_kind",
 ]

@@ -1,4 +1,4 @@
-"""Scoring pairs without gradients, and the per-task held-out evaluation (spec sections 1, 2 and 9).
+"""Scoring pairs without gradients, and the per-task held-out evaluation (docs/maths.md section 11).
 
 :func:`pair_logps` computes sequence log-probs of many pairs in length-sorted batches (what the reference
 cache stores); :func:`pair_losses` turns policy log-probs and cached reference log-probs into per-example
@@ -7,7 +7,7 @@ over the ranks of a distributed run and gather the results, so every rank ends w
 
 Per task, on its held-out pairs:
     loss      mean l(theta; z)
-    excess    mean max(l(theta; z) - s(z), 0), s the task specialist's cached loss  (E_i, spec section 2)
+    excess    mean max(l(theta; z) - s(z), 0), s the task specialist's cached loss  (E_i, docs/maths.md (49))
     accuracy  share of pairs with implicit reward margin h > 0
     margin    mean h
 and the worst-task excess max_i E_i, the number AMA minimizes.
@@ -86,13 +86,13 @@ def pair_losses(logps: ValueCache, reference: ValueCache, ids: list[str], loss: 
 
 
 def evaluate(model, eval_sets: list[list[TokenizedPair]], task_names: list[str], reference: ValueCache,
-             specialists: list[ValueCache | None], loss: PreferenceLoss, pad_token_id: int, batch_size: int,
-             device: torch.device, world: World = World()) -> dict:
+             specialist_caches: list[ValueCache | None], loss: PreferenceLoss, pad_token_id: int,
+             batch_size: int, device: torch.device, world: World = World()) -> dict:
     """Held-out metrics per task and the worst-task excess (module docstring)."""
     everything = [pair for pairs in eval_sets for pair in pairs]
     logps = pair_logps(model, everything, pad_token_id, batch_size, device, world)
     tasks = {}
-    for name, pairs, specialist in zip(task_names, eval_sets, specialists):
+    for name, pairs, specialist in zip(task_names, eval_sets, specialist_caches):
         if not pairs:
             continue
         ids = [p.id for p in pairs]

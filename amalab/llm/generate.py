@@ -1,4 +1,4 @@
-"""Generation evaluation of the verifiable tasks (issue 7, item 4): greedy decoding of held-out prompts,
+"""Generation evaluation of the verifiable tasks: greedy decoding of held-out prompts,
 batched, each response scored by its task's verifier; the success rate per task.
 
 Decoding: prompts are tokenized as in training (:mod:`amalab.llm.tokenize`: the tokenizer's special tokens

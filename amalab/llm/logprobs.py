@@ -1,4 +1,4 @@
-"""Sequence log-probabilities of completions (docs/maths.md section 9): log pi(y|x) = sum of log pi(t) over y.
+"""Sequence log-probabilities of completions (docs/maths.md (27)): log pi(y|x) = sum of log pi(t) over y.
 
 One forward of the backbone on the concatenated [chosen; rejected] batch gives hidden states; the LM head is
 applied only at the positions whose next token is a completion token (the prompt and the padding never reach
@@ -80,8 +80,8 @@ def completion_token_logps(model, batch: PreferenceBatch) -> tuple[torch.Tensor,
 
 
 def sequence_logps(model, batch: PreferenceBatch) -> SequenceLogps:
-    """(log pi(y_w|x) (B,), log pi(y_l|x) (B,)): float32 token log-probs summed in float64 (docs/maths.md
-    section 9).
+    """(log pi(y_w|x) (B,), log pi(y_l|x) (B,)): float32 token log-probs summed in float64 over the completion
+    (docs/maths.md (27)).
 
     Works for a plain causal LM and a peft-wrapped one; differentiable (the only forward pass of a step).
     """

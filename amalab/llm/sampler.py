@@ -1,6 +1,6 @@
 """Per-task example sampler: which training example of task i fills a slot the mixer gave to task i.
 
-Spec sections 3-4 draw "examples uniformly from the chosen task"; we draw them without replacement
+docs/maths.md sections 3-4 draw examples uniformly from the chosen task; we draw them without replacement
 within an epoch: each task walks through a fresh random permutation of its training indices, and starts a
 new permutation (a new epoch) when it runs out, so every example is seen once per epoch of its task.
 

@@ -1,4 +1,4 @@
-"""AMA-R: adaptive reweighting of the task losses (spec section 3; Sagawa et al. 2019's online Group DRO).
+"""AMA-R: adaptive task-loss weights (docs/maths.md section 3; Sagawa et al. 2019's online Group DRO).
 
 Each step, on a task-balanced batch drawn at theta_t, with g_t the batch estimate of the clipped excess
 E_i(theta_t) (:func:`amalab.mixers.excess.task_excess`):
@@ -9,7 +9,7 @@ and theta steps on sum_i a_i g_i (objective = "excess") or sum_i a_i L_i (object
 DoReMi-style) with
 
     a = alpha_{t+1}   sequential play (default; Group DRO's order)
-    a = alpha_t       simultaneous play (``simultaneous=True``, spec section 8): the weights in force when
+    a = alpha_t       simultaneous play (``simultaneous=True``, docs/maths.md (4c)): the weights in force when
                       the batch was drawn, so gradients can be accumulated over micro-batches and ranks
                       before the one update of alpha from the global statistics.
 """
@@ -52,8 +52,6 @@ class AMAR(Mixer):
         self.eg = ExpGradWeights(self.k, eta_alpha, smoothing, self.batch_shape)
         self.alpha_sum = np.zeros(self.batch_shape + (self.k,))
         self.steps = np.zeros((), dtype=np.int64)
-        #: the last batch's per-task excess g (for logging)
-        self.last_excess = np.zeros(self.batch_shape + (self.k,))
 
     @property
     def weights(self) -> np.ndarray:
@@ -88,7 +86,6 @@ class AMAR(Mixer):
         if not self.simultaneous:
             self.alpha_sum += alpha  # alpha_{t+1}: the weights theta steps with in sequential play
         self.steps += 1
-        self.last_excess = g
 
     def check_state(self, state) -> None:
         require_log_simplex("eg.log_weights", state["eg.log_weights"])

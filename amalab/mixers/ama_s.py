@@ -1,4 +1,4 @@
-"""AMA-S: adaptive sampling of tasks with EXP3 (spec section 4).
+"""AMA-S: adaptive sampling of tasks with EXP3 (docs/maths.md section 4).
 
 Each step:
     p     = (1 - gamma) softmax(log w) + gamma / k
@@ -9,8 +9,8 @@ Each step:
 
 B is ``gain_scale``: a fixed bound (the convex lab's Bl) or ``"running"``, the largest per-task batch
 excess seen so far, which keeps x in [0, 1] without knowing a bound in advance. The weights that drew the
-batch also weight its gradient, so splitting a batch over micro-batches or ranks changes nothing (spec
-section 8).
+batch also weight its gradient, so splitting a batch over micro-batches or ranks changes nothing
+(docs/maths.md section 8).
 """
 
 from __future__ import annotations
@@ -53,7 +53,6 @@ class AMAS(Mixer):
         self.clipped_gains = np.zeros((), dtype=np.int64)
         self.steps = np.zeros((), dtype=np.int64)
         self.probs_sum = np.zeros(self.batch_shape + (self.k,))
-        self.last_excess = np.zeros(self.batch_shape + (self.k,))
 
     @property
     def weights(self) -> np.ndarray:
@@ -90,7 +89,6 @@ class AMAS(Mixer):
         self.probs_sum += self.exp3.probs()  # the p this batch was drawn from, before the update
         self.exp3.update(np.clip(x, 0.0, 1.0))
         self.steps += 1
-        self.last_excess = g
 
     def check_state(self, state) -> None:
         self.exp3.check_state({"log_weights": state["exp3.log_weights"]})

@@ -1,7 +1,7 @@
 """The protocol every task mixer follows, shared by the convex lab and the LLM trainer.
 
 A mixer decides, at each step, which tasks the batch is drawn from and how much each example's loss
-counts in the parameter update. Its work splits into pure pieces (spec section 8), so that a trainer with
+counts in the parameter update. It splits into pure pieces (docs/maths.md section 8), so that a trainer with
 gradient accumulation or several ranks combines them exactly:
 
     task_ids = mixer.draw(rng, batch_size)                  # which task each example slot comes from

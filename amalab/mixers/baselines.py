@@ -1,4 +1,4 @@
-"""Fixed task mixtures: the standard-alignment baselines of spec section 7.
+"""Fixed task mixtures: the standard-alignment baselines of docs/maths.md (17a)-(17b).
 
 ``FixedMixture(w)`` trains theta on sum_i w_i L_i, the raw loss. With ``sampling=False`` every batch is
 task-balanced and task i's examples are weighted w_i / n_i; with ``sampling=True`` the task of every

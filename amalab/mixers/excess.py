@@ -1,6 +1,6 @@
 """Clipped excess loss over a baseline, and the additive per-task statistics a mixer updates from.
 
-Spec section 2:
+docs/maths.md (2), (23):
     e(theta; z) = max(l(theta; z) - s(z), 0)        clip = "example"  (default)
     E_i         = max(L_i - S_i, 0)                  clip = "task"
     E_i         = L_i - S_i                          clip = "none"
@@ -8,7 +8,7 @@ Spec section 2:
 where s(z) is the cached baseline loss of z: its task's specialist (AMA), the model trained on the standard
 mixture (DoReMi-style) or nothing (0: raw loss, ODM-style); see ``Mixer.baseline``.
 
-Spec section 8: per task, the statistics (count, sum of e, sum of l - s) of the examples seen add across
+docs/maths.md (22): per task, the statistics (count, sum of e, sum of l - s) of the examples seen add across
 micro-batches and ranks. They are one float64 array ``(..., 3, k)`` (rows ``COUNT``, ``EXCESS``, ``DIFF``),
 so a distributed trainer combines them with one all-reduce (SUM); every E_i estimate above is a function of
 them alone.
@@ -32,7 +32,7 @@ def check_clip(clip: str) -> str:
 
 
 def excess_loss(losses: np.ndarray, baseline_losses: np.ndarray) -> np.ndarray:
-    """Per-example clipped excess ``max(l - s, 0)`` (spec section 2)."""
+    """Per-example clipped excess ``max(l - s, 0)`` (docs/maths.md (2))."""
     return np.maximum(np.asarray(losses, dtype=float) - baseline_losses, 0.0)
 
 

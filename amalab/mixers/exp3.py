@@ -1,4 +1,4 @@
-"""EXP3 (Auer, Cesa-Bianchi, Freund and Schapire 2002), in log space (spec section 4).
+"""EXP3 (Auer, Cesa-Bianchi, Freund and Schapire 2002), in log space (docs/maths.md (5a), (5c)).
 
     p_t        = (1 - gamma) softmax(log w_t) + gamma / k
     xhat_{t,i} = x_{t,i} / p_{t,i}        (x_{t,i} = 0 for arms not drawn; E[xhat_{t,i}] = x_{t,i})

@@ -1,4 +1,4 @@
-"""Exponentiated-gradient ascent on the simplex, kept in log space (spec section 3.3).
+"""Exponentiated-gradient ascent on the simplex, kept in log space (docs/maths.md (4a)).
 
     alpha_{t+1} = argmax_{a in simplex} eta <g, a> - KL(a || alpha_t)  =  alpha_t * exp(eta g) / Z
 

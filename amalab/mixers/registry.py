@@ -1,4 +1,4 @@
-"""Mixers by name, as configs and the command line refer to them (spec sections 3, 4 and 7).
+"""Mixers by name, as configs and the command line refer to them (docs/maths.md sections 3, 4 and 7).
 
 One row per name: its description, the class, the preset options, the options a user may set and those
 a user must set. ``standard`` and ``uniform`` take their weights from the task sizes and k.

@@ -46,7 +46,7 @@ class TaskLayout:
 
 
 def balanced_tasks(k: int, batch_size: int, batch_shape: tuple[int, ...] = ()) -> np.ndarray:
-    """Task ids of a task-balanced batch: ``batch_size / k`` examples of every task (spec section 3.1)."""
+    """Task ids of a balanced batch: ``batch_size / k`` examples of every task (docs/maths.md section 3)."""
     if batch_size < k or batch_size % k:
         raise ValueError(
             f"a task-balanced batch needs batch_size to be a positive multiple of the number of tasks "

@@ -1,4 +1,4 @@
-"""Gradient all-reduce over ranks: one call per parameter tensor vs one flattened buffer (issue 8, part 1).
+"""Gradient all-reduce over ranks: one call per parameter tensor vs one flattened buffer.
 
 Run under torchrun (gloo on CPU, nccl on CUDA):
 

@@ -6,8 +6,10 @@ import gzip
 import hashlib
 import json
 import random
+import re
 import sys
 import types
+import zlib
 from pathlib import Path
 
 import pytest
@@ -15,11 +17,10 @@ import pytest
 from amalab.config import load_section
 from amalab.errors import ConfigError
 from amalab.llm.data import (
-    DROP_REASONS, PreferencePair, TaskConfig, example_id, held_out_count, load_task, load_tasks,
+    DROP_REASONS, SHARED_DATA, PreferencePair, TaskConfig, example_id, held_out_count, load_task, load_tasks,
     read_pairs, split_shared_prompt,
 )
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 HH_FILE = SHARED_DATA / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 TQA_2025 = SHARED_DATA / "truthfulqa" / "TruthfulQA-2025-790.csv"
 TQA_2023 = SHARED_DATA / "truthfulqa" / "TruthfulQA-2023-817.csv"
@@ -161,12 +162,186 @@ def test_empty_task_names_the_source_and_why(tmp_path):
     assert "task 't' has no usable pairs (0 rows" in error_of(tmp_path, [""], name="empty.jsonl")
 
 
+# --- malformed files a user produces: one line naming the file and the line ---------------------------
+
+def hh(human: str, assistant: str | None = None) -> str:
+    return f"\n\nHuman: {human}" + ("" if assistant is None else f"\n\nAssistant: {assistant}")
+
+
+def test_hh_transcripts_sharing_no_assistant_turn_are_dropped_and_counted(tmp_path):
+    rows = [
+        {"chosen": hh("hi"), "rejected": hh("hello")},                        # no Assistant turn at all
+        {"chosen": hh("q0?", "yes 0"), "rejected": hh("q0?", "no 0")},
+        {"chosen": hh("hi", "yes"), "rejected": hh("hello", "no")},          # the Human turns differ
+        {"chosen": hh("q1?", "yes 1"), "rejected": hh("q1?", "no 1")},
+        {"chosen": "The sky is blue.", "rejected": "The sky is green."},     # no dialogue: TRL's split
+    ]
+    write_jsonl(tmp_path / "hh.jsonl", rows)
+    task = load_task(TaskConfig("hh", "hh.jsonl", held_out=0), tmp_path)
+    expected = [(hh("q0?", "")[:-1], " yes 0", " no 0"), (hh("q1?", "")[:-1], " yes 1", " no 1"),
+                ("The sky is", " blue.", " green.")]
+    assert [(p.prompt, p.chosen, p.rejected) for p in task.train] == expected
+    assert task.dropped["no_assistant_turn"] == 2 and sum(task.dropped.values()) == 2
+    assert task.summary().endswith("5 rows, 3 train, 0 eval, 2 dropped (2 no_assistant_turn)")
+    # a file of nothing but such rows is refused, saying why
+    write_jsonl(tmp_path / "none.jsonl", [rows[0], rows[2]])
+    with pytest.raises(ConfigError, match=r"none\.jsonl: task 'n' has no usable pairs "
+                                          r"\(2 rows; dropped: 2 no_assistant_turn\)$"):
+        load_task(TaskConfig("n", "none.jsonl"), tmp_path)
+
+
+def write_bytes(path: Path, data: bytes) -> Path:
+    if path.name.endswith(".gz"):
+        data = gzip.compress(data, mtime=0)
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("name", ["u.jsonl", "u.jsonl.gz", "u.json", "u.csv"])
+def test_invalid_utf8_names_file_line_and_column(tmp_path, name):
+    if name == "u.csv":
+        text = b"Question,Best Answer,Best Incorrect Answer\nq1?,a,b\nq2?,caf\xe9 yes,no\n"
+        line, column, source = 3, 8, f"truthfulqa:{name}"
+    elif name == "u.json":
+        text = b'[{"prompt": "q", "chosen": " a", "rejected": " b"},\n {"prompt": "q\xff", "chosen": " a",' \
+               b' "rejected": " c"}]'
+        line, column, source = 2, 15, name
+    else:
+        good = json.dumps(explicit_rows(1)[0]).encode()
+        text = good + b"\n" + good + b"\n" + b'{"prompt": "q\xff", "chosen": " a", "rejected": " b"}\n'
+        line, column, source = 3, 14, name
+    path = write_bytes(tmp_path / name, text)
+    assert text.splitlines()[line - 1][column - 1] in (0xE9, 0xFF)  # the position the message must name
+    with pytest.raises(ConfigError) as info:
+        load_task(TaskConfig("t", source), tmp_path)
+    message = str(info.value)
+    assert message.startswith(f"{path}:{line}: not valid UTF-8: byte 0x") and f"at column {column}" in message
+    assert "position" not in message and "\n" not in message
+
+
+def gzip_rows(n: int) -> bytes:
+    return gzip.compress("".join(json.dumps(r) + "\n" for r in explicit_rows(n)).encode(), mtime=0)
+
+
+@pytest.mark.parametrize("keep", [0.01, 0.3, 0.5, 0.9, -4, -1])
+def test_truncated_gzip_names_the_last_whole_line(tmp_path, keep):
+    whole = gzip_rows(400)
+    cut = whole[:int(len(whole) * keep)] if keep > 0 else whole[:keep]
+    (tmp_path / "t.jsonl.gz").write_bytes(cut)
+    # what the truncated bytes still hold, decompressed independently of the reader
+    available = zlib.decompressobj(wbits=31).decompress(cut)
+    lines = available.count(b"\n")
+    stops = f"after line {lines}" if lines else "within line 1"
+    message = f"t.jsonl.gz: truncated gzip file: its data stops {stops}"
+    with pytest.raises(ConfigError, match=re.escape(message) + "$"):
+        load_task(TaskConfig("t", "t.jsonl.gz"), tmp_path)
+
+
+def test_corrupt_or_plain_gzip_is_one_line(tmp_path):
+    whole = bytearray(gzip_rows(50))
+    whole[-6] ^= 0xFF  # the stored CRC-32 of the data: every line decompresses, the check at the end fails
+    (tmp_path / "c.jsonl.gz").write_bytes(bytes(whole))
+    with pytest.raises(ConfigError, match=r"c\.jsonl\.gz: corrupt gzip data after line 50 \(CRC check"):
+        load_task(TaskConfig("t", "c.jsonl.gz"), tmp_path)
+    write_jsonl(tmp_path / "p.jsonl.gz", explicit_rows(3))  # plain text under a .gz name
+    with pytest.raises(ConfigError, match=r"p\.jsonl\.gz: not a gzip file, although its name ends in \.gz$"):
+        load_task(TaskConfig("t", "p.jsonl.gz"), tmp_path)
+
+
+@pytest.mark.parametrize("name,content", [("e.jsonl", b""), ("b.jsonl", b"\n  \n\n"), ("e.json", b"[]"),
+                                          ("e.jsonl.gz", b"")])
+def test_empty_file_is_one_line(tmp_path, name, content):
+    write_bytes(tmp_path / name, content)
+    message = f"{name}: task 't' has no usable pairs (0 rows; the source is empty)"
+    with pytest.raises(ConfigError, match=re.escape(message) + "$"):
+        load_task(TaskConfig("t", name), tmp_path)
+
+
+@pytest.mark.parametrize("row,message", [
+    ('["a", "b"]', "expected an object with fields chosen and rejected, got list"),
+    ("null", "expected an object with fields chosen and rejected, got NoneType"),
+    ('{"prompt": "q", "chosen": " a"}', "field 'rejected': missing"),
+    ('{"prompt": "q", "rejected": " a", "chosen": null}', "field 'chosen': expected a string, got NoneType"),
+    ('{"prompt": "q", "chosen": " a", "rejected": " b"', "malformed JSON: Expecting ',' delimiter "
+                                                         "(column 49)"),  # just after the last character
+])
+def test_bad_row_in_the_middle_names_file_line_and_field(tmp_path, row, message):
+    good = json.dumps(explicit_rows(1)[0])
+    assert error_of(tmp_path, [good, "", good, row, good]) == f"{tmp_path / 'bad.jsonl'}:4: {message}"
+
+
 def test_duplicate_task_names(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", explicit_rows(3))
     configs = [TaskConfig("a", "a.jsonl"), TaskConfig("b", "a.jsonl"), TaskConfig("a", "a.jsonl")]
     message = r"tasks\[2\]: field 'name': task name 'a' is already used by tasks\[0\]"
     with pytest.raises(ConfigError, match=message):
         load_tasks(configs, tmp_path)
+
+
+CLI_CONFIG = """
+out = "{out}"
+device = "cpu"
+
+[model]
+name = "tiny"
+tiny = {{ hidden_size = 16, intermediate_size = 32, num_hidden_layers = 1, num_attention_heads = 2, \
+num_key_value_heads = 1, vocab_size = 300, seed = 0 }}
+
+[tokenize]
+max_length = 40
+max_prompt_length = 24
+
+[[tasks]]
+name = "hh"
+source = "{source}"
+held_out = 2
+
+[specialists.optim]
+steps = 1
+batch_size = 2
+
+[methods]
+names = ["standard"]
+"""
+
+
+def run_cli(tmp_path: Path, source: str, capsys, quiet: bool = False) -> tuple[int, str, str]:
+    from amalab.cli import main
+
+    config = tmp_path / "config.toml"
+    config.write_text(CLI_CONFIG.format(out=tmp_path / "run", source=source))
+    code = main(["llm", "specialists", str(config)] + (["--quiet"] if quiet else []))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_drops_hh_rows_without_an_assistant_turn_and_reports_them(tmp_path, capsys):
+    rows = [{"chosen": hh("hi"), "rejected": hh("hello")}, {"chosen": hh("a", "b"), "rejected": hh("c", "d")}]
+    rows += [{"chosen": hh(f"q{i}?", f"yes {i}"), "rejected": hh(f"q{i}?", f"no {i}")} for i in range(6)]
+    write_jsonl(tmp_path / "hh.jsonl", rows)
+    code, out, err = run_cli(tmp_path, "hh.jsonl", capsys)
+    assert code == 0, err
+    assert "task 'hh' (hh.jsonl): 8 rows, 4 train, 2 eval, 2 dropped (2 no_assistant_turn)" in out
+    report = json.loads((tmp_path / "run" / "data.json").read_text())["hh"]
+    assert report["dropped_rows"]["no_assistant_turn"] == 2 and sum(report["dropped_rows"].values()) == 2
+    assert (report["train"], report["eval"]) == (4, 2)
+
+
+@pytest.mark.parametrize("name", ["bad.jsonl", "bad.jsonl.gz", "cut.jsonl.gz", "empty.jsonl"])
+def test_cli_bad_data_file_is_one_line_naming_file_and_line(tmp_path, capsys, name):
+    good = json.dumps(explicit_rows(1)[0]).encode() + b"\n"
+    if name == "cut.jsonl.gz":
+        (tmp_path / name).write_bytes(gzip_rows(400)[:-1000])
+    else:
+        write_bytes(tmp_path / name, b"" if name == "empty.jsonl" else good * 4 + b'{"prompt": "\xc3("}\n')
+    code, out, err = run_cli(tmp_path, name, capsys, quiet=True)
+    assert code == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err
+    expected = {"bad.jsonl": "bad.jsonl:5: not valid UTF-8: byte 0xc3 at column 13 (invalid continuation",
+                "bad.jsonl.gz": "bad.jsonl.gz:5: not valid UTF-8: byte 0xc3 at column 13",
+                "cut.jsonl.gz": "cut.jsonl.gz: truncated gzip file: its data stops after line",
+                "empty.jsonl": "empty.jsonl: task 'hh' has no usable pairs (0 rows; the source is empty)",
+                }[name]
+    assert expected in err, err
 
 
 # --- drops -------------------------------------------------------------------------------------------
@@ -183,7 +358,8 @@ def test_dropped_rows_are_counted_per_reason(tmp_path):
     task = load_task(TaskConfig("d", "d.jsonl", held_out=0), tmp_path)
     assert set(task.dropped) == set(DROP_REASONS)
     assert task.dropped == {"identical_chosen_rejected": 1, "empty_completion": 2, "empty_prompt": 1,
-                            "duplicate": 2, "eval_in_train": 0, "over_max_examples": 0}
+                            "no_assistant_turn": 0, "duplicate": 2, "eval_in_train": 0,
+                            "over_max_examples": 0}
     assert [p.prompt for p in task.train] == ["Q0?", "Q1?", "Q2?", "Q3?"]  # file order, first copy kept
     assert task.rows == 10
     assert task.summary().endswith("10 rows, 4 train, 0 eval, 6 dropped (1 identical_chosen_rejected, "
@@ -360,3 +536,8 @@ def test_truthfulqa_multiline_record_line_numbers(tmp_path):
     (tmp_path / "u.csv").write_text(csv_text + "A,B,short\n", encoding="utf-8")
     with pytest.raises(ConfigError, match=r"u\.csv:5: field 'Best Answer': missing"):
         load_task(TaskConfig("t", "truthfulqa:u.csv", held_out=0), tmp_path)
+
+
+def test_the_shared_data_folder_sits_beside_the_repository():
+    root = Path(__file__).resolve().parents[2]
+    assert SHARED_DATA == root.parent / "shared" / "data"

@@ -1,4 +1,4 @@
-"""The trainer on 2 gloo processes equals the trainer on one (spec section 8), replicated and sharded (FSDP2).
+"""2 gloo processes train as one does (docs/maths.md section 8), replicated and sharded (FSDP2).
 
 One spawn of 2 CPU processes runs every distributed scenario (starting processes that import torch and
 transformers costs most of the time on 2 cores); each rank saves what it saw, and the tests compare it with
@@ -35,9 +35,11 @@ import torch
 
 from amalab.llm.cache import ValueCache
 from amalab.llm.config import OptimConfig
-from amalab.llm.distributed import World, shard_policy, state_digest, unwrap
+from amalab.llm.distributed import World, shard_policy, unwrap
+from amalab.llm.tensor_identity import state_digest
 from amalab.llm.evaluate import pair_logps
-from amalab.llm.train import TrainingDiverged, run_training, trainable_state
+from amalab.llm.train import TrainingDiverged, run_training
+from amalab.llm.train_state import trainable_state
 from test_train import CPU, RecordingAdamW, build_setup, make_run
 
 WORLD = 2

@@ -1,4 +1,4 @@
-"""Verifiable preference tasks the project generates itself (issue 7, item 1), with ECD-style hard negatives.
+"""Verifiable preference tasks the project generates itself, with ECD-style hard negatives.
 
 Families (each deterministic from its seed, each with a verifier):
 
