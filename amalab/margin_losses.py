@@ -1,27 +1,27 @@
 """The preference losses that are functions of the margin alone, one definition for numpy and torch.
 
-With the implicit reward margin (docs/maths.md section 10, (10a))
+With the implicit reward margin (docs/maths.md (28); docs/maths.md section 10 for the losses)
     h = beta * ( [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)] ),
 these per-example losses depend on h alone (TRL's ``DPOTrainer`` names; eps = label_smoothing,
 tau = discopop_tau):
 
-    sigmoid   l = -log sigmoid(h) = softplus(-h)                                 (10c; ``dpo`` is an alias)
-    hinge     l = max(0, 1 - h)                                                  (10d)
-    ipo       l = (h / beta - 1 / (2 beta))^2                                    (10e)
-    exo_pair  l = q log(q / (1 - eps)) + (1 - q) log((1 - q) / eps),  q = sigmoid(h)          (10f)
+    sigmoid   l = -log sigmoid(h) = softplus(-h)                                 (29; ``dpo`` is an alias)
+    hinge     l = max(0, 1 - h)                                                  (31)
+    ipo       l = (h / beta - 1 / (2 beta))^2                                    (30)
+    exo_pair  l = q log(q / (1 - eps)) + (1 - q) log((1 - q) / eps),  q = sigmoid(h)          (36)
     robust    l = (-(1 - eps) log sigmoid(h) + eps log sigmoid(-h)) / (1 - 2 eps)
-                = softplus(-h) - eps h / (1 - 2 eps)                             (10g)
-    discopop  l = softplus(-h) sigmoid(-h / tau) + exp(-h) sigmoid(h / tau)      (10h)
+                = softplus(-h) - eps h / (1 - 2 eps)                             (37)
+    discopop  l = softplus(-h) sigmoid(-h / tau) + exp(-h) sigmoid(h / tau)      (38)
 
 The convex lab's linear score m = (theta - theta_ref) . a_z has h = beta * m, and the LLM module computes h
 from sequence log-probs (:mod:`amalab.llm.losses`); both call these. A function returns the type it is given
 (numpy in, numpy out; torch in, torch out, differentiable). This module imports no torch: a tensor is
 recognised only when torch is already imported by the caller.
 
-:data:`MARGIN_LOSSES` is the one registry of these names, with each loss's slope d l / d h (the convex lab's
-constants G use it; torch has autograd) and whether it is convex in h (sigmoid, hinge, ipo, robust are;
-exo_pair and discopop are not: their slopes are not monotone, so the convex lab's bounds do not hold for
-them).
+:data:`MARGIN_LOSSES` is the one registry of these names, with each loss's slope d l / d h ((33) and section
+10.1; the convex lab's constants G use it; torch has autograd) and whether it is convex in h (sigmoid,
+hinge, ipo, robust are; exo_pair and discopop are not: their slopes are not monotone, so the convex lab's
+bounds do not hold for them).
 """
 
 from __future__ import annotations
@@ -67,12 +67,12 @@ def _as_float(h):
 
 
 def dpo_margin_loss(h):
-    """-log sigmoid(h), computed as softplus(-h) without overflow for any h (10c)."""
+    """-log sigmoid(h), computed as softplus(-h) without overflow for any h (docs/maths.md (29))."""
     return _softplus(-_as_float(h))
 
 
 def hinge_margin_loss(h):
-    """max(0, 1 - h) (10d)."""
+    """max(0, 1 - h) (docs/maths.md (31))."""
     torch = _torch_of(h)
     if torch is not None:
         return torch.clamp(1.0 - h, min=0.0)
@@ -80,25 +80,27 @@ def hinge_margin_loss(h):
 
 
 def ipo_margin_loss(h, beta: float):
-    """(h / beta - 1 / (2 beta))^2: the log-ratio difference's squared distance from 1 / (2 beta) (10e)."""
+    """(h / beta - 1 / (2 beta))^2: the log-ratio difference's squared distance from 1 / (2 beta)
+    (docs/maths.md (30))."""
     return (_as_float(h) / beta - 0.5 / beta) ** 2
 
 
 def exo_pair_margin_loss(h, label_smoothing: float):
-    """KL(q || (1 - eps, eps)) of q = (sigmoid(h), sigmoid(-h)) (10f); eps in (0, 1)."""
+    """KL(q || (1 - eps, eps)) of q = (sigmoid(h), sigmoid(-h)) (docs/maths.md (36)); eps in (0, 1)."""
     h, eps = _as_float(h), label_smoothing
     q_w, q_l = _sigmoid(h), _sigmoid(-h)
     return q_w * (-_softplus(-h) - math.log1p(-eps)) + q_l * (-_softplus(h) - math.log(eps))
 
 
 def robust_margin_loss(h, label_smoothing: float):
-    """The unbiased loss under label flips of probability eps in [0, 1/2) (10g): DPO plus a linear term."""
+    """The unbiased loss under label flips of probability eps in [0, 1/2) (docs/maths.md (37)): DPO plus a
+    linear term."""
     h = _as_float(h)
     return _softplus(-h) - label_smoothing / (1.0 - 2.0 * label_smoothing) * h
 
 
 def discopop_margin_loss(h, discopop_tau: float):
-    """The logistic and exponential losses blended by sigmoid(h / tau) (10h).
+    """The logistic and exponential losses blended by sigmoid(h / tau) (docs/maths.md (38)).
 
     exp(-h) sigmoid(h / tau) is taken as exp(-h - softplus(-h / tau)), finite where exp(-h) alone overflows.
     """

@@ -1,27 +1,28 @@
 """Per-example preference losses of TRL's ``DPOTrainer``, pure functions of sequence log-probs (docs/maths.md
 section 10).
 
-With the log-ratios r_w = log pi(y_w|x) - log pi_ref(y_w|x) and r_l = log pi(y_l|x) - log pi_ref(y_l|x):
+With the log-ratios r_w = log pi(y_w|x) - log pi_ref(y_w|x) and r_l = log pi(y_l|x) - log pi_ref(y_l|x)
+(equation numbers are docs/maths.md's):
 
-    h = beta (r_w - r_l)                                       the implicit reward margin             (10a)
-    s = f'(exp r)                                              the f-divergence score of a log-ratio  (10b)
+    h = beta (r_w - r_l)                                       the implicit reward margin             (28)
+    s = f'(exp r)                                              the f-divergence score of a log-ratio  (34)
         reverse_kl: r   forward_kl: 1 - exp(-r)   js_divergence: log 2 + log sigmoid(r)
         alpha_divergence: (exp((alpha - 1) r) - 1) / (alpha - 1)   (r at alpha = 1)
 
 ``sigmoid`` (alias ``dpo``), ``hinge``, ``exo_pair``, ``robust`` and ``discopop`` are the margin-only losses
-of :mod:`amalab.margin_losses` ((10c)-(10h)) at beta (s_w - s_l), which is h under reverse_kl. ``ipo`` and
-``sigmoid_norm`` apply the ipo and sigmoid maps to the length-normalized margin (10i)
-    h' = beta (s_w / |y_w| - s_l / |y_l|),
+of :mod:`amalab.margin_losses` ((29), (31), (36)-(38)) at d = beta (s_w - s_l) (35), which is h under
+reverse_kl. ``ipo`` and ``sigmoid_norm`` apply the ipo and sigmoid maps to the length-normalized margin
+    h' = beta (s_w / |y_w| - s_l / |y_l|)                      (30a); ipo (30), sigmoid_norm (39)
 as TRL does (the convention the IPO authors confirmed: the target 1 / (2 beta) does not depend on reply
 length).
-The others are functions of the rewards beta r_w and beta r_l separately (10j):
+The others are functions of the rewards beta r_w and beta r_l separately ((40)-(44)):
 
-    nca_pair   -log sigmoid(beta r_w) - 1/2 log sigmoid(-beta r_w) - 1/2 log sigmoid(-beta r_l)
-    bco_pair   -log sigmoid(beta r_w) - log sigmoid(-beta r_l)
-    sppo_hard  (r_w - 1 / (2 beta))^2 + (r_l + 1 / (2 beta))^2
-    apo_zero   1 - sigmoid(beta r_w) + sigmoid(beta r_l)
-    apo_down   sigmoid(beta r_w) + 1 - sigmoid(h)
-    sft        -log pi(y_w|x) / |y_w|      (amalab's per-example supervised baseline; no reference)
+    nca_pair   -log sigmoid(beta r_w) - 1/2 log sigmoid(-beta r_w) - 1/2 log sigmoid(-beta r_l)     (40)
+    bco_pair   -log sigmoid(beta r_w) - log sigmoid(-beta r_l)                                       (41)
+    sppo_hard  (r_w - 1 / (2 beta))^2 + (r_l + 1 / (2 beta))^2                                       (42)
+    apo_zero   1 - sigmoid(beta r_w) + sigmoid(beta r_l)                                             (43)
+    apo_down   sigmoid(beta r_w) + 1 - sigmoid(h)                                                    (44)
+    sft        -log pi(y_w|x) / |y_w|      (amalab's per-example supervised baseline; no reference)  (32)
 
 Every one is a loss per example, so every mixer's excess over a specialist is defined for it. TRL's
 ``bco_pair`` keeps no running reward mean in TRL 1.16 either: it is stateless. ``aot`` and ``aot_unpaired``
@@ -29,7 +30,7 @@ sort the log-ratios over the batch, so a pair's loss depends on the other pairs 
 exists: they are refused. f-divergences other than reverse_kl apply to the losses of s_w - s_l only (TRL's
 rule: the f-DPO derivation cancels log Z(x) only in that difference).
 
-The returned margins are always h (10a), whatever the loss and f-divergence: evaluation's preference accuracy
+The returned margins are always h (28), whatever the loss and f-divergence: evaluation's preference accuracy
 (h > 0) and mean margin mean the same thing whatever the training loss.
 """
 
@@ -46,7 +47,7 @@ from amalab.margin_losses import MARGIN_LOSS_NAMES, check_margin_options, margin
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 
-#: losses of the length-normalized margin h' (10i), and the margin-only map each applies to it
+#: losses of the length-normalized margin h' (docs/maths.md (30a)), and the margin-only map each applies to it
 LENGTH_NORMALIZED = {"ipo": "ipo", "sigmoid_norm": "sigmoid"}
 
 
@@ -54,7 +55,7 @@ def _softplus(x):
     return -F.logsigmoid(-x)  # softplus(x) = -log sigmoid(-x), exact for every x
 
 
-#: losses of the rewards (beta r_w, beta r_l) separately (10j): (r_w, r_l, beta) -> losses
+#: losses of the rewards (beta r_w, beta r_l) separately (docs/maths.md (40)-(44)): (r_w, r_l, beta) -> losses
 REWARD_LOSSES = {
     "nca_pair": lambda rw, rl, beta: (_softplus(-beta * rw) + 0.5 * _softplus(beta * rw)
                                       + 0.5 * _softplus(beta * rl)),
@@ -64,7 +65,7 @@ REWARD_LOSSES = {
     "apo_down": lambda rw, rl, beta: torch.sigmoid(beta * rw) + torch.sigmoid(-beta * (rw - rl)),
 }
 
-#: losses of the score difference beta (s_w - s_l) (10c)-(10h): ``dpo`` is TRL's ``sigmoid``
+#: losses of the score margin beta (s_w - s_l) (docs/maths.md (35)): ``dpo`` is TRL's ``sigmoid``
 MARGIN_ONLY = tuple(name for name in MARGIN_LOSS_NAMES if name != "ipo")
 
 #: every per-example loss name, TRL's and amalab's ``sft``
@@ -123,7 +124,7 @@ class PreferenceLoss:
                              self.discopop_tau)
 
     def scores(self, log_ratios: torch.Tensor) -> torch.Tensor:
-        """s = f'(exp r) of log-ratios r under ``f_divergence_type`` (10b)."""
+        """s = f'(exp r) of log-ratios r under ``f_divergence_type`` (docs/maths.md (34))."""
         kind, alpha = self.f_divergence_type, self.f_alpha_divergence_coef
         if kind == "reverse_kl" or (kind == "alpha_divergence" and abs(alpha - 1.0) < 1e-6):
             return log_ratios
@@ -159,7 +160,7 @@ class PreferenceLoss:
             )
         beta = self.beta
         chosen_ratios, rejected_ratios = policy_chosen - ref_chosen, policy_rejected - ref_rejected
-        margins = beta * (chosen_ratios - rejected_ratios)  # (10a)
+        margins = beta * (chosen_ratios - rejected_ratios)  # docs/maths.md (28)
         if self.name == "sft":  # the mean negative log-likelihood per chosen token
             return -policy_chosen / _counts("sft", chosen_token_counts, policy_chosen), margins
         if self.name in REWARD_LOSSES:
