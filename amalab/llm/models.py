@@ -238,7 +238,7 @@ def compile_layers(model: torch.nn.Module) -> None:
     try:
         layers = decoder_layers(model)
     except ConfigError as error:
-        raise ConfigError(f"[model] compile: {error}") from None
+        raise ConfigError(f"[model] torch_compile: {error}") from None
     for layer in layers:
         layer.compile()
 

@@ -79,7 +79,7 @@ def specialist_loss_caches(experiment: Experiment, allow_training: bool = True) 
                 raise ConfigError(f"specialist {name!r} is not trained yet ({run.run_dir}): run `amalab llm "
                                   f"specialists {config.source_path}` first, or `amalab llm run`")
             model, final = _train(experiment, run)
-            source = {"trained": str(run.run_dir), "steps": run.optim.steps}
+            source = {"trained": str(run.run_dir), "steps": run.optim.max_steps}
             experiment.say(f"specialist {name}: held-out {_short(final['tasks'].get(name, {}))}")
         manifest = {"kind": "specialist losses", "task": name, "specialist": policy_fingerprint(model), **source}
         caches.append(experiment.loss_cache(model, experiment.train_sets[i] + experiment.eval_sets[i],
@@ -118,7 +118,7 @@ def generalist_run(experiment: Experiment, method: str, s: int, run_dir: Path, s
     (the specialists', the standard generalist's, or none), evaluated in the config's loss."""
     config, k = experiment.config, len(experiment.tasks)
     options = dict(config.methods.options.get(method, {}))
-    mixer_name, loss = method_mixer_and_loss(method, config.loss.name)
+    mixer_name, loss = method_mixer_and_loss(method, config.loss.loss_type)
     mixer = make_mixer(mixer_name, k, sizes=[len(pairs) for pairs in experiment.train_sets], **options)
     # load_llm_config puts a method measured against the standard generalist after "standard"
     baseline_losses = {"specialist": specialist_caches, "standard": [standard_cache] * k}.get(mixer.baseline)
@@ -126,7 +126,7 @@ def generalist_run(experiment: Experiment, method: str, s: int, run_dir: Path, s
                       train_sets=experiment.train_sets, eval_sets=experiment.eval_sets,
                       reference=experiment.reference, baseline_losses=baseline_losses,
                       specialist_caches=specialist_caches, optim=config.train,
-                      loss=replace(config.loss, name=loss), seed=config.seed + s,
+                      loss=replace(config.loss, loss_type=loss), seed=config.seed + s,
                       pad_token_id=experiment.pad_token_id, eval_loss=config.loss)
     return _describe(experiment, run, {"name": mixer_name, "options": options})
 
@@ -160,8 +160,8 @@ def reevaluated_generalists(experiment: Experiment, specialist_caches: list[Valu
         model = experiment.trained_policy(run_dir, config.seed + s)
         final = json.loads((run_dir / "final.json").read_text())
         final.update(evaluate(model, experiment.eval_sets, experiment.task_names, experiment.reference,
-                              specialist_caches, config.loss, experiment.pad_token_id, config.train.eval_batch_size,
-                              experiment.device, world))
+                              specialist_caches, config.loss, experiment.pad_token_id,
+                              config.train.per_device_eval_batch_size, experiment.device, world))
         final = add_generation(experiment, model, run_dir, final)
         if world.is_main:
             (run_dir / "final.json").write_text(json.dumps(final, indent=1))

@@ -120,7 +120,7 @@ def checkpoint_writer(run: TrainingRun, world: World) -> Callable[[TrainState], 
         check_ranks_agree(state.mixer.state_dict(), world)
         parts = state.state_dict()
         if world.is_main:
-            save_checkpoint(run.run_dir, **parts, keep_last=run.optim.keep_checkpoints)
+            save_checkpoint(run.run_dir, **parts, keep_last=run.optim.save_total_limit)
 
     return write
 
@@ -152,7 +152,8 @@ def run_training(model, run: TrainingRun, device: torch.device, world: World = W
                  write_checkpoint: Callable[[TrainState], None] | None = None,
                  log: Callable[[dict], None] | None = None,
                  autocast: Callable[[], object] | None = None) -> dict:
-    """Train ``model`` in place for ``run.optim.steps`` steps (resuming if checkpointed); return the final eval.
+    """Train ``model`` in place for ``run.optim.max_steps`` steps (resuming if checkpointed); return the final
+    eval.
 
     A run that finished earlier is not rerun: ``model`` gets the parameters of its last checkpoint.
     ``stop_after``: stop (with a checkpoint) after this many steps, as an interruption would (tests).
@@ -176,15 +177,16 @@ def run_training(model, run: TrainingRun, device: torch.device, world: World = W
 
     def run_eval(step: int) -> dict:  # every rank evaluates its share (evaluate shards the pairs)
         result = evaluate(model, run.eval_sets, run.task_names, run.reference, run.specialist_caches,
-                          run.eval_loss or run.loss, run.pad_token_id, optim.eval_batch_size, device, world)
+                          run.eval_loss or run.loss, run.pad_token_id, optim.per_device_eval_batch_size, device,
+                          world)
         log({"step": step, "kind": "eval", **result})
         return result
 
     model.train()
-    bar = tqdm(total=optim.steps, initial=state.step, desc=run.name, unit="step", dynamic_ncols=True,
+    bar = tqdm(total=optim.max_steps, initial=state.step, desc=run.name, unit="step", dynamic_ncols=True,
                disable=not (show_progress and world.is_main), mininterval=1.0)
     last_good = state.step
-    end = optim.steps if stop_after is None else min(optim.steps, state.step + stop_after)
+    end = optim.max_steps if stop_after is None else min(optim.max_steps, state.step + stop_after)
     while state.step < end:
         result = train_step(state, run.train_sets, example_losses, run.baseline_losses, optim, world, autocast)
         if result.diverged:
@@ -194,16 +196,16 @@ def run_training(model, run: TrainingRun, device: torch.device, world: World = W
         bar.set_postfix(loss=f"{result.metrics['loss']:.4f}", tok_s=f"{result.metrics['tokens_per_s']:.0f}",
                         refresh=False)
         bar.update(1)
-        if optim.eval_every and state.step % optim.eval_every == 0 and state.step < optim.steps:
+        if optim.eval_steps and state.step % optim.eval_steps == 0 and state.step < optim.max_steps:
             run_eval(state.step)
-        if (optim.checkpoint_every and state.step % optim.checkpoint_every == 0) or state.step == end:
+        if (optim.save_steps and state.step % optim.save_steps == 0) or state.step == end:
             write_checkpoint(state)
             last_good = state.step
     bar.close()
-    if end < optim.steps:
+    if end < optim.max_steps:
         return {}
-    result = run_eval(optim.steps)
-    result.update(steps=optim.steps, average_weights=np.asarray(run.mixer.average_weights).tolist(),
+    result = run_eval(optim.max_steps)
+    result.update(steps=optim.max_steps, average_weights=np.asarray(run.mixer.average_weights).tolist(),
                   weights=np.asarray(run.mixer.weights).tolist())
     if world.is_main:
         write_json_atomic(final_path, result, indent=1)

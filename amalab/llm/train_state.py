@@ -109,9 +109,9 @@ class TrainState:
         Seeds torch's global generator too (dropout, if a policy has any, draws from it).
         """
         params = [p for p in policy.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=optim.learning_rate, weight_decay=optim.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(s, optim.steps, optim.warmup_steps, optim.min_lr_ratio))
+            optimizer, lambda s: lr_factor(s, optim.max_steps, optim.warmup_steps, optim.min_lr_rate))
         sampler = TaskSampler(task_sizes, seed, task_names)
         draw_rng = np.random.default_rng([seed, 0x5eed])
         torch.manual_seed(seed)

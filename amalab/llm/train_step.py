@@ -268,5 +268,6 @@ def _sum_and_clip_gradients(state: TrainState, optim: OptimConfig, world: World)
     params = state.parameters
     if not isinstance(state.policy, FSDPModule):  # FSDP2 has summed them over ranks in the backward pass
         all_reduce_gradients(params, world)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, optim.grad_clip if optim.grad_clip > 0 else math.inf)
+    max_norm = optim.max_grad_norm if optim.max_grad_norm > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     return float(grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm)  # FSDP2: replicated

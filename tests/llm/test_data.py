@@ -297,7 +297,7 @@ source = "{source}"
 held_out = 2
 
 [specialists.optim]
-steps = 1
+max_steps = 1
 batch_size = 2
 
 [methods]

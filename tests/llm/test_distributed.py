@@ -91,7 +91,7 @@ def _worker(rank: int, port: int, setup: dict, out: str) -> None:
     results = {}
 
     def train(name, mixer="ama-s", sharded=False, stop_after=None, **optim):
-        run = make_run(setup, root, mixer, name, steps=STEPS, micro_batch_size=1, **optim)
+        run = make_run(setup, root, mixer, name, max_steps=STEPS, micro_batch_size=1, **optim)
         digests = []
         record_digests(run, digests)
         RecordingAdamW.steps = []
@@ -124,7 +124,7 @@ def _worker(rank: int, port: int, setup: dict, out: str) -> None:
     cache = pair_logps(sharded_base, pairs, pad, 3, CPU, world)
     results["logps-fsdp"] = {"ids": cache.ids, **cache.columns}
     # a non-finite loss on rank 1 only: both ranks must stop with TrainingDiverged
-    run = make_run(setup, root, "ama-s", "diverge", steps=STEPS, micro_batch_size=1)
+    run = make_run(setup, root, "ama-s", "diverge", max_steps=STEPS, micro_batch_size=1)
     if rank == 1:
         ids = setup["reference"].ids
         run = dataclasses.replace(run, reference=ValueCache(ids, {**setup["reference"].columns,
@@ -169,7 +169,7 @@ def single(spawned, tmp_path_factory):
     results = {}
     try:
         for mixer in ("ama-s", "ama-r-sim"):
-            run = make_run(setup, out, mixer, mixer, steps=STEPS, micro_batch_size=1)
+            run = make_run(setup, out, mixer, mixer, max_steps=STEPS, micro_batch_size=1)
             RecordingAdamW.steps = []
             original, torch.optim.AdamW = torch.optim.AdamW, RecordingAdamW
             try:
@@ -228,7 +228,7 @@ def test_resume_under_two_ranks_equals_the_straight_run(spawned):
 def test_a_two_rank_checkpoint_continues_on_one_rank(spawned, single, saved_by):
     """Replicated or sharded (FSDP2), the 2-rank checkpoint at step 2 continues on 1 process to the same end."""
     setup, out, ranks = spawned
-    run = make_run(setup, out, "ama-s", saved_by, steps=STEPS, micro_batch_size=1)
+    run = make_run(setup, out, "ama-s", saved_by, max_steps=STEPS, micro_batch_size=1)
     model = fresh_policy(setup)
     final = run_training(model, run, CPU, show_progress=False)
     assert_params_close({n: p.detach() for n, p in model.named_parameters()}, ranks[0]["straight-ama-s"]["params"])

@@ -61,7 +61,7 @@ def test_smollm2_experiment_twin_runs_end_to_end(tmp_path):
             task["max_examples"] = 24
         task["held_out"] = 4
     for section in (table["specialists"]["optim"], table["train"]):
-        section.update(steps=2, checkpoint_every=0, eval_batch_size=8)
+        section.update(max_steps=2, save_steps=0, per_device_eval_batch_size=8)
     table["tokenize"] = {"max_length": 48, "max_prompt_length": 24}
     table["methods"]["seeds_per_method"] = {"ama-s": 2}
     table["merges"]["seeds"] = 1

@@ -128,13 +128,15 @@ def test_bad_loss_input_is_one_clear_error():
 
 
 @pytest.mark.parametrize("table, message", [
-    ({"name": "aot"}, "name: aot sorts the log-ratios over the batch"),
-    ({"name": "aot_unpaired"}, "name: aot_unpaired sorts the log-ratios over the batch"),
-    ({"name": "kto"}, "name: unknown 'kto'"),
-    ({"name": "exo_pair"}, "label_smoothing: exo_pair needs 0 < label_smoothing < 1"),
-    ({"name": "robust", "label_smoothing": 0.5}, "label_smoothing: robust needs 0 <= label_smoothing < 0.5"),
-    ({"name": "discopop", "discopop_tau": 0.0}, "discopop_tau: must be > 0"),
-    ({"name": "nca_pair", "f_divergence_type": "forward_kl"}, "f_divergence_type: forward_kl applies to"),
+    ({"loss_type": "aot"}, "loss_type: aot sorts the log-ratios over the batch"),
+    ({"loss_type": "aot_unpaired"}, "loss_type: aot_unpaired sorts the log-ratios over the batch"),
+    ({"loss_type": "kto"}, "loss_type: unknown 'kto'"),
+    ({"loss_type": "exo_pair"}, "label_smoothing: exo_pair needs 0 < label_smoothing < 1"),
+    ({"loss_type": "robust", "label_smoothing": 0.5},
+     "label_smoothing: robust needs 0 <= label_smoothing < 0.5"),
+    ({"loss_type": "discopop", "discopop_tau": 0.0}, "discopop_tau: must be > 0"),
+    ({"loss_type": "nca_pair", "f_divergence_type": "forward_kl"},
+     "f_divergence_type: forward_kl applies to"),
     ({"f_divergence_type": "kl"}, "f_divergence_type: unknown 'kl'"),
     ({"beta": -1.0}, "beta must be > 0"),
     ({"label_smoothing": "0.1"}, "label_smoothing: expected float"),
@@ -185,7 +187,8 @@ def trl_pair_loss(loss: PreferenceLoss, logps, tokens, dtype):
         model=SimpleNamespace(training=True), aux_loss_enabled=False, ld_alpha=None,
         precompute_ref_logps=True, accelerator=SimpleNamespace(
             device=torch.device("cpu"), gather_for_metrics=lambda x: x, gather=lambda x: x),
-        loss_types=[{"dpo": "sigmoid"}.get(loss.name, loss.name)], loss_weights=[1.0], beta=loss.beta,
+        loss_types=[{"dpo": "sigmoid"}.get(loss.loss_type, loss.loss_type)], loss_weights=[1.0],
+        beta=loss.beta,
         label_smoothing=loss.label_smoothing, f_divergence_type=loss.f_divergence_type,
         f_alpha_divergence_coef=loss.f_alpha_divergence_coef, use_weighting=False,
         args=SimpleNamespace(discopop_tau=loss.discopop_tau, gradient_checkpointing_kwargs=None),
@@ -215,14 +218,14 @@ def loss_cases():
     return cases
 
 
-@pytest.mark.parametrize("loss", loss_cases(), ids=lambda c: f"{c.name}-{c.f_divergence_type}-"
+@pytest.mark.parametrize("loss", loss_cases(), ids=lambda c: f"{c.loss_type}-{c.f_divergence_type}-"
                          f"{c.f_alpha_divergence_coef}-{c.label_smoothing}-{c.discopop_tau}-{c.beta}")
 def test_each_loss_equals_trls_per_example_with_its_gradient(loss):
     pytest.importorskip("trl")
     # TRL's alpha-divergence clamps in a table of float16/bfloat16/float32 only: that case runs in float32
     dtype = torch.float32 if loss.f_divergence_type == "alpha_divergence" else torch.float64
     tolerance = {"rtol": 2e-5, "atol": 2e-6} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-12}
-    if loss.name == "exo_pair":  # TRL makes eps a float32 tensor, so its log(eps), log(1 - eps) carry ~1e-8
+    if loss.loss_type == "exo_pair":  # TRL makes eps a float32 tensor: its log(eps), log(1 - eps) carry ~1e-8
         tolerance = {"rtol": 1e-6, "atol": 1e-8}
     generator = torch.Generator().manual_seed(0)
     pairs = 6
@@ -288,9 +291,10 @@ def test_every_loss_matches_trls_dpo_trainer(make_model, tokenized_pairs, prefer
     cases += [PreferenceLoss("sigmoid", beta, f_divergence_type=kind) for kind in F_DIVERGENCES[1:]]
     for loss in cases:
         ours = loss(pi.chosen, pi.rejected, ref.chosen, ref.rejected, **counts)[0].mean()
-        trainer.loss_types, trainer.loss_weights = [{"dpo": "sigmoid"}.get(loss.name, loss.name)], [1.0]
+        trainer.loss_types = [{"dpo": "sigmoid"}.get(loss.loss_type, loss.loss_type)]
+        trainer.loss_weights = [1.0]
         trainer.label_smoothing, trainer.f_divergence_type = loss.label_smoothing, loss.f_divergence_type
         with torch.no_grad():
             trl_loss = trainer._compute_loss(trainer.model, inputs, return_outputs=False)
         torch.testing.assert_close(ours, trl_loss.double(), atol=1e-5, rtol=1e-5,
-                                   msg=f"{loss.name} {loss.f_divergence_type}")
+                                   msg=f"{loss.loss_type} {loss.f_divergence_type}")

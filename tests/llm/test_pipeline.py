@@ -37,7 +37,7 @@ max_length = 40
 max_prompt_length = 24
 
 [loss]
-name = "dpo"
+loss_type = "dpo"
 beta = 0.1
 
 [[tasks]]
@@ -53,16 +53,16 @@ held_out = 4
 {extra_task}
 
 [specialists.optim]
-steps = 3
+max_steps = 3
 batch_size = 4
-lr = 1e-2
+learning_rate = 1e-2
 
 [train]
-steps = 4
+max_steps = 4
 batch_size = {batch}
-lr = 1e-2
-eval_every = 2
-checkpoint_every = 2
+learning_rate = 1e-2
+eval_steps = 2
+save_steps = 2
 
 [methods]
 names = {names}
@@ -137,14 +137,14 @@ def test_run_end_to_end_then_reuse_then_eval(tmp_path, capsys):
                  for cache in ("reference", "specialist-alpha", "specialist-beta", "specialist-sums", "standard")}
     assert manifests["reference"]["sum_dtype"] == "torch.float64"  # a float32-summed cache is refused
     for cache in ("specialist-alpha", "standard"):  # the loss with every option, TRL's defaults filled in
-        assert manifests[cache]["loss"] == {"name": "dpo", "beta": 0.1, "label_smoothing": 0.0,
+        assert manifests[cache]["loss"] == {"loss_type": "dpo", "beta": 0.1, "label_smoothing": 0.0,
                                             "discopop_tau": 0.05, "f_divergence_type": "reverse_kl",
                                             "f_alpha_divergence_coef": 0.5}
     data = json.loads((out / "data.json").read_text())
     assert data["alpha"]["train"] == 12 and data["alpha"]["eval"] == 4
     printed = capsys.readouterr().out
     assert "worst excess" in printed and "ama-s" in printed  # the summary table, even with --quiet
-    # the eval lines: every eval_every steps and at the end
+    # the eval lines: every eval_steps steps and at the end
     lines = [json.loads(x) for x in (out / "generalists" / "ama-r" / "seed0" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if x["kind"] == "eval"] == [2, 4]
     assert len([x for x in lines if x["kind"] == "train"]) == 4
@@ -186,10 +186,12 @@ def test_train_before_specialists_says_what_to_do(tmp_path, capsys):
     ({'source = "beta.jsonl"': 'source = "missing.jsonl"'}, "missing.jsonl"),
     ({"beta = 0.1": "beta = -1.0"}, "beta must be > 0"),
     ({"max_length = 40": "max_length = 20"}, "max_prompt_length"),
-    ({"steps = 4": "steps = 0"}, "steps must be >= 1"),
+    ({"max_steps = 4": "max_steps = 0"}, "max_steps must be >= 1"),
     ({'names = ["standard"]': 'names = ["uniform"]', "batch": "5"}, "multiple of the number of tasks k=2"),
     ({'device = "cpu"': 'device = "tpu"'}, "device must be one of"),
-    ({"lr = 1e-2\neval_every": "learning_rate = 1e-2\neval_every"}, "unknown key 'learning_rate'"),
+    ({"learning_rate = 1e-2\neval_steps": "gradient_accumulation_steps = 2\nlearning_rate = 1e-2\n"
+                                           "eval_steps"},
+     "unknown key 'gradient_accumulation_steps'"),
     ({'names = ["standard"]': 'names = ["ama-r"]', "eta_alpha = 2.0 }\nama-r-sim": "eta = 2.0 }\nama-r-sim"},
      "takes no option eta"),
 ])
@@ -275,7 +277,7 @@ def test_sft_baseline_trains_on_chosen_nll_and_is_evaluated_in_the_config_loss(t
         return [json.loads(x) for x in path.read_text().splitlines()]
 
     run = json.loads((out / "generalists" / "sft" / "seed0" / "run.json").read_text())
-    assert run["loss"]["name"] == "sft" and run["mixer"]["name"] == "standard"
+    assert run["loss"]["loss_type"] == "sft" and run["mixer"]["name"] == "standard"
     first = {m: next(x for x in metrics(m) if x["kind"] == "train") for m in ("standard", "sft")}
     # DPO at the first step is log 2 (policy == reference); SFT is the chosen tokens' NLL, about log(vocab 300)
     assert first["standard"]["loss"] == pytest.approx(0.6931, abs=1e-3)

@@ -44,17 +44,17 @@ source = "second.jsonl"
 held_out = 4
 
 [specialists.optim]
-steps = 2
+max_steps = 2
 batch_size = 4
-lr = 1e-3
-eval_batch_size = 4
+learning_rate = 1e-3
+per_device_eval_batch_size = 4
 
 [train]
-steps = 3
+max_steps = 3
 batch_size = 4
-lr = 1e-3
-eval_batch_size = 4
-checkpoint_every = 2
+learning_rate = 1e-3
+per_device_eval_batch_size = 4
+save_steps = 2
 
 [methods]
 names = ["ama-s"]

@@ -71,7 +71,8 @@ def make_run(setup, tmp_path, mixer_name="ama-s", name="run", **optim):
     options = {"ama-s": {"gamma": 0.5}, "ama-r": {"eta_alpha": 5.0}, "ama-r-sim": {"eta_alpha": 5.0},
                "standard": {}, "odm": {"gamma": 0.5}}[mixer_name]
     sizes = [len(s) for s in setup["train"]]
-    settings = dict(steps=4, batch_size=4, lr=5e-3, warmup_steps=1, eval_batch_size=8, grad_clip=1.0)
+    settings = dict(max_steps=4, batch_size=4, learning_rate=5e-3, warmup_steps=1, per_device_eval_batch_size=8,
+                    max_grad_norm=1.0)
     settings.update(optim)
     mixer = make_mixer(mixer_name, 2, sizes=sizes, **options)
     baseline_losses = [setup["specialist"]] * 2 if mixer.baseline == "specialist" else None
@@ -104,9 +105,9 @@ class RecordingAdamW(torch.optim.AdamW):
 def test_gradient_accumulation_equals_one_batch(setup, tmp_path, mixer_name, monkeypatch):
     monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
     RecordingAdamW.steps = []
-    whole, _ = train(setup, make_run(setup, tmp_path, mixer_name, "whole", steps=3))
+    whole, _ = train(setup, make_run(setup, tmp_path, mixer_name, "whole", max_steps=3))
     whole_grads, RecordingAdamW.steps = RecordingAdamW.steps, []
-    split_run = make_run(setup, tmp_path, mixer_name, "split", steps=3, micro_batch_size=1)
+    split_run = make_run(setup, tmp_path, mixer_name, "split", max_steps=3, micro_batch_size=1)
     split, _ = train(setup, split_run)
     # the first step starts from the same parameters: the accumulated gradient is the batch gradient
     for a, b in zip(whole_grads[0], RecordingAdamW.steps[0]):
@@ -129,7 +130,7 @@ def test_sequential_amar_refuses_accumulation(setup, tmp_path):
 
 def test_one_step_matches_a_hand_written_ama_s_step(setup, tmp_path):
     """The loop's first AMA-S step equals: draw, mean clipped excess over the batch, AdamW step."""
-    run = make_run(setup, tmp_path, "ama-s", steps=1, warmup_steps=0, grad_clip=0.0)
+    run = make_run(setup, tmp_path, "ama-s", max_steps=1, warmup_steps=0, max_grad_norm=0.0)
     trained, _ = train(setup, run)
     # by hand, with the same draws
     mixer = make_mixer("ama-s", 2, gamma=0.5)
@@ -159,8 +160,9 @@ def test_one_step_matches_a_hand_written_ama_s_step(setup, tmp_path):
 
 @pytest.mark.parametrize("mixer_name", ["ama-s", "ama-r"])
 def test_interrupted_run_resumes_exactly(setup, tmp_path, mixer_name):
-    straight, final = train(setup, make_run(setup, tmp_path, mixer_name, "straight", steps=6, eval_every=2))
-    halves = make_run(setup, tmp_path, mixer_name, "halves", steps=6, eval_every=2)
+    straight, final = train(setup, make_run(setup, tmp_path, mixer_name, "straight", max_steps=6,
+                                            eval_steps=2))
+    halves = make_run(setup, tmp_path, mixer_name, "halves", max_steps=6, eval_steps=2)
     model = copy.deepcopy(setup["base"])
     for p in model.parameters():
         p.requires_grad_(True)
@@ -182,7 +184,7 @@ def test_interrupted_run_resumes_exactly(setup, tmp_path, mixer_name):
 
 
 def test_a_finished_run_is_not_rerun(setup, tmp_path):
-    run = make_run(setup, tmp_path, "standard", steps=2)
+    run = make_run(setup, tmp_path, "standard", max_steps=2)
     _, final = train(setup, run)
     before = (run.run_dir / "metrics.jsonl").read_text()
     _, again = train(setup, run)
@@ -190,13 +192,13 @@ def test_a_finished_run_is_not_rerun(setup, tmp_path):
 
 
 def test_other_settings_in_the_same_folder_are_refused(setup, tmp_path):
-    train(setup, make_run(setup, tmp_path, "standard", steps=2))
+    train(setup, make_run(setup, tmp_path, "standard", max_steps=2))
     with pytest.raises(Exception, match="other settings"):
-        train(setup, make_run(setup, tmp_path, "standard", steps=3))
+        train(setup, make_run(setup, tmp_path, "standard", max_steps=3))
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(setup, tmp_path):
-    run = make_run(setup, tmp_path, "ama-s", steps=4, checkpoint_every=2)
+    run = make_run(setup, tmp_path, "ama-s", max_steps=4, save_steps=2)
     model = copy.deepcopy(setup["base"])
     for p in model.parameters():
         p.requires_grad_(True)
@@ -279,7 +281,7 @@ def test_length_grouped_micro_batches_pad_less_for_the_same_step(setup, tmp_path
     for grouped in (False, True):
         RecordingAdamW.steps = []
         name = f"grouped-{grouped}"
-        train(setup, make_run(setup, tmp_path, "ama-s", name, steps=3, batch_size=8, micro_batch_size=2,
+        train(setup, make_run(setup, tmp_path, "ama-s", name, max_steps=3, batch_size=8, micro_batch_size=2,
                               group_by_length=grouped))
         lines = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         runs[grouped] = (RecordingAdamW.steps[0], [x for x in lines if x["kind"] == "train"])

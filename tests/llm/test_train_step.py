@@ -102,7 +102,7 @@ def by_hand(mixer_name: str, tasks, baselines, optim: OptimConfig):
     coefficients = mixer.step(task_ids, losses.detach().double().numpy(), baseline)
     (torch.from_numpy(coefficients).float() * losses).sum().backward()
     gradient = policy.table.grad.clone()
-    torch.optim.AdamW(policy.parameters(), lr=optim.lr, weight_decay=0.0).step()
+    torch.optim.AdamW(policy.parameters(), lr=optim.learning_rate, weight_decay=0.0).step()
     return policy, mixer, gradient
 
 
@@ -110,7 +110,7 @@ def by_hand(mixer_name: str, tasks, baselines, optim: OptimConfig):
 def test_a_toy_policy_trains_through_the_step(mixer_name):
     tasks = toy_tasks()
     baselines = toy_baselines(tasks)
-    optim = OptimConfig(steps=3, batch_size=6, lr=0.05, warmup_steps=0, grad_clip=0.0)
+    optim = OptimConfig(max_steps=3, batch_size=6, learning_rate=0.05, warmup_steps=0, max_grad_norm=0.0)
     state = fresh_state(mixer_name, tasks, optim)
     gradients = []  # Adam's first step hides the gradient's scale: compare the gradient itself too
     state.optimizer.register_step_pre_hook(lambda *args: gradients.append(state.policy.table.grad.clone()))
@@ -131,7 +131,7 @@ def test_micro_batches_of_a_toy_policy_equal_one_batch():
     baselines = toy_baselines(tasks)
     tables = []
     for micro in (0, 2):
-        optim = OptimConfig(steps=3, batch_size=6, lr=0.05, micro_batch_size=micro)
+        optim = OptimConfig(max_steps=3, batch_size=6, learning_rate=0.05, micro_batch_size=micro)
         state = fresh_state("ama-s", tasks, optim)
         for _ in range(2):
             train_step(state, tasks, TOY, baselines, optim)
@@ -143,7 +143,7 @@ def test_a_non_finite_loss_is_a_signal_and_changes_nothing():
     tasks = toy_tasks()
     baselines = toy_baselines(tasks)
     broken = [ValueCache(c.ids, {"loss": np.full(len(c.ids), np.nan)}) for c in baselines]
-    optim = OptimConfig(steps=3, batch_size=6, lr=0.05)
+    optim = OptimConfig(max_steps=3, batch_size=6, learning_rate=0.05)
     state = fresh_state("ama-s", tasks, optim)
     before_policy, before_mixer = state.policy.table.detach().clone(), state.mixer.state_dict()
     result = train_step(state, tasks, TOY, broken, optim)
@@ -157,7 +157,7 @@ def test_a_non_finite_loss_is_a_signal_and_changes_nothing():
 def test_a_train_state_round_trip_continues_bitwise(mixer_name):
     tasks = toy_tasks()
     baselines = toy_baselines(tasks)
-    optim = OptimConfig(steps=4, batch_size=6, lr=0.05, warmup_steps=2)
+    optim = OptimConfig(max_steps=4, batch_size=6, learning_rate=0.05, warmup_steps=2)
     straight = fresh_state(mixer_name, tasks, optim)
     for _ in range(2):
         train_step(straight, tasks, TOY, baselines, optim)
