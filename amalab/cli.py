@@ -5,7 +5,8 @@
     amalab plot RESULTS_JSON [--out DIR]                              redraw its figures from saved results
     amalab check RESULTS_JSON                                         check saved results against the theory
     amalab list                                                       losses, algorithms and mixers known
-    amalab llm run|specialists|train|eval CONFIG [--quiet]            the LLM experiment (needs the llm extra)
+    amalab llm run|specialists|train|eval CONFIG [--out DIR] [--quiet]
+                                                  the LLM experiment (needs the llm extra)
 
 Exit status of the convex commands: 0 success (every theory check passed); 1 a theory check failed;
 2 invalid input (config, results file, output folder), reported as one line; 130 interrupted (Ctrl-C;
@@ -124,7 +125,7 @@ def _llm(args) -> int:
         raise ConfigError(f"the LLM module needs the llm extra ({e}); see the README's install section") from None
     from amalab.llm.cli import run_llm_command
 
-    return run_llm_command(args.stage, args.config, show_progress=not args.quiet)
+    return run_llm_command(args.stage, args.config, show_progress=not args.quiet, out=args.out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run: everything; specialists: caches and specialists; train: generalists (and what "
                         "they need); eval: re-evaluate finished runs, summary and figures")
     p.add_argument("config", help="TOML config, e.g. experiments/llm_tiny/config.toml")
+    p.add_argument("--out", help="run directory (default: the config's `out`)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_llm)
     return parser

@@ -65,7 +65,7 @@ class Experiment:
     def policy(self, seed: int) -> torch.nn.Module:
         """A fresh trainable copy of the base model (with a LoRA adapter initialized from ``seed`` if asked).
 
-        With ``[model] compile`` each decoder layer is compiled; with ``[model] fsdp`` under torchrun the copy
+        With ``[model] torch_compile`` each decoder layer is compiled; with ``[model] fsdp`` under torchrun the copy
         is sharded over the ranks (:func:`amalab.llm.distributed.shard_policy`).
         """
         settings = self.config.model
