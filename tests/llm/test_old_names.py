@@ -157,3 +157,10 @@ def test_the_readme_table_lists_every_renamed_key_and_only_real_keys():
     for table, key in listed:
         assert key in {f.name for f in dataclasses.fields(SECTIONS[table])}, (table, key)
     assert len(rows) >= 20 and len(listed) == len(set(listed))
+
+
+def test_the_readme_table_lists_every_optimizer_and_loss_key():
+    listed = {key for cells in readme_rows() for key in keys_of(cells[0])}
+    for table, section in (("train", OptimConfig), ("loss", PreferenceLoss)):
+        missing = {f.name for f in dataclasses.fields(section)} - {key for t, key in listed if t == table}
+        assert not missing, f"README's TRL names table: add [{table}] {sorted(missing)}"
