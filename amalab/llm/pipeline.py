@@ -41,7 +41,9 @@ from amalab.mixers import make_mixer
 
 def _describe(experiment: Experiment, run: TrainingRun, mixer: dict) -> TrainingRun:
     """``run`` with its description (run.json): a rerun with other settings into its folder is refused."""
-    run.description = {"name": run.name, "mixer": mixer, "seed": run.seed, "optim": asdict(run.optim),
+    # report_to only adds event files beside metrics.jsonl: switching it on or off continues the same run
+    optim = {k: v for k, v in asdict(run.optim).items() if k != "report_to"}
+    run.description = {"name": run.name, "mixer": mixer, "seed": run.seed, "optim": optim,
                        "loss": {**asdict(experiment.config.loss), "name": run.loss},
                        "reference": experiment.reference_manifest}
     return run
