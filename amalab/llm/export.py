@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,4 +148,15 @@ def export_run(run: RunFolder, out_dir: Path, force: bool = False) -> dict:
         policy.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         (folder / EXPORT_FILE).write_text(json.dumps(info, indent=1))
+        _readable(folder)
     return info
+
+
+def _readable(folder: Path) -> None:
+    """A model folder others may read (an inference server under another user): the temporary folder
+    atomic_folder builds in, and some files written into it, are private (0700 / 0600) by default."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.iterdir():
+        path.chmod(0o666 & ~umask)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -107,6 +109,14 @@ def test_summary_names_each_runs_folder_and_export_takes_it(trained, tmp_path):
     assert main(["llm", "export", str(out / rows[0]["run_dir"]), str(tmp_path / "a")]) == 0
     info = json.loads((tmp_path / "a" / "amalab_export.json").read_text())
     assert info["run"] == rows[0]["run_dir"]
+    umask = os.umask(0)
+    os.umask(umask)  # the folder is as readable as any the user writes (not private to the exporting user)
+    assert stat.S_IMODE((tmp_path / "a").stat().st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE((tmp_path / "a" / "model.safetensors").stat().st_mode) == 0o666 & ~umask
+    # a specialist's run folder exports too
+    assert main(["llm", "export", str(out / "specialists" / "beta"), str(tmp_path / "b")]) == 0
+    info = json.loads((tmp_path / "b" / "amalab_export.json").read_text())
+    assert (info["name"], info["task"], info["seed"], info["step"]) == ("specialist beta", "beta", None, 3)
 
 
 @pytest.mark.parametrize("args,message", [
