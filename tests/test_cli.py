@@ -284,6 +284,36 @@ def test_interrupted_reproduction_resumes_without_rerunning_finished_jobs(tmp_pa
     assert len(fresh["rates"]["dpo"]["algorithms"]) == 4
 
 
+def test_a_stale_checkpoint_is_recomputed_and_the_run_says_so(tmp_path, monkeypatch, capsys):
+    """A checkpoint left by a run on another problem (here: another noise level) is not reused."""
+    from amalab.convex import reproduction
+
+    small = {("rates", "horizons"): "[256, 512]", ("rates", "seeds"): "2", ("checks", "slope_horizons"): "2",
+             ("rates", "losses"): '["dpo"]', ("worst_task", "horizon"): "256", ("worst_task", "seeds"): "2",
+             ("exp3", "horizons"): "[256]", ("exp3", "seeds"): "4", ("", "workers"): "1"}
+    out, calls = tmp_path / "out", []
+    real_rate_job = reproduction.rate_job
+
+    def interrupted_rate_job(**kwargs):
+        calls.append(kwargs["algorithm"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_rate_job(**kwargs)
+
+    monkeypatch.setattr(reproduction, "rate_job", interrupted_rate_job)
+    assert main(["convex-rates", str(_write(tmp_path, _shipped_with(small))), "--out", str(out), "--quiet"]) == 130
+    assert len(list((out / ".jobs").glob("*.json"))) == 1
+    monkeypatch.setattr(reproduction, "rate_job", lambda **kw: calls.append(kw["algorithm"]) or real_rate_job(**kw))
+    calls.clear()
+    capsys.readouterr()
+    other_noise = _shipped_with({**small, ("rates.problem", "noise"): "0.2"})
+    main(["convex-rates", str(_write(tmp_path, other_noise)), "--out", str(out), "--quiet"])
+    assert len(calls) == 8  # every rate job ran: the checkpoint came from the other problem
+    assert "recomputing 1 jobs whose checkpoints" in capsys.readouterr().out
+    record = json.loads((out / "results.json").read_text())
+    assert record["rates"]["dpo"]["problem"]["noise"] == 0.2
+
+
 # ------------------------------------------------------------------ interrupts with several workers
 
 INTERRUPTIBLE = {  # 49 jobs (40 rate jobs, one per horizon; 6 worst-task; 3 EXP3), up to a few seconds each

@@ -1,6 +1,6 @@
 """The algorithms of the convex lab, each with the step sizes its theory prescribes and its gap bound.
 
-A horizon T fixes every step size (spec section 5): eta_theta = D / (G sqrt(T)); AMA-R's
+A horizon T fixes every step size (docs/maths.md section 5): eta_theta = D / (G sqrt(T)); AMA-R's
 eta_alpha = sqrt(8 ln k / T) / Bl; AMA-S's gamma = min(1, sqrt(k ln k / ((e - 1) T))), eta = gamma / k and
 gains scaled by Bl. Baselines get the same eta_theta.
 """
