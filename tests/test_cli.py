@@ -231,11 +231,14 @@ def test_readme_names_the_shipped_config_and_the_test_command():
 
 @pytest.mark.slow
 def test_readme_reproduction_command(tmp_path):
-    """The README's main command, exactly as written (about 100 s on 2 cores): all checks pass."""
+    """The README's main command, exactly as written, from scratch: every CSV matches the committed one
+    and every theory check passes (the default suite reruns a stated part: tests/test_committed_results.py)."""
     command = next(c for c in _readme_commands() if "amalab convex-rates" in c)
     command = command.split("&&")[-1].strip() + f" --out {tmp_path} --quiet"
     done = subprocess.run(shlex.split(command), cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+    for name in ("rates.csv", "worst_task.csv", "exp3.csv"):
+        assert f"{name}: matches" in done.stdout, done.stdout
     assert check_results(json.loads((tmp_path / "results.json").read_text())) == []
 
 

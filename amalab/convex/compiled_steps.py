@@ -1,10 +1,11 @@
 """The training loop of :mod:`amalab.convex.training`, compiled with numba: the same steps, no Python per step.
 
-The numpy loop (``train_reference``) is the reference: it runs the mixers of :mod:`amalab.mixers` as they
-are. This kernel does the same arithmetic on the same random numbers, one example at a time, for the
+The numpy loop (:func:`amalab.convex.training.numpy_advance`) is the reference: it runs the mixers of
+:mod:`amalab.mixers` as they are. This kernel does the same arithmetic on the same random numbers, one example at a time, for the
 mixers the convex lab builds (AMA-R and its simultaneous and DoReMi-style presets, AMA-S and ODM, fixed
 mixtures). Its numbers agree with the reference's to rounding (tests/test_convex_lab.py checks 1e-12
-relative on every algorithm and loss); the order of a few float sums differs (numpy's pairwise sums).
+relative on every algorithm and loss): the order of a few float sums differs (numpy's pairwise sums), and
+the DPO and logistic losses take their value and slope from one exponential.
 
 Per step and row, with the random numbers the numpy loop draws, in its order (docs/maths.md sections 3, 4,
 5 and 8): draw the batch's tasks (inverse CDF of the mixer's distribution, or task-balanced) and examples;
@@ -20,11 +21,13 @@ import math
 import numba
 import numpy as np
 
+from amalab.mixers import AMAR, AMAS, FixedMixture
+
 #: mixer kinds
 AMA_R, AMA_S, FIXED = 0, 1, 2
-#: losses, in the order of :data:`LOSS_KINDS`
+#: the losses the kernel computes (its ``loss_kind`` is the index in this tuple)
 LOSS_KINDS = ("dpo", "ipo", "hinge", "least_squares", "logistic")
-#: clips, in the order of amalab.mixers.excess.CLIPS
+#: the clips (``clip_kind``), in the order of amalab.mixers.excess.CLIPS
 CLIP_KINDS = ("example", "task", "none")
 
 
@@ -81,7 +84,7 @@ def _task_excess(clip_kind, count, excess_sum, diff_sum):
     return max(diff, 0.0) if clip_kind == 1 else diff
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def _ama_r_update(log_w, w_sum, weights, g, eta, smoothing, simultaneous):
     """Exponentiated gradient on g (amalab.mixers.exponentiated_gradient) and the running sum of alphas;
     ``weights`` gets the alphas theta steps with (alpha_t simultaneous, alpha_{t+1} sequential)."""
@@ -109,7 +112,7 @@ def _ama_r_update(log_w, w_sum, weights, g, eta, smoothing, simultaneous):
             w_sum[i] += weights[i]
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def _ama_s_update(log_w, w_sum, probs, g, counts, eta, scale, running):
     """EXP3 on x_i = n_i g_i / (B scale), clipped into [0, 1] (amalab.mixers.ama_s), ``probs`` the p the
     batch was drawn from; returns the number of gains clipped and the new scale."""
@@ -171,14 +174,10 @@ def _losses_and_statistics(loss_kind, u, features, targets, refs, beta, ids, row
         stats[2, i] = 0.0
     for j in range(ids.shape[0]):
         z = rows[j]
-        m0 = 0.0
-        m1 = 0.0
-        for d in range(0, dim - 1, 2):  # two sums: half the dependency chain
-            m0 += u[d] * features[z, d]
-            m1 += u[d + 1] * features[z, d + 1]
-        if dim % 2:
-            m0 += u[dim - 1] * features[z, dim - 1]
-        losses[j], slopes[j] = _loss_and_slope(loss_kind, m0 + m1, targets[z], beta)
+        m = 0.0
+        for d in range(dim):
+            m += u[d] * features[z, d]
+        losses[j], slopes[j] = _loss_and_slope(loss_kind, m, targets[z], beta)
         base[j] = refs[z] if refs.shape[0] else 0.0
         finite = finite and np.isfinite(losses[j]) and np.isfinite(base[j])
         i = ids[j]
@@ -272,8 +271,6 @@ def run_steps(kind, loss_kind, clip_kind, full_batch, sampling, update_first, si
 
 def compiled_kind(mixer) -> int | None:
     """The kernel's kind for ``mixer``, or None if the kernel does not run it (then numpy does)."""
-    from amalab.mixers import AMAR, AMAS, FixedMixture
-
     if len(mixer.batch_shape) != 1:
         return None
     if type(mixer) is AMAR:

@@ -111,7 +111,8 @@ def train(solved: SolvedProblem, mixer: Mixer, horizons, lr, rng: np.random.Gene
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")
     if batch_size is not None:
-        mixer.draw(np.random.default_rng(0), batch_size)  # the mixer's own check of the batch size
+        mixer.draw(np.random.default_rng(0), batch_size)  # the mixer's own check (a generator of its own:
+        # the run's random numbers are the same whichever engine runs the steps)
     lr = np.broadcast_to(np.asarray(lr, dtype=float), (n_rows,))[:, None]
     t_max = int(horizons.max())
     checkpoints = np.array(sorted({int(c) for c in checkpoints if 0 < c <= t_max}), dtype=np.int64)
