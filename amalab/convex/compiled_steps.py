@@ -60,22 +60,6 @@ def _loss_and_slope(loss_kind, m, y, beta):
 
 
 @numba.njit(cache=True, error_model="numpy", inline="always")
-def _sampling_probs(kind, log_w, gamma, mixture, probs):
-    """The distribution tasks are drawn from: EXP3's (1 - gamma) softmax(log w) + gamma / k, or the mixture."""
-    k = probs.shape[0]
-    if kind != AMA_S:
-        probs[:] = mixture
-        return
-    top = log_w.max()
-    total = 0.0
-    for i in range(k):
-        probs[i] = math.exp(log_w[i] - top)
-        total += probs[i]
-    for i in range(k):
-        probs[i] = (1.0 - gamma) * (probs[i] / total) + gamma / k
-
-
-@numba.njit(cache=True, error_model="numpy", inline="always")
 def _task_excess(clip_kind, count, excess_sum, diff_sum):
     n = max(count, 1.0)
     if clip_kind == 0:
@@ -84,120 +68,170 @@ def _task_excess(clip_kind, count, excess_sum, diff_sum):
     return max(diff, 0.0) if clip_kind == 1 else diff
 
 
-@numba.njit(cache=True, error_model="numpy", inline="always")
-def _ama_r_update(log_w, w_sum, weights, g, eta, smoothing, simultaneous):
-    """Exponentiated gradient on g (amalab.mixers.exponentiated_gradient) and the running sum of alphas;
-    ``weights`` gets the alphas theta steps with (alpha_t simultaneous, alpha_{t+1} sequential)."""
-    k = log_w.shape[0]
-    if simultaneous:
-        for i in range(k):
-            w_sum[i] += weights[i]
-    top = -np.inf
-    for i in range(k):
-        log_w[i] = log_w[i] + eta * g[i]
-        top = max(top, log_w[i])
-    total = 0.0
-    for i in range(k):
-        log_w[i] -= top
-        total += math.exp(log_w[i])
-    log_total = math.log(total)
-    for i in range(k):
-        log_w[i] -= log_total
-        if smoothing > 0.0:  # numpy's logaddexp(log(1 - c) + log w, log(c / k))
-            a, b = math.log1p(-smoothing) + log_w[i], math.log(smoothing / k)
-            log_w[i] = a + math.log1p(math.exp(b - a)) if a > b else b + math.log1p(math.exp(a - b))
-    if not simultaneous:
-        for i in range(k):
-            weights[i] = math.exp(log_w[i])
-            w_sum[i] += weights[i]
+# Each phase below loops over every row itself: a call per step, not per row and step, because numba
+# counts references to the arrays a call is given (atomic operations that would cost more than the step).
 
-
-@numba.njit(cache=True, error_model="numpy", inline="always")
-def _ama_s_update(log_w, w_sum, probs, g, counts, eta, scale, running):
-    """EXP3 on x_i = n_i g_i / (B scale), clipped into [0, 1] (amalab.mixers.ama_s), ``probs`` the p the
-    batch was drawn from; returns the number of gains clipped and the new scale."""
-    k = log_w.shape[0]
-    batch = 0.0
-    for i in range(k):
-        batch += counts[i]
-    if running:
-        for i in range(k):
-            scale = max(scale, g[i])
-    divisor = batch * (scale if scale > 0.0 else 1.0)
-    clipped = 0
-    top = -np.inf
-    for i in range(k):
-        x = counts[i] * g[i] / divisor
-        if x < 0.0 or x > 1.0 + 1e-12:
-            clipped += 1
-        w_sum[i] += probs[i]
-        log_w[i] = log_w[i] + eta * (min(max(x, 0.0), 1.0) / probs[i])
-        top = max(top, log_w[i])
-    for i in range(k):
-        log_w[i] -= top
-    return clipped, scale
-
-
-@numba.njit(cache=True, error_model="numpy", inline="always")
-def _draw_batch(sampling, draws, t, r, probs, cdf, balanced, offsets, sizes, ids, rows):
-    """Task and example of every slot, from the uniforms the numpy loop draws (inverse CDF of ``probs``)."""
+@numba.njit(cache=True, error_model="numpy")
+def _draw_batches(kind, sampling, draws, t, log_w, gamma, mixture, probs, cdf, balanced, offsets, sizes, ids, rows):
+    """Task and example of every slot of every row, from the uniforms the numpy loop draws: the inverse CDF
+    of the mixer's distribution (EXP3's (1 - gamma) softmax(log w) + gamma / k, or the mixture), or balanced."""
+    n_rows, B = ids.shape
     k = cdf.shape[0]
-    if sampling:
-        acc = 0.0
-        for i in range(k):
-            acc += probs[i]
-            cdf[i] = acc
-        cdf[k - 1] = np.inf  # rounding must never push a draw past the last task
     last = draws.shape[1] - 1
-    for j in range(ids.shape[0]):
-        if sampling:
-            uniform = draws[t, 0, r, j]
-            c = 0
+    for r in range(n_rows):
+        if kind == AMA_S:
+            top = -np.inf
             for i in range(k):
-                if uniform >= cdf[i]:
-                    c += 1
-            ids[j] = c
-        else:
-            ids[j] = balanced[j]
-        rows[j] = offsets[ids[j]] + np.int64(draws[t, last, r, j] * sizes[ids[j]])
+                top = max(top, log_w[r, i])
+            total = 0.0
+            for i in range(k):
+                probs[r, i] = math.exp(log_w[r, i] - top)
+                total += probs[r, i]
+            for i in range(k):
+                probs[r, i] = (1.0 - gamma[r]) * (probs[r, i] / total) + gamma[r] / k
+        elif sampling:
+            for i in range(k):
+                probs[r, i] = mixture[i]
+        if sampling:
+            acc = 0.0
+            for i in range(k):
+                acc += probs[r, i]
+                cdf[i] = acc
+            cdf[k - 1] = np.inf  # rounding must never push a draw past the last task
+        for j in range(B):
+            if sampling:
+                c = 0
+                for i in range(k):
+                    if draws[t, 0, r, j] >= cdf[i]:
+                        c += 1
+                ids[r, j] = c
+            else:
+                ids[r, j] = balanced[j]
+            rows[r, j] = offsets[ids[r, j]] + np.int64(draws[t, last, r, j] * sizes[ids[r, j]])
 
 
-@numba.njit(cache=True, error_model="numpy", inline="always")
-def _losses_and_statistics(loss_kind, u, features, targets, refs, beta, ids, rows, losses, slopes, base, stats):
-    """Losses, slopes and baseline losses of the batch, and its per-task (count, excess sum, difference sum);
-    returns whether every loss and baseline loss is finite."""
-    dim = u.shape[0]
+@numba.njit(cache=True, error_model="numpy")
+def _losses_and_statistics(loss_kind, clip_kind, u, features, targets, refs, beta, ids, rows, losses, slopes, base,
+                           stats, last_g):
+    """Losses, slopes and baseline losses of every row's batch, its per-task (count, excess sum, difference
+    sum) and the estimate g of E_i; returns whether every loss and baseline loss is finite."""
+    n_rows, B = ids.shape
+    dim, k = u.shape[1], stats.shape[2]
     finite = True
-    for i in range(stats.shape[1]):  # explicit loops: numba's slice assignment costs more than the batch
-        stats[0, i] = 0.0
-        stats[1, i] = 0.0
-        stats[2, i] = 0.0
-    for j in range(ids.shape[0]):
-        z = rows[j]
-        m = 0.0
-        for d in range(dim):
-            m += u[d] * features[z, d]
-        losses[j], slopes[j] = _loss_and_slope(loss_kind, m, targets[z], beta)
-        base[j] = refs[z] if refs.shape[0] else 0.0
-        finite = finite and np.isfinite(losses[j]) and np.isfinite(base[j])
-        i = ids[j]
-        stats[0, i] += 1.0
-        stats[1, i] += max(losses[j] - base[j], 0.0)
-        stats[2, i] += losses[j] - base[j]
+    for r in range(n_rows):
+        for i in range(k):
+            stats[r, 0, i] = 0.0
+            stats[r, 1, i] = 0.0
+            stats[r, 2, i] = 0.0
+        for j in range(B):
+            z = rows[r, j]
+            m = 0.0
+            for d in range(dim):
+                m += u[r, d] * features[z, d]
+            losses[r, j], slopes[r, j] = _loss_and_slope(loss_kind, m, targets[z], beta)
+            base[r, j] = refs[z] if refs.shape[0] else 0.0
+            finite = finite and np.isfinite(losses[r, j]) and np.isfinite(base[r, j])
+            i = ids[r, j]
+            stats[r, 0, i] += 1.0
+            stats[r, 1, i] += max(losses[r, j] - base[r, j], 0.0)
+            stats[r, 2, i] += losses[r, j] - base[r, j]
+        for i in range(k):
+            last_g[r, i] = _task_excess(clip_kind, stats[r, 0, i], stats[r, 1, i], stats[r, 2, i])
     return finite
 
 
-@numba.njit(cache=True, error_model="numpy", inline="always")
-def _projected_step(u, u_sum, grad, lr, radius):
-    """u_sum += u (the points gradients were taken at), then u <- Proj(u - lr grad) onto ||u|| <= radius."""
-    norm2 = 0.0
-    for d in range(u.shape[0]):
-        u_sum[d] += u[d]
-        u[d] = u[d] - lr * grad[d]
-        norm2 += u[d] * u[d]
-    shrink = min(1.0, radius / max(math.sqrt(norm2), 1e-300))
-    for d in range(u.shape[0]):
-        u[d] = u[d] * shrink
+@numba.njit(cache=True, error_model="numpy")
+def _ama_r(update_first, simultaneous, log_w, w_sum, g, eta, smoothing, stats, coeff):
+    """Exponentiated gradient on g (amalab.mixers.exponentiated_gradient), the running sum of the alphas
+    theta steps with (alpha_t simultaneous, alpha_{t+1} sequential) and the per-task coefficients a_i / n_i."""
+    n_rows, k = log_w.shape
+    for r in range(n_rows):
+        if not update_first:
+            for i in range(k):
+                coeff[r, i] = math.exp(log_w[r, i])
+            if simultaneous:
+                for i in range(k):
+                    w_sum[r, i] += coeff[r, i]
+        top = -np.inf
+        for i in range(k):
+            log_w[r, i] = log_w[r, i] + eta[r] * g[r, i]
+            top = max(top, log_w[r, i])
+        total = 0.0
+        for i in range(k):
+            log_w[r, i] -= top
+            total += math.exp(log_w[r, i])
+        log_total = math.log(total)
+        for i in range(k):
+            log_w[r, i] -= log_total
+            if smoothing[r] > 0.0:  # numpy's logaddexp(log(1 - c) + log w, log(c / k))
+                a, b = math.log1p(-smoothing[r]) + log_w[r, i], math.log(smoothing[r] / k)
+                log_w[r, i] = a + math.log1p(math.exp(b - a)) if a > b else b + math.log1p(math.exp(a - b))
+        if update_first:
+            for i in range(k):
+                coeff[r, i] = math.exp(log_w[r, i])
+                w_sum[r, i] += coeff[r, i]
+        for i in range(k):
+            coeff[r, i] = coeff[r, i] / max(stats[r, 0, i], 1.0)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _ama_s(log_w, w_sum, probs, g, stats, eta, scale, running, coeff):
+    """EXP3 on x_i = n_i g_i / (B scale), clipped into [0, 1] (amalab.mixers.ama_s), ``probs`` the p the
+    batch was drawn from, and the coefficients 1 / B; returns the number of gains clipped."""
+    n_rows, k = log_w.shape
+    clipped = 0
+    for r in range(n_rows):
+        batch = 0.0
+        for i in range(k):
+            batch += stats[r, 0, i]
+        if running:
+            for i in range(k):
+                scale[r] = max(scale[r], g[r, i])
+        divisor = batch * (scale[r] if scale[r] > 0.0 else 1.0)
+        top = -np.inf
+        for i in range(k):
+            coeff[r, i] = 1.0 / batch
+            x = stats[r, 0, i] * g[r, i] / divisor
+            if x < 0.0 or x > 1.0 + 1e-12:
+                clipped += 1
+            w_sum[r, i] += probs[r, i]
+            log_w[r, i] = log_w[r, i] + eta[r] * (min(max(x, 0.0), 1.0) / probs[r, i])
+            top = max(top, log_w[r, i])
+        for i in range(k):
+            log_w[r, i] -= top
+    return clipped
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _projected_steps(checks_active, clip_kind, features, ids, rows, losses, slopes, base, stats, coeff, lr, radius,
+                     u, u_sum):
+    """grad = sum_z c_z phi'(m_z) a_z (c_z = 0 where the clipped excess is flat), u_sum += u (the points the
+    gradients were taken at), then u <- Proj(u - lr grad) onto the ball ||u|| <= radius, for every row."""
+    n_rows, B = ids.shape
+    dim = u.shape[1]
+    grad = np.empty(dim)
+    for r in range(n_rows):
+        for d in range(dim):
+            grad[d] = 0.0
+        for j in range(B):
+            i = ids[r, j]
+            c = coeff[r, i]
+            if checks_active:
+                if clip_kind == 0 and not losses[r, j] > base[r, j]:
+                    c = 0.0
+                elif clip_kind == 1 and not stats[r, 2, i] / max(stats[r, 0, i], 1.0) > 0.0:
+                    c = 0.0
+            c *= slopes[r, j]
+            for d in range(dim):
+                grad[d] += c * features[rows[r, j], d]
+        norm2 = 0.0
+        for d in range(dim):
+            u_sum[r, d] += u[r, d]
+            u[r, d] = u[r, d] - lr[r] * grad[d]
+            norm2 += u[r, d] * u[r, d]
+        shrink = min(1.0, radius / max(math.sqrt(norm2), 1e-300))
+        for d in range(dim):
+            u[r, d] = u[r, d] * shrink
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -208,64 +242,39 @@ def run_steps(kind, loss_kind, clip_kind, full_batch, sampling, update_first, si
     """``n_steps`` steps of every row, in place; ``draws`` (steps, 2 or 1, rows, B) holds the uniforms
     the numpy loop draws (task draws first when ``sampling``). Returns (first step with a non-finite
     loss or -1, gains clipped)."""
-    n_rows, dim = u.shape
+    n_rows = u.shape[0]
     k = sizes.shape[0]
     B = task_of.shape[0] if full_batch else batch_size
-    ids = task_of.copy() if full_batch else np.empty(B, np.int64)
-    rows = np.arange(B)
+    ids, rows = np.empty((n_rows, B), np.int64), np.empty((n_rows, B), np.int64)
+    for r in range(n_rows):
+        for j in range(B):
+            ids[r, j], rows[r, j] = (task_of[j], j) if full_batch else (0, 0)
     balanced = np.arange(B) // max(B // k, 1)
-    losses, slopes, base = np.empty(B), np.empty(B), np.empty(B)
-    stats, probs, cdf, weights, coeff = np.zeros((3, k)), mixture.copy(), np.empty(k), np.empty(k), np.empty(k)
-    grad = np.empty(dim)
+    losses, slopes, base = np.empty((n_rows, B)), np.empty((n_rows, B)), np.empty((n_rows, B))
+    stats, probs, cdf, coeff = np.zeros((n_rows, 3, k)), np.zeros((n_rows, k)), np.empty(k), np.empty((n_rows, k))
     clipped_total, bad_step = 0, -1
     checks_active = kind == AMA_S or (kind == AMA_R and not objective_loss)
-    for t in range(n_steps):  # steps outside, rows inside: the draws are read in the order they lie in
-        for r in range(n_rows):
-            ur, us, lw, ws, g = u[r], u_sum[r], log_w[r], w_sum[r], last_g[r]
-            if kind == AMA_S:
-                _sampling_probs(kind, lw, gamma[r], mixture, probs)
-            if not full_batch:
-                _draw_batch(sampling, draws, t, r, probs, cdf, balanced, offsets, sizes, ids, rows)
-            if not _losses_and_statistics(loss_kind, ur, features, targets, refs, beta, ids, rows, losses,
-                                          slopes, base, stats):
-                bad_step = first_step + t if bad_step < 0 else min(bad_step, first_step + t)
-            for i in range(k):
-                g[i] = _task_excess(clip_kind, stats[0, i], stats[1, i], stats[2, i])
-            # the mixer: the weights theta steps with, and its update (AMA-R sequential: update first)
-            if kind == AMA_R:
-                if not update_first:
-                    for i in range(k):
-                        weights[i] = math.exp(lw[i])
-                _ama_r_update(lw, ws, weights, g, eta[r], smoothing[r], simultaneous)
-                for i in range(k):
-                    coeff[i] = weights[i] / max(stats[0, i], 1.0)
-            elif kind == AMA_S:
+    for t in range(n_steps):
+        if not full_batch:
+            _draw_batches(kind, sampling, draws, t, log_w, gamma, mixture, probs, cdf, balanced, offsets, sizes,
+                          ids, rows)
+        if not _losses_and_statistics(loss_kind, clip_kind, u, features, targets, refs, beta, ids, rows, losses,
+                                      slopes, base, stats, last_g) and bad_step < 0:
+            bad_step = first_step + t
+        # the mixer: its coefficients and its update (AMA-R sequential: update first)
+        if kind == AMA_R:
+            _ama_r(update_first, simultaneous, log_w, w_sum, last_g, eta, smoothing, stats, coeff)
+        elif kind == AMA_S:
+            clipped_total += _ama_s(log_w, w_sum, probs, last_g, stats, eta, scale, running, coeff)
+        else:
+            for r in range(n_rows):
                 total = 0.0
                 for i in range(k):
-                    total += stats[0, i]
+                    total += stats[r, 0, i]
                 for i in range(k):
-                    coeff[i] = 1.0 / total
-                clipped, scale[r] = _ama_s_update(lw, ws, probs, g, stats[0], eta[r], scale[r], running)
-                clipped_total += clipped
-            else:
-                total = 0.0
-                for i in range(k):
-                    total += stats[0, i]
-                for i in range(k):
-                    coeff[i] = 1.0 / total if sampling else mixture[i] / max(stats[0, i], 1.0)
-            for d in range(dim):
-                grad[d] = 0.0
-            for j in range(B):
-                c = coeff[ids[j]]
-                if checks_active:  # the subgradient of the clipped excess: 0 where the clip is active
-                    if clip_kind == 0 and not losses[j] > base[j]:
-                        c = 0.0
-                    elif clip_kind == 1 and not stats[2, ids[j]] / max(stats[0, ids[j]], 1.0) > 0.0:
-                        c = 0.0
-                c *= slopes[j]
-                for d in range(dim):
-                    grad[d] += c * features[rows[j], d]
-            _projected_step(ur, us, grad, lr[r], radius)
+                    coeff[r, i] = 1.0 / total if sampling else mixture[i] / max(stats[r, 0, i], 1.0)
+        _projected_steps(checks_active, clip_kind, features, ids, rows, losses, slopes, base, stats, coeff, lr,
+                         radius, u, u_sum)
     return bad_step, clipped_total
 
 

@@ -78,7 +78,9 @@ def _exp3_steps(sequence_kind, t0, gain_uniforms, arm_uniforms, means, rows, gam
                     x[i] = 1.0 if i == int(math.log2(t + 1)) % k else 0.0
                 else:
                     x[i] = 0.5 + 0.5 * math.sin(2 * math.pi * t / 4096 + 2 * math.pi * i / k)
-            top = log_w[r].max()
+            top = -np.inf  # loops, not log_w[r].max(): a view per step would cost atomic reference counts
+            for i in range(k):
+                top = max(top, log_w[r, i])
             total = 0.0
             for i in range(k):
                 probs[i] = math.exp(log_w[r, i] - top)
@@ -94,11 +96,15 @@ def _exp3_steps(sequence_kind, t0, gain_uniforms, arm_uniforms, means, rows, gam
             expected_gain[r] += gain
             for i in range(k):
                 log_w[r, i] += eta[r] * ((x[i] if i == arm else 0.0) / probs[i])
-            top = log_w[r].max()
+            top = -np.inf
+            for i in range(k):
+                top = max(top, log_w[r, i])
             for i in range(k):
                 log_w[r, i] -= top
             if t + 1 == rows[r]:
-                g_max[r] = cumulative[r].max()
+                g_max[r] = -np.inf
+                for i in range(k):
+                    g_max[r] = max(g_max[r], cumulative[r, i])
                 regret[r] = g_max[r] - expected_gain[r]
 
 
