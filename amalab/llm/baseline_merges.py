@@ -115,6 +115,7 @@ def merged_specialists(experiment, specialist_caches) -> list[dict]:
                 if experiment.world.is_main:
                     final_path.write_text(json.dumps(final, indent=1))
                 del model
-            records.append({"method": f"merge-{method}", "seed": s, **final})
+            records.append({"method": f"merge-{method}", "seed": s, "run_dir": experiment.relative(run_dir),
+                            **final})
             experiment.say(f"merge {method} seed {s}: worst-task excess {final.get('worst_excess', float('nan')):.4f}")
     return records

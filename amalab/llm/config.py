@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 
 import numpy as np
 from dataclasses import dataclass, field
@@ -150,6 +151,9 @@ class OptimConfig:
     per_device_eval_batch_size: int = 16
     save_steps: int = 0  # 0 = only at the end
     save_total_limit: int = 2
+    #: trackers that get every record of metrics.jsonl too (TrainingArguments' report_to): "tensorboard"
+    #: (the tensorboard extra) writes <run folder>/tensorboard/; [] (the default) writes no event files
+    report_to: list[str] = field(default_factory=list)
 
     def check(self) -> None:
         for name in ("max_steps", "batch_size", "per_device_eval_batch_size", "save_total_limit"):
@@ -164,6 +168,19 @@ class OptimConfig:
             raise ValueError(f"min_lr_rate must lie in [0, 1], got {self.min_lr_rate}")
         if self.weight_decay < 0 or self.max_grad_norm < 0:
             raise ValueError("weight_decay and max_grad_norm must be >= 0 (max_grad_norm 0: no clipping)")
+        _check_report_to(self.report_to)
+
+
+def _check_report_to(report_to: list[str]) -> None:
+    from amalab.llm.tracking import TRACKERS
+
+    for name in report_to:
+        if name not in TRACKERS:
+            raise ValueError(f"report_to: unknown tracker {name!r}; known: {', '.join(TRACKERS)}")
+        if importlib.util.find_spec(name) is None:
+            raise ValueError(f"report_to: {name} needs the {name} extra (pip install 'amalab[{name}]')")
+    if len(set(report_to)) != len(report_to):
+        raise ValueError(f"report_to: a tracker is listed twice: {report_to}")
 
 
 @dataclass(frozen=True)

@@ -3,11 +3,12 @@
     out/
       config.toml                        the config the run was started with
       data.json                          pairs per task, and every dropped row counted by reason
+      tokenizer/                         the experiment's tokenizer (what `amalab llm export` ships)
       caches/reference/                  pi_ref log-probs of every pair (docs/maths.md section 11)
       caches/specialist-<task>/          s(z): the specialist's loss on every pair of its task
       caches/standard/                   the standard generalist's losses (DoReMi's baseline losses)
       specialists/<task>/                a training run (checkpoints, metrics.jsonl, final.json)
-      generalists/<method>/seed<s>/      a training run per method and seed
+      generalists/<method>/seed<s>/      a training run per method and seed (export: amalab.llm.export)
       merges/<method>/seed<s>/           a merge of the specialists, evaluated (amalab.llm.baseline_merges)
       summary.json, summary.csv          final held-out metrics of every generalist (amalab.llm.report)
       figures/                           per-task excess and accuracy, mixer weights, worst-task excess
@@ -40,7 +41,9 @@ from amalab.mixers import make_mixer
 
 def _describe(experiment: Experiment, run: TrainingRun, mixer: dict) -> TrainingRun:
     """``run`` with its description (run.json): a rerun with other settings into its folder is refused."""
-    run.description = {"name": run.name, "mixer": mixer, "seed": run.seed, "optim": asdict(run.optim),
+    # report_to only adds event files beside metrics.jsonl: switching it on or off continues the same run
+    optim = {k: v for k, v in asdict(run.optim).items() if k != "report_to"}
+    run.description = {"name": run.name, "mixer": mixer, "seed": run.seed, "optim": optim,
                        "loss": asdict(run.loss), "reference": experiment.reference_manifest}
     return run
 
@@ -143,7 +146,7 @@ def generalists(experiment: Experiment, specialist_caches: list[ValueCache]) -> 
             standard_cache = experiment.loss_cache(model, every, experiment.out / "caches" / "standard", manifest,
                                                    "standard generalist losses")
         final = add_generation(experiment, model, run_dir, final)
-        records.append({"method": method, "seed": s, **final})
+        records.append({"method": method, "seed": s, "run_dir": experiment.relative(run_dir), **final})
         experiment.say(f"{method} seed {s}: worst-task excess {final.get('worst_excess', float('nan')):.4f} "
                        f"({final.get('worst_task')})")
         del model
@@ -165,7 +168,7 @@ def reevaluated_generalists(experiment: Experiment, specialist_caches: list[Valu
         final = add_generation(experiment, model, run_dir, final)
         if world.is_main:
             (run_dir / "final.json").write_text(json.dumps(final, indent=1))
-        records.append({"method": method, "seed": s, **final})
+        records.append({"method": method, "seed": s, "run_dir": experiment.relative(run_dir), **final})
     return records
 
 

@@ -31,6 +31,7 @@ from amalab.llm.evaluate import evaluate
 from amalab.llm.losses import PreferenceLoss
 from amalab.llm.models import autocast_context
 from amalab.llm.tokenize import TokenizedPair
+from amalab.llm.tracking import trackers
 from amalab.llm.train_state import TrainState, load_trainable_state
 from amalab.llm.train_step import ExampleLosses, check_micro_batches, train_step
 from amalab.mixers import Mixer
@@ -126,13 +127,17 @@ def checkpoint_writer(run: TrainingRun, world: World) -> Callable[[TrainState], 
 
 
 def metrics_logger(run: TrainingRun, world: World) -> Callable[[dict], None]:
-    """``log(record)``: one JSON line in the run's ``metrics.jsonl`` (rank 0)."""
+    """``log(record)``: one JSON line in the run's ``metrics.jsonl`` (rank 0), the source of truth; the same
+    record to every tracker of ``report_to`` (:mod:`amalab.llm.tracking`)."""
     path = run.run_dir / "metrics.jsonl"
+    track = trackers(run.optim.report_to, run.run_dir, run.task_names, run.optim.max_steps) if world.is_main else []
 
     def log(record: dict) -> None:
         if world.is_main:
             with path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+            for tracker in track:
+                tracker(record)
 
     return log
 
