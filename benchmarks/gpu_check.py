@@ -200,11 +200,8 @@ def main(argv=None) -> dict:
         report["checks"].append(run_check(check, deadline, out / "logs"))
         if cuda:
             print(summary_row(report["checks"][-1]), flush=True)
-    report["total_seconds"] = time.monotonic() - began
-    ran = [c for c in report["checks"] if c.get("skipped") is None]
-    report["passed"] = bool(ran) and all(c["passed"] for c in ran) and len(ran) == len(plan)
-    write_json_atomic(out / "gpu_check.json", report, indent=1)
-    write_text_atomic(out / "gpu_check.md", table(report))
+        write_report(report, out, began, complete=False)  # what ran so far survives a kill
+    write_report(report, out, began, complete=True)
     passed = sum(bool(c["passed"]) for c in report["checks"])
     if cuda:
         print(table(report))
@@ -215,6 +212,14 @@ def main(argv=None) -> dict:
               f"plumbing test (every check on the CPU at tiny sizes), {passed}/{len(plan)} passed; wrote "
               f"{out / 'gpu_check.json'}")
     return report
+
+
+def write_report(report: dict, out: Path, began: float, complete: bool) -> None:
+    """gpu_check.json and gpu_check.md, atomically; ``passed``: every planned check ran and passed."""
+    report.update(complete=complete, total_seconds=time.monotonic() - began,
+                  passed=complete and bool(report["checks"]) and all(c["passed"] for c in report["checks"]))
+    write_json_atomic(out / "gpu_check.json", report, indent=1)
+    write_text_atomic(out / "gpu_check.md", table(report))
 
 
 # ----------------------------------------------------------------------------------------- table
