@@ -15,8 +15,11 @@ Tolerances (why these numbers):
 * float32 on CUDA against float32 on the CPU: sequence log-probs within ``FP32_LOGP_ATOL`` = 1e-2 nats (the
   sum of ~100 token log-probs, each off by ~1e-5 from a different summation order).
 * bf16 autocast on CUDA against float32 on the CPU: ``BF16_LOGP_PER_TOKEN_ATOL`` = 5e-2 nats per completion
-  token (relative rounding 2e-3 of logits of size ~20 is ~4e-2 per token at worst; the LM head itself runs
-  in float32, see amalab.llm.logprobs).
+  token on average over the pairs (sum of |differences| over sum of completion tokens; relative rounding
+  2e-3 of logits of size ~20 is ~4e-2 per token at worst; the LM head itself runs in float32, see
+  amalab.llm.logprobs). It catches gross errors (a wrong mask or row, a non-finite value); the float32
+  comparison is the strict one. On the CPU's bf16 autocast, 8 SmolLM2 pairs differ by at most 0.32 nats per
+  sequence, 0.020 per token.
 """
 
 from __future__ import annotations
@@ -26,10 +29,10 @@ import copy
 import functools
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +41,7 @@ import torch
 
 from amalab.llm.collate import collate_pairs
 from amalab.llm.config import LoraConfig, OptimConfig
-from amalab.llm.distributed import World, policy_logps
+from amalab.llm.distributed import World
 from amalab.llm.evaluate import pair_logps
 from amalab.llm.logprobs import sequence_logps
 from amalab.llm.models import apply_lora, autocast_context, compile_layers
@@ -50,6 +53,7 @@ LOSS_RTOL = 2e-2
 FP32_LOGP_ATOL = 1e-2
 BF16_LOGP_PER_TOKEN_ATOL = 5e-2
 BETA = 0.1
+REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -214,13 +218,28 @@ def logprob_parity(work: Workload, pairs_scored: int = 8) -> dict:
     for precision, autocast in (("fp32", contextlib.nullcontext), ("bf16", bf16_autocast(device))):
         difference = np.abs(_logps(model, on_device, autocast) - cpu)
         measured[f"{precision}_max_abs_difference"] = float(difference.max())
-        measured[f"{precision}_max_abs_difference_per_token"] = float((difference / tokens).max())
+        measured[f"{precision}_mean_abs_difference_per_token"] = float(difference.sum() / tokens.sum())
     passed = (measured["fp32_max_abs_difference"] <= FP32_LOGP_ATOL
-              and measured["bf16_max_abs_difference_per_token"] <= BF16_LOGP_PER_TOKEN_ATOL)
+              and measured["bf16_mean_abs_difference_per_token"] <= BF16_LOGP_PER_TOKEN_ATOL)
     return {"passed": bool(passed), "workload": work.describe(), "measured": measured,
             "tolerance": {"fp32_max_abs_difference": FP32_LOGP_ATOL,
-                          "bf16_max_abs_difference_per_token": BF16_LOGP_PER_TOKEN_ATOL},
-            "matmul_precision": torch.get_float32_matmul_precision()}
+                          "bf16_mean_abs_difference_per_token": BF16_LOGP_PER_TOKEN_ATOL},
+            "float32_matmul_precision": torch.get_float32_matmul_precision(),
+            "cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32}
+
+
+def run_limited(command: list[str], limit_s: float, log_path: Path, env: dict | None = None) -> int:
+    """Run ``command`` in the repository with output to ``log_path``; past ``limit_s`` end it and every
+    process it started (its own session), then raise ``TimeoutError``. Returns the exit status."""
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        try:
+            return process.wait(timeout=limit_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            raise TimeoutError(f"{' '.join(command[:4])} ran past its limit of {limit_s:.0f} s") from None
 
 
 def step_benchmark(work: Workload, out: Path, timeout_s: float, plumbing: bool) -> dict:
@@ -236,12 +255,13 @@ def step_benchmark(work: Workload, out: Path, timeout_s: float, plumbing: bool) 
                "--timed-steps", str(work.steps), "--batch-size", str(work.batch_size),
                "--seq-len", str(work.seq_len), "--lr", "1e-5", "--device", work.device, "--data", work.data,
                "--out", str(out)] + (["--in-process", "--threads", "1"] if plumbing else [])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
-                                                       os.environ.get("PYTHONPATH", "")]), TQDM_DISABLE="1")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+               TQDM_DISABLE="1")
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "benchmark.log", "w") as log:
-        subprocess.run(command, cwd=Path(__file__).resolve().parents[1], env=env, stdout=log,
-                       stderr=subprocess.STDOUT, timeout=timeout_s, check=True)
+    status = run_limited(command, timeout_s, out / "benchmark.log", env)
+    if status != 0:
+        tail = " | ".join((out / "benchmark.log").read_text().strip().splitlines()[-3:])
+        raise RuntimeError(f"the benchmark exited with {status}: {tail}")
     results = json.loads((out / "results.json").read_text())
     block = results["step_time"][work.model]
     measured = {"peak_tflops": results["settings"]["peak_tflops"],

@@ -20,7 +20,6 @@ import argparse
 import datetime
 import json
 import signal
-import subprocess
 import sys
 import time
 import traceback
@@ -32,7 +31,6 @@ from pathlib import Path
 from amalab.atomic_write import write_json_atomic, write_text_atomic
 from amalab.llm.data import SHARED_DATA
 
-REPO = Path(__file__).resolve().parents[1]
 HH_HARMLESS = SHARED_DATA / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 SCHEMA = "amalab-gpu-check/1"
 KINDS = ("bf16_training", "compile", "fsdp2_one_rank", "nccl_one_process", "logprob_parity", "step_benchmark")
@@ -143,15 +141,15 @@ def _with_alarm(limit_s: float, function: Callable[[], dict]) -> dict:
 
 def _run_process_group_check(check: str, work, limit_s: float, folder: Path) -> dict:
     """``python -m benchmarks.process_group_checks`` in its own process, ended at ``limit_s``."""
+    from benchmarks.device_checks import run_limited
+
     folder.mkdir(parents=True, exist_ok=True)
     out, log_path = folder / f"{check}.json", folder / f"{check}.log"
     spec = json.dumps({"check": check, "work": asdict(work)})
-    with open(log_path, "w") as log:
-        done = subprocess.run([sys.executable, "-m", "benchmarks.process_group_checks", spec, str(out)],
-                              cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=limit_s)
+    status = run_limited([sys.executable, "-m", "benchmarks.process_group_checks", spec, str(out)], limit_s, log_path)
     if not out.is_file():
         tail = " | ".join(log_path.read_text().strip().splitlines()[-3:])
-        raise RuntimeError(f"exit {done.returncode} without a result: {tail}")
+        raise RuntimeError(f"exit {status} without a result: {tail}")
     return json.loads(out.read_text())
 
 
@@ -232,8 +230,8 @@ def _numbers(check: dict) -> str:
         return (f"loss max rel diff {m['max_relative_difference']:.2e}, final {m['final_relative_difference']:.2e}; "
                 f"median step s {', '.join(f'{k} {v:.4f}' for k, v in m['median_step_seconds'].items())}")
     if check["kind"] == "logprob_parity" and m:
-        return (f"fp32 max |diff| {m['fp32_max_abs_difference']:.2e} nats; bf16 max |diff|/token "
-                f"{m['bf16_max_abs_difference_per_token']:.2e}")
+        return (f"fp32 max |diff| {m['fp32_max_abs_difference']:.2e} nats; bf16 mean |diff|/token "
+                f"{m['bf16_mean_abs_difference_per_token']:.2e}, max {m['bf16_max_abs_difference']:.2e} nats")
     if check["kind"] in ("fsdp2_one_rank", "nccl_one_process") and m:
         return (f"{check.get('backend')}: loss rel diff {m['loss_max_relative_difference']:.1e}, grad norm "
                 f"{m['grad_norm_max_relative_difference']:.1e}, params {m['parameters_l2_difference_over_l2_update']:.1e}")

@@ -55,11 +55,13 @@ class OneProcessGroup(World):
 
 
 def join_group(device: torch.device, store: Path) -> str:
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
-    return backend
+    if device.type != "cuda":
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+        return "gloo"
+    device = torch.device("cuda", device.index or 0)
+    torch.cuda.set_device(device)  # nccl's collectives and all_gather_object use the current device
+    dist.init_process_group("nccl", init_method=f"file://{store}", rank=0, world_size=1, device_id=device)
+    return "nccl"
 
 
 def _relative(a: list[float], b: list[float]) -> float:

@@ -105,7 +105,7 @@ def test_parity_cpu_logps_equal_the_full_log_softmax(plumbing):
     expected = torch.cat([logps.chosen, logps.rejected]).tolist()
     assert measured["cpu_logps"] == pytest.approx(expected, abs=1e-4)
     assert measured["fp32_max_abs_difference"] == 0.0  # the CPU against itself in the plumbing run
-    assert 0 < measured["bf16_max_abs_difference_per_token"] <= 5e-2
+    assert 0 < measured["bf16_mean_abs_difference_per_token"] <= 5e-2
 
 
 def test_step_benchmark_numbers_are_consistent(plumbing):
