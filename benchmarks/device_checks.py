@@ -33,7 +33,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -75,9 +75,11 @@ class Workload:
         return torch.device(self.device)
 
     def describe(self) -> dict:
+        """The sizes, and the pairs' source (synthetic when the file has too few full-length pairs)."""
+        _, source = _pairs(self.model, self.batch_size * self.steps, self.seq_len, self.data)
         return {"model": self.model + ("+lora" if self.lora else ""), "device": self.device,
                 "seq_len": self.seq_len, "batch_size": self.batch_size, "steps": self.steps, "lr": self.lr,
-                "data": self.data or "synthetic"}
+                "data": source}
 
 
 @functools.lru_cache(maxsize=None)
@@ -279,7 +281,8 @@ def step_benchmark(work: Workload, out: Path, timeout_s: float, plumbing: bool) 
                                                      else "peak RSS growth")}
     passed = all(not measured[v]["errors"] and measured[v]["steps"] == work.steps
                  for v in ("amalab-standard", "trl-dpo"))
-    return {"passed": passed, "workload": work.describe(), "measured": measured,
+    described = {**asdict(work), "data": block["variants"]["amalab-standard"].get("data")}  # the benchmark's pairs
+    return {"passed": passed, "workload": described, "measured": measured,
             "tolerance": "runs: both frameworks complete every timed step (the numbers are measurements)",
             "mfu_formula": "6 x parameters (tied embedding once) x tokens/s / bf16 dense peak; full fine-tuning",
             "results": str(out / "results.json")}

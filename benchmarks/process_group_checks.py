@@ -8,7 +8,8 @@ amalab's training through it with the same training in a plain process (docs/mat
   decoder layer, the log-prob root) against the plain policy;
 * ``nccl_one_process``: an all-reduce of a mixer's statistics (float64, one rank: must come back bit-equal),
   then the replicated path (statistics and gradients all-reduced, ranks' mixer states compared) against the
-  plain one.
+  plain one, counting the calls of torch.distributed's collectives (each still runs): at least one
+  all-reduce of the statistics and one per gradient tensor in every step.
 amalab's collectives run only when ``World.distributed``, which a World of size 1 is not (``torchrun
 --nproc-per-node 1`` gives exactly that: no process group, nothing distributed runs). :class:`OneProcessGroup`
 is a one-rank World that says it is distributed, so here every collective of the step runs through the
@@ -23,6 +24,7 @@ gradient changes the gradient norm by O(1); a parameter not gathered changes the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import tempfile
@@ -52,6 +54,26 @@ class OneProcessGroup(World):
     @property
     def distributed(self) -> bool:
         return True
+
+
+@contextlib.contextmanager
+def counted_collectives(names=("all_reduce", "all_gather_object", "barrier")):
+    """{name: calls} of these ``torch.distributed`` functions while inside (each still runs as it is)."""
+    counts, originals = dict.fromkeys(names, 0), {name: getattr(dist, name) for name in names}
+
+    def counting(name):
+        def call(*args, **kwargs):
+            counts[name] += 1
+            return originals[name](*args, **kwargs)
+        return call
+
+    for name in names:
+        setattr(dist, name, counting(name))
+    try:
+        yield counts
+    finally:
+        for name, function in originals.items():
+            setattr(dist, name, function)
 
 
 def join_group(device: torch.device, store: Path) -> str:
@@ -127,14 +149,19 @@ def nccl_one_process(work: Workload, backend: str) -> dict:
     autocast = lambda: autocast_context(work.torch_device)  # noqa: E731
     plain, initial, plain_state, reference = _plain_run(work, autocast)
     model, pad, pairs = load(work)
-    records = train_records(model, pairs, pad, work, autocast, reference, world)
-    check_ranks_agree({"weights": np.asarray([r["weights"] for r in records])}, world)  # all_gather_object
-    barrier(world)
+    tensors = sum(p.requires_grad for p in model.parameters())
+    with counted_collectives() as counts:  # the collectives that really went through the backend
+        records = train_records(model, pairs, pad, work, autocast, reference, world)
+        check_ranks_agree({"weights": np.asarray([r["weights"] for r in records])}, world)  # all_gather_object
+        barrier(world)
+    all_reduces = counts["all_reduce"]
+    expected = work.steps * (1 + tensors)  # per step: the statistics, then every gradient tensor
     compared = same_training(plain, records, initial, plain_state, trainable_state(model))
-    return {"passed": compared.pop("within") and statistics_equal and flagged, "workload": work.describe(),
-            "backend": backend,
+    passed = compared.pop("within") and statistics_equal and flagged and all_reduces >= expected
+    return {"passed": passed, "workload": work.describe(), "backend": backend,
             "measured": {**compared, "statistics_all_reduce_bit_equal": statistics_equal,
-                         "any_rank_flag": flagged},
+                         "any_rank_flag": flagged, "collectives": counts,
+                         "all_reduces_expected_at_least": expected},
             "tolerance": {**TOLERANCE, "statistics": "bit-equal (a float64 sum over one rank)"}}
 
 
