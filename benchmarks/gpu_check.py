@@ -194,11 +194,17 @@ def main(argv=None) -> dict:
               "command": ["python", "-m", "benchmarks.gpu_check", *(sys.argv[1:] if argv is None else argv)],
               "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "budget_s": args.budget_s, "environment": environment("cuda" if cuda else "cpu"), "checks": []}
-    for check in plan:
-        report["checks"].append(run_check(check, deadline, out / "logs"))
-        if cuda:
-            print(summary_row(report["checks"][-1]), flush=True)
-        write_report(report, out, began, complete=False)  # what ran so far survives a kill
+    threads = torch.get_num_threads()
+    if not cuda:  # tiny sizes: one thread, so a small shared machine is not oversubscribed
+        torch.set_num_threads(1)
+    try:
+        for check in plan:
+            report["checks"].append(run_check(check, deadline, out / "logs"))
+            if cuda:
+                print(summary_row(report["checks"][-1]), flush=True)
+            write_report(report, out, began, complete=False)  # what ran so far survives a kill
+    finally:
+        torch.set_num_threads(threads)
     write_report(report, out, began, complete=True)
     passed = sum(bool(c["passed"]) for c in report["checks"])
     if cuda:

@@ -37,10 +37,8 @@ def plumbing(tmp_path_factory):
     threads, printed = torch.get_num_threads(), io.StringIO()
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):
         patch.setattr(torch.cuda, "is_available", lambda: False)
-        try:
-            report = main(["--out", str(out), "--data", ""])
-        finally:
-            torch.set_num_threads(threads)
+        report = main(["--out", str(out), "--data", ""])
+    assert torch.get_num_threads() == threads  # the plumbing's one thread is given back
     return report, printed.getvalue().splitlines(), out
 
 
