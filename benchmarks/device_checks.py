@@ -264,7 +264,7 @@ def step_benchmark(work: Workload, out: Path, timeout_s: float, plumbing: bool) 
     command = [sys.executable, "-m", "benchmarks", "--models", work.model, "--parts", "step",
                "--mixers", "standard", "--rounds", "1", "--warmup-steps", "1" if plumbing else "3",
                "--timed-steps", str(work.steps), "--batch-size", str(work.batch_size),
-               "--seq-len", str(work.seq_len), "--lr", "1e-5", "--device", work.device, "--data", work.data,
+               "--seq-len", str(work.seq_len), "--lr", str(work.lr), "--device", work.device, "--data", work.data,
                "--out", str(out)] + (["--in-process", "--threads", "1"] if plumbing else [])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
                TQDM_DISABLE="1")
