@@ -41,7 +41,8 @@ PEAK_TFLOPS = {
     "H100 SXM": {"bf16": 989.0, "fp32": 67.0},
     "H100 PCIe": {"bf16": 756.0, "fp32": 51.0},
     "H100 NVL": {"bf16": 835.0, "fp32": 60.0},
-    "H200": {"bf16": 989.0, "fp32": 67.0},
+    "H200 SXM": {"bf16": 989.0, "fp32": 67.0},
+    "H200 NVL": {"bf16": 835.0, "fp32": 60.0},
     "A100": {"bf16": 312.0, "fp32": 19.5},
     "L40S": {"bf16": 362.0, "fp32": 91.6},
     "A10G": {"bf16": 125.0, "fp32": 31.2},
@@ -55,6 +56,8 @@ def peak_tflops_for(device_name: str, precision: str) -> float | None:
     if "H100" in name:
         key = "H100 PCIe" if "PCIE" in name else "H100 NVL" if "NVL" in name else "H100 SXM"
         return PEAK_TFLOPS[key][precision]
+    if "H200" in name:  # 'NVIDIA H200' is the SXM part
+        return PEAK_TFLOPS["H200 NVL" if "NVL" in name else "H200 SXM"][precision]
     for key, peaks in PEAK_TFLOPS.items():
         if key.upper() in name:
             return peaks[precision]

@@ -38,19 +38,22 @@ def _gather(values: dict[str, np.ndarray], world: World) -> dict[str, np.ndarray
 
 @torch.no_grad()
 def pair_logps(model, pairs: list[TokenizedPair], pad_token_id: int, batch_size: int, device: torch.device,
-               world: World = World(), progress=None) -> ValueCache:
+               world: World = World(), progress=None, autocast=None) -> ValueCache:
     """Summed completion log-probs of every pair (columns chosen, rejected, chosen_tokens, rejected_tokens).
+
+    ``autocast``: a context factory for the forward passes (default :func:`autocast_context` of ``device``).
 
     Length-sorted batches keep padding small; rank r scores pairs r, r + W, ... and the results are gathered
     (each result travels with its pair id, so the order of the gathered pairs does not matter).
     """
+    autocast = autocast or (lambda: autocast_context(device))
     was_training = model.training
     model.eval()
     mine = pairs[world.rank::world.size]
     ids, columns = [], {"chosen": [], "rejected": [], "chosen_tokens": [], "rejected_tokens": []}
     for group in length_sorted_batches(mine, batch_size) if mine else []:
         batch = collate_pairs(group, pad_token_id).to(device)
-        with autocast_context(device):
+        with autocast():
             logps = policy_logps(model, batch)
         ids.extend(batch.ids)
         columns["chosen"].append(logps.chosen.double().cpu().numpy())
@@ -64,7 +67,7 @@ def pair_logps(model, pairs: list[TokenizedPair], pad_token_id: int, batch_size:
         # pairs) runs the missing forwards on a pair whose result it discards
         most = -(-len(pairs[0::world.size]) // batch_size)
         for _ in range(most - (-(-len(mine) // batch_size))):
-            with autocast_context(device):
+            with autocast():
                 policy_logps(model, collate_pairs(pairs[:1], pad_token_id).to(device))
     model.train(was_training)
     local = {key: np.concatenate(value) if value else np.zeros(0) for key, value in columns.items()}

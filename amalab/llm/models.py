@@ -229,8 +229,10 @@ def decoder_layers(model) -> torch.nn.ModuleList:
     return layers
 
 
-def compile_layers(model: torch.nn.Module) -> None:
+def compile_layers(model: torch.nn.Module, **options) -> None:
     """``torch.compile`` each decoder layer in place (names and checkpoints unchanged; composes with FSDP2).
+
+    ``options`` go to ``torch.compile`` (e.g. ``backend="aot_eager"``, which skips code generation).
 
     Layers rather than the whole backbone: the layers are identical, so one compiled graph serves them all,
     and the backbone's mask building and our head-at-completions indexing stay eager.
@@ -240,7 +242,7 @@ def compile_layers(model: torch.nn.Module) -> None:
     except ConfigError as error:
         raise ConfigError(f"[model] torch_compile: {error}") from None
     for layer in layers:
-        layer.compile()
+        layer.compile(**options)
 
 
 # ----------------------------------------------------------------------------------------------- fingerprint
