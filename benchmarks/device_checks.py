@@ -128,8 +128,9 @@ def train_records(model, pairs, pad_token_id: int, work: Workload, autocast, ref
                   world: World = World()) -> list[dict]:
     """``work.steps`` DPO steps of amalab's loop (mixer 'standard' over two tasks): the step records it logs."""
     tasks = [pairs[0::2], pairs[1::2]]
-    optim = OptimConfig(steps=work.steps, batch_size=work.batch_size, lr=work.lr, warmup_steps=0,
-                        weight_decay=0.0, grad_clip=1.0, eval_batch_size=work.batch_size)
+    optim = OptimConfig(max_steps=work.steps, batch_size=work.batch_size, learning_rate=work.lr,
+                        warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+                        per_device_eval_batch_size=work.batch_size)
     records: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="amalab-gpu-check-") as folder:
         run = TrainingRun(
