@@ -49,6 +49,7 @@ from amalab.llm.config import LoraConfig, OptimConfig
 from amalab.llm.distributed import World
 from amalab.llm.evaluate import pair_logps
 from amalab.llm.logprobs import sequence_logps
+from amalab.llm.losses import PreferenceLoss
 from amalab.llm.models import apply_lora, autocast_context, compile_layers
 from amalab.llm.train import TrainingRun, run_training
 from amalab.mixers import make_mixer
@@ -136,7 +137,7 @@ def train_records(model, pairs, pad_token_id: int, work: Workload, autocast, ref
         run = TrainingRun(
             name="gpu-check", run_dir=Path(folder) / "run", mixer=make_mixer("standard", 2, sizes=[len(t) for t in tasks]),
             task_names=["even", "odd"], train_sets=tasks, eval_sets=[[], []], reference=reference,
-            baseline_losses=None, specialist_caches=[None, None], optim=optim, loss="dpo", beta=BETA,
+            baseline_losses=None, specialist_caches=[None, None], optim=optim, loss=PreferenceLoss("dpo", BETA),
             seed=work.seed, pad_token_id=pad_token_id)
         run_training(model, run, work.torch_device, world, show_progress=False,
                      write_checkpoint=lambda state: None, log=records.append, autocast=autocast)
