@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from amalab.atomic_write import write_atomic  # noqa: E402
+
 
 def _bars(ax, names, medians, lows, highs, title, ylabel, color):
     positions = range(len(names))
@@ -67,5 +69,5 @@ def draw(results: dict, path: Path) -> None:
     fig.suptitle(f"amalab vs TRL DPOTrainer - {machine['device']}, {hardware}, {machine['cpu_count']} cores, "
                  f"torch {machine['torch']}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from amalab.atomic_write import write_json_atomic
 from amalab.llm.data import SHARED_DATA
 
 REPO = Path(__file__).resolve().parents[1]
@@ -317,7 +318,7 @@ def main(argv=None) -> dict:
         for model in args.memory_models:
             results["logprob_memory"][model] = memory_benchmark(args, model, log_dir)
     results["wall_seconds"] = time.perf_counter() - began
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    write_json_atomic(out / "results.json", results, indent=1)
     try:
         draw(results, out / "figure.png")
     except Exception as error:  # noqa: BLE001 - the numbers are written already

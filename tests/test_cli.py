@@ -17,7 +17,7 @@ import pytest
 
 from amalab.cli import main
 from amalab.convex.experiment import ReproductionConfig, load_config
-from amalab.convex.theory_checks import check_results, failures
+from amalab.convex.theory_checks import check_results
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "experiments" / "convex_rates" / "config.toml"

@@ -10,6 +10,8 @@ matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from amalab.atomic_write import write_atomic  # noqa: E402
+
 COLORS = {"ama-r-full": "tab:blue", "ama-r": "tab:green", "ama-r-sim": "tab:cyan", "ama-s": "tab:red", "standard": "tab:gray",
           "uniform": "tab:brown", "mixture": "tab:olive", "doremi": "tab:purple", "odm": "tab:orange"}
 
@@ -51,7 +53,7 @@ def rates_figure(record: dict, path: Path) -> Path:
                  "Bottom: duality gap of the averaged pair (deterministic AMA-R). "
                  "Slopes (± standard error) fitted right of the dotted line.", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=130))
     plt.close(fig)
     return path
 
@@ -93,7 +95,7 @@ def worst_task_figure(record: dict, path: Path) -> Path:
     right.set(ylabel=r"$E_i(\bar\theta_T)$ (median, quartiles, seeds)", title=f"Per-task excess at T = {wt['horizon']}")
     right.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=130))
     plt.close(fig)
     return path
 
@@ -118,7 +120,7 @@ def exp3_figure(record: dict, path: Path) -> Path:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=130))
     plt.close(fig)
     return path
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import fcntl
+import io
 import json
 import math
 import os
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from amalab.atomic_write import write_json_atomic, write_text_atomic
 from amalab.errors import ConfigError
 
 CSV_FILES = ("rates.csv", "worst_task.csv", "exp3.csv")
@@ -51,29 +53,36 @@ def write_results(record: dict, out_dir: Path) -> list[Path]:
     """results.json (everything) plus one CSV per experiment, for people who want a spreadsheet."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "results.json"] + [out_dir / name for name in CSV_FILES]
-    paths[0].write_text(json.dumps(record, indent=1, allow_nan=True))
-    with paths[1].open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["loss", "algorithm", "T", "seed", "gap", "bound", "opt"])
-        for loss, entry in record["rates"].items():
-            for algorithm, r in entry["algorithms"].items():
-                for T, gaps, bound in zip(entry["horizons"], r["gap"], r["bound"]):
-                    for s, gap in enumerate(gaps):
-                        w.writerow([loss, algorithm, T, s, f"{gap:.6e}", f"{bound:.6e}", f"{entry['opt']:.9e}"])
-    with paths[2].open("w", newline="") as f:
-        w = csv.writer(f)
-        wt = record["worst_task"]
-        w.writerow(["algorithm", "seed"] + [f"E_{i}" for i in range(len(wt["task_names"]))] + ["worst", "opt"])
-        for algorithm, r in wt["algorithms"].items():
-            for s, excess in enumerate(r["task_excess"]):
-                w.writerow([algorithm, s] + [f"{e:.6e}" for e in excess] + [f"{max(excess):.6e}", f"{wt['opt']:.6e}"])
-    with paths[3].open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["sequence", "T", "gamma", "mean_regret", "stderr", "bound"])
-        for sequence, r in record["exp3"]["sequences"].items():
-            for row in zip(r["horizons"], r["gamma"], r["mean_regret"], r["stderr"], r["bound"]):
-                w.writerow([sequence, *row])
+    write_json_atomic(paths[0], record, indent=1, allow_nan=True)
+    for path, rows in zip(paths[1:], (_rate_rows(record), _worst_task_rows(record), _exp3_rows(record))):
+        text = io.StringIO(newline="")
+        csv.writer(text).writerows(rows)
+        write_text_atomic(path, text.getvalue())
     return paths
+
+
+def _rate_rows(record: dict):
+    yield ["loss", "algorithm", "T", "seed", "gap", "bound", "opt"]
+    for loss, entry in record["rates"].items():
+        for algorithm, r in entry["algorithms"].items():
+            for T, gaps, bound in zip(entry["horizons"], r["gap"], r["bound"]):
+                for s, gap in enumerate(gaps):
+                    yield [loss, algorithm, T, s, f"{gap:.6e}", f"{bound:.6e}", f"{entry['opt']:.9e}"]
+
+
+def _worst_task_rows(record: dict):
+    wt = record["worst_task"]
+    yield ["algorithm", "seed"] + [f"E_{i}" for i in range(len(wt["task_names"]))] + ["worst", "opt"]
+    for algorithm, r in wt["algorithms"].items():
+        for s, excess in enumerate(r["task_excess"]):
+            yield [algorithm, s] + [f"{e:.6e}" for e in excess] + [f"{max(excess):.6e}", f"{wt['opt']:.6e}"]
+
+
+def _exp3_rows(record: dict):
+    yield ["sequence", "T", "gamma", "mean_regret", "stderr", "bound"]
+    for sequence, r in record["exp3"]["sequences"].items():
+        for row in zip(r["horizons"], r["gamma"], r["mean_regret"], r["stderr"], r["bound"]):
+            yield [sequence, *row]
 
 
 # ------------------------------------------------------------------------------------ strict reading

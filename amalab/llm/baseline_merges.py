@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from amalab.atomic_write import write_json_atomic
 from amalab.errors import ConfigError
 from amalab.llm.evaluate import evaluate
 
@@ -77,7 +78,7 @@ def add_generation(experiment, model, run_dir: Path, final: dict) -> dict:
     else:
         scores = generation_scores(experiment, model)
         if scores and experiment.world.is_main:
-            path.write_text(json.dumps(scores, indent=1))
+            write_json_atomic(path, scores, indent=1)
     for task, rate in scores.items():
         final.setdefault("tasks", {}).setdefault(task, {})["success"] = rate
     return final
@@ -113,7 +114,7 @@ def merged_specialists(experiment, specialist_caches) -> list[dict]:
                 final = add_generation(experiment, model, run_dir, final)
                 final["options"] = options
                 if experiment.world.is_main:
-                    final_path.write_text(json.dumps(final, indent=1))
+                    write_json_atomic(final_path, final, indent=1)
                 del model
             records.append({"method": f"merge-{method}", "seed": s, "run_dir": experiment.relative(run_dir),
                             **final})

@@ -30,8 +30,6 @@ import torch.distributed as dist
 
 from amalab.llm.tensor_identity import state_digest
 
-from amalab.llm.tensor_identity import state_digest
-
 
 @dataclass(frozen=True)
 class World:

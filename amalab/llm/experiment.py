@@ -9,8 +9,6 @@ trainable copies of the base.
 from __future__ import annotations
 
 import copy
-import json
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from amalab.atomic_write import atomic_folder
+from amalab.atomic_write import atomic_folder, write_bytes_atomic, write_json_atomic
 from amalab.errors import ConfigError
 from amalab.llm.cache import ValueCache, cached, data_hash
 from amalab.llm.checkpoint import load_latest
@@ -198,9 +196,9 @@ def prepare(config: LLMConfig, world: World = World(), show_progress: bool = Tru
     report = _tokenized(experiment)
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "data.json").write_text(json.dumps(report, indent=1))
+        write_json_atomic(out / "data.json", report, indent=1)
         if config.source_path is not None:
-            shutil.copyfile(config.source_path, out / "config.toml")
+            write_bytes_atomic(out / "config.toml", Path(config.source_path).read_bytes())
         with atomic_folder(out / TOKENIZER_DIR) as folder:  # what `amalab llm export` ships with a run
             tokenizer.save_pretrained(folder)
     every = [p for pairs in experiment.train_sets + experiment.eval_sets for p in pairs]

@@ -19,6 +19,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from amalab.atomic_write import write_atomic  # noqa: E402
+
 ADAPTIVE = ("ama-r", "ama-r-sim", "ama-s", "doremi", "odm")
 
 
@@ -47,7 +49,7 @@ def _bars(ax, summary: dict, metric: str, ylabel: str) -> None:
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
     return path
 

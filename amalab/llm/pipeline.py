@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from amalab.atomic_write import write_json_atomic
 from amalab.errors import ConfigError
 from amalab.llm.baseline_merges import add_generation, merged_specialists
 from amalab.llm.cache import ValueCache
@@ -167,7 +168,7 @@ def reevaluated_generalists(experiment: Experiment, specialist_caches: list[Valu
                               config.train.per_device_eval_batch_size, experiment.device, world))
         final = add_generation(experiment, model, run_dir, final)
         if world.is_main:
-            (run_dir / "final.json").write_text(json.dumps(final, indent=1))
+            write_json_atomic(run_dir / "final.json", final, indent=1)
         records.append({"method": method, "seed": s, "run_dir": experiment.relative(run_dir), **final})
     return records
 

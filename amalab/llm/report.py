@@ -8,11 +8,12 @@ excess over its specialist and its preference accuracy.
 from __future__ import annotations
 
 import csv
-import json
+import io
 from pathlib import Path
 
 import numpy as np
 
+from amalab.atomic_write import write_json_atomic, write_text_atomic
 #: the per-task metrics of summary.csv, in its column order
 CSV_METRICS = ("loss", "excess", "accuracy", "margin", "success")
 
@@ -49,15 +50,16 @@ def summarize(task_names: list[str], records: list[dict]) -> dict:
 def write_summary(out: Path, summary: dict) -> None:
     """summary.json, and summary.csv: one row per run and task; each run names its folder (``run_dir``,
     relative to ``out``), the argument ``amalab llm export`` takes."""
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    with (out / "summary.csv").open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["method", "seed", "task", *CSV_METRICS, "worst_excess", "run_dir"])
-        for r in summary["runs"]:
-            for n in summary["tasks"]:
-                t = r["tasks"].get(n, {})
-                w.writerow([r["method"], r["seed"], n] + [t.get(m, "") for m in CSV_METRICS]
-                           + [r.get("worst_excess", ""), r.get("run_dir", "")])
+    write_json_atomic(out / "summary.json", summary, indent=1)
+    rows = io.StringIO(newline="")
+    w = csv.writer(rows)
+    w.writerow(["method", "seed", "task", *CSV_METRICS, "worst_excess", "run_dir"])
+    for r in summary["runs"]:
+        for n in summary["tasks"]:
+            t = r["tasks"].get(n, {})
+            w.writerow([r["method"], r["seed"], n] + [t.get(m, "") for m in CSV_METRICS]
+                       + [r.get("worst_excess", ""), r.get("run_dir", "")])
+    write_text_atomic(out / "summary.csv", rows.getvalue())
 
 
 def summary_table(summary: dict) -> str:

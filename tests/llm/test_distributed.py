@@ -34,7 +34,6 @@ import pytest
 import torch
 
 from amalab.llm.cache import ValueCache
-from amalab.llm.config import OptimConfig
 from amalab.llm.distributed import World, shard_policy, unwrap
 from amalab.llm.tensor_identity import state_digest
 from amalab.llm.evaluate import pair_logps
