@@ -33,7 +33,7 @@ def _method(name: str, point: "Point", k: int, sizes: list[int], options: dict):
 
 def compare(run: "Run", point: "Point") -> list[dict]:
     """Every record of ``point``: the reference's, and per seed the specialists', methods' and merges'."""
-    c, folder, k = run.config, run.out / "points" / point.folder, len(run.config.tasks)
+    c, folder, k = run.config, run.models / point.folder, len(run.config.tasks)
     data = run.datasets(point)
     reference = run.reference(point, data)
     pairs = [p for d in data for p in d.train + d.held_out]

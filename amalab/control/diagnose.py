@@ -3,14 +3,16 @@ and every sweep value) the reference, the specialists, every method and every me
 true returns and held-out losses (docs/maths.md sections 7, 8 and 11, with a Gaussian policy for the LM).
 
 Everything lands under ``out``: ``behaviour/`` and ``pool/`` (cached arrays with manifests),
-``references/`` (one behaviour-cloned reference per dataset), ``points/<dataset and loss>/models`` (the
-trained policies) and ``points/<dataset and loss>/records`` (one JSON per evaluated model and seed). An interrupted run
+then under ``models/<hash of the training settings>/``: ``references/`` (one behaviour-cloned reference
+per dataset), ``<dataset and loss>/models`` (the trained policies) and ``<dataset and loss>/records`` (one
+JSON per evaluated model and seed). An interrupted run
 resumes: a record or model on disk is never recomputed, and every file is written atomically.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
 import json
 import time
@@ -63,8 +65,9 @@ class Point:
     @property
     def dataset(self) -> str:
         """The dataset's name: points that differ only in the loss share one dataset and one reference."""
-        return (f"imbalance{self.data.imbalance:g}-poor{self.data.poor_share:g}-mistake{self.teacher.mistake:g}"
-                f"-beta{self.teacher.beta:g}")
+        t = self.teacher
+        return (f"imbalance{self.data.imbalance:g}-poor{self.data.poor_share:g}-mistake{t.mistake:g}-beta{t.beta:g}"
+                f"-gamma{t.gamma:g}-skip{t.skip:g}-equal{t.equal:g}")
 
 
 def run_points(config: DiagnoseConfig) -> list[Point]:
@@ -85,6 +88,18 @@ def run_points(config: DiagnoseConfig) -> list[Point]:
     return points
 
 
+def settings_key(config: DiagnoseConfig) -> str:
+    """A hash of every setting a trained model or its evaluation depends on (not the lists of methods, seeds
+    and sweep values, which only add models): models and records live under it, so a changed setting
+    trains afresh instead of reusing what other settings produced."""
+    settings = {name: asdict(getattr(config, name)) if name not in ("tasks",) else [asdict(t) for t in config.tasks]
+                for name in ("tasks", "behaviour", "pool", "policy", "reference", "specialists", "train",
+                             "evaluation")}
+    settings.update(seed=config.seed, environment=config.environment, methods=config.methods.options,
+                    merges=config.merges.options)
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 class Run:
     """The run's simulators, pools and output folder, and the steps that train and evaluate models."""
 
@@ -92,6 +107,7 @@ class Run:
         self.config, self.out, self.show_progress = config, Path(config.out), show_progress
         torch.set_num_threads(config.threads)
         self.sims = Simulators(config.environment, config.simulators)
+        self.models = self.out / "models" / settings_key(config)
         self.pools = [self._pool(i) for i in range(len(config.tasks))]
 
     def progress(self, total: int, name: str) -> tqdm:
@@ -144,7 +160,7 @@ class Run:
         segments = [[LabelledSegment(f"{p.id}/{side}", i, s) for p in d.train
                      for side, s in (("chosen", p.chosen), ("rejected", p.rejected))] for i, d in enumerate(data)]
         mixer = make_mixer("standard", len(data), sizes=[len(s) for s in segments])
-        return self.trained(self.out / "references" / f"{point.dataset}.pt", None, lambda policy: train_policy(
+        return self.trained(self.models / "references" / f"{point.dataset}.pt", None, lambda policy: train_policy(
             policy, segments, behaviour_cloning_losses(), mixer, None, self.config.reference, self.config.seed,
             "reference"))
 
