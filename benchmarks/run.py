@@ -28,13 +28,14 @@ from pathlib import Path
 
 import numpy as np
 
+from amalab.llm.data import SHARED_DATA
+
 REPO = Path(__file__).resolve().parents[1]
-#: the HH-RLHF file in the shared data folder beside the repository
-HH_HARMLESS = REPO.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+HH_HARMLESS = SHARED_DATA / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 SCHEMA = "amalab-benchmark/1"
 MIXERS = ("ama-r", "ama-s", "standard")
 TRL = "trl-dpo"
-TARGET_VS_TRL = 0.75  # amalab's step <= 0.75x TRL's (issue 8)
+TARGET_VS_TRL = 0.75  # amalab's step <= 0.75x TRL's
 TARGET_VS_STANDARD = 1.02  # AMA-R / AMA-S <= 1.02x amalab's standard step
 MICRO_BATCH = 2  # pairs per forward in the length-grouping variants (gradient accumulation over the batch)
 

@@ -4,8 +4,10 @@ The driver (:mod:`benchmarks.run`) calls each one in its own subprocess
 (``python -m benchmarks.workers SPEC_JSON OUT_JSON``), so the peak memory of one variant is not the
 leftover of another; ``--in-process`` calls them directly (the fast test does that).
 
-- :func:`amalab_step`: generalist steps through amalab's real loop, ``amalab.llm.train.run_training``;
-  the step times are the per-step wall ``seconds`` the loop itself logs into ``metrics.jsonl``.
+- :func:`amalab_step`: generalist steps through amalab's real loop, ``amalab.llm.train.run_training``, and
+  its real step; the step times are the per-step wall ``seconds`` the step itself reports to the loop's log
+  (here a list, through the loop's ``log`` argument). Nothing of amalab is patched: the checkpoint writer
+  (replaced by a memory reading) and the autocast context are arguments of the loop.
 - :func:`trl_step`: TRL's ``DPOTrainer`` on the same model, pairs (the same token ids), batch, optimizer;
   each optimizer step timed by a ``TrainerCallback`` from ``on_step_begin`` to ``on_step_end``.
 - :func:`cache_throughput`: ``pair_logps`` (length-sorted batches) against data-order batches.
@@ -73,10 +75,10 @@ def _timing_summary(seconds: list[float], tokens: list[float]) -> dict:
 
 def amalab_step(spec: dict) -> dict:
     """Generalist steps of amalab's loop with mixer ``spec['mixer']``; the first ``warmup_steps`` dropped."""
-    from amalab.llm import train as train_module
     from amalab.llm.cache import ValueCache
     from amalab.llm.config import OptimConfig
     from amalab.llm.evaluate import pair_logps, pair_losses
+    from amalab.llm.train import TrainingRun, run_training
     from amalab.mixers import make_mixer
 
     device = _device(spec)
@@ -101,32 +103,27 @@ def amalab_step(spec: dict) -> dict:
                         weight_decay=0.0, grad_clip=1.0, eval_batch_size=spec["batch_size"],
                         micro_batch_size=spec.get("micro_batch_size", 0),
                         group_by_length=spec.get("group_by_length", False))
-    memory_at_end = {}
+    memory_at_end, records = {}, []
 
-    def skip_checkpoint_but_read_memory(*args, **kwargs):
+    def read_memory_instead_of_saving(state):
         # The loop writes a checkpoint after its last step (after the timing). The benchmark skips the write
         # (gigabytes for SmolLM2, nothing to measure) and reads the training peak memory at that moment.
         memory_at_end.update(workload.peak_memory(device, baseline))
 
     run_dir = Path(tempfile.mkdtemp(prefix="amalab-bench-"))
-    patches = [(train_module, "save_checkpoint", skip_checkpoint_but_read_memory)]
-    if spec.get("fp32_on_cuda"):  # bf16 autocast off on CUDA: what the autocast feature is measured against
-        patches.append((train_module, "autocast_context", lambda device: contextlib.nullcontext()))
-    saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
     try:
-        for module, name, value in patches:
-            setattr(module, name, value)
-        run = train_module.TrainingRun(
+        run = TrainingRun(
             name=f"bench-{spec['mixer']}", run_dir=run_dir / "run", mixer=mixer,
             task_names=["task0", "task1"], train_sets=tasks, eval_sets=[[], []], reference=reference,
-            baselines=[specialist] * 2 if mixer.baseline == "specialist" else None, specialists=[None, None],
-            optim=optim, loss="dpo", beta=0.1, seed=spec["seed"], pad_token_id=tokenizer.pad_token_id)
+            baseline_losses=[specialist] * 2 if mixer.baseline == "specialist" else None,
+            specialist_caches=[None, None], optim=optim, loss="dpo", beta=0.1, seed=spec["seed"],
+            pad_token_id=tokenizer.pad_token_id)
+        # bf16 autocast off on CUDA (fp32_on_cuda): what the autocast feature is measured against
+        autocast = contextlib.nullcontext if spec.get("fp32_on_cuda") else None
         baseline = workload.reset_peak_memory(device)
-        train_module.run_training(model, run, device, show_progress=False)
-        records = [json.loads(line) for line in (run_dir / "run" / "metrics.jsonl").read_text().splitlines()]
+        run_training(model, run, device, show_progress=False, write_checkpoint=read_memory_instead_of_saving,
+                     log=records.append, autocast=autocast)
     finally:
-        for module, name, value in saved:
-            setattr(module, name, value)
         shutil.rmtree(run_dir, ignore_errors=True)
     train = [r for r in records if r["kind"] == "train"][spec["warmup_steps"]:]
     result = _timing_summary([r["seconds"] for r in train], [r["tokens"] for r in train])

@@ -25,11 +25,10 @@ from pathlib import Path
 
 import torch
 
-from amalab.llm.data import PreferencePair, example_id, read_pairs
+from amalab.llm.data import SHARED_DATA, PreferencePair, example_id, read_pairs
 from amalab.llm.tokenize import TokenizationConfig, TokenizedPair, tokenize_pairs
 
-#: the shared data folder sits beside the repository checkout (../shared/data from the repository root)
-HH_HARMLESS = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+HH_HARMLESS = SHARED_DATA / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 MODELS = ("tiny", "smollm2", "tiny-vocab49k")
 SMOLLM2_VOCAB = 49152
 

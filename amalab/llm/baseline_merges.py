@@ -91,7 +91,7 @@ def merged_specialists(experiment, specialist_caches) -> list[dict]:
     if not config.merges.names:
         return []
     base = _dense_state(experiment.base_model)
-    specialists = None
+    specialist_states = None
     records = []
     for method in config.merges.names:
         options = dict(config.merges.options.get(method, {}))
@@ -101,9 +101,9 @@ def merged_specialists(experiment, specialist_caches) -> list[dict]:
             if final_path.is_file():
                 final = json.loads(final_path.read_text())
             else:
-                if specialists is None:
-                    specialists = _specialist_states(experiment)
-                merged = merge_state_dicts(base, specialists, method, seed=config.seed + s, **options)
+                if specialist_states is None:
+                    specialist_states = _specialist_states(experiment)
+                merged = merge_state_dicts(base, specialist_states, method, seed=config.seed + s, **options)
                 model = copy.deepcopy(experiment.base_model)
                 model.load_state_dict(merged)
                 final = evaluate(model, experiment.eval_sets, experiment.task_names, experiment.reference,

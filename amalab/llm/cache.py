@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from amalab.atomic_write import atomic_folder
 from amalab.errors import ConfigError
+from amalab.llm.distributed import World, any_rank, barrier
 
 
 class CacheMismatch(ConfigError):
@@ -86,31 +85,27 @@ def load_cache(folder: Path, manifest: dict) -> ValueCache | None:
 
 
 def save_cache(folder: Path, manifest: dict, cache: ValueCache) -> None:
-    """Write atomically: a temporary sibling folder, fsynced, then renamed over ``folder``."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    """Write atomically (:func:`amalab.atomic_write.atomic_folder`): a temporary sibling folder, fsynced,
+    then renamed over ``folder``."""
+    with atomic_folder(folder) as tmp:
         (tmp / "ids.json").write_text(json.dumps(cache.ids))
         np.savez(tmp / "values.npz", **cache.columns)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        for name in ("ids.json", "values.npz", "manifest.json"):
-            with open(tmp / name, "rb") as f:
-                os.fsync(f.fileno())
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
-def cached(folder: Path, manifest: dict, build: Callable[[], ValueCache], log=print) -> ValueCache:
-    """Load the cache in ``folder`` if it matches ``manifest``, else build it with ``build()`` and save it."""
+def cached(folder: Path, manifest: dict, build: Callable[[], ValueCache], log=print,
+           world: World = World()) -> ValueCache:
+    """Load the cache in ``folder`` if it matches ``manifest``, else build it with ``build()`` and save it.
+
+    Under several ranks: every rank builds (``build`` is then sharded, a collective) unless every rank finds
+    the cache; rank 0 writes, and no rank returns before the folder is complete.
+    """
     cache = load_cache(folder, manifest)
-    if cache is not None:
+    if not any_rank(cache is None, world):
         log(f"reusing {folder} ({len(cache)} examples)")
         return cache
     cache = build()
-    save_cache(folder, manifest, cache)
+    if world.is_main:
+        save_cache(folder, manifest, cache)
+    barrier(world)  # no rank reads the folder before it is complete
     return cache

@@ -1,43 +1,47 @@
-"""Atomic checkpoints of a training run (issue 6, item 9): everything a resumed run needs to continue exactly.
+"""Atomic checkpoints of a training run: everything a resumed run needs to continue exactly.
 
 Layout, under ``<run_dir>/checkpoints/``::
 
     step-000100/            one complete checkpoint
-        model.safetensors   model state (model.pt, via torch.save, only where safetensors is missing)
+        model.safetensors   the trained parameters (a tied weight once, see ``model_aliases``)
         optimizer.pt        optimizer state dict (torch.save)             } each present only
         scheduler.pt        learning-rate scheduler state dict            } when it was given
-        mixer.npz           mixer state: a dict of numpy arrays (spec section 8)
+        mixer.npz           mixer state: a dict of numpy arrays (docs/maths.md section 8)
         sampler.json        sampler state (plain JSON data)
         rng.json            every RNG state (capture_rng_states)
-        state.json          step, extra scalars (metrics), file list; written last
+        state.json          format, step, model keys and tied aliases, file list
     step-000200/
     latest                  the name of the newest complete checkpoint, replaced atomically
 
-A checkpoint is written into a hidden temporary folder beside its final place, every file and the folder
-fsynced, and only then renamed into place with ``os.replace``; the ``latest`` pointer is replaced after
-that. A save interrupted at any point therefore leaves the previous checkpoint and pointer intact, and
-no half-written folder ever carries a ``step-`` name. Only one process (rank 0) may write a run's
-checkpoints. Loading maps every tensor to the CPU unless told otherwise, whatever device saved it.
+A checkpoint folder is built and renamed into place by :func:`amalab.atomic_write.atomic_folder` (every file,
+the folder and its parent fsynced); the ``latest`` pointer is replaced after that. A save interrupted at any
+point therefore leaves the previous checkpoint and pointer intact, and no half-written folder ever carries a
+``step-`` name. Only one process (rank 0) may write a run's checkpoints. Loading maps every tensor to the CPU
+unless told otherwise, whatever device saved it; ``torch.load`` runs with ``weights_only``, so loading never
+runs code stored in a checkpoint.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
-import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
+
+from amalab.atomic_write import atomic_folder, remove_leftovers, write_text_atomic
+from amalab.llm.tensor_identity import tied_aliases
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
 STATE_FILE = "state.json"  # written last: a folder without it was never completed
-FORMAT_VERSION = 1
+#: 2: optimizer state keyed by parameter name (torch.distributed.checkpoint), safetensors only
+FORMAT_VERSION = 2
 _STEP_NAME = re.compile(r"^step-(\d{6,})$")
 
 
@@ -57,7 +61,12 @@ class Checkpoint:
     mixer_state: dict[str, np.ndarray] | None = None
     sampler_state: dict | None = None
     rng_states: dict | None = None
-    extra: dict = field(default_factory=dict)
+
+    def state_dict(self) -> dict:
+        """The parts under the names :meth:`~amalab.llm.train_state.TrainState.load_state_dict` reads."""
+        return {"step": self.step, "model_state": self.model_state, "optimizer_state": self.optimizer_state,
+                "scheduler_state": self.scheduler_state, "mixer_state": self.mixer_state,
+                "sampler_state": self.sampler_state, "rng_states": self.rng_states}
 
 
 # --- RNG states --------------------------------------------------------------------------------------
@@ -122,22 +131,8 @@ def restore_rng_states(states: dict, generators: dict[str, np.random.Generator] 
 
 # --- writing -----------------------------------------------------------------------------------------
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    # a directory can be opened and fsynced on POSIX only; elsewhere the rename is all we can do
-    if os.name == "posix":
-        _fsync_file(path)
-
-
 def _json_default(value):
-    # numpy scalars and arrays in metrics or states are written as plain numbers and lists
+    # numpy scalars and arrays in states are written as plain numbers and lists
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):
@@ -152,67 +147,29 @@ def _to_json(data, what: str) -> str:
         raise TypeError(f"checkpoint {what} must be JSON-serializable: {e}") from None
 
 
-def _write_json(path: Path, text: str) -> None:
-    with path.open("w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _torch_save(obj, path: Path) -> None:
-    with path.open("wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _separate_tensors(model_state: dict) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """CPU tensors that share no memory (what safetensors requires), and the aliases that were dropped.
+    """CPU tensors that share no memory (what safetensors requires), and the tied names left out.
 
-    Tied weights (an LM head that is the embedding matrix) appear under two names with the same storage:
-    the second name is kept as an alias of the first and restored as the same tensor on load. Any other
-    overlap, and non-contiguous tensors, are copied.
+    A tied weight (an LM head that is the embedding matrix) is stored once under its first name and restored
+    as one tensor on load (:func:`~amalab.llm.tensor_identity.tied_aliases`). Any other overlap, and
+    non-contiguous tensors, are copied.
     """
-    tensors: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    seen: dict[tuple, str] = {}
-    storages: set[tuple] = set()
     for name, tensor in model_state.items():
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"model_state[{name!r}] is a {type(tensor).__name__}, not a tensor")
+    aliases = tied_aliases(model_state)
+    tensors: dict[str, torch.Tensor] = {}
+    storages: set[tuple] = set()
+    for name, tensor in model_state.items():
+        if name in aliases:
+            continue
         tensor = tensor.detach()
-        if tensor.numel() == 0:
-            tensors[name] = tensor.cpu().clone()
-            continue
         storage = (tensor.device, tensor.untyped_storage().data_ptr())
-        identity = (*storage, tensor.storage_offset(), tuple(tensor.shape), tensor.stride(), tensor.dtype)
-        if identity in seen:
-            aliases[name] = seen[identity]
-            continue
-        seen[identity] = name
-        if storage in storages or not tensor.is_contiguous():
+        if tensor.numel() and (storage in storages or not tensor.is_contiguous()):
             tensor = tensor.clone(memory_format=torch.contiguous_format)
         storages.add(storage)
         tensors[name] = tensor.cpu()
     return tensors, aliases
-
-
-def _save_model(model_state: dict, folder: Path) -> dict:
-    """Write the model state; return what state.json must know to read it back."""
-    tensors, aliases = _separate_tensors(model_state)
-    try:
-        from safetensors.torch import save_file
-    except ImportError:
-        save_file = None
-    if save_file is not None:
-        path = folder / "model.safetensors"
-        save_file(tensors, str(path))
-        _fsync_file(path)
-        model_format = "safetensors"
-    else:
-        _torch_save(tensors, folder / "model.pt")
-        model_format = "torch"
-    return {"model_format": model_format, "model_aliases": aliases, "model_keys": list(model_state)}
 
 
 def _list_step_dirs(root: Path) -> list[tuple[int, Path]]:
@@ -234,16 +191,15 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
 def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, torch.Tensor],
                     optimizer_state: dict | None = None, scheduler_state: dict | None = None,
                     mixer_state: dict[str, np.ndarray] | None = None, sampler_state: dict | None = None,
-                    rng_states: dict | None = None, extra: dict | None = None,
-                    keep_last: int | None = 3) -> Path:
+                    rng_states: dict | None = None, keep_last: int | None = 3) -> Path:
     """Write checkpoint ``step`` of the run atomically, point ``latest`` at it and prune old ones.
 
-    ``optimizer_state`` / ``scheduler_state``: their ``state_dict()``s. ``mixer_state``: the mixer's
-    ``state_dict()`` (numpy arrays). ``sampler_state``: plain JSON data. ``rng_states``: from
-    :func:`capture_rng_states`. ``extra``: JSON-serializable scalars (metrics, config hash, ...).
-    ``keep_last``: how many checkpoints to keep (None keeps all); checkpoints of later steps than this
-    one belong to an abandoned continuation (the run was resumed from an earlier step) and are removed.
-    Returns the checkpoint's folder.
+    The arguments are the parts of :meth:`amalab.llm.train_state.TrainState.state_dict`:
+    ``optimizer_state`` / ``scheduler_state`` their ``state_dict()``s, ``mixer_state`` the mixer's
+    ``state_dict()`` (numpy arrays), ``sampler_state`` plain JSON data, ``rng_states`` from
+    :func:`capture_rng_states`. ``keep_last``: how many checkpoints to keep (None keeps all); checkpoints of
+    later steps than this one belong to an abandoned continuation (the run was resumed from an earlier step)
+    and are removed. Returns the checkpoint's folder.
     """
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
         raise ValueError(f"checkpoint step must be an integer >= 0, got {step!r}")
@@ -251,68 +207,38 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, torch
                                   or keep_last < 1):
         raise ValueError(f"keep_last must be an integer >= 1 or None, got {keep_last!r}")
     step = int(step)
+    tensors, aliases = _separate_tensors(model_state)
     # serialize the JSON parts first, so that a value JSON cannot hold fails before anything is written
-    extra_json = _to_json(extra if extra is not None else {}, "extra")
-    sampler_json = None if sampler_state is None else _to_json(sampler_state, "sampler_state")
-    rng_json = None if rng_states is None else _to_json(rng_states, "rng_states")
+    json_parts = {name: _to_json(value, what) for name, value, what in (
+        ("sampler.json", sampler_state, "sampler_state"), ("rng.json", rng_states, "rng_states"))
+        if value is not None}
+    torch_parts = {name: value for name, value in (("optimizer.pt", optimizer_state),
+                                                   ("scheduler.pt", scheduler_state)) if value is not None}
     root = Path(run_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(root)
+    remove_leftovers(root)
     final = root / step_dir_name(step)
-    temp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
-    try:
-        state = {"format": FORMAT_VERSION, "step": step, "extra": json.loads(extra_json)}
-        state.update(_save_model(model_state, temp))
-        files = []
-        if optimizer_state is not None:
-            _torch_save(optimizer_state, temp / "optimizer.pt")
-            files.append("optimizer.pt")
-        if scheduler_state is not None:
-            _torch_save(scheduler_state, temp / "scheduler.pt")
-            files.append("scheduler.pt")
+    with atomic_folder(final) as folder:
+        save_file(tensors, str(folder / "model.safetensors"))
+        for name, value in torch_parts.items():
+            with (folder / name).open("wb") as f:
+                torch.save(value, f)
         if mixer_state is not None:
-            with (temp / "mixer.npz").open("wb") as f:
-                np.savez(f, **{key: np.asarray(value) for key, value in mixer_state.items()})
-                f.flush()
-                os.fsync(f.fileno())
-            files.append("mixer.npz")
-        if sampler_state is not None:
-            _write_json(temp / "sampler.json", sampler_json)
-            files.append("sampler.json")
-        if rng_states is not None:
-            _write_json(temp / "rng.json", rng_json)
-            files.append("rng.json")
-        state["files"] = files
-        _write_json(temp / STATE_FILE, json.dumps(state))
-        _fsync_dir(temp)
-        if final.exists():  # the same step saved again (a resumed run redoing it): set the old one aside
-            os.replace(final, Path(tempfile.mkdtemp(prefix=f".old-{final.name}-", dir=root)) / "old")
-        os.replace(temp, final)
-        _fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
+            np.savez(folder / "mixer.npz", **{key: np.asarray(value) for key, value in mixer_state.items()})
+        for name, text in json_parts.items():
+            (folder / name).write_text(text, encoding="utf-8")
+        files = [*torch_parts, *(["mixer.npz"] if mixer_state is not None else []), *json_parts]
+        state = {"format": FORMAT_VERSION, "step": step, "model_aliases": aliases, "model_keys": list(model_state),
+                 "files": files}
+        (folder / STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
     _point_latest(root, final.name)
-    _remove_leftovers(root)
+    remove_leftovers(root)
     _prune(root, step, keep_last)
     return final
 
 
 def _point_latest(root: Path, name: str) -> None:
-    temp = root / f".{LATEST}.tmp"
-    with temp.open("w", encoding="utf-8") as f:
-        f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temp, root / LATEST)
-    _fsync_dir(root)
-
-
-def _remove_leftovers(root: Path) -> None:
-    """Remove the temporary folders of saves that were interrupted (a single writer is assumed)."""
-    for path in root.iterdir():
-        if path.name.startswith((".tmp-", ".old-")) and path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
+    write_text_atomic(root / LATEST, name + "\n")
 
 
 def _prune(root: Path, current: int, keep_last: int | None) -> None:
@@ -339,11 +265,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if state.get("format") != FORMAT_VERSION:
         raise ValueError(f"{state_path}: checkpoint format {state.get('format')!r}, "
                          f"this code reads {FORMAT_VERSION}")
-    if state["model_format"] == "safetensors":
-        from safetensors.torch import load_file
-        tensors = load_file(str(path / "model.safetensors"), device=str(map_location))
-    else:
-        tensors = torch.load(path / "model.pt", map_location=map_location, weights_only=True)
+    tensors = load_file(str(path / "model.safetensors"), device=str(map_location))
     for alias, target in state["model_aliases"].items():
         tensors[alias] = tensors[target]  # tied weights come back as one tensor, as they were saved
     model_state = {key: tensors[key] for key in state["model_keys"]}
@@ -365,7 +287,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return Checkpoint(path=path, step=state["step"], model_state=model_state,
                       optimizer_state=torch_part("optimizer.pt"), scheduler_state=torch_part("scheduler.pt"),
                       mixer_state=mixer_state, sampler_state=json_part("sampler.json"),
-                      rng_states=json_part("rng.json"), extra=state["extra"])
+                      rng_states=json_part("rng.json"))
 
 
 def latest_checkpoint_path(run_dir: str | Path) -> Path | None:

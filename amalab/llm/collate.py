@@ -30,7 +30,6 @@ class PreferenceBatch:
     completion_mask: torch.Tensor  # (2B, L) bool, see the class docstring
     completion_token_counts: torch.Tensor  # (2B,) long
     ids: tuple[str, ...]  # (B,) example ids
-    tasks: tuple[str, ...]  # (B,) task names
 
     @property
     def num_pairs(self) -> int:
@@ -53,9 +52,7 @@ class PreferenceBatch:
         return PreferenceBatch(**moved)
 
 
-def collate_pairs(
-    pairs: Sequence[TokenizedPair], pad_token_id: int, *, pad_to_multiple_of: int | None = None
-) -> PreferenceBatch:
+def collate_pairs(pairs: Sequence[TokenizedPair], pad_token_id: int) -> PreferenceBatch:
     """Right-pad B tokenized pairs into a :class:`PreferenceBatch` of 2B rows (chosen rows first)."""
     if not pairs:
         raise ConfigError("collate: an empty list of pairs")
@@ -69,8 +66,6 @@ def collate_pairs(
             raise ConfigError(f"collate: example {pair.id} has an empty prompt (its first completion token "
                               "would have no position to be predicted from)")
     width = max(len(prompt) + len(completion) for prompt, completion in rows)
-    if pad_to_multiple_of is not None:
-        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     completion_mask = torch.zeros((len(rows), width), dtype=torch.bool)
@@ -88,7 +83,6 @@ def collate_pairs(
         completion_mask=completion_mask,
         completion_token_counts=counts,
         ids=tuple(pair.id for pair in pairs),
-        tasks=tuple(pair.task for pair in pairs),
     )
 
 

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from amalab.config import load_section, read_toml
 from amalab.errors import ConfigError
-from amalab.llm.data import TaskConfig
+from amalab.llm.data import TaskConfig, check_distinct_task_names
+from amalab.llm.tokenize import TokenizationConfig
 from amalab.mixers import MIXERS, make_mixer
 
 LOSSES = ("dpo", "ipo", "hinge", "sft")
@@ -65,20 +66,30 @@ class TinyModelConfig:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class LoraConfig:
+    """A LoRA adapter's options: the one rule on them, for ``[model.lora]`` and for
+    :func:`amalab.llm.models.apply_lora` (which adds what needs the model: the target modules exist)."""
+
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
     def check(self) -> None:
-        if self.r < 1:
-            raise ValueError(f"r must be >= 1, got {self.r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
-        if not self.target_modules:
-            raise ValueError("target_modules: give at least one module name")
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
+            raise ValueError(f"r: expected a positive integer, got {self.r!r}")
+        if not _is_number(self.alpha) or self.alpha <= 0:
+            raise ValueError(f"alpha: expected a positive number, got {self.alpha!r}")
+        if not _is_number(self.dropout) or not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout: expected a number in [0, 1), got {self.dropout!r}")
+        targets = self.target_modules
+        if isinstance(targets, str) or not isinstance(targets, (list, tuple)) or not targets:
+            raise ValueError(f"target_modules: expected a non-empty list of module names, got {targets!r}")
 
 
 @dataclass(frozen=True)
@@ -102,14 +113,15 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class TokenizeConfig:
+class TokenizeConfig(TokenizationConfig):
+    """``[tokenize]``: a :class:`TokenizationConfig` (whose ``check`` is the rule on the limits) with defaults
+    for short chat pairs."""
+
     max_length: int = 128
     max_prompt_length: int = 64
 
-    def check(self) -> None:
-        if self.max_prompt_length < 1 or self.max_length <= self.max_prompt_length:
-            raise ValueError(f"need 1 <= max_prompt_length < max_length, got {self.max_prompt_length} and "
-                             f"{self.max_length}")
+    def __post_init__(self) -> None:
+        pass  # load_section runs check() and names the file and table
 
 
 @dataclass(frozen=True)
@@ -175,7 +187,8 @@ class SpecialistsConfig:
 @dataclass(frozen=True)
 class MethodsConfig:
     #: methods to train generalists with, in order: amalab.mixers names, or "sft" (the standard mixture trained
-    #: on the chosen responses' NLL); doremi needs standard before it
+    #: on the chosen responses' NLL); a method measuring excess over the standard generalist (doremi) comes
+    #: after standard (:func:`load_llm_config`)
     names: list[str] = field(default_factory=lambda: ["standard", "ama-r", "ama-s"])
     #: seeds per method (a method listed in seeds_per_method gets that many instead)
     seeds: int = 1
@@ -193,9 +206,6 @@ class MethodsConfig:
                 raise ValueError(f"names: unknown method {name!r}; known: {', '.join(METHODS)}")
         if len(set(self.names)) != len(self.names):
             raise ValueError(f"names: a method is listed twice: {self.names}")
-        if "doremi" in self.names and ("standard" not in self.names
-                                       or self.names.index("standard") > self.names.index("doremi")):
-            raise ValueError("names: doremi measures excess over the standard generalist: list 'standard' before it")
         if self.seeds < 1:
             raise ValueError(f"seeds must be >= 1, got {self.seeds}")
         for name, n in self.seeds_per_method.items():
@@ -215,7 +225,7 @@ class MethodsConfig:
 
 @dataclass(frozen=True)
 class MergesConfig:
-    """Merged specialists as baselines (docs/maths.md section 7), evaluated like generalists."""
+    """Merged specialists as baselines (docs/maths.md section 7; amalab.llm.merge), evaluated like generalists."""
 
     #: merge methods to evaluate: linear, task_arithmetic, ties, dare_linear, dare_ties
     names: list[str] = field(default_factory=list)
@@ -284,10 +294,6 @@ class LLMConfig:
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}; got {self.device!r}")
 
-    @property
-    def task_names(self) -> list[str]:
-        return [t.name for t in self.tasks]
-
 
 def load_llm_config(path: str | Path) -> LLMConfig:
     """Read and check an LLM experiment config; relative paths in it are relative to the config's folder."""
@@ -297,10 +303,10 @@ def load_llm_config(path: str | Path) -> LLMConfig:
     if not isinstance(tasks, list) or not tasks:
         raise ConfigError(f"{path}: [[tasks]]: give at least one task")
     parsed = [load_section(TaskConfig, t, path, f"tasks[{i}]") for i, t in enumerate(tasks)]
-    names = [t.name for t in parsed]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ConfigError(f"{path}: [[tasks]]: duplicate task name {duplicates[0]!r}")
+    try:
+        check_distinct_task_names(parsed)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: [[tasks]] {e}") from None
     config = load_section(LLMConfig, {k: v for k, v in table.items() if k != "tasks"}, path)
     if "source_path" in table or "base_dir" in table:
         raise ConfigError(f"{path}: source_path and base_dir are set by amalab, not by the config")
@@ -308,18 +314,28 @@ def load_llm_config(path: str | Path) -> LLMConfig:
     if config.merges.names and config.model.fsdp:
         raise ConfigError(f"{path}: [merges] needs the specialists' full weights on one process; it does not "
                           "combine with [model] fsdp = true yet")
-    for name in config.methods.names:
-        mixer_name, _ = method_mixer_and_loss(name, config.loss.name)
-        try:
-            mixer = make_mixer(mixer_name, len(parsed), sizes=[1] * len(parsed), **config.methods.options.get(name, {}))
-        except ValueError as e:
-            raise ConfigError(f"{path}: [methods.options] {name}: {e}") from None
-        try:  # a batch the mixer cannot draw (e.g. task-balanced with batch_size not a multiple of k)
-            mixer.draw(np.random.default_rng(0), config.train.batch_size)
-        except ValueError as e:
-            raise ConfigError(f"{path}: [train] batch_size for method {name}: {e}") from None
-        if mixer.update_first and config.train.micro_batch_size not in (0, config.train.batch_size):
-            raise ConfigError(f"{path}: [methods] {name} updates its weights before the parameter step "
-                              "(sequential AMA-R) and needs the whole batch in one forward: set [train] "
-                              "micro_batch_size = 0, or use ama-r-sim")
+    for index, name in enumerate(config.methods.names):
+        _check_method(path, config, name, config.methods.names[:index])
     return config
+
+
+def _check_method(path: Path, config: LLMConfig, name: str, earlier: list[str]) -> None:
+    """What a method needs of the rest of the config: valid options, a drawable batch, and the run its
+    baseline losses come from (the standard generalist) listed before it."""
+    k = len(config.tasks)
+    mixer_name, _ = method_mixer_and_loss(name, config.loss.name)
+    try:
+        mixer = make_mixer(mixer_name, k, sizes=[1] * k, **config.methods.options.get(name, {}))
+    except ValueError as e:
+        raise ConfigError(f"{path}: [methods.options] {name}: {e}") from None
+    try:  # a batch the mixer cannot draw (e.g. task-balanced with batch_size not a multiple of k)
+        mixer.draw(np.random.default_rng(0), config.train.batch_size)
+    except ValueError as e:
+        raise ConfigError(f"{path}: [train] batch_size for method {name}: {e}") from None
+    if mixer.baseline == "standard" and "standard" not in earlier:
+        raise ConfigError(f"{path}: [methods] names: {name} measures excess over the standard generalist: "
+                          "list 'standard' before it")
+    from amalab.llm.train_step import check_sequential_update
+
+    check_sequential_update(mixer, config.train.micro_batch_size, config.train.batch_size,
+                            f"{path}: [methods] {name}")

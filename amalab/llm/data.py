@@ -65,6 +65,10 @@ DROP_REASONS = (
 )
 
 SOURCE_KINDS = ("file", "hf", "truthfulqa", "generated")
+
+#: the offline data folder beside the repository checkout (``../shared/data`` from the repository root):
+#: real datasets read in place, never copied into the repository (tests, benchmarks and timing scripts)
+SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
 
 
@@ -493,22 +497,27 @@ def _format_counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{n} {reason}" for reason, n in counts.items() if n) or "none"
 
 
+def check_distinct_task_names(configs: list[TaskConfig]) -> None:
+    """The one rule on task names: no two tasks share one (their caches and runs are keyed by name)."""
+    first_index: dict[str, int] = {}
+    for index, config in enumerate(configs):
+        if config.name in first_index:
+            raise ConfigError(f"tasks[{index}]: field 'name': task name {config.name!r} is already used by "
+                              f"tasks[{first_index[config.name]}] (duplicate task name {config.name!r})")
+        first_index[config.name] = index
+
+
 def load_tasks(configs: list[TaskConfig], base_dir: str | Path = ".") -> list[TaskData]:
     """Load every task of a config, in order; task names must be distinct.
 
     ``base_dir``: the folder relative file sources are read from (the config file's folder).
     """
-    first_index: dict[str, int] = {}
-    for index, config in enumerate(configs):
-        if config.name in first_index:
-            raise ConfigError(f"tasks[{index}]: field 'name': task name {config.name!r} is already used by "
-                              f"tasks[{first_index[config.name]}]")
-        first_index[config.name] = index
+    check_distinct_task_names(configs)
     return [load_task(config, base_dir) for config in configs]
 
 
 __all__ = [
-    "ASSISTANT_MARKER", "DROP_REASONS", "PreferencePair", "TaskConfig", "TaskData",
-    "example_id", "held_out_count", "load_task", "load_tasks", "read_pairs", "select_by_hash",
+    "ASSISTANT_MARKER", "DROP_REASONS", "PreferencePair", "SHARED_DATA", "TaskConfig", "TaskData",
+    "check_distinct_task_names", "example_id", "held_out_count", "load_task", "load_tasks", "read_pairs", "select_by_hash",
     "split_shared_prompt", "source_kind",
 ]

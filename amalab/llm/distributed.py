@@ -1,6 +1,6 @@
 """Several processes under ``torchrun``: who this rank is, the one all-reduce of mixer statistics, agreement.
 
-Spec section 8: every rank draws the global batch's task ids from one identically seeded generator and
+docs/maths.md section 8: every rank draws the global batch's task ids from one identically seeded generator and
 takes its own slots (rank, rank + W, ...); per-task statistics travel as one float64 array in one
 all-reduce (SUM), so every rank applies the same update and holds bit-identical mixer state.
 Backends: nccl on CUDA, gloo on CPU. Without ``torchrun`` (no ``WORLD_SIZE`` in the environment) everything
@@ -15,20 +15,22 @@ Parameters, two ways (``[model] fsdp``):
   the root's own parameters (embeddings, final norm, head) in the root module's forward hook, which calling
   submodules would skip. FSDP2 divides reduced gradients by the world size; we set the divide factor to 1
   (with plain SUM collectives, which gloo needs), so the gradient is the same sum as in the replicated case.
-Checkpoints hold full (unsharded) tensors either way (:func:`gather_full`), so a run saved on W ranks, sharded
-or not, continues on any number of ranks, sharded or not.
+Checkpoints hold full (unsharded) tensors either way (:mod:`amalab.llm.train_state`), so a run saved on W
+ranks, sharded or not, continues on any number of ranks, sharded or not.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, distribute_tensor
+
+from amalab.llm.tensor_identity import state_digest
+
+from amalab.llm.tensor_identity import state_digest
 
 
 @dataclass(frozen=True)
@@ -77,15 +79,6 @@ def all_reduce_sum(values: np.ndarray, world: World) -> np.ndarray:
     buffer = torch.from_numpy(values.copy()).to(device)
     dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
     return buffer.cpu().numpy().reshape(values.shape)
-
-
-def state_digest(state: dict[str, np.ndarray]) -> str:
-    """A hash of a mixer state's exact bytes, to compare across ranks."""
-    h = hashlib.sha256()
-    for key in sorted(state):
-        h.update(key.encode())
-        h.update(np.ascontiguousarray(state[key]).tobytes())
-    return h.hexdigest()
 
 
 def check_ranks_agree(state: dict[str, np.ndarray], world: World, what: str = "mixer state") -> None:
@@ -151,15 +144,11 @@ def shard_policy(model: torch.nn.Module, world: World) -> ShardedPolicy:
     """
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
-    from amalab.llm.logprobs import backbone_and_head
+    from amalab.llm.models import decoder_layers
 
     if not world.distributed:
         raise ValueError("fsdp needs several processes: launch with torchrun --nproc-per-node N (N >= 2)")
-    backbone, _ = backbone_and_head(model)
-    layers = getattr(backbone, "layers", None)
-    if layers is None:
-        raise ValueError(f"fsdp: {type(backbone).__name__} has no `layers` list of decoder layers to shard")
-    for layer in layers:
+    for layer in decoder_layers(model):
         fully_shard(layer)
     root = fully_shard(ShardedPolicy(model))
     for module in root.modules():
@@ -184,17 +173,3 @@ def policy_logps(model: torch.nn.Module, batch):
 
 def is_sharded(model: torch.nn.Module) -> bool:
     return isinstance(model, ShardedPolicy)
-
-
-def gather_full(value):
-    """A full CPU tensor of a (possibly sharded) tensor; a collective for DTensors: call it on every rank."""
-    if isinstance(value, DTensor):
-        return value.full_tensor().cpu()
-    return value.detach().cpu() if isinstance(value, torch.Tensor) else value
-
-
-def shard_like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """``value`` (a full tensor) laid out like ``param``: this rank's shard if ``param`` is sharded."""
-    if isinstance(param, DTensor):
-        return distribute_tensor(value.to(param.device_mesh.device_type), param.device_mesh, param.placements)
-    return value.to(param.device)

@@ -86,13 +86,13 @@ def pair_losses(logps: ValueCache, reference: ValueCache, ids: list[str], loss: 
 
 
 def evaluate(model, eval_sets: list[list[TokenizedPair]], task_names: list[str], reference: ValueCache,
-             specialists: list[ValueCache | None], loss: str, beta: float, pad_token_id: int, batch_size: int,
+             specialist_caches: list[ValueCache | None], loss: str, beta: float, pad_token_id: int, batch_size: int,
              device: torch.device, world: World = World()) -> dict:
     """Held-out metrics per task and the worst-task excess (module docstring)."""
     everything = [pair for pairs in eval_sets for pair in pairs]
     logps = pair_logps(model, everything, pad_token_id, batch_size, device, world)
     tasks = {}
-    for name, pairs, specialist in zip(task_names, eval_sets, specialists):
+    for name, pairs, specialist in zip(task_names, eval_sets, specialist_caches):
         if not pairs:
             continue
         ids = [p.id for p in pairs]

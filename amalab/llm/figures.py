@@ -45,33 +45,33 @@ def _bars(ax, summary: dict, metric: str, ylabel: str) -> None:
     ax.grid(axis="y", alpha=0.3)
 
 
-def make_figures(out: Path, summary: dict) -> list[Path]:
-    out = Path(out)
-    folder = out / "figures"
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
+
+def _task_bars(folder: Path, summary: dict) -> list[Path]:
+    """task_excess.png, task_accuracy.png and, with verifiable tasks, generation_success.png."""
+    paths = []
     for metric, label, name in (("excess", "held-out excess over the specialist (bars: seed min-max)", "task_excess"),
                                 ("accuracy", "held-out preference accuracy (bars: seed min-max)", "task_accuracy")):
         fig, ax = plt.subplots(figsize=(7, 4))
         _bars(ax, summary, metric, label)
         ax.set_title(f"per-task {metric}, mean over seeds")
-        fig.tight_layout()
-        paths.append(folder / f"{name}.png")
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
-
+        paths.append(_save(fig, folder / f"{name}.png"))
     generated = [n for n in summary["tasks"]
                  if any("success" in m["tasks"][n] for m in summary["methods"].values())]
     if generated:
         fig, ax = plt.subplots(figsize=(7, 4))
         _bars(ax, {**summary, "tasks": generated}, "success", "verifier success of greedy generations")
         ax.set_title("generation on the verifiable tasks' held-out prompts, mean over seeds")
-        fig.tight_layout()
-        paths.append(folder / "generation_success.png")
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        paths.append(_save(fig, folder / "generation_success.png"))
+    return paths
 
+
+def _worst_excess(folder: Path, summary: dict) -> Path:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     methods = list(summary["methods"])
     for j, method in enumerate(methods):
@@ -81,39 +81,39 @@ def make_figures(out: Path, summary: dict) -> list[Path]:
     ax.set_xticks(range(len(methods)), methods, rotation=20)
     ax.set_ylabel("worst-task held-out excess (dots: seeds)")
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    paths.append(folder / "worst_excess.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    return _save(fig, folder / "worst_excess.png")
 
-    adaptive = [m for m in methods if m in ADAPTIVE]
-    if adaptive:
-        cols = min(3, len(adaptive))
-        rows = -(-len(adaptive) // cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
-        for ax in axes.flat[len(adaptive):]:
-            ax.axis("off")
-        for ax, method in zip(axes.flat, adaptive):
-            train = [r for r in _metrics(out / "generalists" / method / "seed0") if r.get("kind") == "train"]
-            if not train:
-                continue
-            steps = [r["step"] for r in train]
-            weights, average = np.array([r["weights"] for r in train]), np.array([r["average_weights"] for r in train])
-            for i, name in enumerate(summary["tasks"]):
-                ax.plot(steps, weights[:, i], color=f"C{i}", alpha=0.5, lw=1)
-                ax.plot(steps, average[:, i], color=f"C{i}", lw=2, label=name)
-            ax.set_title(f"{method}: weights (thin) and running average (thick)", fontsize=8)
-            ax.set_xlabel("step")
-            ax.set_ylim(0, 1)
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        paths.append(folder / "weights.png")
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
 
+def _weights(out: Path, folder: Path, summary: dict) -> list[Path]:
+    """weights.png: the adaptive mixers' weights over training (seed 0); none without an adaptive method."""
+    adaptive = [m for m in summary["methods"] if m in ADAPTIVE]
+    if not adaptive:
+        return []
+    cols = min(3, len(adaptive))
+    rows = -(-len(adaptive) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat[len(adaptive):]:
+        ax.axis("off")
+    for ax, method in zip(axes.flat, adaptive):
+        train = [r for r in _metrics(out / "generalists" / method / "seed0") if r.get("kind") == "train"]
+        if not train:
+            continue
+        steps = [r["step"] for r in train]
+        weights, average = np.array([r["weights"] for r in train]), np.array([r["average_weights"] for r in train])
+        for i, name in enumerate(summary["tasks"]):
+            ax.plot(steps, weights[:, i], color=f"C{i}", alpha=0.5, lw=1)
+            ax.plot(steps, average[:, i], color=f"C{i}", lw=2, label=name)
+        ax.set_title(f"{method}: weights (thin) and running average (thick)", fontsize=8)
+        ax.set_xlabel("step")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7)
+    return [_save(fig, folder / "weights.png")]
+
+
+def _eval_curves(out: Path, folder: Path, summary: dict) -> Path:
     names = summary["tasks"]
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2), squeeze=False)
-    for j, method in enumerate(methods):
+    for j, method in enumerate(summary["methods"]):
         evals = [r for r in _metrics(out / "generalists" / method / "seed0") if r.get("kind") == "eval"]
         for ax, name in zip(axes[0], names):
             points = [(r["step"], r["tasks"][name]["excess"]) for r in evals if "excess" in r["tasks"].get(name, {})]
@@ -124,8 +124,13 @@ def make_figures(out: Path, summary: dict) -> list[Path]:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(folder / "eval_curves.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-    return paths
+    return _save(fig, folder / "eval_curves.png")
+
+
+def make_figures(out: Path, summary: dict) -> list[Path]:
+    """Every figure of the module docstring that the summary has data for; their paths."""
+    out = Path(out)
+    folder = out / "figures"
+    folder.mkdir(parents=True, exist_ok=True)
+    return (_task_bars(folder, summary) + [_worst_excess(folder, summary)] + _weights(out, folder, summary)
+            + [_eval_curves(out, folder, summary)])

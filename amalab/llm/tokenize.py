@@ -6,18 +6,17 @@ the boundary. The prompt is tokenized with the tokenizer's special tokens (e.g. 
 a completion without, and every completion ends with eos (appended unless its text already tokenizes to a
 final eos): log pi(y|x) includes the probability of stopping.
 
-Truncation: a prompt longer than ``max_prompt_length`` keeps its end (``prompt_truncation="keep_end"``, the
-part next to the reply) or its start; then each completion is cut at the end to fit
-``len(prompt) + len(completion) <= max_length``. A pair whose prompt leaves no room for a single completion
-token (``len(prompt) >= max_length`` after prompt truncation), or whose prompt tokenizes to nothing (its
-first completion token would have no position to be predicted from), is dropped and counted
-(``on_bad_prompt="drop"``) or is an error naming the example (``"error"``).
+Truncation: a prompt longer than ``max_prompt_length`` keeps its end (the part next to the reply); then
+each completion is cut at the end to fit ``len(prompt) + len(completion) <= max_length``. A pair whose
+prompt leaves no room for a single completion token (``len(prompt) >= max_length`` after prompt
+truncation), or whose prompt tokenizes to nothing (its first completion token would have no position to be
+predicted from), is dropped and counted in the :class:`TokenizationReport`.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Literal
+from typing import Iterable
 
 from amalab.errors import ConfigError
 from amalab.llm.data import PreferencePair
@@ -42,38 +41,33 @@ class TokenizedPair:
         return len(self.prompt_ids) + len(self.rejected_ids)
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class TokenizationConfig:
-    """How pairs are tokenized; part of a cache's manifest (:meth:`to_dict`)."""
+    """How pairs are tokenized; part of a cache's manifest (:meth:`to_dict`).
+
+    :meth:`check` is the one rule on the limits (a config's ``[tokenize]`` obeys it too).
+    """
 
     max_length: int = 512
     max_prompt_length: int | None = None
-    prompt_truncation: Literal["keep_end", "keep_start"] = "keep_end"
-    on_bad_prompt: Literal["drop", "error"] = "drop"
-    add_eos: bool = True
 
-    def __post_init__(self):
-        if not isinstance(self.max_length, int) or isinstance(self.max_length, bool) or self.max_length < 2:
-            raise ConfigError(f"tokenization.max_length: expected an integer >= 2, got {self.max_length!r}")
+    def check(self) -> None:
+        if not _is_int(self.max_length) or self.max_length < 2:
+            raise ValueError(f"max_length: expected an integer >= 2, got {self.max_length!r}")
         if self.max_prompt_length is not None and (
-            not isinstance(self.max_prompt_length, int)
-            or isinstance(self.max_prompt_length, bool)
-            or not 1 <= self.max_prompt_length < self.max_length
-        ):
-            raise ConfigError(
-                "tokenization.max_prompt_length: expected an integer in "
-                f"[1, max_length = {self.max_length}), "
-                f"got {self.max_prompt_length!r}"
-            )
-        if self.prompt_truncation not in ("keep_end", "keep_start"):
-            raise ConfigError(
-                "tokenization.prompt_truncation: expected 'keep_end' or 'keep_start', "
-                f"got {self.prompt_truncation!r}"
-            )
-        if self.on_bad_prompt not in ("drop", "error"):
-            raise ConfigError(
-                f"tokenization.on_bad_prompt: expected 'drop' or 'error', got {self.on_bad_prompt!r}"
-            )
+                not _is_int(self.max_prompt_length) or not 1 <= self.max_prompt_length < self.max_length):
+            raise ValueError(f"max_prompt_length: expected an integer in [1, max_length = {self.max_length}), "
+                             f"got {self.max_prompt_length!r}")
+
+    def __post_init__(self) -> None:
+        try:
+            self.check()
+        except ValueError as error:
+            raise ConfigError(f"tokenization.{error}") from None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -116,8 +110,8 @@ def tokenize_pairs(
     """Tokenize every pair once (see the module docstring for the convention); kept pairs keep their order."""
     pairs = list(pairs)
     eos = tokenizer.eos_token_id
-    if config.add_eos and eos is None:
-        raise ConfigError("tokenization.add_eos: the tokenizer has no eos token")
+    if eos is None:
+        raise ConfigError("tokenization: the tokenizer has no eos token (every completion ends with eos)")
     prompts = _ids(tokenizer, [pair.prompt for pair in pairs], add_special_tokens=True)
     chosens = _ids(tokenizer, [pair.chosen for pair in pairs], add_special_tokens=False)
     rejecteds = _ids(tokenizer, [pair.rejected for pair in pairs], add_special_tokens=False)
@@ -128,23 +122,15 @@ def tokenize_pairs(
     truncated_prompts = truncated_completions = 0
     for pair, prompt, chosen, rejected in zip(pairs, prompts, chosens, rejecteds):
         if config.max_prompt_length is not None and len(prompt) > config.max_prompt_length:
-            keep = config.max_prompt_length
-            prompt = prompt[-keep:] if config.prompt_truncation == "keep_end" else prompt[:keep]
+            prompt = prompt[-config.max_prompt_length:]
             truncated_prompts += 1
         if not prompt or len(prompt) >= config.max_length:
-            problem = (
-                "its prompt tokenizes to no token"
-                if not prompt
-                else f"its prompt alone has {len(prompt)} tokens, max_length = {config.max_length}"
-            )
-            if config.on_bad_prompt == "error":
-                raise ConfigError(f"example {pair.id} (task {pair.task}): {problem}")
             (empty_prompt if not prompt else long_prompt).append(pair.id)
             continue
         room = config.max_length - len(prompt)
         completions = []
         for completion in (chosen, rejected):
-            if config.add_eos and (not completion or completion[-1] != eos):
+            if not completion or completion[-1] != eos:
                 completion = completion + [eos]
             if len(completion) > room:
                 completion = completion[:room]

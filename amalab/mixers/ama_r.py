@@ -52,8 +52,6 @@ class AMAR(Mixer):
         self.eg = ExpGradWeights(self.k, eta_alpha, smoothing, self.batch_shape)
         self.alpha_sum = np.zeros(self.batch_shape + (self.k,))
         self.steps = np.zeros((), dtype=np.int64)
-        #: the last batch's per-task excess g (for logging)
-        self.last_excess = np.zeros(self.batch_shape + (self.k,))
 
     @property
     def weights(self) -> np.ndarray:
@@ -88,7 +86,6 @@ class AMAR(Mixer):
         if not self.simultaneous:
             self.alpha_sum += alpha  # alpha_{t+1}: the weights theta steps with in sequential play
         self.steps += 1
-        self.last_excess = g
 
     def check_state(self, state) -> None:
         require_log_simplex("eg.log_weights", state["eg.log_weights"])

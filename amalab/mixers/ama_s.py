@@ -53,7 +53,6 @@ class AMAS(Mixer):
         self.clipped_gains = np.zeros((), dtype=np.int64)
         self.steps = np.zeros((), dtype=np.int64)
         self.probs_sum = np.zeros(self.batch_shape + (self.k,))
-        self.last_excess = np.zeros(self.batch_shape + (self.k,))
 
     @property
     def weights(self) -> np.ndarray:
@@ -90,7 +89,6 @@ class AMAS(Mixer):
         self.probs_sum += self.exp3.probs()  # the p this batch was drawn from, before the update
         self.exp3.update(np.clip(x, 0.0, 1.0))
         self.steps += 1
-        self.last_excess = g
 
     def check_state(self, state) -> None:
         self.exp3.check_state({"log_weights": state["exp3.log_weights"]})

@@ -9,9 +9,9 @@ import gzip
 import json
 from pathlib import Path
 
-from amalab.llm.data import PreferencePair
+from amalab.llm.data import SHARED_DATA, PreferencePair
 
-HH_HARMLESS_TEST = Path(__file__).resolve().parents[3] / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+HH_HARMLESS_TEST = SHARED_DATA / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 SEPARATOR = "\n\nAssistant:"
 
 

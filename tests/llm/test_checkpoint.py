@@ -74,7 +74,7 @@ def save_example(run_dir, step, model, optimizer, scheduler, **kwargs):
     mixer_state = {"exp3.log_weights": np.array([0.1, -2.0, 3.5]), "t": np.array(step, dtype=np.int64)}
     return save_checkpoint(run_dir, step, model.state_dict(), optimizer.state_dict(), scheduler.state_dict(),
                            mixer_state=mixer_state, sampler_state={"positions": [step, 1]},
-                           rng_states=capture_rng_states(), extra={"step": step, "loss": np.float32(0.25)},
+                           rng_states=capture_rng_states(),
                            **kwargs)
 
 
@@ -90,7 +90,6 @@ def test_round_trip_is_bitwise_exact(tmp_path):
     assert_same(loaded.scheduler_state, scheduler.state_dict())
     assert_same(loaded.mixer_state, {"exp3.log_weights": np.array([0.1, -2.0, 3.5]), "t": np.array(7)})
     assert loaded.sampler_state == {"positions": [7, 1]}
-    assert loaded.extra == {"step": 7, "loss": 0.25}
     # tied weights are stored once and come back as one tensor
     assert loaded.model_state["head.weight"] is loaded.model_state["embed.weight"]
     assert (folder / "model.safetensors").is_file()
@@ -237,8 +236,8 @@ def test_no_checkpoint_and_bad_arguments(tmp_path):
         save_checkpoint(tmp_path, 1, model.state_dict(), keep_last=0)
     with pytest.raises(TypeError, match=r"model_state\['x'\] is a list"):
         save_checkpoint(tmp_path, 1, {"x": [1.0]})
-    with pytest.raises(TypeError, match="checkpoint extra must be JSON-serializable: object is not"):
-        save_checkpoint(tmp_path, 1, model.state_dict(), extra={"x": object()})
+    with pytest.raises(TypeError, match="checkpoint sampler_state must be JSON-serializable: object is not"):
+        save_checkpoint(tmp_path, 1, model.state_dict(), sampler_state={"x": object()})
     assert not (tmp_path / "checkpoints" / "step-000001").exists()
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         load_checkpoint(tmp_path)
@@ -253,13 +252,25 @@ def test_only_model_state_and_views_that_share_memory(tmp_path):
     assert loaded.optimizer_state is None and loaded.mixer_state is None and loaded.rng_states is None
 
 
-def test_torch_save_fallback_without_safetensors(tmp_path, monkeypatch):
-    import sys
-    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+def test_tied_weights_are_stored_once_through_the_train_state(tmp_path):
+    """The policy's state as the trainer takes it (torch.distributed.checkpoint, copied to the CPU) keeps
+    the tie: safetensors holds the tensor once, and it loads back as one tensor into both names."""
+    from safetensors import safe_open
+
+    from amalab.llm.train_state import load_trainable_state, trainable_state
+
     model, _, _ = make_training()
-    folder = save_checkpoint(tmp_path, 1, model.state_dict())
-    assert (folder / "model.pt").is_file() and not (folder / "model.safetensors").exists()
-    assert_same(load_latest(tmp_path).model_state, model.state_dict())
+    state = trainable_state(model)
+    assert state["head.weight"] is state["embed.weight"]
+    folder = save_checkpoint(tmp_path, 1, state)
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        assert sorted(f.keys()) == ["embed.weight", "hidden.bias", "hidden.weight"]
+    loaded = load_latest(tmp_path).model_state
+    assert loaded["head.weight"] is loaded["embed.weight"]
+    fresh, _, _ = make_training(seed=5)
+    load_trainable_state(fresh, loaded)
+    assert_same(dict(fresh.named_parameters()), dict(model.named_parameters()))
+    assert fresh.head.weight is fresh.embed.weight
 
 
 def test_sampler_state_round_trip(tmp_path):

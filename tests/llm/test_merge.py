@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from amalab.errors import ConfigError
 from amalab.llm.merge import (
     MERGE_METHODS, disjoint_mean, elect_sign, lora_delta_state_dict, lora_dense_state_dict, merge_state_dicts,
-    task_vectors, trim_count, trim_to_top_magnitude,
+    trim_count, trim_to_top_magnitude,
 )
 
 SHAPES = {"a.weight": (3, 4), "b.bias": (5,), "c.weight": (2, 3, 2)}
@@ -127,12 +127,11 @@ def test_dare_is_unbiased_over_seeds_and_keeps_a_rescaled_subset():
     assert not torch.equal(first["w"], other["w"])
 
 
-def test_linear_default_is_the_average_and_task_vectors_are_differences():
+def test_linear_default_is_the_average_and_task_arithmetic_adds_the_differences():
     base, specialists = random_models(1, 3)
     average = {name: sum(s[name] for s in specialists) / 3 for name in base}
     assert_state_equal(merge_state_dicts(base, specialists, "linear"), average)
-    taus = task_vectors(base, specialists)
-    expected = {name: base[name] + 0.5 * sum(t[name] for t in taus) for name in base}
+    expected = {name: base[name] + 0.5 * sum(s[name] - base[name] for s in specialists) for name in base}
     assert_state_equal(merge_state_dicts(base, specialists, "task_arithmetic", scale=0.5), expected)
 
 

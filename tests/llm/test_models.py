@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import types
 
 import pytest
 import torch
@@ -127,3 +128,38 @@ def test_load_model_and_tokenizer_from_a_local_folder(tmp_path, make_model, toke
 def test_smollm2_gguf_path_points_into_the_installed_wheel():
     path = smollm2_gguf_path()
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 50_000_000
+
+
+def test_a_config_and_apply_lora_obey_one_lora_rule(make_model):
+    from amalab.llm.config import LoraConfig
+
+    bad = {**LORA, "r": 0}
+    with pytest.raises(ValueError) as from_config:
+        LoraConfig(**bad).check()
+    with pytest.raises(ConfigError) as from_model:
+        apply_lora(make_model(), bad)
+    assert str(from_model.value) == f"lora.{from_config.value}" == "lora.r: expected a positive integer, got 0"
+    model = apply_lora(make_model(), LoraConfig(**LORA))  # the dataclass itself is accepted
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == \
+        {n for n, p in apply_lora(make_model(), LORA).named_parameters() if p.requires_grad}
+
+
+def test_decoder_layers_are_the_same_modules_with_or_without_lora(make_model):
+    from amalab.llm.models import decoder_layers
+
+    model = make_model()
+    assert decoder_layers(model) is model.model.layers and len(model.model.layers) == model.config.num_hidden_layers
+    wrapped = apply_lora(model, LORA)
+    assert decoder_layers(wrapped) is model.model.layers  # peft injects into the wrapped model's own layers
+
+    class NoLayers(torch.nn.Module):  # a causal LM whose decoder keeps its blocks under another name
+        config = types.SimpleNamespace()
+
+        def get_decoder(self):
+            return torch.nn.Linear(2, 2)
+
+        def get_output_embeddings(self):
+            return torch.nn.Linear(2, 2)
+
+    with pytest.raises(ConfigError, match="Linear has no `layers` list of decoder layers"):
+        decoder_layers(NoLayers())

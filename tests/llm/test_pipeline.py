@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from amalab.cli import main
+from amalab.llm.data import SHARED_DATA as SHARED
 
 ROOT = Path(__file__).resolve().parents[2]
-SHARED = ROOT.parent / "shared" / "data"
 
 
 def write_task(path: Path, task: str, n: int) -> None:
@@ -281,3 +281,22 @@ def test_sft_baseline_trains_on_chosen_nll_and_is_evaluated_in_the_config_loss(t
         assert sft_eval["tasks"][task]["loss"] < 2.0
         assert summary["methods"]["sft"]["tasks"][task]["loss"]["mean"] == pytest.approx(
             sft_eval["tasks"][task]["loss"])
+
+
+@pytest.mark.parametrize("change,message", [
+    # the rule is the mixer's baseline, not the name doremi: ama-r against the standard generalist's losses too
+    ({'names = ["standard"]': 'names = ["ama-r", "standard"]', "ama-r = { eta_alpha = 2.0 }":
+      'ama-r = { eta_alpha = 2.0, baseline = "standard" }'},
+     "[methods] names: ama-r measures excess over the standard generalist: list 'standard' before it"),
+    ({"[model]\n": '[model]\nuse_lora = true\nlora = { r = 2, alpha = 0.0, dropout = 0.0, target_modules = ["q_proj"] }\n'},
+     "[model.lora]: alpha: expected a positive number, got 0.0"),
+    ({"max_length = 40": "max_length = 1"}, "[tokenize]: max_length: expected an integer >= 2, got 1"),
+    ({'name = "beta"': 'name = "alpha"'},
+     "[[tasks]] tasks[1]: field 'name': task name 'alpha' is already used by tasks[0]"),
+])
+def test_each_config_rule_is_checked_once_at_load_with_the_file_and_table(tmp_path, capsys, change, message):
+    config = experiment(tmp_path, names='["standard"]', **change)
+    assert main(["llm", "run", str(config), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{config}: {message}" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()  # refused before anything is read, built or written

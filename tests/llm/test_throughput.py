@@ -13,7 +13,7 @@ import torch
 from amalab.llm.collate import collate_pairs
 from amalab.llm.logprobs import sequence_logps
 from amalab.llm.models import prepare_model
-from amalab.llm.pipeline import compile_layers
+from amalab.llm.models import compile_layers
 
 LORA = {"r": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
 

@@ -31,8 +31,6 @@ def test_prompt_and_completions_are_tokenized_separately_and_end_with_eos(tokeni
 def test_a_completion_already_ending_in_eos_gets_no_second_one(tokenizer):
     (out,), _ = tokenize_pairs([pair("Q:", " yes<|im_end|>", " no")], tokenizer)
     assert list(out.chosen_ids) == ids(tokenizer, " yes") + [tokenizer.eos_token_id]
-    (out,), _ = tokenize_pairs([pair("Q:", " yes", " no")], tokenizer, TokenizationConfig(add_eos=False))
-    assert list(out.chosen_ids) == ids(tokenizer, " yes")
 
 
 def test_truncation_keeps_the_prompt_end_and_the_completion_start(tokenizer):
@@ -47,9 +45,6 @@ def test_truncation_keeps_the_prompt_end_and_the_completion_start(tokenizer):
     assert list(out.rejected_ids) == ids(tokenizer, " x") + [tokenizer.eos_token_id]
     assert out.chosen_length == 12
     assert (report.truncated_prompts, report.truncated_completions) == (1, 1)
-    config = TokenizationConfig(max_length=12, max_prompt_length=5, prompt_truncation="keep_start")
-    (out,), _ = tokenize_pairs([pair(prompt, " a", " b")], tokenizer, config)
-    assert list(out.prompt_ids) == prompt_ids[:5]
 
 
 def test_pairs_whose_prompt_fills_max_length_are_dropped_and_counted(tokenizer):
@@ -60,8 +55,6 @@ def test_pairs_whose_prompt_fills_max_length_are_dropped_and_counted(tokenizer):
     assert [p.id for p in kept] == ["short"]
     assert report.dropped_long_prompt == ("long",) and report.dropped_empty_prompt == ("empty",)
     assert report.dropped == 2 and "dropped 1 (prompt alone fills max_length)" in report.summary()
-    with pytest.raises(ConfigError, match="example long .*prompt alone has"):
-        tokenize_pairs(pairs, tokenizer, TokenizationConfig(max_length=16, on_bad_prompt="error"))
 
 
 def test_a_prompt_of_exactly_max_length_minus_one_keeps_one_completion_token(tokenizer):
@@ -79,8 +72,6 @@ def test_a_prompt_of_exactly_max_length_minus_one_keeps_one_completion_token(tok
     [
         ({"max_length": 1}, "max_length"),
         ({"max_length": 8, "max_prompt_length": 8}, "max_prompt_length"),
-        ({"prompt_truncation": "middle"}, "prompt_truncation"),
-        ({"on_bad_prompt": "ignore"}, "on_bad_prompt"),
     ],
 )
 def test_bad_tokenization_options_are_one_clear_error(kwargs, message):

@@ -24,7 +24,8 @@ from amalab.llm.collate import collate_pairs
 from amalab.llm.losses import preference_losses
 from amalab.llm.models import tiny_llama, tiny_tokenizer
 from amalab.llm.tokenize import TokenizationConfig, tokenize_pairs
-from amalab.llm.train import TrainingDiverged, TrainingRun, lr_factor, run_training
+from amalab.llm.train import TrainingDiverged, TrainingRun, run_training
+from amalab.llm.train_state import lr_factor
 from amalab.mixers import make_mixer
 
 CPU = torch.device("cpu")
@@ -73,10 +74,10 @@ def make_run(setup, tmp_path, mixer_name="ama-s", name="run", **optim):
     settings = dict(steps=4, batch_size=4, lr=5e-3, warmup_steps=1, eval_batch_size=8, grad_clip=1.0)
     settings.update(optim)
     mixer = make_mixer(mixer_name, 2, sizes=sizes, **options)
-    baselines = [setup["specialist"]] * 2 if mixer.baseline == "specialist" else None
+    baseline_losses = [setup["specialist"]] * 2 if mixer.baseline == "specialist" else None
     return TrainingRun(name=name, run_dir=tmp_path / name, mixer=mixer, task_names=["task0", "task1"],
                        train_sets=setup["train"], eval_sets=setup["evals"], reference=setup["reference"],
-                       baselines=baselines, specialists=[setup["specialist"]] * 2, optim=OptimConfig(**settings),
+                       baseline_losses=baseline_losses, specialist_caches=[setup["specialist"]] * 2, optim=OptimConfig(**settings),
                        loss="dpo", beta=0.1, seed=7, pad_token_id=setup["tokenizer"].pad_token_id,
                        description={"mixer": mixer_name, "optim": settings})
 
@@ -225,6 +226,19 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_factor(mid, 10, 2, 0.1) == pytest.approx(0.55)
 
 
+@pytest.mark.parametrize("steps, warmup, min_ratio", [(10, 2, 0.1), (100, 10, 0.0), (7, 0, 0.25), (20, 3, 0.05)])
+def test_lr_schedule_is_transformers_cosine_with_warmup_one_step_ahead(steps, warmup, min_ratio):
+    """transformers' cosine-with-minimum schedule: the same decay; its warm-up is ours one step later
+    (its step 0 has factor 0), which is why ours stays (see lr_factor)."""
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    theirs = get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup, steps, min_lr_rate=min_ratio).lr_lambdas[0]
+    for step in range(steps + 1):
+        expected = theirs(step + 1) if step < warmup else theirs(step)
+        assert lr_factor(step, steps, warmup, min_ratio) == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
 def _padding_cost(chunks, lengths) -> int:
     return sum(2 * len(chunk) * max(lengths[j] for j in chunk) for chunk in chunks)
 
@@ -246,7 +260,7 @@ def _partitions(items: list[int], size: int):
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("n, micro", [(6, 2), (7, 3), (8, 4)])
 def test_length_grouped_chunks_pad_as_little_as_any_partition(n, micro, seed):
-    from amalab.llm.train import length_grouped_chunks
+    from amalab.llm.train_step import length_grouped_chunks
 
     rng = np.random.default_rng(seed)
     slots = np.arange(n) * 3 + 1  # slot numbers are not positions

@@ -1,0 +1,191 @@
+"""What every stage of an LLM experiment shares, set up once: the config, the base model (pi_ref), the
+tokenized tasks and the reference log-probs (docs/maths.md section 11), and the cached per-example losses.
+
+:func:`prepare` reads and tokenizes the tasks, loads (or builds) the base model, writes ``data.json`` and a
+copy of the config, and builds or reuses the reference cache; :meth:`Experiment.policy` hands out fresh
+trainable copies of the base.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from amalab.errors import ConfigError
+from amalab.llm.cache import ValueCache, cached, data_hash
+from amalab.llm.checkpoint import load_latest
+from amalab.llm.config import LLMConfig
+from amalab.llm.data import TaskData, load_tasks
+from amalab.llm.distributed import World, shard_policy
+from amalab.llm.evaluate import pair_logps, pair_losses
+from amalab.llm.models import (compile_layers, load_model, load_tokenizer, model_fingerprint, prepare_model,
+                               resolve_device, smollm2_gguf_path, tiny_llama, tiny_tokenizer,
+                               tokenizer_fingerprint)
+from amalab.llm.tokenize import TokenizedPair, tokenize_pairs
+from amalab.llm.train_state import load_trainable_state
+
+
+@dataclass
+class Experiment:
+    """What every stage shares: the config, the base model (pi_ref), the tokenized tasks, the reference cache."""
+
+    config: LLMConfig
+    out: Path
+    device: torch.device
+    world: World
+    tokenizer: object
+    base_model: torch.nn.Module
+    tasks: list[TaskData]
+    train_sets: list[list[TokenizedPair]]
+    eval_sets: list[list[TokenizedPair]]
+    reference: ValueCache | None = None
+    reference_manifest: dict | None = None
+    show_progress: bool = True
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    @property
+    def pad_token_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+    def say(self, message: str) -> None:
+        if self.show_progress and self.world.is_main:
+            print(message, flush=True)
+
+    def policy(self, seed: int) -> torch.nn.Module:
+        """A fresh trainable copy of the base model (with a LoRA adapter initialized from ``seed`` if asked).
+
+        With ``[model] compile`` each decoder layer is compiled; with ``[model] fsdp`` under torchrun the copy
+        is sharded over the ranks (:func:`amalab.llm.distributed.shard_policy`).
+        """
+        settings = self.config.model
+        model = copy.deepcopy(self.base_model)
+        lora = settings.lora if settings.use_lora else None
+        for p in model.parameters():  # the base is frozen (it is pi_ref); peft freezes all but the adapter
+            p.requires_grad_(lora is None)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = prepare_model(model, gradient_checkpointing=settings.gradient_checkpointing, lora=lora)
+        model = model.to(self.device)
+        if settings.compile:
+            compile_layers(model)
+        if settings.fsdp and self.world.distributed:
+            model = shard_policy(model, self.world)
+        return model
+
+    def trained_policy(self, run_dir: Path, seed: int) -> torch.nn.Module | None:
+        """A fresh policy holding the trained parameters of ``run_dir``'s last checkpoint; None without one."""
+        checkpoint = load_latest(run_dir)
+        if checkpoint is None:
+            return None
+        model = self.policy(seed)
+        load_trainable_state(model, checkpoint.model_state)
+        return model
+
+    def timed(self, what: str, n: int, fn):
+        """``fn(progress)`` with a progress bar over its ``n`` pairs (rank 0); then its time and throughput."""
+        start = time.perf_counter()
+        with tqdm(total=n, desc=what, unit="pair", dynamic_ncols=True, mininterval=1.0,
+                  disable=not (self.show_progress and self.world.is_main)) as bar:
+            # each rank scores about 1/W of the pairs: rank 0's count, scaled, is the whole job's progress
+            result = fn(lambda done: bar.update(done * self.world.size))
+        seconds = time.perf_counter() - start
+        self.say(f"{what}: {n} pairs in {seconds:.1f} s ({n / max(seconds, 1e-9):.1f} pairs/s)")
+        return result
+
+    def cached(self, folder: Path, manifest: dict, what: str, n: int, build) -> ValueCache:
+        """The cache in ``folder`` (:func:`amalab.llm.cache.cached`), built by ``build(progress)`` over ``n``
+        pairs, timed, when missing."""
+        return cached(folder, manifest, lambda: self.timed(what, n, build), log=self.say, world=self.world)
+
+    def loss_cache(self, model, pairs: list[TokenizedPair], folder: Path, manifest: dict, what: str) -> ValueCache:
+        """Per-example losses of ``model`` on ``pairs`` (baseline losses s(z), docs/maths.md section 1), cached."""
+        unique = list({p.id: p for p in pairs}.values())
+        ids = [p.id for p in unique]
+        loss = self.config.loss
+
+        def build(progress):
+            logps = pair_logps(model, unique, self.pad_token_id, self.config.train.eval_batch_size, self.device,
+                               self.world, progress)
+            losses, _ = pair_losses(logps, self.reference, ids, loss.name, loss.beta)
+            return ValueCache(ids, {"loss": losses})
+
+        manifest = {**manifest, "reference": self.reference_manifest["model"], "loss": loss.name,
+                    "beta": loss.beta, "data": data_hash(sorted(ids))}
+        return self.cached(folder, manifest, what, len(unique), build)
+
+
+def _load_base(config: LLMConfig, corpus: list[str], device: torch.device):
+    m = config.model
+    if m.name == "tiny":
+        tokenizer = tiny_tokenizer(corpus, vocab_size=m.tiny.vocab_size)
+        model = tiny_llama(len(tokenizer), hidden_size=m.tiny.hidden_size, num_layers=m.tiny.num_hidden_layers,
+                           num_heads=m.tiny.num_attention_heads, num_kv_heads=m.tiny.num_key_value_heads,
+                           intermediate_size=m.tiny.intermediate_size, seed=m.tiny.seed,
+                           max_position_embeddings=max(512, config.tokenize.max_length),
+                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        return tokenizer, model.to(device)
+    if m.name == "smollm2":
+        path = smollm2_gguf_path()
+        return load_tokenizer(path), load_model(path, device=device)
+    gguf = m.gguf_file or None
+    return load_tokenizer(m.name, gguf_file=gguf), load_model(m.name, gguf_file=gguf, device=device)
+
+
+def _tokenized(experiment: Experiment) -> dict:
+    """Tokenize every task into the experiment's train and eval sets; return data.json's per-task report."""
+    report = {}
+    for t in experiment.tasks:
+        train, train_report = tokenize_pairs(t.train, experiment.tokenizer, experiment.config.tokenize)
+        evals, eval_report = tokenize_pairs(t.eval, experiment.tokenizer, experiment.config.tokenize)
+        if not train:
+            raise ConfigError(f"task {t.name!r}: no training pair is left after tokenization "
+                              f"({train_report.summary()})")
+        experiment.train_sets.append(train)
+        experiment.eval_sets.append(evals)
+        report[t.name] = dict(source=t.source, train=len(train), eval=len(evals), dropped_rows=t.dropped,
+                              tokenization_train=train_report.summary(), tokenization_eval=eval_report.summary())
+        experiment.say(f"{t.summary()}; tokenized: {len(train)} train / {len(evals)} held-out pairs "
+                       f"(train: {train_report.summary()})")
+    return report
+
+
+def prepare(config: LLMConfig, world: World = World(), show_progress: bool = True) -> Experiment:
+    """Read and tokenize the tasks, load the base model, and build (or reuse) the reference cache."""
+    out = Path(config.out)
+    device = resolve_device(config.device)
+    if world.distributed and device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    tasks = load_tasks(config.tasks, base_dir=config.base_dir)
+    corpus = [text for t in tasks for p in t.train + t.eval for text in (p.prompt, p.chosen, p.rejected)]
+    tokenizer, base = _load_base(config, corpus, device)
+    base.eval()
+    for p in base.parameters():
+        p.requires_grad_(False)
+    experiment = Experiment(config, out, device, world, tokenizer, base, tasks, [], [], show_progress=show_progress)
+    report = _tokenized(experiment)
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "data.json").write_text(json.dumps(report, indent=1))
+        if config.source_path is not None:
+            shutil.copyfile(config.source_path, out / "config.toml")
+    every = [p for pairs in experiment.train_sets + experiment.eval_sets for p in pairs]
+    unique = list({p.id: p for p in every}.values())
+    experiment.reference_manifest = {
+        "kind": "reference log-probs", "model": model_fingerprint(base), "tokenizer": tokenizer_fingerprint(tokenizer),
+        "tokenization": config.tokenize.to_dict(), "data": data_hash(sorted(p.id for p in unique))}
+    experiment.reference = experiment.cached(
+        out / "caches" / "reference", experiment.reference_manifest, "reference log-probs", len(unique),
+        lambda progress: pair_logps(base, unique, experiment.pad_token_id, config.train.eval_batch_size, device,
+                                    world, progress))
+    return experiment

@@ -1,0 +1,96 @@
+"""The report of an LLM experiment: summary.json, summary.csv, the printed table and the figures.
+
+Per method, every held-out metric is summarized over seeds (mean, std, min, max); the worst-task excess is
+the experiment's headline number (docs/maths.md section 2), reported per method beside each task's clipped
+excess over its specialist and its preference accuracy.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+
+#: the per-task metrics of summary.csv, in its column order
+CSV_METRICS = ("loss", "excess", "accuracy", "margin", "success")
+
+
+def spread(values: list[float]) -> dict:
+    """Mean, sample standard deviation (0 for one value), min, max and count of ``values``."""
+    arr = np.asarray(values, dtype=float)
+    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0,
+            "min": float(arr.min()), "max": float(arr.max()), "n": int(len(arr))}
+
+
+def summarize(task_names: list[str], records: list[dict]) -> dict:
+    """Per method, the spread over seeds of the worst-task excess and of every per-task metric."""
+    methods: dict[str, dict] = {}
+    for r in records:
+        entry = methods.setdefault(r["method"], {"seeds": 0, "tasks": {n: {} for n in task_names},
+                                                 "worst_excess": []})
+        entry["seeds"] += 1
+        entry["worst_excess"].append(r.get("worst_excess", float("nan")))
+        for n in task_names:
+            for metric, value in r["tasks"].get(n, {}).items():
+                entry["tasks"][n].setdefault(metric, []).append(value)
+    summary = {"tasks": task_names, "methods": {}, "runs": records}
+    for method, entry in methods.items():
+        summary["methods"][method] = {
+            "seeds": entry["seeds"],
+            "worst_excess": spread(entry["worst_excess"]),
+            "tasks": {n: {m: spread(v) for m, v in metrics.items() if m != "n"}
+                      for n, metrics in entry["tasks"].items()},
+        }
+    return summary
+
+
+def write_summary(out: Path, summary: dict) -> None:
+    """summary.json, and summary.csv: one row per run and task."""
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    with (out / "summary.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "seed", "task", *CSV_METRICS, "worst_excess"])
+        for r in summary["runs"]:
+            for n in summary["tasks"]:
+                t = r["tasks"].get(n, {})
+                w.writerow([r["method"], r["seed"], n] + [t.get(m, "") for m in CSV_METRICS]
+                           + [r.get("worst_excess", "")])
+
+
+def summary_table(summary: dict) -> str:
+    """A plain-text table: worst-task excess, per-task excess and accuracy, and the generation success of the
+    verifiable tasks; mean (std) over seeds."""
+    names = summary["tasks"]
+    generated = [n for n in names if any("success" in m["tasks"][n] for m in summary["methods"].values())]
+    header = (["method", "seeds", "worst excess"] + [f"{n} excess" for n in names] + [f"{n} acc" for n in names]
+              + [f"{n} success" for n in generated])
+
+    def fmt(entry: dict, metric: str) -> str:
+        s = entry.get(metric)
+        if s is None:
+            return "-"
+        return f"{s['mean']:.4f}" + (f" ({s['std']:.4f})" if s["n"] > 1 else "")
+
+    rows = []
+    for method, m in summary["methods"].items():
+        rows.append([method, str(m["seeds"]), fmt(m, "worst_excess")]
+                    + [fmt(m["tasks"][n], "excess") for n in names] + [fmt(m["tasks"][n], "accuracy") for n in names]
+                    + [fmt(m["tasks"][n], "success") for n in generated])
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [header] + rows]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths)] + lines[1:])
+
+
+def report(out: Path, task_names: list[str], records: list[dict], write: bool = True) -> dict:
+    """Summarize ``records``; with ``write`` (rank 0), write the summary and figures and print the table."""
+    summary = summarize(task_names, records)
+    if write:
+        from amalab.llm.figures import make_figures
+
+        write_summary(out, summary)
+        paths = make_figures(out, summary)
+        print(summary_table(summary))  # the result: printed even with --quiet
+        print("wrote " + ", ".join(str(p) for p in [out / "summary.json"] + paths))
+    return summary

@@ -1,0 +1,148 @@
+"""Everything a training run carries from one optimizer step to the next, with one state dict.
+
+:class:`TrainState` holds the policy, AdamW, the learning-rate schedule, the task mixer, the task sampler and
+the generator that draws the batch's task ids; :meth:`TrainState.state_dict` is what a checkpoint stores and
+:meth:`TrainState.load_state_dict` puts it back, so a resumed run continues exactly as the uninterrupted one
+(docs/maths.md section 8).
+
+Policy and optimizer states go through ``torch.distributed.checkpoint.state_dict``, which handles plain and
+FSDP2-sharded modules alike: saved as full (unsharded) CPU tensors under the policy's own parameter names, and
+cut back to each rank's shard on load. A run saved on W ranks, sharded or not, therefore continues on any
+number of ranks, sharded or not. Only the trained parameters are stored (with LoRA, only the adapter).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+
+from amalab.errors import ConfigError
+from amalab.llm.checkpoint import capture_rng_states, restore_rng_states
+from amalab.llm.config import OptimConfig
+from amalab.llm.distributed import unwrap
+from amalab.llm.sampler import TaskSampler
+from amalab.mixers import Mixer
+
+#: the whole tensors, on the CPU; with several ranks only rank 0 receives them (it alone writes checkpoints)
+_FOR_RANK_0 = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+#: the whole tensors on every rank (each gathers the shards): what a rank compares or hashes
+_FOR_EVERY_RANK = StateDictOptions(full_state_dict=True, cpu_offload=False, ignore_frozen_params=True)
+#: full tensors in (every rank read the same checkpoint); each rank keeps its shard of a sharded parameter
+_FROM_FULL = StateDictOptions(full_state_dict=True, strict=False)
+
+
+def lr_factor(step: int, steps: int, warmup: int, min_ratio: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay from 1 to ``min_ratio`` at the last step.
+
+    Step s of the warm-up has factor (s + 1) / warmup. transformers'
+    ``get_cosine_with_min_lr_schedule_with_warmup`` uses s / warmup, so its first step trains at learning
+    rate 0 (a step spent on nothing); after the warm-up the two are the same function (checked in the tests).
+    Ours stays, so that runs keep the learning rates they always had.
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    span = max(steps - warmup, 1)
+    progress = min((step - warmup) / span, 1.0)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _tie_like(state: dict[str, torch.Tensor], policy: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Names of one tied parameter share one tensor again (copying to the CPU separated them), so that
+    a checkpoint stores it once."""
+    first: dict[int, str] = {}
+    for name, param in policy.named_parameters(remove_duplicate=False):
+        kept = first.setdefault(id(param), name)
+        if kept != name and kept in state and name in state:
+            state[name] = state[kept]
+    return state
+
+
+def _trained_names(policy: torch.nn.Module) -> set[str]:
+    return {name for name, p in policy.named_parameters(remove_duplicate=False) if p.requires_grad}
+
+
+def trainable_state(policy: torch.nn.Module, every_rank: bool = True) -> dict[str, torch.Tensor]:
+    """The parameters the run trains (all of them, or only the LoRA adapter) as full CPU tensors under the
+    policy's own names, sharded (FSDP2) or not. A collective: every rank calls it.
+
+    ``every_rank=False``: only rank 0 receives the tensors (the others get ``{}``), what a checkpoint needs.
+    """
+    policy = unwrap(policy)
+    state = get_model_state_dict(policy, options=_FOR_EVERY_RANK if every_rank else _FOR_RANK_0)
+    trained = _trained_names(policy)  # the state dict holds buffers too, which no step changes
+    return _tie_like({name: tensor.detach().cpu() for name, tensor in state.items() if name in trained}, policy)
+
+
+def load_trainable_state(policy: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Put full tensors (a checkpoint's) into the trained parameters; each rank keeps its shard under FSDP2."""
+    policy = unwrap(policy)
+    expected = _trained_names(policy)
+    if set(state) != expected:
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise ConfigError(f"checkpoint does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    set_model_state_dict(policy, dict(state), options=_FROM_FULL)
+
+
+@dataclass
+class TrainState:
+    """Policy, optimizer, schedule, mixer, sampler and draw generator after ``step`` optimizer steps."""
+
+    policy: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    mixer: Mixer
+    sampler: TaskSampler
+    draw_rng: np.random.Generator
+    step: int = 0
+
+    @classmethod
+    def fresh(cls, policy: torch.nn.Module, optim: OptimConfig, mixer: Mixer, task_sizes: list[int], seed: int,
+              task_names: list[str] | None = None) -> "TrainState":
+        """Step 0 of a run: AdamW on the trainable parameters, the schedule, a seeded sampler and generator.
+
+        Seeds torch's global generator too (dropout, if a policy has any, draws from it).
+        """
+        params = [p for p in policy.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, optim.steps, optim.warmup_steps, optim.min_lr_ratio))
+        sampler = TaskSampler(task_sizes, seed, task_names)
+        draw_rng = np.random.default_rng([seed, 0x5eed])
+        torch.manual_seed(seed)
+        return cls(policy, optimizer, scheduler, mixer, sampler, draw_rng)
+
+    @property
+    def parameters(self) -> list[torch.Tensor]:
+        """The trained parameters, in the optimizer's order."""
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def state_dict(self) -> dict:
+        """Everything :meth:`load_state_dict` needs, under the names :func:`save_checkpoint` takes.
+
+        A collective (gathers shards): every rank calls it; with several ranks only rank 0 receives the model
+        and optimizer tensors, the others get empty dicts for them.
+        """
+        return {"step": self.step,
+                "model_state": trainable_state(self.policy, every_rank=False),
+                "optimizer_state": get_optimizer_state_dict(unwrap(self.policy), self.optimizer,
+                                                            options=_FOR_RANK_0),
+                "scheduler_state": self.scheduler.state_dict(),
+                "mixer_state": self.mixer.state_dict(),
+                "sampler_state": self.sampler.state_dict(),
+                "rng_states": capture_rng_states({"draw": self.draw_rng})}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state`` (a :meth:`state_dict`, e.g. a checkpoint's, read on every rank)."""
+        load_trainable_state(self.policy, state["model_state"])
+        set_optimizer_state_dict(unwrap(self.policy), self.optimizer, state["optimizer_state"], options=_FROM_FULL)
+        self.scheduler.load_state_dict(state["scheduler_state"])
+        self.mixer.load_state_dict(state["mixer_state"])
+        self.sampler.load_state_dict(state["sampler_state"])
+        restore_rng_states(state["rng_states"], {"draw": self.draw_rng})
+        self.step = int(state["step"])

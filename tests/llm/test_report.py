@@ -1,0 +1,56 @@
+"""The experiment report: spreads over seeds against the statistics module, the summary's shape, the CSV."""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from amalab.llm.report import CSV_METRICS, spread, summarize, summary_table, write_summary
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(-1e3, 1e3, allow_nan=False), min_size=1, max_size=12))
+def test_spread_is_the_mean_sample_std_min_and_max(values):
+    s = spread(values)
+    assert s["mean"] == pytest.approx(statistics.fmean(values), rel=1e-9, abs=1e-9)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    assert s["std"] == pytest.approx(std, rel=1e-7, abs=1e-7)
+    assert (s["min"], s["max"], s["n"]) == (min(values), max(values), len(values))
+
+
+def records():
+    def run(method, seed, a, b):
+        worst = max(a, b)
+        return {"method": method, "seed": seed, "worst_excess": worst, "worst_task": "a" if a >= b else "b",
+                "tasks": {"a": {"n": 4, "loss": 0.7, "excess": a, "accuracy": 0.5, "margin": 0.1},
+                          "b": {"n": 4, "loss": 0.6, "excess": b, "accuracy": 0.75, "margin": 0.2}}}
+
+    return [run("standard", 0, 0.1, 0.3), run("ama-r", 0, 0.2, 0.1), run("ama-r", 1, 0.4, 0.2)]
+
+
+def test_summary_groups_runs_by_method_over_seeds():
+    summary = summarize(["a", "b"], records())
+    assert list(summary["methods"]) == ["standard", "ama-r"] and summary["runs"] == records()
+    amar = summary["methods"]["ama-r"]
+    assert amar["seeds"] == 2
+    assert amar["worst_excess"]["mean"] == pytest.approx(0.3)
+    assert amar["worst_excess"]["std"] == pytest.approx(statistics.stdev([0.2, 0.4]))
+    assert amar["tasks"]["b"]["excess"]["mean"] == pytest.approx(0.15)
+    assert "n" not in amar["tasks"]["a"]  # the pair count is not a metric to average
+    lines = summary_table(summary).splitlines()
+    assert lines[0].split()[:3] == ["method", "seeds", "worst"] and len(lines) == 4
+    assert lines[3].split()[:4] == ["ama-r", "2", "0.3000", f"({statistics.stdev([0.2, 0.4]):.4f})"]
+
+
+def test_summary_csv_has_one_row_per_run_and_task(tmp_path):
+    write_summary(tmp_path, summarize(["a", "b"], records()))
+    rows = list(csv.DictReader((tmp_path / "summary.csv").open()))
+    assert len(rows) == 3 * 2 and list(rows[0]) == ["method", "seed", "task", *CSV_METRICS, "worst_excess"]
+    last = rows[-1]
+    assert (last["method"], last["seed"], last["task"], last["success"]) == ("ama-r", "1", "b", "")
+    assert math.isclose(float(last["excess"]), 0.2) and math.isclose(float(last["worst_excess"]), 0.4)
