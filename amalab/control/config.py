@@ -133,6 +133,9 @@ def load_config(path: str | Path) -> DiagnoseConfig:
     if len({t.name for t in tasks}) != len(tasks):
         raise ConfigError(f"{path}: [[tasks]] names must be distinct")
     sections = {name: load_section(cls, raw.get(name, {}), path, name) for name, cls in _TABLES.items()}
+    if sections["train"].batch_size % len(tasks):  # uniform, doremi and ama-r draw task-balanced batches
+        raise ConfigError(f"{path}: [train] batch_size {sections['train'].batch_size} must be a multiple of the "
+                          f"{len(tasks)} tasks")
     return DiagnoseConfig(tasks=tasks, **{f.name: getattr(top, f.name) for f in fields(_TopLevel)}, **sections)
 
 
