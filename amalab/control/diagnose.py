@@ -183,7 +183,9 @@ def diagnose(config: DiagnoseConfig, show_progress: bool = True) -> dict:
     run = Run(config, show_progress)
     points = run_points(config)
     names = [t.name for t in config.tasks]
-    summary = {point.name: summarize_point(compare(run, point), names) for point in points}
+    summary = {"main": summarize_point(compare(run, points[0]), names)}  # the scale of every sweep point
+    for point in points[1:]:
+        summary[point.name] = summarize_point(compare(run, point), names, summary["main"])
     tables = "## Main comparison\n\n" + main_table(summary, names)
     if len(points) > 1:
         tables += "\n## Sweeps: the worst task\n\n" + sweep_table(summary, points)

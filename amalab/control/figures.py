@@ -55,7 +55,7 @@ def sweep_figure(summary: dict, points: list, path: Path) -> Path:
         ax.set_title(f"{knob} ({loss})", fontsize=9)
         if knob == "imbalance":
             ax.set_xscale("log", base=2)
-    axes[0][0].set_ylabel("worst task, normalized return")
+    axes[0][0].set_ylabel("worst task, normalized return\n(main reference 0, main specialists 1)")
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

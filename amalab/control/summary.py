@@ -1,5 +1,11 @@
 """The run's numbers: per point and method, normalized per-task returns, the worst task's, and held-out
-excess losses, each with a 95% interval over seeds (:mod:`amalab.control.evaluation`)."""
+excess losses, each with a 95% interval over seeds (:mod:`amalab.control.evaluation`).
+
+The main comparison is normalized by its own reference and specialists. A sweep point is normalized on the
+main comparison's scale (0: the main reference's return, 1: the main specialists'), so that the sweep
+plots every dataset on one scale; a noisy or poor dataset's own specialists can be barely better than its
+reference, and dividing by that difference would blow the values up. Each point's own reference and
+specialist returns are in the summary too."""
 
 from __future__ import annotations
 
@@ -16,8 +22,11 @@ def _by_method(records: list[dict], kinds: tuple[str, ...]) -> dict[str, list[di
     return grouped
 
 
-def summarize_point(records: list[dict], task_names: list[str]) -> dict:
-    """One point's summary (module docstring). Excess: held-out loss minus the same seed's specialist's."""
+def summarize_point(records: list[dict], task_names: list[str], scale: dict | None = None) -> dict:
+    """One point's summary (module docstring). Excess: held-out loss minus the same seed's specialist's.
+
+    ``scale``: the summary whose reference and specialist returns normalize this point (None: its own).
+    """
     k = len(task_names)
     reference = np.array(next(r for r in records if r["kind"] == "reference")["returns"])
     specialists = _by_method(records, ("specialist",))
@@ -25,10 +34,12 @@ def summarize_point(records: list[dict], task_names: list[str]) -> dict:
     own_loss = np.array([[r["held_out_loss"][i] for r in specialists[f"specialist-{name}"]]
                          for i, name in enumerate(task_names)]).T  # (seeds, k)
     specialist_returns = np.array([np.mean(v) for v in own])
+    zero, one = (reference, specialist_returns) if scale is None else \
+        (np.array(scale["reference_returns"]), np.array(scale["specialist_returns"]))
     methods = {}
     for name, rows in _by_method(records, ("method", "merge", "specialist")).items():
         returns = np.array([r["returns"] for r in rows])
-        normalized = normalized_returns(returns, reference, specialist_returns)
+        normalized = normalized_returns(returns, zero, one)
         excess = np.array([r["held_out_loss"] for r in rows]) - own_loss[[r["seed"] for r in rows]]
         methods[name] = {"kind": rows[0]["kind"], "seeds": len(rows),
                          "returns": returns.mean(0).tolist(),
@@ -61,11 +72,13 @@ def main_table(summary: dict, task_names: list[str]) -> str:
 
 def sweep_table(summary: dict, points: list) -> str:
     """Markdown: the worst task's normalized return at each sweep value, one row per (knob, loss, method)."""
-    lines = ["| knob | loss | method | " + " | ".join(["value", "worst task (normalized)"]) + " |", "|---|---|---|---|---|"]
+    lines = ["| knob | loss | method | value | seeds | worst task (normalized on the main scale) | worst held-out excess |",
+             "|---|---|---|---|---|---|---|"]
     for point in points:
         if point.sweep is None:
             continue
         for name, m in summary[point.name]["methods"].items():
             if m["kind"] != "specialist":
-                lines.append(f"| {point.sweep} | {point.loss.name} | {name} | {point.value:g} | {_cell(m['worst'])} |")
+                lines.append(f"| {point.sweep} | {point.loss.name} | {name} | {point.value:g} | {m['seeds']} | "
+                             f"{_cell(m['worst'])} | {_cell(m['worst_excess'])} |")
     return "\n".join(lines) + "\n"
