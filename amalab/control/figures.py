@@ -25,7 +25,8 @@ def per_task_figure(point: dict, task_names: list[str], path: Path) -> Path:
     for j, (name, m) in enumerate(methods):
         intervals = [*m["normalized"], m["worst"]]
         x = np.arange(len(groups)) + (j - (len(methods) - 1) / 2) * width
-        ax.bar(x, [i["mean"] for i in intervals], width, yerr=_error(intervals), capsize=2, label=name)
+        ax.bar(x, [i["mean"] for i in intervals], width, yerr=_error(intervals), capsize=2, label=name,
+               color=plt.cm.tab20(j % 20))  # the default cycle repeats after 10 methods
     ax.axhline(0, color="black", lw=0.8)
     ax.axhline(1, color="gray", lw=0.8, ls="--")
     ax.set_xticks(np.arange(len(groups)), groups)
