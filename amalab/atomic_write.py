@@ -34,12 +34,20 @@ def fsync_path(path: str | Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    umask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(umask)
+    return umask
+
+
 def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     """Write ``path`` atomically; ``write(f)`` writes the content to the open binary file ``f``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}-", dir=path.parent)
     try:
+        # mkstemp makes the file private (0600); the result gets the mode any new file of the user gets
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -76,6 +84,7 @@ def atomic_folder(final: str | Path) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     temp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{final.name}-", dir=final.parent))
+    temp.chmod(0o777 & ~_umask())  # mkdtemp makes the folder private (0700); the result is an ordinary folder
     try:
         yield temp
         for path in sorted(temp.rglob("*")):

@@ -6,6 +6,8 @@
     amalab check RESULTS_JSON                                         check saved results against the theory
     amalab list                                                       losses, algorithms and mixers known
     amalab llm run|specialists|train|eval CONFIG [--quiet]            the LLM experiment (needs the llm extra)
+    amalab llm export RUN_DIR OUT_DIR [--force]                       a run as a transformers model folder
+    amalab llm export EXPERIMENT_DIR OUT_DIR --method M --seed S      the same, a generalist chosen by method, seed
     amalab diagnose CONFIG [--quiet]            the MuJoCo diagnostic suite (needs the llm and mujoco extras)
 
 Exit status of the convex commands: 0 success (every theory check passed); 1 a theory check failed;
@@ -117,15 +119,28 @@ def _list(args) -> int:
     return 0
 
 
-def _llm(args) -> int:
+def _llm_extra() -> None:
     try:
         import torch  # noqa: F401
         import transformers  # noqa: F401
     except ImportError as e:
         raise ConfigError(f"the LLM module needs the llm extra ({e}); see the README's install section") from None
+
+
+def _llm(args) -> int:
+    _llm_extra()
     from amalab.llm.cli import run_llm_command
 
     return run_llm_command(args.stage, args.config, show_progress=not args.quiet)
+
+
+def _llm_export(args) -> int:
+    _llm_extra()
+    from amalab.llm.export import export_run, select_run
+
+    info = export_run(select_run(Path(args.source), args.method, args.seed), Path(args.out), force=args.force)
+    print(f"exported {info['name']} (step {info['step']}, {info['run']}) to {args.out}")
+    return 0
 
 
 def _diagnose(args) -> int:
@@ -164,12 +179,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="list the losses, algorithms and gain sequences")
     p.set_defaults(run=_list)
     p = sub.add_parser("llm", help="multi-task preference training of causal LMs (the llm extra)")
-    p.add_argument("stage", choices=["run", "specialists", "train", "eval"],
-                   help="run: everything; specialists: caches and specialists; train: generalists (and what "
-                        "they need); eval: re-evaluate finished runs, summary and figures")
-    p.add_argument("config", help="TOML config, e.g. experiments/llm_tiny/config.toml")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(run=_llm)
+    stages = p.add_subparsers(dest="stage", required=True)
+    for stage, text in (("run", "everything"), ("specialists", "caches and specialists"),
+                        ("train", "generalists (and what they need)"),
+                        ("eval", "re-evaluate finished runs, summary and figures")):
+        s = stages.add_parser(stage, help=text)
+        s.add_argument("config", help="TOML config, e.g. experiments/llm_tiny/config.toml")
+        s.add_argument("--quiet", action="store_true", help="no progress bars")
+        s.set_defaults(run=_llm)
+    s = stages.add_parser("export", help="a run as a transformers model folder (LoRA merged; tokenizer)")
+    s.add_argument("source", help="a run folder (summary.csv's run_dir), or an experiment folder with "
+                                  "--method/--seed")
+    s.add_argument("out", help="the model folder to write")
+    s.add_argument("--method", help="in an experiment folder: the generalist's method")
+    s.add_argument("--seed", type=int, help="in an experiment folder: the generalist's seed index")
+    s.add_argument("--force", action="store_true", help="replace a non-empty OUT")
+    s.set_defaults(run=_llm_export)
     p = sub.add_parser("diagnose", help="the MuJoCo diagnostic suite: every method and merge, many seeds, true "
                                         "returns (the llm and mujoco extras); resumes if interrupted")
     p.add_argument("config", help="TOML config, e.g. experiments/mujoco_diagnostic/config.toml")

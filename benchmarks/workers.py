@@ -78,6 +78,7 @@ def amalab_step(spec: dict) -> dict:
     from amalab.llm.cache import ValueCache
     from amalab.llm.config import OptimConfig
     from amalab.llm.evaluate import pair_logps, pair_losses
+    from amalab.llm.losses import PreferenceLoss
     from amalab.llm.train import TrainingRun, run_training
     from amalab.mixers import make_mixer
 
@@ -91,7 +92,7 @@ def amalab_step(spec: dict) -> dict:
     ids = [p.id for p in pairs]
     # The specialists' losses that AMA-R / AMA-S clip against: here the reference's own DPO losses lowered
     # by a spread, so some excesses are positive. The values change the weights, not the cost of a step.
-    losses, _ = pair_losses(reference, reference, ids, "dpo", 0.1)
+    losses, _ = pair_losses(reference, reference, ids, PreferenceLoss("dpo", 0.1))
     specialist = ValueCache(ids, {"loss": losses - 0.01 * (np.arange(len(ids)) % 5)})
     if spec.get("compile"):
         # After the reference pass, so only training shapes are compiled (the warm-up steps absorb the
@@ -116,7 +117,7 @@ def amalab_step(spec: dict) -> dict:
             name=f"bench-{spec['mixer']}", run_dir=run_dir / "run", mixer=mixer,
             task_names=["task0", "task1"], train_sets=tasks, eval_sets=[[], []], reference=reference,
             baseline_losses=[specialist] * 2 if mixer.baseline == "specialist" else None,
-            specialist_caches=[None, None], optim=optim, loss="dpo", beta=0.1, seed=spec["seed"],
+            specialist_caches=[None, None], optim=optim, loss=PreferenceLoss("dpo", 0.1), seed=spec["seed"],
             pad_token_id=tokenizer.pad_token_id)
         # bf16 autocast off on CUDA (fp32_on_cuda): what the autocast feature is measured against
         autocast = contextlib.nullcontext if spec.get("fp32_on_cuda") else None

@@ -78,3 +78,15 @@ def test_remove_leftovers(tmp_path):
     (tmp_path / "keep.json").write_text("{}")
     remove_leftovers(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["keep.json"]
+
+
+def test_results_get_the_users_ordinary_modes(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "a.txt", "a")
+        with atomic_folder(tmp_path / "f") as folder:
+            (folder / "b.txt").write_text("b")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "f").stat().st_mode & 0o777 == 0o755

@@ -231,11 +231,14 @@ def test_readme_names_the_shipped_config_and_the_test_command():
 
 @pytest.mark.slow
 def test_readme_reproduction_command(tmp_path):
-    """The README's main command, exactly as written (about 100 s on 2 cores): all checks pass."""
+    """The README's main command, exactly as written, from scratch: every CSV matches the committed one
+    and every theory check passes (the default suite reruns a stated part: tests/test_committed_results.py)."""
     command = next(c for c in _readme_commands() if "amalab convex-rates" in c)
     command = command.split("&&")[-1].strip() + f" --out {tmp_path} --quiet"
     done = subprocess.run(shlex.split(command), cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+    for name in ("rates.csv", "worst_task.csv", "exp3.csv"):
+        assert f"{name}: matches" in done.stdout, done.stdout
     assert check_results(json.loads((tmp_path / "results.json").read_text())) == []
 
 
@@ -282,6 +285,36 @@ def test_interrupted_reproduction_resumes_without_rerunning_finished_jobs(tmp_pa
     assert not (out / ".jobs").exists() and (out / "results.json").exists()
     fresh = json.loads((out / "results.json").read_text())
     assert len(fresh["rates"]["dpo"]["algorithms"]) == 4
+
+
+def test_a_stale_checkpoint_is_recomputed_and_the_run_says_so(tmp_path, monkeypatch, capsys):
+    """A checkpoint left by a run on another problem (here: another noise level) is not reused."""
+    from amalab.convex import reproduction
+
+    small = {("rates", "horizons"): "[256, 512]", ("rates", "seeds"): "2", ("checks", "slope_horizons"): "2",
+             ("rates", "losses"): '["dpo"]', ("worst_task", "horizon"): "256", ("worst_task", "seeds"): "2",
+             ("exp3", "horizons"): "[256]", ("exp3", "seeds"): "4", ("", "workers"): "1"}
+    out, calls = tmp_path / "out", []
+    real_rate_job = reproduction.rate_job
+
+    def interrupted_rate_job(**kwargs):
+        calls.append(kwargs["algorithm"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_rate_job(**kwargs)
+
+    monkeypatch.setattr(reproduction, "rate_job", interrupted_rate_job)
+    assert main(["convex-rates", str(_write(tmp_path, _shipped_with(small))), "--out", str(out), "--quiet"]) == 130
+    assert len(list((out / ".jobs").glob("*.json"))) == 1
+    monkeypatch.setattr(reproduction, "rate_job", lambda **kw: calls.append(kw["algorithm"]) or real_rate_job(**kw))
+    calls.clear()
+    capsys.readouterr()
+    other_noise = _shipped_with({**small, ("rates.problem", "noise"): "0.2"})
+    main(["convex-rates", str(_write(tmp_path, other_noise)), "--out", str(out), "--quiet"])
+    assert len(calls) == 8  # every rate job ran: the checkpoint came from the other problem
+    assert "recomputing 1 jobs whose checkpoints" in capsys.readouterr().out
+    record = json.loads((out / "results.json").read_text())
+    assert record["rates"]["dpo"]["problem"]["noise"] == 0.2
 
 
 # ------------------------------------------------------------------ interrupts with several workers

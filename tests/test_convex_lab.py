@@ -1,5 +1,7 @@
 """The convex lab against independent references: scipy, grid enumeration, finite differences, theory."""
 
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +11,8 @@ from amalab.convex import bounds
 from amalab.convex.algorithms import gap_bound, theta_step_sizes, train_algorithm
 from amalab.convex.optimum import solve
 from amalab.convex.problems import MultiTaskProblem, make_problem
-from amalab.convex.jobs import rate_job
+from amalab.convex.exp3_regret import exp3_regret
+from amalab.convex.jobs import NUMERICAL_MODULES, Checkpoints, job_description, numerics_version, rate_job
 from amalab.convex.record import log_log_fit
 from amalab.convex.losses import get_loss
 from amalab.convex.theory_checks import check_rate_curve, failures
@@ -219,3 +222,93 @@ def test_rate_checks_pass_for_ama_r_and_fail_for_a_broken_mixer(rate_problem):
     broken = _deterministic_rate_checks(rate_problem, 0.0)
     failed = {c.gate.split(",")[0] for c in failures(broken)}
     assert failed == {"slope of median gap", "slope of duality gap"}, [c.line() for c in broken]
+
+
+# ------------------------------------------------------------- the compiled engine against the numpy reference
+
+#: every mixer the convex lab can build, and the clip / gain-scale variants the kernel branches on
+ENGINE_CASES = [(name, {}) for name in ("ama-r", "ama-r-sim", "ama-s", "standard", "uniform", "doremi", "odm")] + [
+    ("ama-r", dict(clip="task")), ("ama-r", dict(clip="none")), ("ama-r-sim", dict(clip="task")),
+    ("ama-s", dict(clip="task")), ("ama-s", dict(clip="none")), ("ama-s", dict(gain_scale="running")),
+    ("mixture", dict(weights=[0.5, 0.3, 0.2])), ("doremi", dict(smoothing=0.0)),
+]
+
+
+def _engines_agree(solved, name, options, horizons, batch_size, seed=3):
+    """Train with both engines from the same generator state; return the two results and mixer states."""
+    results, states = [], []
+    for engine in ("numpy", "compiled"):
+        rates = {} if name in ("standard", "uniform", "mixture") else (
+            dict(eta_alpha=bounds.alpha_step_size(3, solved.Bl, horizons)) if name in ("ama-r", "ama-r-sim", "doremi")
+            else dict(gamma=bounds.ama_s_gamma(3, horizons)))
+        mixer = make_mixer(name, 3, sizes=solved.problem.sizes, batch_shape=horizons.shape, **rates, **options)
+        results.append(train(solved, mixer, horizons, theta_step_sizes(solved, horizons), np.random.default_rng(seed),
+                             batch_size, checkpoints=[7, 40, 64], engine=engine))
+        states.append(mixer.state_dict())
+    return results, states
+
+
+@pytest.mark.parametrize("loss", ["dpo", "ipo", "hinge", "least_squares", "logistic"])
+def test_compiled_engine_gives_the_numpy_reference_numbers(loss):
+    """Same random draws, same numbers to 1e-12 (relative), for every mixer, loss and clip, on short
+    horizons; and the mixers are left in the same state (so their average weights agree too)."""
+    solved = solve(make_problem(loss, k=3, dim=5, sizes=[40, 30, 20], seed=1))
+    horizons = np.array([50, 97, 97])
+    cases = ENGINE_CASES + [("ama-r", dict(batch_size=None)), ("uniform", dict(batch_size=None)),
+                            ("standard", dict(batch_size=None))]
+    for name, options in cases:
+        options = dict(options)
+        batch_size = options.pop("batch_size", 12)
+        (reference, compiled), (ref_state, compiled_state) = _engines_agree(solved, name, options, horizons,
+                                                                            batch_size)
+        for field in ("theta_bar", "task_excess", "average_weights", "curve"):
+            np.testing.assert_allclose(getattr(compiled, field), getattr(reference, field), rtol=1e-12, atol=0,
+                                       err_msg=f"{loss} {name} {options} {field}")
+        for key, value in ref_state.items():
+            np.testing.assert_allclose(compiled_state[key], value, rtol=1e-12, atol=1e-15,
+                                       err_msg=f"{loss} {name} {options} state {key}")
+
+
+@pytest.mark.parametrize("sequence", ["bernoulli", "switching", "sinusoid"])
+def test_compiled_exp3_gives_the_numpy_reference_numbers(sequence):
+    reference, compiled = (exp3_regret(sequence, 5, [100, 1500, 3000], 7, np.random.default_rng(1), engine=engine)
+                           for engine in ("numpy", "compiled"))
+    for key, value in reference.items():
+        np.testing.assert_allclose(compiled[key], value, rtol=1e-12, atol=1e-12, err_msg=key)
+
+
+# ----------------------------------------------------------------------------------- job checkpoints
+
+def _checkpointed(folder, solved, numerics="code-1"):
+    name = ("rates", "dpo", "ama-r", "256")
+    kwargs = dict(solved=solved, algorithm="ama-r", horizons=[256], seeds=2, batch_size=12, seed=0, loss="dpo")
+    return Checkpoints(folder, ["/".join(name)], [job_description(name, kwargs, numerics)])
+
+
+def test_a_checkpoint_is_reused_only_under_the_same_key(tmp_path, monkeypatch):
+    """A job's checkpoint is reused for the same problem, solve, settings and code; a changed problem knob,
+    a changed generator (same knobs, other data) or changed numerical code makes it stale: recomputed."""
+    settings = dict(k=3, dim=4, sizes=[30, 20, 10], seed=0)
+    solved = solve(make_problem("dpo", **settings))
+    _checkpointed(tmp_path, solved).save(0, dict(gap=[[0.5]]))
+    assert _checkpointed(tmp_path, solve(make_problem("dpo", **settings))).load() == ({0: dict(gap=[[0.5]])}, [])
+
+    other_knob = solve(make_problem("dpo", **settings, noise=0.2))
+    assert _checkpointed(tmp_path, other_knob).load() == ({}, [0])
+    assert _checkpointed(tmp_path, solved, numerics="code-2").load() == ({}, [0])
+
+    problem = make_problem("dpo", **settings)  # another generator: same settings record, other features
+    changed = replace(problem, features=problem.project(problem.features + 1e-3))
+    assert changed.settings == problem.settings
+    assert _checkpointed(tmp_path, solve(changed)).load() == ({}, [0])
+
+
+def test_numerics_version_changes_with_the_code_of_the_kernel(tmp_path, monkeypatch):
+    """Editing the compiled kernel (here: a copy with one more line) gives another numerics version."""
+    from amalab.convex import compiled_steps
+    assert "amalab.convex.compiled_steps" in NUMERICAL_MODULES and "amalab.mixers.ama_s" in NUMERICAL_MODULES
+    before = numerics_version()
+    edited = tmp_path / "compiled_steps.py"
+    edited.write_bytes(Path(compiled_steps.__file__).read_bytes() + b"# edited\n")
+    monkeypatch.setattr(compiled_steps, "__file__", str(edited))
+    assert numerics_version() != before

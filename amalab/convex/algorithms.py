@@ -1,6 +1,6 @@
 """The algorithms of the convex lab, each with the step sizes its theory prescribes and its gap bound.
 
-A horizon T fixes every step size (spec section 5): eta_theta = D / (G sqrt(T)); AMA-R's
+A horizon T fixes every step size (docs/maths.md section 5): eta_theta = D / (G sqrt(T)); AMA-R's
 eta_alpha = sqrt(8 ln k / T) / Bl; AMA-S's gamma = min(1, sqrt(k ln k / ((e - 1) T))), eta = gamma / k and
 gains scaled by Bl. Baselines get the same eta_theta.
 """
@@ -75,11 +75,13 @@ def theta_step_sizes(solved: SolvedProblem, horizons) -> np.ndarray:
 
 def train_algorithm(algorithm: str, solved: SolvedProblem, horizons, batch_size: int,
                     rng: np.random.Generator, gain_scale: str = "bound", gamma: float | None = None,
-                    checkpoints=(), progress=None) -> TrainingResult:
-    """Train ``algorithm`` with the step sizes its theory sets, one row per entry of ``horizons``."""
+                    checkpoints=(), progress=None, engine: str = "compiled") -> TrainingResult:
+    """Train ``algorithm`` with the step sizes its theory sets, one row per entry of ``horizons``
+    (``engine``: see :func:`amalab.convex.training.train`)."""
     mixer, full_batch = make_convex_mixer(algorithm, solved, horizons, gain_scale, gamma)
     return train(solved, mixer, horizons, theta_step_sizes(solved, horizons), rng,
-                 batch_size=None if full_batch else batch_size, checkpoints=checkpoints, progress=progress)
+                 batch_size=None if full_batch else batch_size, checkpoints=checkpoints, progress=progress,
+                 engine=engine)
 
 
 def gap_bound(algorithm: str, solved: SolvedProblem, horizons) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Step sizes and gap bounds for the averaged iterate theta_bar = mean_{t<=T} theta_t (spec section 5).
+"""Step sizes and gap bounds for the averaged iterate theta_bar = mean_{t<=T} theta_t (docs/maths.md section 5).
 
 Notation: D = 2R the domain's diameter, G the largest per-example gradient norm of e on it, Bl the largest
 per-example e, k tasks, T steps. All bounds are on max_i E_i(theta_bar) - OPT (the primal gap), through the
@@ -64,9 +64,9 @@ def ama_r_simultaneous_bound(D, G, Bl, k, T):
 
 
 def ama_s_bound(D, G, Bl, k, T):
-    """AMA-S, in expectation, as the spec states it: (D G + 2.63 Bl sqrt(k ln k)) / sqrt(T).
+    """AMA-S, in expectation, as the AMA paper states it: (D G + 2.63 Bl sqrt(k ln k)) / sqrt(T).
 
-    2.63 sqrt(T k ln k) is EXP3's regret bound on gains in [0, 1], scaled by Bl; the spec leaves out the
+    2.63 sqrt(T k ln k) is EXP3's regret bound on gains in [0, 1], scaled by Bl; the paper leaves out the
     constant of the stochastic saddle-point argument (compare Sagawa et al. 2019, Proposition 2).
     """
     return (D * G + 2.0 * math.sqrt(math.e - 1.0) * Bl * math.sqrt(k * math.log(k))) / np.sqrt(T)

@@ -12,13 +12,14 @@ gives the same numbers alone, in a pool, or resumed from a checkpoint.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import zlib
 from pathlib import Path
 
 import numpy as np
 
-import amalab
+from amalab.atomic_write import write_json_atomic
 from amalab.convex.algorithms import DETERMINISTIC, train_algorithm
 from amalab.convex.exp3_regret import exp3_regret
 from amalab.convex.optimum import SolvedProblem
@@ -61,34 +62,82 @@ def exp3_job(sequence: str, k: int, horizons: list[int], seeds: int, seed: int, 
     return exp3_regret(sequence, k, horizons, seeds, job_rng(seed, "exp3", sequence), progress)
 
 
-def job_key(name: tuple, kwargs: dict) -> str:
-    """A file name for job ``name`` that changes whenever anything it computes from changes."""
-    described = {k: (dict(problem=v.problem.settings, clip=v.clip) if isinstance(v, SolvedProblem) else v)
-                 for k, v in kwargs.items()}
-    text = json.dumps(dict(version=amalab.__version__, job=name, kwargs=described), sort_keys=True)
+#: the modules whose code determines a job's numbers: a change to any of them makes every checkpoint stale
+NUMERICAL_MODULES = (
+    "amalab.convex.jobs", "amalab.convex.training", "amalab.convex.compiled_steps", "amalab.convex.algorithms",
+    "amalab.convex.bounds", "amalab.convex.exp3_regret", "amalab.convex.losses", "amalab.convex.problems",
+    "amalab.convex.optimum", "amalab.margin_losses", "amalab.mixers.ama_r", "amalab.mixers.ama_s",
+    "amalab.mixers.base", "amalab.mixers.baselines", "amalab.mixers.excess", "amalab.mixers.exp3",
+    "amalab.mixers.exponentiated_gradient", "amalab.mixers.logspace", "amalab.mixers.registry",
+    "amalab.mixers.task_batches",
+)
+
+
+def numerics_version() -> str:
+    """A digest of the numerical code (the source of :data:`NUMERICAL_MODULES`) and of numpy's version."""
+    digest = hashlib.sha256(np.__version__.encode())
+    for name in NUMERICAL_MODULES:
+        digest.update(Path(importlib.import_module(name).__file__).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _array_digest(*arrays: np.ndarray) -> str:
+    digest = hashlib.sha256()
+    for a in arrays:
+        digest.update(np.ascontiguousarray(a, dtype=float).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def describe_solved(solved: SolvedProblem) -> dict:
+    """What a job's numbers depend on in a solved problem: its settings, a digest of its data, its solve."""
+    problem = solved.problem
+    return dict(problem=problem.settings, clip=solved.clip,
+                data=_array_digest(problem.features, problem.targets, problem.task),
+                opt=solved.opt_value, G=solved.G, Bl=solved.Bl, specialist_losses=_array_digest(solved.spec_losses),
+                standard_losses=_array_digest(solved.base_losses()))
+
+
+def job_description(name: tuple, kwargs: dict, numerics: str) -> dict:
+    """Everything that determines job ``name``'s numbers: its settings, its problem and solve, the code."""
+    described = {k: (describe_solved(v) if isinstance(v, SolvedProblem) else v) for k, v in kwargs.items()}
+    return dict(job=list(name), kwargs=described, numerics=numerics)
+
+
+def job_key(description: dict) -> str:
+    text = json.dumps(description, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
 class Checkpoints:
-    """Finished jobs saved one JSON file each, so an interrupted reproduction resumes where it stopped."""
+    """Finished jobs saved one JSON file each (named after the job), so an interrupted reproduction resumes
+    where it stopped. A file holds the job's key (:func:`job_key` of its description) and is reused only
+    for the same key: a checkpoint from another problem, other settings or other code is recomputed."""
 
-    def __init__(self, folder: Path, keys: list[str]):
+    def __init__(self, folder: Path, names: list[str], descriptions: list[dict]):
         self.folder = folder
-        self.paths = [folder / f"{key}.json" for key in keys]
+        self.paths = [folder / f"{name.replace('/', '-')}.json" for name in names]
+        self.descriptions = descriptions
+        self.keys = [job_key(d) for d in descriptions]
 
-    def load(self) -> dict[int, dict]:
-        """The results already saved, by job index (unreadable leftovers are ignored and rerun)."""
-        done = {}
+    def load(self) -> tuple[dict[int, dict], list[int]]:
+        """The results saved under their job's current key, by job index, and the indices of the jobs whose
+        saved result has another key (stale: recomputed). Unreadable leftovers are ignored and rerun."""
+        done, stale = {}, []
         for i, path in enumerate(self.paths):
-            if path.is_file():
-                try:
-                    done[i] = json.loads(path.read_text())
-                except (OSError, ValueError):
-                    pass
-        return done
+            if not path.is_file():
+                continue
+            try:
+                saved = json.loads(path.read_text())
+                key, result = saved["key"], saved["result"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if key == self.keys[i]:
+                done[i] = result
+            else:
+                stale.append(i)
+        return done, stale
 
     def save(self, index: int, result: dict) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.paths[index].with_suffix(".tmp")
-        tmp.write_text(json.dumps(result))
-        tmp.replace(self.paths[index])  # atomic: an interrupted write never leaves a half file
+        write_json_atomic(self.paths[index], dict(key=self.keys[index], description=self.descriptions[index],
+                                                  result=result))

@@ -1,4 +1,4 @@
-"""Convex per-example losses of a linear score m = u . a_z, with u = theta - theta_ref (spec sections 1, 5).
+"""Convex per-example losses of a linear score m = u . a_z, with u = theta - theta_ref (docs/maths.md sections 1, 5).
 
 For a log-linear policy pi_theta(y|x) ~ exp(theta . phi(x, y)) the partition function cancels in the DPO
 margin, so with a_z = phi(x, y_w) - phi(x, y_l) the implicit reward margin is h = beta * u . a_z and

@@ -1,4 +1,4 @@
-"""Specialists, the minimax optimum and the constants G, Bl of a convex problem (spec section 5).
+"""Specialists, the minimax optimum and the constants G, Bl of a convex problem (docs/maths.md section 5).
 
     theta_i = argmin_{||u|| <= R} L_i(u)                      (specialist of task i)
     s(z)    = l(theta_i; z)  for z in D_i                     (its cached per-example loss)
@@ -109,7 +109,7 @@ class SolvedProblem:
         return self.task_excess(u).max(axis=-1)
 
     def base_losses(self) -> np.ndarray:
-        """Per-example losses of the model trained on the standard objective: DoReMi's baseline (spec 7)."""
+        """Per-example losses of the model trained on the standard objective: DoReMi's baseline (docs/maths.md section 7)."""
         return self.problem.losses(self.standard_theta)
 
     def duality_gap(self, theta_bar: np.ndarray, alpha_bar: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Synthetic convex multi-task problems (spec section 5).
+"""Synthetic convex multi-task problems (docs/maths.md section 5).
 
 k tasks in d dimensions. Task i has a hidden reward vector w_i (unit norm); every pair (w_i, w_j) makes
 the same angle, ``conflict_angle``: 0 degrees is k copies of one task, 90 degrees orthogonal tasks, and
@@ -84,7 +84,7 @@ def equiangular_rewards(k: int, dim: int, angle_deg: float, rng: np.random.Gener
 class ProblemSettings:
     """The knobs of the generator, with the one set of defaults every caller shares (the rate problem).
 
-    ``clip`` is not a generator knob but part of the objective E_i (spec section 2): it travels with the
+    ``clip`` is not a generator knob but part of the objective E_i (docs/maths.md section 2): it travels with the
     problem so that a config's ``[..problem]`` table describes the whole problem.
     """
 

@@ -35,7 +35,8 @@ def log_log_fit(horizons, values) -> tuple[float, float]:
 
 def solved_record(solved: SolvedProblem) -> dict:
     return dict(problem=solved.problem.settings, clip=solved.clip, opt=solved.opt_value,
-                solver_opt=solved.solver_opt_value, D=solved.D, G=solved.G, Bl=solved.Bl)
+                solver_opt=solved.solver_opt_value, D=solved.D, G=solved.G, Bl=solved.Bl,
+                specialists=solved.specialists.tolist())
 
 
 def rate_entry(algorithm: str, solved: SolvedProblem, horizons: list[int], output: dict, slope_horizons: int

@@ -1,7 +1,7 @@
 """The convex rate reproduction: solve the problems, run every job, assemble and write the results.
 
 Three experiments, each a set of independent jobs spread over worker processes (docs/maths.md section 6):
-  rates       the primal gap of theta_bar against the cvxpy OPT for T = 2^8 ... 2^16, per loss and
+  rates       the primal gap of theta_bar against the cvxpy OPT for T = 2^8 ... 2^18, per loss and
               algorithm, with its bound, and the duality gap of deterministic runs;
   worst_task  worst-task excess of AMA against the baselines on an imbalanced, conflicting problem;
   exp3        EXP3's regret on adversarial gain sequences against its bound.
@@ -16,9 +16,13 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
+
 from amalab.convex import worker_pool
+from amalab.convex.algorithms import train_algorithm
 from amalab.convex.experiment import ReproductionConfig
-from amalab.convex.jobs import Checkpoints, exp3_job, job_key, rate_job, worst_task_job
+from amalab.convex.exp3_regret import exp3_regret
+from amalab.convex.jobs import Checkpoints, exp3_job, job_description, numerics_version, rate_job, worst_task_job
 from amalab.convex.optimum import solve
 from amalab.convex.problems import make_problem
 from amalab.convex.record import build_record
@@ -48,24 +52,43 @@ def plan_jobs(config: ReproductionConfig, solved: dict, worst_solved) -> tuple[l
     return jobs, names
 
 
+def compile_kernels(solved) -> None:
+    """Compile the numba kernels (or load them from numba's cache) once, here, before the workers start:
+    otherwise every worker would compile them at the same time on a first run."""
+    train_algorithm("ama-s", solved, [2], 3 * solved.problem.k, np.random.default_rng(0))
+    exp3_regret("switching", 2, [2], 2, np.random.default_rng(0))
+
+
+def _resumable(names, jobs, checkpoint_dir: Path, show_progress: bool) -> tuple[dict, object]:
+    """The jobs already checkpointed under their current key, and the function that checkpoints a job."""
+    numerics = numerics_version()
+    checkpoints = Checkpoints(checkpoint_dir, ["/".join(name) for name in names],
+                              [job_description(name, kwargs, numerics) for name, (_, kwargs, _) in zip(names, jobs)])
+    done, stale = checkpoints.load()
+    if show_progress and done:
+        print(f"resuming: {len(done)} of {len(jobs)} jobs were already done ({checkpoint_dir})")
+    if stale:  # said even with --quiet: results are never silently mixed across problems or code
+        print(f"recomputing {len(stale)} jobs whose checkpoints in {checkpoint_dir} came from another problem, "
+              f"other settings or other code: {', '.join('/'.join(names[i]) for i in stale[:5])}"
+              + (", ..." if len(stale) > 5 else ""))
+    return done, checkpoints.save
+
+
 def run_reproduction(config: ReproductionConfig, show_progress: bool = True,
                      checkpoint_dir: Path | None = None) -> dict:
     """Run all three experiments; return the results record (see :func:`amalab.convex.record.build_record`).
 
-    With ``checkpoint_dir``, every finished job is saved there at once and jobs already saved are not
-    rerun, so an interrupted reproduction resumes where it stopped.
+    With ``checkpoint_dir``, every finished job is saved there at once and jobs already saved under the
+    same key (same problem, solve, settings and numerical code) are not rerun, so an interrupted
+    reproduction resumes where it stopped.
     """
     start = time.perf_counter()
     rates, worst = config.rates, config.worst_task
     solved = {loss: solve(make_problem(loss, seed=config.seed, settings=rates.problem)) for loss in rates.losses}
     worst_solved = solve(make_problem(worst.loss, seed=config.seed, settings=worst.problem))
     jobs, names = plan_jobs(config, solved, worst_solved)
-    done, save = {}, None
-    if checkpoint_dir is not None:
-        checkpoints = Checkpoints(checkpoint_dir, [job_key(name, kwargs) for name, (_, kwargs, _) in zip(names, jobs)])
-        done, save = checkpoints.load(), checkpoints.save
-        if done and show_progress:
-            print(f"resuming: {len(done)} of {len(jobs)} jobs were already done ({checkpoint_dir})")
+    done, save = ({}, None) if checkpoint_dir is None else _resumable(names, jobs, checkpoint_dir, show_progress)
+    compile_kernels(worst_solved)
     workers = config.workers or os.cpu_count() or 1
     outputs = worker_pool.run_jobs(jobs, min(workers, len(jobs)), show_progress, done, save,
                                    names=["/".join(name) for name in names])

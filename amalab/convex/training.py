@@ -4,6 +4,10 @@ One loop (nanoGPT-style) runs R independent runs at once: row r has its own hori
 mixer hyperparameters, and all rows share the problem. A row's result is its averaged iterate
 theta_bar = mean_{t < T_r} theta_t over the points at which gradients were taken; rows whose horizon has
 passed keep stepping (harmlessly) so the batch stays rectangular.
+
+The steps run on one of two engines with the same random numbers: ``"numpy"``, the reference, which calls
+the mixers of :mod:`amalab.mixers` step by step, and ``"compiled"`` (the default), the numba kernel of
+:mod:`amalab.convex.compiled_steps`, which does the same arithmetic without Python per step.
 """
 
 from __future__ import annotations
@@ -12,8 +16,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from amalab.convex.compiled_steps import compiled_advance, compiled_kind
 from amalab.convex.optimum import SolvedProblem
+from amalab.convex.problems import MultiTaskProblem
 from amalab.mixers import AMAS, Mixer
+
+ENGINES = ("compiled", "numpy")
+#: progress is reported (and the compiled kernel returns to Python) at least this often, in steps
+PROGRESS_EVERY = 1024
 
 
 @dataclass
@@ -26,6 +36,21 @@ class TrainingResult:
     curve: np.ndarray  # (R, C): max_i E_i of the averaged iterate at each checkpoint
 
 
+@dataclass
+class TrainingState:
+    """What the steps change: the iterates u = theta - theta_ref, their running sum, and the mixer."""
+
+    problem: MultiTaskProblem
+    mixer: Mixer
+    refs: np.ndarray | None  # (N,): the cached baseline losses the mixer names, or None
+    lr: np.ndarray  # (R, 1)
+    batch_size: int | None
+    rng: np.random.Generator
+    u: np.ndarray  # (R, d)
+    u_sum: np.ndarray  # (R, d)
+    done: int = 0
+
+
 def baseline_losses(solved: SolvedProblem, mixer: Mixer) -> np.ndarray | None:
     """The cached per-example losses that ``mixer.baseline`` names."""
     if mixer.baseline == "specialist":
@@ -35,36 +60,14 @@ def baseline_losses(solved: SolvedProblem, mixer: Mixer) -> np.ndarray | None:
     return None
 
 
-def train(solved: SolvedProblem, mixer: Mixer, horizons, lr, rng: np.random.Generator,
-          batch_size: int | None = None, checkpoints=(), progress=None) -> TrainingResult:
-    """Run ``mixer`` with projected steps theta <- Proj(theta - lr * sum_j c_j grad l_j).
-
-    ``horizons`` and ``lr`` hold one value per row (``mixer.batch_shape == (R,)``); ``batch_size=None``
-    uses the full data every step (deterministic AMA-R, or the exact union for ``standard``).
-    ``progress`` is called with the number of steps done, every 1024 steps and at the end.
-    """
-    problem = solved.problem
-    horizons = np.asarray(horizons, dtype=np.int64)
-    (n_rows,) = horizons.shape
-    if mixer.batch_shape != (n_rows,):
-        raise ValueError(f"mixer runs {mixer.batch_shape} rows but {n_rows} horizons were given")
-    if batch_size is None and isinstance(mixer, AMAS):
-        raise ValueError("AMA-S samples its tasks: give it a batch_size")
-    lr = np.broadcast_to(np.asarray(lr, dtype=float), (n_rows,))[:, None]
-    refs = baseline_losses(solved, mixer)
-    t_max = int(horizons.max())
-    checkpoints = np.array(sorted({int(c) for c in checkpoints if 0 < c <= t_max}), dtype=np.int64)
-
-    u = np.zeros((n_rows, problem.dim))
-    u_sum = np.zeros_like(u)
-    theta_bar = np.zeros_like(u)
-    weights_at_horizon = np.zeros((n_rows, problem.k))
-    curve = np.zeros((n_rows, len(checkpoints)))
-    ends = {int(T): np.flatnonzero(horizons == T) for T in np.unique(horizons)}
-    next_checkpoint = 0
+def numpy_advance(state: TrainingState, n_steps: int) -> None:
+    """``n_steps`` projected steps theta <- Proj(theta - lr * sum_j c_j grad l_j), the mixers called as they
+    are (the reference the compiled kernel is tested against)."""
+    problem, mixer, refs, batch_size, rng = state.problem, state.mixer, state.refs, state.batch_size, state.rng
+    n_rows = state.u.shape[0]
     offsets, sizes = problem.offsets, problem.sizes
-
-    for t in range(t_max):
+    for _ in range(n_steps):
+        u = state.u
         if batch_size is None:
             task_ids = np.broadcast_to(problem.task, (n_rows, len(problem.task)))
             features, targets = problem.features, problem.targets
@@ -83,19 +86,53 @@ def train(solved: SolvedProblem, mixer: Mixer, horizons, lr, rng: np.random.Gene
             grad = (coeffs * slopes) @ features
         else:
             grad = np.einsum("rb,rbd->rd", coeffs * slopes, features)
-        u_sum += u
-        u = problem.project(u - lr * grad)
+        state.u_sum += u
+        state.u = problem.project(u - state.lr * grad)
+        state.done += 1
 
-        done = t + 1
-        if done in ends:
-            finished = ends[done]
-            theta_bar[finished] = u_sum[finished] / done
-            weights_at_horizon[finished] = mixer.average_weights[finished]
-        if next_checkpoint < len(checkpoints) and checkpoints[next_checkpoint] == done:
-            curve[:, next_checkpoint] = solved.worst_excess(u_sum / done)
-            next_checkpoint += 1
-        if progress is not None and (done % 1024 == 0 or done == t_max):
-            progress(done)
+
+def train(solved: SolvedProblem, mixer: Mixer, horizons, lr, rng: np.random.Generator,
+          batch_size: int | None = None, checkpoints=(), progress=None, engine: str = "compiled"
+          ) -> TrainingResult:
+    """Run ``mixer`` with projected steps theta <- Proj(theta - lr * sum_j c_j grad l_j).
+
+    ``horizons`` and ``lr`` hold one value per row (``mixer.batch_shape == (R,)``); ``batch_size=None``
+    uses the full data every step (deterministic AMA-R, or the exact union for ``standard``).
+    ``progress`` is called with the number of steps done, every 1024 steps and at the end. ``engine``
+    "numpy" runs the reference loop; "compiled" runs the numba kernel (numpy for a mixer it does not run).
+    """
+    problem = solved.problem
+    horizons = np.asarray(horizons, dtype=np.int64)
+    (n_rows,) = horizons.shape
+    if mixer.batch_shape != (n_rows,):
+        raise ValueError(f"mixer runs {mixer.batch_shape} rows but {n_rows} horizons were given")
+    if batch_size is None and isinstance(mixer, AMAS):
+        raise ValueError("AMA-S samples its tasks: give it a batch_size")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")
+    if batch_size is not None:
+        mixer.draw(np.random.default_rng(0), batch_size)  # the mixer's own check (a generator of its own:
+        # the run's random numbers are the same whichever engine runs the steps)
+    lr = np.broadcast_to(np.asarray(lr, dtype=float), (n_rows,))[:, None]
+    t_max = int(horizons.max())
+    checkpoints = np.array(sorted({int(c) for c in checkpoints if 0 < c <= t_max}), dtype=np.int64)
+    state = TrainingState(problem, mixer, baseline_losses(solved, mixer), lr, batch_size, rng,
+                          np.zeros((n_rows, problem.dim)), np.zeros((n_rows, problem.dim)))
+    advance = compiled_advance if engine == "compiled" and compiled_kind(mixer) is not None else numpy_advance
+
+    theta_bar = np.zeros_like(state.u)
+    weights_at_horizon = np.zeros((n_rows, problem.k))
+    curve = np.zeros((n_rows, len(checkpoints)))
+    stops = sorted({*horizons.tolist(), *checkpoints.tolist(), *range(PROGRESS_EVERY, t_max, PROGRESS_EVERY), t_max})
+    for stop in stops:
+        advance(state, stop - state.done)
+        finished = np.flatnonzero(horizons == stop)
+        theta_bar[finished] = state.u_sum[finished] / stop
+        weights_at_horizon[finished] = mixer.average_weights[finished]
+        if stop in checkpoints:
+            curve[:, int(np.searchsorted(checkpoints, stop))] = solved.worst_excess(state.u_sum / stop)
+        if progress is not None and (stop % PROGRESS_EVERY == 0 or stop == t_max):
+            progress(stop)
 
     task_excess = solved.task_excess(theta_bar)
     return TrainingResult(theta_bar, task_excess, task_excess.max(axis=-1), weights_at_horizon,

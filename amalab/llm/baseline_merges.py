@@ -107,7 +107,7 @@ def merged_specialists(experiment, specialist_caches) -> list[dict]:
                 model = copy.deepcopy(experiment.base_model)
                 model.load_state_dict(merged)
                 final = evaluate(model, experiment.eval_sets, experiment.task_names, experiment.reference,
-                                 specialist_caches, config.loss.name, config.loss.beta, experiment.pad_token_id,
+                                 specialist_caches, config.loss, experiment.pad_token_id,
                                  config.train.eval_batch_size, experiment.device, experiment.world)
                 run_dir.mkdir(parents=True, exist_ok=True)
                 final = add_generation(experiment, model, run_dir, final)
@@ -115,6 +115,7 @@ def merged_specialists(experiment, specialist_caches) -> list[dict]:
                 if experiment.world.is_main:
                     final_path.write_text(json.dumps(final, indent=1))
                 del model
-            records.append({"method": f"merge-{method}", "seed": s, **final})
+            records.append({"method": f"merge-{method}", "seed": s, "run_dir": experiment.relative(run_dir),
+                            **final})
             experiment.say(f"merge {method} seed {s}: worst-task excess {final.get('worst_excess', float('nan')):.4f}")
     return records

@@ -6,7 +6,7 @@
 
     [model]                          # a hub id or local folder, a GGUF file, or a tiny Llama built here
     [tokenize]                       # max_length, max_prompt_length
-    [loss]                           # dpo | ipo | hinge | sft, beta
+    [loss]                           # name (TRL's loss_type: sigmoid, ipo, ...; or sft), beta and options
     [[tasks]]                        # name, source, held_out, max_examples (amalab.llm.data.TaskConfig)
     [specialists]                    # train one per task (optimizer settings) or load given checkpoints
     [train]                          # generalist optimizer settings, shared by every method
@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 
 import numpy as np
 from dataclasses import dataclass, field
@@ -24,10 +25,10 @@ from pathlib import Path
 from amalab.config import load_section, read_toml
 from amalab.errors import ConfigError
 from amalab.llm.data import TaskConfig, check_distinct_task_names
+from amalab.llm.losses import PreferenceLoss
 from amalab.llm.tokenize import TokenizationConfig
 from amalab.mixers import MIXERS, make_mixer
 
-LOSSES = ("dpo", "ipo", "hinge", "sft")
 DEVICES = ("auto", "cpu", "cuda")
 
 #: Methods that are not a mixer of their own: (the mixer they train with, the loss they train on). ``sft`` is
@@ -125,18 +126,6 @@ class TokenizeConfig(TokenizationConfig):
 
 
 @dataclass(frozen=True)
-class LossConfig:
-    name: str = "dpo"
-    beta: float = 0.1
-
-    def check(self) -> None:
-        if self.name not in LOSSES:
-            raise ValueError(f"name must be one of {', '.join(LOSSES)}; got {self.name!r}")
-        if not self.beta > 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
-
-
-@dataclass(frozen=True)
 class OptimConfig:
     """One optimizer run: AdamW with linear warm-up then cosine decay to ``min_lr_ratio * lr``."""
 
@@ -156,6 +145,9 @@ class OptimConfig:
     eval_batch_size: int = 16
     checkpoint_every: int = 0  # 0 = only at the end
     keep_checkpoints: int = 2
+    #: trackers that get every record of metrics.jsonl too (TrainingArguments' report_to): "tensorboard"
+    #: (the tensorboard extra) writes <run folder>/tensorboard/; [] (the default) writes no event files
+    report_to: list[str] = field(default_factory=list)
 
     def check(self) -> None:
         for name in ("steps", "batch_size", "eval_batch_size", "keep_checkpoints"):
@@ -170,6 +162,19 @@ class OptimConfig:
             raise ValueError(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise ValueError("weight_decay and grad_clip must be >= 0 (grad_clip 0: no clipping)")
+        _check_report_to(self.report_to)
+
+
+def _check_report_to(report_to: list[str]) -> None:
+    from amalab.llm.tracking import TRACKERS
+
+    for name in report_to:
+        if name not in TRACKERS:
+            raise ValueError(f"report_to: unknown tracker {name!r}; known: {', '.join(TRACKERS)}")
+        if importlib.util.find_spec(name) is None:
+            raise ValueError(f"report_to: {name} needs the {name} extra (pip install 'amalab[{name}]')")
+    if len(set(report_to)) != len(report_to):
+        raise ValueError(f"report_to: a tracker is listed twice: {report_to}")
 
 
 @dataclass(frozen=True)
@@ -275,7 +280,8 @@ class LLMConfig:
     device: str = "auto"
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
+    #: the [loss] table: a name of amalab.llm.losses.PREFERENCE_LOSSES, beta, and TRL's loss options
+    loss: PreferenceLoss = field(default_factory=PreferenceLoss)
     tasks: list = field(default_factory=list)
     specialists: SpecialistsConfig = field(default_factory=SpecialistsConfig)
     train: OptimConfig = field(default_factory=OptimConfig)

@@ -21,7 +21,7 @@ import torch
 from amalab.llm.cache import ValueCache
 from amalab.llm.collate import collate_pairs, length_sorted_batches
 from amalab.llm.distributed import World, is_sharded, policy_logps
-from amalab.llm.losses import preference_losses
+from amalab.llm.losses import PreferenceLoss
 from amalab.llm.models import autocast_context
 from amalab.llm.tokenize import TokenizedPair
 
@@ -72,22 +72,22 @@ def pair_logps(model, pairs: list[TokenizedPair], pad_token_id: int, batch_size:
     return ValueCache(list(gathered.pop("ids")), gathered)
 
 
-def pair_losses(logps: ValueCache, reference: ValueCache, ids: list[str], loss: str, beta: float
+def pair_losses(logps: ValueCache, reference: ValueCache, ids: list[str], loss: PreferenceLoss
                 ) -> tuple[np.ndarray, np.ndarray]:
     """(per-example losses, margins h) of the pairs ``ids`` from policy and reference log-probs."""
     def column(cache, name):
         return torch.from_numpy(cache.get(name, ids))
 
-    losses, margins = preference_losses(
-        loss, column(logps, "chosen"), column(logps, "rejected"), column(reference, "chosen"),
-        column(reference, "rejected"), beta, chosen_token_counts=column(logps, "chosen_tokens"),
+    losses, margins = loss(
+        column(logps, "chosen"), column(logps, "rejected"), column(reference, "chosen"),
+        column(reference, "rejected"), chosen_token_counts=column(logps, "chosen_tokens"),
         rejected_token_counts=column(logps, "rejected_tokens"))
     return losses.numpy(), margins.numpy()
 
 
 def evaluate(model, eval_sets: list[list[TokenizedPair]], task_names: list[str], reference: ValueCache,
-             specialist_caches: list[ValueCache | None], loss: str, beta: float, pad_token_id: int, batch_size: int,
-             device: torch.device, world: World = World()) -> dict:
+             specialist_caches: list[ValueCache | None], loss: PreferenceLoss, pad_token_id: int,
+             batch_size: int, device: torch.device, world: World = World()) -> dict:
     """Held-out metrics per task and the worst-task excess (module docstring)."""
     everything = [pair for pairs in eval_sets for pair in pairs]
     logps = pair_logps(model, everything, pad_token_id, batch_size, device, world)
@@ -96,7 +96,7 @@ def evaluate(model, eval_sets: list[list[TokenizedPair]], task_names: list[str],
         if not pairs:
             continue
         ids = [p.id for p in pairs]
-        losses, margins = pair_losses(logps, reference, ids, loss, beta)
+        losses, margins = pair_losses(logps, reference, ids, loss)
         entry = dict(n=len(ids), loss=float(losses.mean()), accuracy=float((margins > 0).mean()),
                      margin=float(margins.mean()))
         if specialist is not None:

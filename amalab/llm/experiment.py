@@ -1,8 +1,8 @@
 """What every stage of an LLM experiment shares, set up once: the config, the base model (pi_ref), the
 tokenized tasks and the reference log-probs (docs/maths.md section 11), and the cached per-example losses.
 
-:func:`prepare` reads and tokenizes the tasks, loads (or builds) the base model, writes ``data.json`` and a
-copy of the config, and builds or reuses the reference cache; :meth:`Experiment.policy` hands out fresh
+:func:`prepare` reads and tokenizes the tasks, loads (or builds) the base model, writes ``data.json``, a
+copy of the config and the tokenizer, and builds or reuses the reference cache; :meth:`Experiment.policy` hands out fresh
 trainable copies of the base.
 """
 
@@ -12,24 +12,29 @@ import copy
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from amalab.atomic_write import atomic_folder
 from amalab.errors import ConfigError
 from amalab.llm.cache import ValueCache, cached, data_hash
 from amalab.llm.checkpoint import load_latest
-from amalab.llm.config import LLMConfig
+from amalab.llm.config import LLMConfig, ModelConfig
 from amalab.llm.data import TaskData, load_tasks
 from amalab.llm.distributed import World, shard_policy
 from amalab.llm.evaluate import pair_logps, pair_losses
+from amalab.llm.logprobs import SUM_DTYPE
 from amalab.llm.models import (compile_layers, load_model, load_tokenizer, model_fingerprint, prepare_model,
                                resolve_device, smollm2_gguf_path, tiny_llama, tiny_tokenizer,
                                tokenizer_fingerprint)
 from amalab.llm.tokenize import TokenizedPair, tokenize_pairs
 from amalab.llm.train_state import load_trainable_state
+
+#: the experiment's tokenizer, saved by :func:`prepare` (the tiny model's is trained on the tasks' text)
+TOKENIZER_DIR = "tokenizer"
 
 
 @dataclass
@@ -57,6 +62,10 @@ class Experiment:
     def pad_token_id(self) -> int:
         return int(self.tokenizer.pad_token_id)
 
+    def relative(self, path: Path) -> str:
+        """``path`` (a run's folder) as the summary names it: relative to the experiment's ``out``."""
+        return Path(path).relative_to(self.out).as_posix()
+
     def say(self, message: str) -> None:
         if self.show_progress and self.world.is_main:
             print(message, flush=True)
@@ -68,14 +77,7 @@ class Experiment:
         is sharded over the ranks (:func:`amalab.llm.distributed.shard_policy`).
         """
         settings = self.config.model
-        model = copy.deepcopy(self.base_model)
-        lora = settings.lora if settings.use_lora else None
-        for p in model.parameters():  # the base is frozen (it is pi_ref); peft freezes all but the adapter
-            p.requires_grad_(lora is None)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = prepare_model(model, gradient_checkpointing=settings.gradient_checkpointing, lora=lora)
-        model = model.to(self.device)
+        model = trainable(copy.deepcopy(self.base_model), settings, seed).to(self.device)
         if settings.compile:
             compile_layers(model)
         if settings.fsdp and self.world.distributed:
@@ -116,29 +118,49 @@ class Experiment:
         def build(progress):
             logps = pair_logps(model, unique, self.pad_token_id, self.config.train.eval_batch_size, self.device,
                                self.world, progress)
-            losses, _ = pair_losses(logps, self.reference, ids, loss.name, loss.beta)
+            losses, _ = pair_losses(logps, self.reference, ids, loss)
             return ValueCache(ids, {"loss": losses})
 
-        manifest = {**manifest, "reference": self.reference_manifest["model"], "loss": loss.name,
-                    "beta": loss.beta, "data": data_hash(sorted(ids))}
+        manifest = {**manifest, "reference": self.reference_manifest["model"], "loss": asdict(loss),
+                    "data": data_hash(sorted(ids))}
         return self.cached(folder, manifest, what, len(unique), build)
+
+
+def trainable(model: torch.nn.Module, settings: ModelConfig, seed: int) -> torch.nn.Module:
+    """``model`` made a policy as ``[model]`` says: all weights trainable, or frozen under a LoRA adapter
+    initialized from ``seed``; gradient checkpointing if asked."""
+    lora = settings.lora if settings.use_lora else None
+    for p in model.parameters():  # the base is frozen (it is pi_ref); peft freezes all but the adapter
+        p.requires_grad_(lora is None)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return prepare_model(model, gradient_checkpointing=settings.gradient_checkpointing, lora=lora)
+
+
+def base_model(config: LLMConfig, tokenizer, device: torch.device) -> torch.nn.Module:
+    """The base model (pi_ref) of ``config``; the tiny Llama is built over ``tokenizer``'s vocabulary."""
+    m = config.model
+    if m.name == "tiny":
+        model = tiny_llama(len(tokenizer), hidden_size=m.tiny.hidden_size, num_layers=m.tiny.num_hidden_layers,
+                           num_heads=m.tiny.num_attention_heads, num_kv_heads=m.tiny.num_key_value_heads,
+                           intermediate_size=m.tiny.intermediate_size, seed=m.tiny.seed,
+                           max_position_embeddings=max(512, config.tokenize.max_length),
+                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        return model.to(device)
+    if m.name == "smollm2":
+        return load_model(smollm2_gguf_path(), device=device)
+    return load_model(m.name, gguf_file=m.gguf_file or None, device=device)
 
 
 def _load_base(config: LLMConfig, corpus: list[str], device: torch.device):
     m = config.model
     if m.name == "tiny":
         tokenizer = tiny_tokenizer(corpus, vocab_size=m.tiny.vocab_size)
-        model = tiny_llama(len(tokenizer), hidden_size=m.tiny.hidden_size, num_layers=m.tiny.num_hidden_layers,
-                           num_heads=m.tiny.num_attention_heads, num_kv_heads=m.tiny.num_key_value_heads,
-                           intermediate_size=m.tiny.intermediate_size, seed=m.tiny.seed,
-                           max_position_embeddings=max(512, config.tokenize.max_length),
-                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        return tokenizer, model.to(device)
-    if m.name == "smollm2":
-        path = smollm2_gguf_path()
-        return load_tokenizer(path), load_model(path, device=device)
-    gguf = m.gguf_file or None
-    return load_tokenizer(m.name, gguf_file=gguf), load_model(m.name, gguf_file=gguf, device=device)
+    elif m.name == "smollm2":
+        tokenizer = load_tokenizer(smollm2_gguf_path())
+    else:
+        tokenizer = load_tokenizer(m.name, gguf_file=m.gguf_file or None)
+    return tokenizer, base_model(config, tokenizer, device)
 
 
 def _tokenized(experiment: Experiment) -> dict:
@@ -179,11 +201,14 @@ def prepare(config: LLMConfig, world: World = World(), show_progress: bool = Tru
         (out / "data.json").write_text(json.dumps(report, indent=1))
         if config.source_path is not None:
             shutil.copyfile(config.source_path, out / "config.toml")
+        with atomic_folder(out / TOKENIZER_DIR) as folder:  # what `amalab llm export` ships with a run
+            tokenizer.save_pretrained(folder)
     every = [p for pairs in experiment.train_sets + experiment.eval_sets for p in pairs]
     unique = list({p.id: p for p in every}.values())
     experiment.reference_manifest = {
         "kind": "reference log-probs", "model": model_fingerprint(base), "tokenizer": tokenizer_fingerprint(tokenizer),
-        "tokenization": config.tokenize.to_dict(), "data": data_hash(sorted(p.id for p in unique))}
+        "tokenization": config.tokenize.to_dict(), "data": data_hash(sorted(p.id for p in unique)),
+        "sum_dtype": str(SUM_DTYPE)}
     experiment.reference = experiment.cached(
         out / "caches" / "reference", experiment.reference_manifest, "reference log-probs", len(unique),
         lambda progress: pair_logps(base, unique, experiment.pad_token_id, config.train.eval_batch_size, device,

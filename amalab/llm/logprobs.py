@@ -1,9 +1,19 @@
-"""Sequence log-probabilities of completions (docs/maths.md (27)): log pi(y|x) = sum of log pi(token) over y.
+"""Sequence log-probabilities of completions (docs/maths.md (27)): log pi(y|x) = sum of log pi(t) over y.
 
 One forward of the backbone on the concatenated [chosen; rejected] batch gives hidden states; the LM head is
 applied only at the positions whose next token is a completion token (the prompt and the padding never reach
 the vocabulary projection), and each token's log-prob is logit[target] - logsumexp(logits) in float32, so no
 full log-softmax of the vocabulary is materialized.
+
+The per-token values stay float32; their sum over a completion accumulates in float64 and is returned in
+float64. A float32 running sum rounds at every addition to float32's ulp at the partial sum (7.6e-6 at
+|sum| ~ 100, 4.9e-4 at ~5000): on a few hundred tokens that is as large as the per-token error itself or
+larger. Against the whole computation in float64, on a random 2-layer Qwen2-0.5B shape (sums ~ -3600) a
+float32 sum is 2.85e-3 off and the float64 sum 1.65e-5 (experiments/llm_logps_precision); on the tiny test
+model's ~900-token completions, 4e-3 and 3e-6 (tests/llm/test_logprobs.py). The preference
+margin is a difference of four such sums that nearly cancel, and the reference sums are cached and reused at
+every step. The float64 sum is returned, not cast back, so that precision reaches the losses: they are
+computed on (B,) tensors, where float64 costs nothing.
 """
 
 from __future__ import annotations
@@ -19,8 +29,12 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
                      "lm_head_multiplier")
 
 
+#: the dtype sequence sums accumulate in and are returned in (module docstring); caches of them record it
+SUM_DTYPE = torch.float64
+
+
 class SequenceLogps(NamedTuple):
-    """Summed completion log-probs, shape (B,) each; token counts are in ``batch.chosen_token_counts``."""
+    """Summed completion log-probs, (B,) each, float64; token counts are in ``batch.chosen_token_counts``."""
 
     chosen: torch.Tensor
     rejected: torch.Tensor
@@ -66,24 +80,25 @@ def completion_token_logps(model, batch: PreferenceBatch) -> tuple[torch.Tensor,
 
 
 def sequence_logps(model, batch: PreferenceBatch) -> SequenceLogps:
-    """(log pi(y_w|x) (B,), log pi(y_l|x) (B,)) in float32, summed over the completion (docs/maths.md (27)).
+    """(log pi(y_w|x) (B,), log pi(y_l|x) (B,)): float32 token log-probs summed in float64 over the completion
+    (docs/maths.md (27)).
 
     Works for a plain causal LM and a peft-wrapped one; differentiable (the only forward pass of a step).
     """
     token_logps, rows = completion_token_logps(model, batch)
-    sums = torch.zeros(2 * batch.num_pairs, dtype=torch.float32, device=token_logps.device)
-    sums = sums.index_add(0, rows, token_logps)
+    sums = torch.zeros(2 * batch.num_pairs, dtype=SUM_DTYPE, device=token_logps.device)
+    sums = sums.index_add(0, rows, token_logps.to(SUM_DTYPE))
     return SequenceLogps(chosen=sums[: batch.num_pairs], rejected=sums[batch.num_pairs :])
 
 
 def full_logits_sequence_logps(model, batch: PreferenceBatch) -> SequenceLogps:
     """The plain computation: full logits of every position, full log-softmax, masked sum.
 
-    Materializes (2B, L, V) float32 log-probs; kept as the independent reference the tests and the timing
-    script compare :func:`sequence_logps` with.
+    Materializes (2B, L, V) float32 log-probs, summed in float64 as :func:`sequence_logps` sums them; kept as
+    the independent reference the tests and the timing script compare :func:`sequence_logps` with.
     """
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
     logps = torch.log_softmax(logits.float(), dim=-1)[:, :-1]  # position t scores token t + 1
     per_token = logps.gather(2, batch.input_ids[:, 1:].unsqueeze(2)).squeeze(2)
-    sums = (per_token * batch.completion_mask[:, :-1]).sum(dim=1)
+    sums = (per_token.to(SUM_DTYPE) * batch.completion_mask[:, :-1]).sum(dim=1)
     return SequenceLogps(chosen=sums[: batch.num_pairs], rejected=sums[batch.num_pairs :])

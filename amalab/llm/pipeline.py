@@ -3,11 +3,12 @@
     out/
       config.toml                        the config the run was started with
       data.json                          pairs per task, and every dropped row counted by reason
+      tokenizer/                         the experiment's tokenizer (what `amalab llm export` ships)
       caches/reference/                  pi_ref log-probs of every pair (docs/maths.md section 11)
       caches/specialist-<task>/          s(z): the specialist's loss on every pair of its task
       caches/standard/                   the standard generalist's losses (DoReMi's baseline losses)
       specialists/<task>/                a training run (checkpoints, metrics.jsonl, final.json)
-      generalists/<method>/seed<s>/      a training run per method and seed
+      generalists/<method>/seed<s>/      a training run per method and seed (export: amalab.llm.export)
       merges/<method>/seed<s>/           a merge of the specialists, evaluated (amalab.llm.baseline_merges)
       summary.json, summary.csv          final held-out metrics of every generalist (amalab.llm.report)
       figures/                           per-task excess and accuracy, mixer weights, worst-task excess
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -40,9 +41,10 @@ from amalab.mixers import make_mixer
 
 def _describe(experiment: Experiment, run: TrainingRun, mixer: dict) -> TrainingRun:
     """``run`` with its description (run.json): a rerun with other settings into its folder is refused."""
-    run.description = {"name": run.name, "mixer": mixer, "seed": run.seed, "optim": asdict(run.optim),
-                       "loss": {**asdict(experiment.config.loss), "name": run.loss},
-                       "reference": experiment.reference_manifest}
+    # report_to only adds event files beside metrics.jsonl: switching it on or off continues the same run
+    optim = {k: v for k, v in asdict(run.optim).items() if k != "report_to"}
+    run.description = {"name": run.name, "mixer": mixer, "seed": run.seed, "optim": optim,
+                       "loss": asdict(run.loss), "reference": experiment.reference_manifest}
     return run
 
 
@@ -62,8 +64,8 @@ def specialist_run(experiment: Experiment, task: int) -> TrainingRun:
                       mixer=make_mixer("uniform", 1), task_names=[name], train_sets=[experiment.train_sets[task]],
                       eval_sets=[experiment.eval_sets[task]], reference=experiment.reference,
                       baseline_losses=None, specialist_caches=[None], optim=config.specialists.optim,
-                      loss=config.loss.name, beta=config.loss.beta, seed=config.seed,
-                      pad_token_id=experiment.pad_token_id, eval_loss=config.loss.name)
+                      loss=config.loss, seed=config.seed, pad_token_id=experiment.pad_token_id,
+                      eval_loss=config.loss)
     return _describe(experiment, run, {"name": "uniform", "task": name})
 
 
@@ -126,8 +128,9 @@ def generalist_run(experiment: Experiment, method: str, s: int, run_dir: Path, s
     run = TrainingRun(name=f"{method} seed {s}", run_dir=run_dir, mixer=mixer, task_names=experiment.task_names,
                       train_sets=experiment.train_sets, eval_sets=experiment.eval_sets,
                       reference=experiment.reference, baseline_losses=baseline_losses,
-                      specialist_caches=specialist_caches, optim=config.train, loss=loss, beta=config.loss.beta,
-                      seed=config.seed + s, pad_token_id=experiment.pad_token_id, eval_loss=config.loss.name)
+                      specialist_caches=specialist_caches, optim=config.train,
+                      loss=replace(config.loss, name=loss), seed=config.seed + s,
+                      pad_token_id=experiment.pad_token_id, eval_loss=config.loss)
     return _describe(experiment, run, {"name": mixer_name, "options": options})
 
 
@@ -143,7 +146,7 @@ def generalists(experiment: Experiment, specialist_caches: list[ValueCache]) -> 
             standard_cache = experiment.loss_cache(model, every, experiment.out / "caches" / "standard", manifest,
                                                    "standard generalist losses")
         final = add_generation(experiment, model, run_dir, final)
-        records.append({"method": method, "seed": s, **final})
+        records.append({"method": method, "seed": s, "run_dir": experiment.relative(run_dir), **final})
         experiment.say(f"{method} seed {s}: worst-task excess {final.get('worst_excess', float('nan')):.4f} "
                        f"({final.get('worst_task')})")
         del model
@@ -160,12 +163,12 @@ def reevaluated_generalists(experiment: Experiment, specialist_caches: list[Valu
         model = experiment.trained_policy(run_dir, config.seed + s)
         final = json.loads((run_dir / "final.json").read_text())
         final.update(evaluate(model, experiment.eval_sets, experiment.task_names, experiment.reference,
-                              specialist_caches, config.loss.name, config.loss.beta, experiment.pad_token_id,
-                              config.train.eval_batch_size, experiment.device, world))
+                              specialist_caches, config.loss, experiment.pad_token_id, config.train.eval_batch_size,
+                              experiment.device, world))
         final = add_generation(experiment, model, run_dir, final)
         if world.is_main:
             (run_dir / "final.json").write_text(json.dumps(final, indent=1))
-        records.append({"method": method, "seed": s, **final})
+        records.append({"method": method, "seed": s, "run_dir": experiment.relative(run_dir), **final})
     return records
 
 

@@ -47,16 +47,17 @@ def summarize(task_names: list[str], records: list[dict]) -> dict:
 
 
 def write_summary(out: Path, summary: dict) -> None:
-    """summary.json, and summary.csv: one row per run and task."""
+    """summary.json, and summary.csv: one row per run and task; each run names its folder (``run_dir``,
+    relative to ``out``), the argument ``amalab llm export`` takes."""
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     with (out / "summary.csv").open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["method", "seed", "task", *CSV_METRICS, "worst_excess"])
+        w.writerow(["method", "seed", "task", *CSV_METRICS, "worst_excess", "run_dir"])
         for r in summary["runs"]:
             for n in summary["tasks"]:
                 t = r["tasks"].get(n, {})
                 w.writerow([r["method"], r["seed"], n] + [t.get(m, "") for m in CSV_METRICS]
-                           + [r.get("worst_excess", "")])
+                           + [r.get("worst_excess", ""), r.get("run_dir", "")])
 
 
 def summary_table(summary: dict) -> str:

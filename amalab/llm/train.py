@@ -28,13 +28,13 @@ from amalab.llm.collate import collate_pairs, padded_length
 from amalab.llm.config import OptimConfig
 from amalab.llm.distributed import World, check_ranks_agree, is_sharded, policy_logps
 from amalab.llm.evaluate import evaluate
-from amalab.llm.losses import preference_losses
+from amalab.llm.losses import PreferenceLoss
 from amalab.llm.models import autocast_context
 from amalab.llm.tokenize import TokenizedPair
+from amalab.llm.tracking import trackers
 from amalab.llm.train_state import TrainState, load_trainable_state
 from amalab.llm.train_step import ExampleLosses, check_micro_batches, train_step
 from amalab.mixers import Mixer
-
 
 
 class TrainingDiverged(RuntimeError):
@@ -57,16 +57,13 @@ class TrainingRun:
     #: per task, the specialist's cached losses: the excess reported by evaluation (None: not reported)
     specialist_caches: list[ValueCache | None]
     optim: OptimConfig
-    loss: str
-    beta: float
+    loss: PreferenceLoss  # the training loss: its name, beta and options
     seed: int
     pad_token_id: int
     #: what the run is, for run.json: a rerun with other settings into the same folder is refused
     description: dict = field(default_factory=dict)
     #: the loss held-out evaluation reports (None: ``loss``); an sft baseline is evaluated in the DPO loss
-    eval_loss: str | None = None
-    #: options of the loss (passed to :func:`~amalab.llm.losses.preference_losses`)
-    loss_options: dict = field(default_factory=dict)
+    eval_loss: PreferenceLoss | None = None
 
 
 def preference_example_losses(run: TrainingRun, device: torch.device) -> ExampleLosses:
@@ -74,12 +71,13 @@ def preference_example_losses(run: TrainingRun, device: torch.device) -> Example
     root when sharded), and the run's loss against the cached reference log-probs (docs/maths.md
     sections 9 and 10)."""
     def losses(logps, batch):
-        ids = list(batch.ids)
-        ref_chosen, ref_rejected = (torch.from_numpy(run.reference.get(column, ids)).to(device, torch.float32)
+        ids, dtype = list(batch.ids), logps.chosen.dtype
+        # read in the log-probs' dtype: both are float64 sums (docs/maths.md section 9)
+        ref_chosen, ref_rejected = (torch.from_numpy(run.reference.get(column, ids)).to(device, dtype)
                                     for column in ("chosen", "rejected"))
-        return preference_losses(run.loss, logps.chosen, logps.rejected, ref_chosen, ref_rejected, run.beta,
-                                 chosen_token_counts=batch.chosen_token_counts,
-                                 rejected_token_counts=batch.rejected_token_counts, **run.loss_options)[0]
+        return run.loss(logps.chosen, logps.rejected, ref_chosen, ref_rejected,
+                        chosen_token_counts=batch.chosen_token_counts,
+                        rejected_token_counts=batch.rejected_token_counts)[0]
 
     return ExampleLosses(
         collate=lambda pairs: collate_pairs(pairs, run.pad_token_id).to(device),
@@ -129,13 +127,17 @@ def checkpoint_writer(run: TrainingRun, world: World) -> Callable[[TrainState], 
 
 
 def metrics_logger(run: TrainingRun, world: World) -> Callable[[dict], None]:
-    """``log(record)``: one JSON line in the run's ``metrics.jsonl`` (rank 0)."""
+    """``log(record)``: one JSON line in the run's ``metrics.jsonl`` (rank 0), the source of truth; the same
+    record to every tracker of ``report_to`` (:mod:`amalab.llm.tracking`)."""
     path = run.run_dir / "metrics.jsonl"
+    track = trackers(run.optim.report_to, run.run_dir, run.task_names, run.optim.steps) if world.is_main else []
 
     def log(record: dict) -> None:
         if world.is_main:
             with path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+            for tracker in track:
+                tracker(record)
 
     return log
 
@@ -179,7 +181,7 @@ def run_training(model, run: TrainingRun, device: torch.device, world: World = W
 
     def run_eval(step: int) -> dict:  # every rank evaluates its share (evaluate shards the pairs)
         result = evaluate(model, run.eval_sets, run.task_names, run.reference, run.specialist_caches,
-                          run.eval_loss or run.loss, run.beta, run.pad_token_id, optim.eval_batch_size, device, world)
+                          run.eval_loss or run.loss, run.pad_token_id, optim.eval_batch_size, device, world)
         log({"step": step, "kind": "eval", **result})
         return result
 

@@ -7,12 +7,16 @@ it shares neither the padding nor the masks with the code under test.
 
 from __future__ import annotations
 
+import copy
+import math
+
 import pytest
 import torch
 
 from amalab.llm.collate import PreferenceBatch, collate_pairs
 from amalab.llm.logprobs import completion_token_logps, full_logits_sequence_logps, sequence_logps
 from amalab.llm.models import apply_lora
+from amalab.llm.tokenize import TokenizedPair
 
 
 def reference_token_logps(model, pairs) -> list[torch.Tensor]:
@@ -41,13 +45,58 @@ def test_sequence_logps_equal_the_full_logits_computation(make_model, tokenized_
         full = full_logits_sequence_logps(model, batch)
         token_logps, rows = completion_token_logps(model, batch)
         reference = reference_token_logps(model, tokenized_pairs)
-    assert ours.chosen.dtype is torch.float32 and ours.chosen.shape == (len(tokenized_pairs),)
+    assert ours.chosen.dtype is torch.float64 and ours.chosen.shape == (len(tokenized_pairs),)
     for row, expected in enumerate(reference):
         torch.testing.assert_close(token_logps[rows == row].double(), expected, atol=1e-5, rtol=0)
     sums = torch.stack([r.sum() for r in reference])
     torch.testing.assert_close(torch.cat([ours.chosen, ours.rejected]).double(), sums, **SUM_TOLERANCE)
     torch.testing.assert_close(full.chosen, ours.chosen, **SUM_TOLERANCE)
     torch.testing.assert_close(full.rejected, ours.rejected, **SUM_TOLERANCE)
+
+
+def long_pairs(tokenizer) -> list[TokenizedPair]:
+    """Two pairs of random tokens with ~900 and ~600 completion tokens each (sums ~ -5000 and -3500)."""
+    generator = torch.Generator().manual_seed(0)
+
+    def tokens(n):
+        return tuple(torch.randint(3, len(tokenizer), (n,), generator=generator).tolist())
+
+    return [TokenizedPair(id=f"long{i}", task="t", prompt_ids=tokens(5), chosen_ids=tokens(n),
+                          rejected_ids=tokens(n - 7)) for i, n in enumerate((900, 600))]
+
+
+def test_long_sequences_are_summed_in_float64(make_model, tokenizer):
+    """Two pairs of ~900 completion tokens (sums ~ -5000): the float32 token values are summed as exactly as
+    math.fsum sums them, and the result is within 2e-5 of the whole computation in float64 (a float32 running
+    sum of the same tokens is ~4e-3 off here)."""
+    model = make_model(max_position_embeddings=2048)
+    pairs = long_pairs(tokenizer)
+    batch = collate_pairs(pairs, tokenizer.pad_token_id)
+    with torch.no_grad():
+        ours = sequence_logps(model, batch)
+        token_logps, rows = completion_token_logps(model, batch)
+        in_float64 = reference_token_logps(copy.deepcopy(model).double(), pairs)
+    sums = torch.cat([ours.chosen, ours.rejected])
+    assert sums.dtype is torch.float64 and token_logps.dtype is torch.float32
+    exact = torch.tensor([math.fsum(token_logps[rows == row].tolist()) for row in range(4)],
+                         dtype=torch.float64)
+    torch.testing.assert_close(sums, exact, atol=1e-9, rtol=0)
+    torch.testing.assert_close(sums, torch.stack([r.sum() for r in in_float64]), atol=2e-5, rtol=0)
+
+
+def test_cached_log_probs_keep_the_float64_sums(make_model, tokenizer):
+    """What the reference cache stores (``pair_logps``) is the float64 sum itself, never a float32 copy
+    (at sums ~ -5000 a float32 copy is up to 2.4e-4 off)."""
+    from amalab.llm.evaluate import pair_logps
+
+    model = make_model(max_position_embeddings=2048)
+    pairs = long_pairs(tokenizer)
+    with torch.no_grad():
+        ours = sequence_logps(model, collate_pairs(pairs, tokenizer.pad_token_id))
+    cache = pair_logps(model, pairs, tokenizer.pad_token_id, len(pairs), torch.device("cpu"))
+    for column, sums in (("chosen", ours.chosen), ("rejected", ours.rejected)):
+        torch.testing.assert_close(torch.from_numpy(cache.get(column, [p.id for p in pairs])), sums,
+                                   atol=1e-9, rtol=0)
 
 
 def test_the_check_fails_when_the_mask_is_off_by_one(make_model, tokenized_pairs, tokenizer):
@@ -66,7 +115,7 @@ def test_the_check_fails_when_the_mask_is_off_by_one(make_model, tokenized_pairs
 
 def test_gradients_equal_the_full_logits_gradients(make_model, tokenized_pairs, tokenizer):
     batch = collate_pairs(tokenized_pairs, tokenizer.pad_token_id)
-    weights = torch.tensor([1.0, -0.5, 2.0])
+    weights = torch.tensor([1.0, -0.5, 2.0], dtype=torch.float64)
 
     def grads(fn):
         model = make_model()
@@ -119,6 +168,6 @@ def test_sequence_logps_match_trls_fused_lm_head(make_model, tokenized_pairs, to
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
         out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=labels,
                     fused_lm_head=True, use_cache=False)
-    trl_logps = out.log_probs.sum(dim=1)
+    trl_logps = out.log_probs.double().sum(dim=1)
     torch.testing.assert_close(ours.chosen, trl_logps[: batch.num_pairs], **SUM_TOLERANCE)
     torch.testing.assert_close(ours.rejected, trl_logps[batch.num_pairs :], **SUM_TOLERANCE)

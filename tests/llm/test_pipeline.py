@@ -133,8 +133,13 @@ def test_run_end_to_end_then_reuse_then_eval(tmp_path, capsys):
             or method["seeds"] > 1
     for name in ("task_excess", "task_accuracy", "worst_excess", "weights", "eval_curves", "generation_success"):
         assert (out / "figures" / f"{name}.png").stat().st_size > 1000
-    for cache in ("reference", "specialist-alpha", "specialist-beta", "specialist-sums", "standard"):
-        assert (out / "caches" / cache / "manifest.json").is_file()
+    manifests = {cache: json.loads((out / "caches" / cache / "manifest.json").read_text())
+                 for cache in ("reference", "specialist-alpha", "specialist-beta", "specialist-sums", "standard")}
+    assert manifests["reference"]["sum_dtype"] == "torch.float64"  # a float32-summed cache is refused
+    for cache in ("specialist-alpha", "standard"):  # the loss with every option, TRL's defaults filled in
+        assert manifests[cache]["loss"] == {"name": "dpo", "beta": 0.1, "label_smoothing": 0.0,
+                                            "discopop_tau": 0.05, "f_divergence_type": "reverse_kl",
+                                            "f_alpha_divergence_coef": 0.5}
     data = json.loads((out / "data.json").read_text())
     assert data["alpha"]["train"] == 12 and data["alpha"]["eval"] == 4
     printed = capsys.readouterr().out

@@ -50,7 +50,8 @@ def test_summary_groups_runs_by_method_over_seeds():
 def test_summary_csv_has_one_row_per_run_and_task(tmp_path):
     write_summary(tmp_path, summarize(["a", "b"], records()))
     rows = list(csv.DictReader((tmp_path / "summary.csv").open()))
-    assert len(rows) == 3 * 2 and list(rows[0]) == ["method", "seed", "task", *CSV_METRICS, "worst_excess"]
+    assert len(rows) == 3 * 2 and list(rows[0]) == ["method", "seed", "task", *CSV_METRICS, "worst_excess",
+                                                  "run_dir"]
     last = rows[-1]
     assert (last["method"], last["seed"], last["task"], last["success"]) == ("ama-r", "1", "b", "")
     assert math.isclose(float(last["excess"]), 0.2) and math.isclose(float(last["worst_excess"]), 0.4)

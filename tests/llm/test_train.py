@@ -21,7 +21,7 @@ from amalab.llm.data import PreferencePair
 from amalab.llm.evaluate import pair_logps, pair_losses
 from amalab.llm.logprobs import sequence_logps
 from amalab.llm.collate import collate_pairs
-from amalab.llm.losses import preference_losses
+from amalab.llm.losses import PreferenceLoss, preference_losses
 from amalab.llm.models import tiny_llama, tiny_tokenizer
 from amalab.llm.tokenize import TokenizationConfig, tokenize_pairs
 from amalab.llm.train import TrainingDiverged, TrainingRun, run_training
@@ -61,7 +61,7 @@ def build_setup() -> dict:
     reference = pair_logps(base, [p for s in sets for p in s], tokenizer.pad_token_id, 8, CPU)
     # a "specialist": the base model's own losses shifted, so excess is nonzero for some pairs
     ids = [p.id for s in sets for p in s]
-    losses, _ = pair_losses(reference, reference, ids, "dpo", 0.1)
+    losses, _ = pair_losses(reference, reference, ids, PreferenceLoss("dpo", 0.1))
     specialist = ValueCache(ids, {"loss": losses - 0.01 * np.arange(len(ids)) % 0.05})
     return dict(tokenizer=tokenizer, base=base, train=train, evals=evals, reference=reference,
                 specialist=specialist)
@@ -78,7 +78,7 @@ def make_run(setup, tmp_path, mixer_name="ama-s", name="run", **optim):
     return TrainingRun(name=name, run_dir=tmp_path / name, mixer=mixer, task_names=["task0", "task1"],
                        train_sets=setup["train"], eval_sets=setup["evals"], reference=setup["reference"],
                        baseline_losses=baseline_losses, specialist_caches=[setup["specialist"]] * 2, optim=OptimConfig(**settings),
-                       loss="dpo", beta=0.1, seed=7, pad_token_id=setup["tokenizer"].pad_token_id,
+                       loss=PreferenceLoss("dpo", 0.1), seed=7, pad_token_id=setup["tokenizer"].pad_token_id,
                        description={"mixer": mixer_name, "optim": settings})
 
 
@@ -145,10 +145,10 @@ def test_one_step_matches_a_hand_written_ama_s_step(setup, tmp_path):
     batch = collate_pairs(pairs, setup["tokenizer"].pad_token_id)
     logps = sequence_logps(model, batch)
     ids = list(batch.ids)
-    ref_c = torch.from_numpy(setup["reference"].get("chosen", ids)).float()
-    ref_r = torch.from_numpy(setup["reference"].get("rejected", ids)).float()
+    ref_c = torch.from_numpy(setup["reference"].get("chosen", ids))  # float64, as the loop reads the cache
+    ref_r = torch.from_numpy(setup["reference"].get("rejected", ids))
     losses, _ = preference_losses("dpo", logps.chosen, logps.rejected, ref_c, ref_r, 0.1)
-    s = torch.from_numpy(setup["specialist"].get("loss", ids)).float()
+    s = torch.from_numpy(setup["specialist"].get("loss", ids))
     objective = torch.clamp(losses - s, min=0).sum() / 4  # mean clipped excess: AMA-S's gradient
     objective.backward()
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.0)
