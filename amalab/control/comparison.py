@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 def _loss_caches(policies, data, reference, loss) -> list[ValueCache]:
     """Per task, s(z) = the loss of ``policies[i]`` on each of task i's training pairs."""
     return [ValueCache([p.id for p in d.train], {"loss": pair_losses(policy, d.train, reference, loss.name,
-                                                                       loss.beta, {})})
+                                                                       loss.beta, loss.options)})
             for policy, d in zip(policies, data)]
 
 
@@ -47,7 +47,8 @@ def compare(run: "Run", point: "Point") -> list[dict]:
         train_seed = c.seed + seed
 
         def train(name, optim, train_sets, mixer, baselines, loss_name):
-            losses = preference_example_losses(loss_name, point.loss.beta, reference_logps, {})
+            options = point.loss.options if loss_name == point.loss.name else {}  # sft takes none
+            losses = preference_example_losses(loss_name, point.loss.beta, reference_logps, options)
             return run.trained(folder / "models" / f"{name}-{seed}.pt", reference, lambda policy: train_policy(
                 policy, train_sets, losses, mixer, baselines, optim, train_seed, name))
 

@@ -44,10 +44,20 @@ class PolicyConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
+    """A preference loss of :func:`~amalab.llm.losses.preference_losses`; ``label_smoothing`` is TRL's eps
+    (robust DPO's assumed label-flip rate; with dpo it is TRL's conservative DPO), 0: not passed."""
+
     name: str = "dpo"
     beta: float = 0.1
+    label_smoothing: float = 0.0
+
+    @property
+    def options(self) -> dict:
+        return {"label_smoothing": self.label_smoothing} if self.label_smoothing else {}
 
     def check(self) -> None:
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must lie in [0, 0.5), got {self.label_smoothing}")
         if self.name not in PREFERENCE_LOSSES or self.name == "sft":
             raise ValueError(f"name must be a preference loss ({', '.join(PREFERENCE_LOSSES)}; sft is a method)")
         if not self.beta > 0:
@@ -64,6 +74,8 @@ class SweepsConfig:
     mistake: list[float] = field(default_factory=list)
     poor_share: list[float] = field(default_factory=list)
     losses: list[str] = field(default_factory=list)
+    #: the label_smoothing of the sweeps' robust and exo_pair losses
+    label_smoothing: float = 0.0
     methods: list[str] = field(default_factory=lambda: ["standard", "ama-r"])
     merges: list[str] = field(default_factory=list)
     seeds: int = 3
@@ -72,7 +84,7 @@ class SweepsConfig:
         if self.seeds < 1:
             raise ValueError(f"seeds must be >= 1, got {self.seeds}")
         for loss in self.losses:
-            LossConfig(loss).check()
+            LossConfig(loss, label_smoothing=self.label_smoothing).check()
         MethodsConfig(names=self.methods or ["standard"]).check()
         MergesConfig(names=self.merges).check()
         for value in self.imbalance:

@@ -60,7 +60,8 @@ class Point:
     def folder(self) -> str:
         """Points with the same dataset and loss share their folder, so a sweep value equal to the main
         settings reuses the main comparison's models and records."""
-        return f"{self.dataset}-{self.loss.name}{self.loss.beta:g}"
+        smoothing = f"-eps{self.loss.label_smoothing:g}" if self.loss.label_smoothing else ""
+        return f"{self.dataset}-{self.loss.name}{self.loss.beta:g}{smoothing}"
 
     @property
     def dataset(self) -> str:
@@ -75,7 +76,8 @@ def run_points(config: DiagnoseConfig) -> list[Point]:
     main = Point("main", None, None, config.data, config.teacher, config.loss, config.methods.names,
                  config.merges.names, config.methods.seeds)
     sweeps, points = config.sweeps, [main]
-    losses = [LossConfig(name, config.loss.beta) for name in sweeps.losses] or [config.loss]
+    losses = [LossConfig(name, config.loss.beta, sweeps.label_smoothing if name in ("robust", "exo_pair") else 0.0)
+              for name in sweeps.losses] or [config.loss]
     axes = [("imbalance", sweeps.imbalance, [config.loss]), ("mistake", sweeps.mistake, losses),
             ("poor_share", sweeps.poor_share, losses)]
     for axis, values, axis_losses in axes:
@@ -169,7 +171,8 @@ class Run:
         """Evaluate ``policy`` (true returns, held-out losses per task) into ``path``, or read it from there."""
         if path.is_file():
             return json.loads(path.read_text())
-        held_out = [float(pair_losses(policy, d.held_out, reference, loss.name, loss.beta, {}).mean()) for d in data]
+        held_out = [float(pair_losses(policy, d.held_out, reference, loss.name, loss.beta, loss.options).mean())
+                    for d in data]
         record = {**about, "returns": task_returns(policy, self.sims, self.config.tasks, self.config.evaluation
                                                    ).tolist(), "held_out_loss": held_out}
         write_json_atomic(path, record, indent=1)

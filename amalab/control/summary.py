@@ -72,7 +72,8 @@ def main_table(summary: dict, task_names: list[str]) -> str:
 
 def sweep_table(summary: dict, points: list) -> str:
     """Markdown: the worst task's normalized return at each sweep value, one row per (knob, loss, method)."""
-    lines = ["| knob | loss | method | value | seeds | worst task (normalized on the main scale) | worst held-out excess |",
+    lines = ["| knob | loss | method | value | seeds | worst task (normalized on the main scale) "
+             "| worst held-out excess |",
              "|---|---|---|---|---|---|---|"]
     for point in points:
         if point.sweep is None:

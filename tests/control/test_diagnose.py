@@ -76,7 +76,8 @@ horizon = 10
 imbalance = [1, 3]
 mistake = [0.0, 0.3]
 poor_share = [0.2]
-losses = ["dpo", "ipo"]
+losses = ["dpo", "ipo", "robust"]
+label_smoothing = 0.2
 methods = ["standard", "ama-r"]
 merges = ["linear"]
 seeds = 2
@@ -122,7 +123,8 @@ def test_tiny_config_end_to_end_and_resume(tmp_path):
     # a specialist's normalized return on its own task averages to 1 over seeds, by definition
     assert main_point["specialist-forward"]["normalized"][0]["mean"] == pytest.approx(1.0)
     assert main_point["specialist-jump"]["excess"][1]["mean"] == 0.0  # its own task: excess over itself
-    assert {"imbalance-3-dpo", "mistake-0.3-dpo", "mistake-0.3-ipo", "poor_share-0.2-ipo"} <= set(summary)
+    assert {"imbalance-3-dpo", "mistake-0.3-dpo", "mistake-0.3-ipo", "mistake-0.3-robust",
+            "poor_share-0.2-ipo"} <= set(summary)
     for name in ("table.md", "per_task.png", "sweeps.png", "summary.json"):
         assert (tmp_path / "figures" / name).is_file()
 
