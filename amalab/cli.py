@@ -9,6 +9,7 @@
                                                   the LLM experiment (needs the llm extra)
     amalab llm export RUN_DIR OUT_DIR [--force]                       a run as a transformers model folder
     amalab llm export EXPERIMENT_DIR OUT_DIR --method M --seed S      the same, a generalist chosen by method, seed
+    amalab diagnose CONFIG [--quiet]            the MuJoCo diagnostic suite (needs the llm and mujoco extras)
 
 Exit status of the convex commands: 0 success (every theory check passed); 1 a theory check failed;
 2 invalid input (config, results file, output folder), reported as one line; 130 interrupted (Ctrl-C;
@@ -143,6 +144,21 @@ def _llm_export(args) -> int:
     return 0
 
 
+def _diagnose(args) -> int:
+    try:
+        import gymnasium  # noqa: F401
+        import mujoco  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(f"the diagnostic suite needs the llm and mujoco extras ({e}): "
+                          "pip install -e '.[llm,mujoco]'") from None
+    from amalab.control.config import load_config
+    from amalab.control.diagnose import diagnose
+
+    diagnose(load_config(args.config), show_progress=not args.quiet)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="amalab", description="Multi-task preference alignment with AMA.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -181,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, help="in an experiment folder: the generalist's seed index")
     s.add_argument("--force", action="store_true", help="replace a non-empty OUT")
     s.set_defaults(run=_llm_export)
+    p = sub.add_parser("diagnose", help="the MuJoCo diagnostic suite: every method and merge, many seeds, true "
+                                        "returns (the llm and mujoco extras); resumes if interrupted")
+    p.add_argument("config", help="TOML config, e.g. experiments/mujoco_diagnostic/config.toml")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=_diagnose)
     return parser
 
 

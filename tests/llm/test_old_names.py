@@ -13,6 +13,8 @@ import trl
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from amalab.cli import main
+from amalab.config import load_section
+from amalab.errors import ConfigError
 from amalab.llm.config import LLMConfig, LoraConfig, ModelConfig, OptimConfig, TokenizeConfig, load_llm_config
 from amalab.llm.losses import PreferenceLoss
 from amalab.llm.old_names import OLD_NAMES, TRL
@@ -164,3 +166,11 @@ def test_the_readme_table_lists_every_optimizer_and_loss_key():
     for table, section in (("train", OptimConfig), ("loss", PreferenceLoss)):
         missing = {f.name for f in dataclasses.fields(section)} - {key for t, key in listed if t == table}
         assert not missing, f"README's TRL names table: add [{table}] {sorted(missing)}"
+
+
+def test_the_diagnostic_suites_loss_table_takes_loss_type_too():
+    control = pytest.importorskip("amalab.control.config")
+    with pytest.raises(ConfigError) as error:
+        load_section(control.LossConfig, {"name": "dpo"}, "config.toml", "loss")
+    assert str(error.value) == "config.toml: [loss] name is now loss_type (TRL's name)"
+    assert load_section(control.LossConfig, {"loss_type": "ipo"}, "config.toml", "loss").loss_type == "ipo"

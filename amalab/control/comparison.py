@@ -1,0 +1,83 @@
+"""One point of the diagnostic run: on one dataset, the specialists, every method and every merge, for each
+seed (docs/maths.md section 7). Each seed's generalists and merges use that seed's specialists: their
+cached losses s(z) for AMA, their parameters for the merges. DoReMi-style measures the excess over the
+seed's ``standard`` generalist, so ``standard`` trains first.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from amalab.control.training import pair_losses, pair_values, preference_example_losses, train_policy
+from amalab.llm.cache import ValueCache
+from amalab.llm.merge import merge_state_dicts
+from amalab.mixers import make_mixer
+
+if TYPE_CHECKING:
+    from amalab.control.diagnose import Point, Run
+
+
+def _loss_caches(policies, data, reference, loss) -> list[ValueCache]:
+    """Per task, s(z) = the loss of ``policies[i]`` on each of task i's training pairs."""
+    return [ValueCache([p.id for p in d.train], {"loss": pair_losses(policy, d.train, reference, loss.loss_type,
+                                                                       loss.beta, loss.options)})
+            for policy, d in zip(policies, data)]
+
+
+def _method(name: str, point: "Point", k: int, sizes: list[int], options: dict):
+    """(mixer, training loss) of a method: ``sft`` is the standard mixture on the chosen segments' NLL."""
+    if name == "sft":
+        return make_mixer("standard", k, sizes=sizes), "sft"
+    return make_mixer(name, k, sizes=sizes, **options.get(name, {})), point.loss.loss_type
+
+
+def compare(run: "Run", point: "Point") -> list[dict]:
+    """Every record of ``point``: the reference's, and per seed the specialists', methods' and merges'."""
+    c, folder, k = run.config, run.models / point.folder, len(run.config.tasks)
+    data = run.datasets(point)
+    reference = run.reference(point, data)
+    pairs = [p for d in data for p in d.train + d.held_out]
+    reference_logps = ValueCache([p.id for p in pairs], pair_values(reference, pairs))
+    about = {"counts": [d.counts for d in data]}
+    records = [run.record(folder / "records" / "reference.json", reference, data, reference_logps, point.loss,
+                          {**about, "kind": "reference", "method": "reference", "seed": 0})]
+    sizes = [len(d.train) for d in data]
+    bar = run.progress(point.seeds, point.name)
+    for seed in range(point.seeds):
+        train_seed = c.seed + seed
+
+        def train(name, optim, train_sets, mixer, baselines, loss_name):
+            options = point.loss.options if loss_name == point.loss.loss_type else {}  # sft takes none
+            losses = preference_example_losses(loss_name, point.loss.beta, reference_logps, options)
+            return run.trained(folder / "models" / f"{name}-{seed}.pt", reference, lambda policy: train_policy(
+                policy, train_sets, losses, mixer, baselines, optim, train_seed, name))
+
+        def evaluate(policy, kind, name):
+            return run.record(folder / "records" / f"{name}-{seed}.json", policy, data, reference_logps, point.loss,
+                              {**about, "kind": kind, "method": name, "seed": seed})
+
+        specialists = []
+        for i, task in enumerate(c.tasks):
+            specialists.append(train(f"specialist-{task.name}", c.specialists, [data[i].train],
+                                     make_mixer("uniform", 1), None, point.loss.loss_type))
+            records.append(evaluate(specialists[-1], "specialist", f"specialist-{task.name}"))
+        specialist_losses, generalists = _loss_caches(specialists, data, reference_logps, point.loss), {}
+        for name in point.methods:
+            mixer, loss_name = _method(name, point, k, sizes, c.methods.options)
+            baselines = None  # the mixer's baseline s(z): none, the specialists' or the standard generalist's losses
+            if mixer.baseline == "specialist":
+                baselines = specialist_losses
+            elif mixer.baseline == "standard":
+                baselines = _loss_caches([generalists["standard"]] * k, data, reference_logps, point.loss)
+            generalists[name] = train(name, c.train, [d.train for d in data], mixer, baselines, loss_name)
+            records.append(evaluate(generalists[name], "method", name))
+        base = reference.state_dict()
+        for name in point.merges:
+            merged = run.new_policy(c.seed)
+            merged.load_state_dict(merge_state_dicts(base, [s.state_dict() for s in specialists], name,
+                                                     seed=train_seed, **c.merges.options.get(name, {})))
+            records.append(evaluate(merged, "merge", name))
+        bar.update(1)
+    bar.close()
+    return records
+

@@ -1,0 +1,63 @@
+"""True per-task returns by rollouts on fixed evaluation seeds, normalized per task, with intervals.
+
+A policy is rolled out with its mean action for ``horizon`` steps from ``episodes`` reset seeds per task
+(the same seeds for every policy), earning the task's reward; its return on task i is the mean over those
+episodes. Normalized per task, (R_i - R_i(ref)) / (R_i(specialist_i) - R_i(ref)): 0 is the reference (the
+behaviour-cloned policy), 1 the task's specialist (its mean return over the seeds).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+from amalab.control.policy import GaussianMLP
+from amalab.control.simulator import Simulators
+from amalab.control.tasks import TaskSpec, with_goal
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    episodes: int = 4
+    horizon: int = 100
+    seed: int = 12345  # the evaluation reset seeds are drawn from it: the same for every policy
+
+    def check(self) -> None:
+        if self.episodes < 1 or self.horizon < 1:
+            raise ValueError("episodes and horizon must be >= 1")
+
+
+def evaluation_seeds(config: EvaluationConfig) -> list[int]:
+    return [int(s) for s in np.random.default_rng([config.seed, 0xE7A1]).integers(0, 2**31, config.episodes)]
+
+
+def task_returns(policy: GaussianMLP, sims: Simulators, tasks: list[TaskSpec], config: EvaluationConfig
+                 ) -> np.ndarray:
+    """The policy's mean return on each task, shape (k,)."""
+    jobs = [(i, s) for i in range(len(tasks)) for s in evaluation_seeds(config)]
+    totals = np.zeros(len(tasks))
+    for start in range(0, len(jobs), len(sims.envs)):
+        batch = jobs[start:start + len(sims.envs)]
+        batch_tasks = [tasks[i] for i, _ in batch]
+        goals = np.stack([t.goal for t in batch_tasks])
+        obs = sims.reset([s for _, s in batch])
+        done = sims.rollout(obs, lambda o, t: policy.act(np.concatenate([o, goals], axis=1)), config.horizon,
+                            batch_tasks)
+        np.add.at(totals, [i for i, _ in batch], done.rewards.sum(axis=1))
+    return totals / config.episodes
+
+
+def normalized_returns(returns: np.ndarray, reference: np.ndarray, specialist: np.ndarray) -> np.ndarray:
+    """(R - R_ref) / (R_specialist - R_ref), per task (last axis)."""
+    return (returns - reference) / (specialist - reference)
+
+
+def interval95(values) -> dict:
+    """Mean and 95% Student-t interval over seeds (half-width 0 for one seed)."""
+    values = np.asarray(values, float)
+    mean = float(values.mean())
+    half = float(stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))) \
+        if len(values) > 1 else 0.0
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": int(len(values))}

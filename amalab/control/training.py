@@ -1,0 +1,85 @@
+"""Training the Gaussian policy through the LLM half's training step (docs/maths.md section 8).
+
+The step is policy-agnostic: it takes the policy's examples, how they are collated, their sequence
+log-probs and their per-example losses (:class:`~amalab.llm.train_step.ExampleLosses`). Here an example is
+a preference pair of segments and the losses are :func:`~amalab.llm.losses.preference_losses` against the
+cached reference log-probs (docs/maths.md section 10), or, for the reference itself, a segment and its
+negative log-density per step (behaviour cloning on the union of the segments).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from amalab.control.dataset import Pair
+from amalab.control.policy import GaussianMLP, collate_pairs, collate_segments, pair_logps
+from amalab.llm.cache import ValueCache
+from amalab.llm.config import OptimConfig
+from amalab.llm.losses import preference_losses
+from amalab.llm.train_state import TrainState
+from amalab.llm.train_step import ExampleLosses, train_step
+from amalab.mixers import Mixer
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient: the training step abandoned the step."""
+
+
+def preference_example_losses(loss: str, beta: float, reference: ValueCache, options: dict) -> ExampleLosses:
+    """Pairs -> per-example preference losses against the reference's cached sequence log-probs."""
+    def losses(logps, batch):
+        ref_chosen, ref_rejected = (torch.from_numpy(reference.get(column, batch.ids)).float()
+                                    for column in ("chosen", "rejected"))
+        return preference_losses(loss, logps.chosen, logps.rejected, ref_chosen, ref_rejected, beta,
+                                 chosen_token_counts=batch.chosen_token_counts,
+                                 rejected_token_counts=batch.rejected_token_counts, **options)[0]
+
+    return ExampleLosses(collate=collate_pairs, sequence_logps=pair_logps, losses=losses)
+
+
+def behaviour_cloning_losses() -> ExampleLosses:
+    """Segments -> their negative log-density per step: the reference's loss (behaviour cloning)."""
+    return ExampleLosses(
+        collate=collate_segments,
+        sequence_logps=lambda policy, batch: policy.sequence_log_density(batch.observations, batch.actions),
+        losses=lambda logps, batch: -logps / batch.actions.shape[1])
+
+
+def train_policy(policy: GaussianMLP, train_sets: list[list], example_losses: ExampleLosses, mixer: Mixer,
+                 baseline_caches: list | None, optim: OptimConfig, seed: int, name: str,
+                 show_progress: bool = False) -> list[dict]:
+    """Train ``policy`` in place for ``optim.max_steps`` steps of the shared step; the step metrics."""
+    state = TrainState.fresh(policy, optim, mixer, [len(s) for s in train_sets], seed)
+    metrics = []
+    for _ in tqdm(range(optim.max_steps), desc=name, unit="step", disable=not show_progress, leave=False):
+        result = train_step(state, train_sets, example_losses, baseline_caches, optim)
+        if result.diverged:
+            raise TrainingDiverged(f"{name}: {result.diverged}")
+        metrics.append({key: result.metrics[key] for key in ("step", "loss", "grad_norm", "weights")})
+    return metrics
+
+
+def pair_values(policy: GaussianMLP, pairs: list[Pair], batch_size: int = 512) -> dict[str, np.ndarray]:
+    """The policy's sequence log-probs of every pair's chosen and rejected segment, without gradients."""
+    chosen, rejected = [], []
+    with torch.no_grad():
+        for start in range(0, len(pairs), batch_size):
+            logps = pair_logps(policy, collate_pairs(pairs[start:start + batch_size]))
+            chosen.append(logps.chosen.double().numpy())
+            rejected.append(logps.rejected.double().numpy())
+    return {"chosen": np.concatenate(chosen), "rejected": np.concatenate(rejected)}
+
+
+def pair_losses(policy: GaussianMLP, pairs: list[Pair], reference: ValueCache, loss: str, beta: float,
+                options: dict) -> np.ndarray:
+    """Per-pair losses of the policy (no gradients): held-out evaluation and baseline caches s(z)."""
+    values, ids = pair_values(policy, pairs), [p.id for p in pairs]
+    length = torch.full((len(pairs),), float(pairs[0].chosen.actions.shape[0]))
+    as_tensor = lambda a: torch.from_numpy(np.asarray(a))  # noqa: E731
+    losses, _ = preference_losses(loss, as_tensor(values["chosen"]), as_tensor(values["rejected"]),
+                                  as_tensor(reference.get("chosen", ids)), as_tensor(reference.get("rejected", ids)),
+                                  beta, chosen_token_counts=length.double(), rejected_token_counts=length.double(),
+                                  **options)
+    return losses.numpy()
