@@ -243,7 +243,7 @@ def _engines_agree(solved, name, options, horizons, batch_size, seed=3):
             else dict(gamma=bounds.ama_s_gamma(3, horizons)))
         mixer = make_mixer(name, 3, sizes=solved.problem.sizes, batch_shape=horizons.shape, **rates, **options)
         results.append(train(solved, mixer, horizons, theta_step_sizes(solved, horizons), np.random.default_rng(seed),
-                             batch_size, checkpoints=[7, 40, 64], engine=engine))
+                             batch_size, curve_steps=[7, 40, 64], engine=engine))
         states.append(mixer.state_dict())
     return results, states
 

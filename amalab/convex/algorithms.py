@@ -75,12 +75,12 @@ def theta_step_sizes(solved: SolvedProblem, horizons) -> np.ndarray:
 
 def train_algorithm(algorithm: str, solved: SolvedProblem, horizons, batch_size: int,
                     rng: np.random.Generator, gain_scale: str = "bound", gamma: float | None = None,
-                    checkpoints=(), progress=None, engine: str = "compiled") -> TrainingResult:
+                    curve_steps=(), progress=None, engine: str = "compiled") -> TrainingResult:
     """Train ``algorithm`` with the step sizes its theory sets, one row per entry of ``horizons``
     (``engine``: see :func:`amalab.convex.training.train`)."""
     mixer, full_batch = make_convex_mixer(algorithm, solved, horizons, gain_scale, gamma)
     return train(solved, mixer, horizons, theta_step_sizes(solved, horizons), rng,
-                 batch_size=None if full_batch else batch_size, checkpoints=checkpoints, progress=progress,
+                 batch_size=None if full_batch else batch_size, curve_steps=curve_steps, progress=progress,
                  engine=engine)
 
 

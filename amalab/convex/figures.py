@@ -65,8 +65,8 @@ def worst_task_figure(record: dict, path: Path) -> Path:
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.3), gridspec_kw=dict(width_ratios=[1.1, 1]))
     for algorithm, r in wt["algorithms"].items():
         curve, color = np.asarray(r["curve"]), COLORS.get(algorithm)
-        left.plot(r["checkpoints"], np.median(curve, axis=0), color=color, label=algorithm)
-        left.fill_between(r["checkpoints"], np.quantile(curve, 0.25, axis=0), np.quantile(curve, 0.75, axis=0),
+        left.plot(r["curve_steps"], np.median(curve, axis=0), color=color, label=algorithm)
+        left.fill_between(r["curve_steps"], np.quantile(curve, 0.25, axis=0), np.quantile(curve, 0.75, axis=0),
                           color=color, alpha=0.2)
     left.axhline(wt["opt"], color="black", ls="--", lw=1, label="OPT (cvxpy)")
     left.set(xscale="log", yscale="log", xlabel="step t",

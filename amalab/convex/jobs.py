@@ -51,11 +51,11 @@ def rate_job(solved: SolvedProblem, algorithm: str, horizons: list[int], seeds: 
 def worst_task_job(solved: SolvedProblem, algorithm: str, horizon: int, seeds: int, batch_size: int,
                    gain_scale: str, seed: int, gamma: float | None = None, progress=None) -> dict:
     """Per-task excess of theta_bar at the horizon and the worst-task curve over training."""
-    checkpoints = np.unique(np.geomspace(16, horizon, 40).astype(int))
+    curve_steps = np.unique(np.geomspace(16, horizon, 40).astype(int))
     result = train_algorithm(algorithm, solved, np.full(seeds, horizon), batch_size,
-                             job_rng(seed, "worst_task", algorithm), gain_scale, gamma, checkpoints, progress)
+                             job_rng(seed, "worst_task", algorithm), gain_scale, gamma, curve_steps, progress)
     return dict(task_excess=result.task_excess.tolist(), average_weights=result.average_weights.tolist(),
-                checkpoints=result.checkpoints.tolist(), curve=result.curve.tolist())
+                curve_steps=result.curve_steps.tolist(), curve=result.curve.tolist())
 
 
 def exp3_job(sequence: str, k: int, horizons: list[int], seeds: int, seed: int, progress=None) -> dict:

@@ -157,7 +157,7 @@ def _validate(record) -> None:
         _numbers(r, "task_excess", w, (-1, len(names)))
         seeds = len(r["task_excess"])
         _numbers(r, "average_weights", w, (seeds, len(names)))
-        C = len(_numbers(r, "checkpoints", w, (-1,)))
+        C = len(_numbers(r, "curve_steps", w, (-1,)))
         _numbers(r, "curve", w, (seeds, C))
     exp3 = _get(record, "exp3", "results")
     _numbers(exp3, "k", "exp3", ())

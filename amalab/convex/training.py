@@ -32,7 +32,7 @@ class TrainingResult:
     task_excess: np.ndarray  # (R, k): E_i(theta_bar)
     worst_excess: np.ndarray  # (R,): max_i E_i(theta_bar)
     average_weights: np.ndarray  # (R, k): task weights (alpha or p) averaged over the row's steps
-    checkpoints: np.ndarray  # (C,): steps at which the curve was taken
+    curve_steps: np.ndarray  # (C,): steps at which the curve was taken
     curve: np.ndarray  # (R, C): max_i E_i of the averaged iterate at each checkpoint
 
 
@@ -92,7 +92,7 @@ def numpy_advance(state: TrainingState, n_steps: int) -> None:
 
 
 def train(solved: SolvedProblem, mixer: Mixer, horizons, lr, rng: np.random.Generator,
-          batch_size: int | None = None, checkpoints=(), progress=None, engine: str = "compiled"
+          batch_size: int | None = None, curve_steps=(), progress=None, engine: str = "compiled"
           ) -> TrainingResult:
     """Run ``mixer`` with projected steps theta <- Proj(theta - lr * sum_j c_j grad l_j).
 
@@ -115,25 +115,25 @@ def train(solved: SolvedProblem, mixer: Mixer, horizons, lr, rng: np.random.Gene
         # the run's random numbers are the same whichever engine runs the steps)
     lr = np.broadcast_to(np.asarray(lr, dtype=float), (n_rows,))[:, None]
     t_max = int(horizons.max())
-    checkpoints = np.array(sorted({int(c) for c in checkpoints if 0 < c <= t_max}), dtype=np.int64)
+    curve_steps = np.array(sorted({int(c) for c in curve_steps if 0 < c <= t_max}), dtype=np.int64)
     state = TrainingState(problem, mixer, baseline_losses(solved, mixer), lr, batch_size, rng,
                           np.zeros((n_rows, problem.dim)), np.zeros((n_rows, problem.dim)))
     advance = compiled_advance if engine == "compiled" and compiled_kind(mixer) is not None else numpy_advance
 
     theta_bar = np.zeros_like(state.u)
     weights_at_horizon = np.zeros((n_rows, problem.k))
-    curve = np.zeros((n_rows, len(checkpoints)))
-    stops = sorted({*horizons.tolist(), *checkpoints.tolist(), *range(PROGRESS_EVERY, t_max, PROGRESS_EVERY), t_max})
+    curve = np.zeros((n_rows, len(curve_steps)))
+    stops = sorted({*horizons.tolist(), *curve_steps.tolist(), *range(PROGRESS_EVERY, t_max, PROGRESS_EVERY), t_max})
     for stop in stops:
         advance(state, stop - state.done)
         finished = np.flatnonzero(horizons == stop)
         theta_bar[finished] = state.u_sum[finished] / stop
         weights_at_horizon[finished] = mixer.average_weights[finished]
-        if stop in checkpoints:
-            curve[:, int(np.searchsorted(checkpoints, stop))] = solved.worst_excess(state.u_sum / stop)
+        if stop in curve_steps:
+            curve[:, int(np.searchsorted(curve_steps, stop))] = solved.worst_excess(state.u_sum / stop)
         if progress is not None and (stop % PROGRESS_EVERY == 0 or stop == t_max):
             progress(stop)
 
     task_excess = solved.task_excess(theta_bar)
     return TrainingResult(theta_bar, task_excess, task_excess.max(axis=-1), weights_at_horizon,
-                          checkpoints, curve)
+                          curve_steps, curve)
