@@ -1,4 +1,4 @@
-"""``torchrun --nproc-per-node 2 -m amalab llm train CONFIG`` on a tiny config, against one process.
+"""``torchrun --nproc-per-node 2 -m amalab llm run CONFIG`` on a tiny config, against one process.
 
 The whole pipeline (reference cache, a specialist per task, its loss cache, one generalist, summary) runs on
 2 gloo ranks with the policy sharded by FSDP2, and in this process on one rank; rank 0 alone prints the
@@ -81,12 +81,12 @@ def test_torchrun_two_ranks_fsdp_equals_one_process(tmp_path):
     config = write_config(tmp_path / "dist", str(tmp_path / "dist" / "out"), fsdp=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([torchrun, "--nproc-per-node", "2", "--standalone", "-m", "amalab", "llm", "train",
+    done = subprocess.run([torchrun, "--nproc-per-node", "2", "--standalone", "-m", "amalab", "llm", "run",
                            str(config)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     out = tmp_path / "dist" / "out"
     # rank 0 alone speaks and writes: each message once
-    assert done.stdout.count("task first:") == 1 and done.stdout.count("wrote ") == 1, done.stdout
+    assert done.stdout.count("task 'first'") == 1 and done.stdout.count("wrote ") == 1, done.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert sorted(p.name for p in (out / "generalists" / "ama-s" / "seed0" / "checkpoints").iterdir()) == [
         "latest", "step-000002", "step-000003"]
