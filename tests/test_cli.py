@@ -17,7 +17,7 @@ import pytest
 
 from amalab.cli import main
 from amalab.convex.experiment import ReproductionConfig, load_config
-from amalab.convex.theory_checks import check_results
+from amalab.convex.theory_checks import check_results, failures
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "experiments" / "convex_rates" / "config.toml"
@@ -239,7 +239,7 @@ def test_readme_reproduction_command(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     for name in ("rates.csv", "worst_task.csv", "exp3.csv"):
         assert f"{name}: matches" in done.stdout, done.stdout
-    assert check_results(json.loads((tmp_path / "results.json").read_text())) == []
+    assert failures(check_results(json.loads((tmp_path / "results.json").read_text()))) == []
 
 
 def test_readme_python_example_runs():
