@@ -100,8 +100,9 @@ class SweepsConfig:
 
 
 @dataclass(frozen=True)
-class DiagnoseConfig:
-    tasks: list[TaskSpec]
+class _TopLevel:
+    """The config's keys outside any table."""
+
     out: str = "runs/mujoco_diagnostic"
     #: a folder that gets a copy of the summary, tables and figures (e.g. paper_figures/mujoco_diagnostic)
     figures: str = ""
@@ -109,6 +110,15 @@ class DiagnoseConfig:
     environment: str = "HalfCheetah-v5"
     simulators: int = 16
     threads: int = 1
+
+    def check(self) -> None:
+        if self.simulators < 1 or self.threads < 1:
+            raise ValueError("simulators and threads must be >= 1")
+
+
+@dataclass(frozen=True)
+class DiagnoseConfig(_TopLevel):
+    tasks: list[TaskSpec] = field(default_factory=list)
     behaviour: BehaviourConfig = field(default_factory=BehaviourConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -122,20 +132,6 @@ class DiagnoseConfig:
     merges: MergesConfig = field(default_factory=MergesConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     sweeps: SweepsConfig = field(default_factory=SweepsConfig)
-
-
-@dataclass(frozen=True)
-class _TopLevel:
-    out: str = "runs/mujoco_diagnostic"
-    figures: str = ""
-    seed: int = 0
-    environment: str = "HalfCheetah-v5"
-    simulators: int = 16
-    threads: int = 1
-
-    def check(self) -> None:
-        if self.simulators < 1 or self.threads < 1:
-            raise ValueError("simulators and threads must be >= 1")
 
 
 def load_config(path: str | Path) -> DiagnoseConfig:
