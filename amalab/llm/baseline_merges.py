@@ -47,6 +47,15 @@ def _specialist_states(experiment) -> list[dict[str, torch.Tensor]]:
     return states
 
 
+def _specialists_compute(experiment) -> dict:
+    """What a merge cost to train: the optimizer steps and training tokens of the specialists it merges."""
+    from amalab.llm.train import training_tokens
+
+    runs = [experiment.out / "specialists" / name for name in experiment.task_names]
+    steps = sum(json.loads((run / "final.json").read_text()).get("steps", 0) for run in runs)
+    return {"steps": steps, "tokens": sum(training_tokens(run) for run in runs)}
+
+
 def generation_scores(experiment, model) -> dict[str, float]:
     """Verifier success rate per generated task on its held-out prompts ({} when none or when disabled)."""
     from amalab.llm.generate import evaluate_generation
@@ -117,6 +126,6 @@ def merged_specialists(experiment, specialist_caches) -> list[dict]:
                     write_json_atomic(final_path, final, indent=1)
                 del model
             records.append({"method": f"merge-{method}", "seed": s, "run_dir": experiment.relative(run_dir),
-                            **final})
+                            **final, **_specialists_compute(experiment)})
             experiment.say(f"merge {method} seed {s}: worst-task excess {final.get('worst_excess', float('nan')):.4f}")
     return records

@@ -188,8 +188,14 @@ class SpecialistsConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     #: task name -> a saved specialist (a run's ``specialists/<task>/model`` folder) to load instead of training
     load: dict = field(default_factory=dict)
+    #: K: s(z) of each training pair comes from a specialist trained on the other K-1 folds of its task, and
+    #: a held-out pair's s(z) is the mean over the K (docs/maths.md section 12); 1: in-sample, every s(z)
+    #: from the one specialist trained on all of its task's pairs
+    cross_fit: int = 2
 
     def check(self) -> None:
+        if isinstance(self.cross_fit, bool) or not isinstance(self.cross_fit, int) or self.cross_fit < 1:
+            raise ValueError(f"cross_fit: expected an integer >= 1 (1: in-sample), got {self.cross_fit!r}")
         for task, path in self.load.items():
             if not isinstance(path, str) or not path:
                 raise ValueError(f"load.{task}: expected a folder path, got {path!r}")
@@ -204,6 +210,9 @@ class MethodsConfig:
     #: seeds per method (a method listed in seeds_per_method gets that many instead)
     seeds: int = 1
     seeds_per_method: dict = field(default_factory=dict)
+    #: methods also trained against the in-sample specialist losses (docs/maths.md section 12), reported as
+    #: "<method>-in-sample"; needs [specialists] cross_fit >= 2 and a method measured against the specialists
+    in_sample: list[str] = field(default_factory=list)
     #: options of each mixer, e.g. ama-r = { eta_alpha = 1.0 }
     options: dict = field(default_factory=lambda: {"ama-r": {"eta_alpha": 1.0}, "ama-r-sim": {"eta_alpha": 1.0},
                                                    "doremi": {"eta_alpha": 1.0}, "ama-s": {"gamma": 0.3},
@@ -224,6 +233,11 @@ class MethodsConfig:
                 raise ValueError(f"seeds_per_method: unknown method {name!r}; known: {', '.join(METHODS)}")
             if not isinstance(n, int) or n < 1:
                 raise ValueError(f"seeds_per_method.{name}: expected an integer >= 1, got {n!r}")
+        for name in self.in_sample:
+            if name not in self.names:
+                raise ValueError(f"in_sample: {name!r} is not one of names {self.names}")
+        if len(set(self.in_sample)) != len(self.in_sample):
+            raise ValueError(f"in_sample: a method is listed twice: {self.in_sample}")
         for name, opts in self.options.items():
             if name not in MIXERS:
                 raise ValueError(f"options: unknown mixer {name!r}")
@@ -232,6 +246,13 @@ class MethodsConfig:
 
     def seeds_of(self, name: str) -> int:
         return int(self.seeds_per_method.get(name, self.seeds))
+
+    def runs(self) -> list[tuple[str, str, bool]]:
+        """(label, method, in-sample?) of every generalist variant, in order: each method, then its in-sample
+        variant right after it (a method's seeds apply to both)."""
+        return [(label, name, in_sample) for name in self.names
+                for label, in_sample in [(name, False)] + ([(f"{name}-in-sample", True)]
+                                                           if name in self.in_sample else [])]
 
 
 @dataclass(frozen=True)
@@ -323,6 +344,12 @@ def load_llm_config(path: str | Path) -> LLMConfig:
     if "source_path" in table or "base_dir" in table:
         raise ConfigError(f"{path}: source_path and base_dir are set by amalab, not by the config")
     config = dataclasses.replace(config, tasks=parsed, source_path=str(path), base_dir=str(path.parent))
+    if config.specialists.load and config.specialists.cross_fit > 1:
+        raise ConfigError(f"{path}: [specialists] load: a loaded specialist cannot be cross-fitted (what it "
+                          "trained on is unknown); set [specialists] cross_fit = 1")
+    if config.methods.in_sample and config.specialists.cross_fit == 1:
+        raise ConfigError(f"{path}: [methods] in_sample: the specialist losses are in-sample already "
+                          "([specialists] cross_fit = 1); set cross_fit >= 2 or drop in_sample")
     if config.merges.names and config.model.fsdp:
         raise ConfigError(f"{path}: [merges] needs the specialists' full weights on one process; it does not "
                           "combine with [model] fsdp = true yet")
@@ -344,6 +371,8 @@ def _check_method(path: Path, config: LLMConfig, name: str, earlier: list[str]) 
         mixer.draw(np.random.default_rng(0), config.train.batch_size)
     except ValueError as e:
         raise ConfigError(f"{path}: [train] batch_size for method {name}: {e}") from None
+    if name in config.methods.in_sample and (name in LOSS_BASELINES or mixer.baseline != "specialist"):
+        raise ConfigError(f"{path}: [methods] in_sample: {name!r} does not measure excess over the specialists")
     if mixer.baseline == "standard" and "standard" not in earlier:
         raise ConfigError(f"{path}: [methods] names: {name} measures excess over the standard generalist: "
                           "list 'standard' before it")

@@ -29,6 +29,7 @@ from amalab.llm.models import (compile_layers, load_model, load_tokenizer, model
                                resolve_device, smollm2_gguf_path, tiny_llama, tiny_tokenizer,
                                tokenizer_fingerprint)
 from amalab.llm.tokenize import TokenizedPair, tokenize_pairs
+from amalab.llm.train import TrainingRun, run_training
 from amalab.llm.train_state import load_trainable_state
 
 #: the experiment's tokenizer, saved by :func:`prepare` (the tiny model's is trained on the tasks' text)
@@ -81,6 +82,20 @@ class Experiment:
         if settings.fsdp and self.world.distributed:
             model = shard_policy(model, self.world)
         return model
+
+    def described(self, run: TrainingRun, mixer: dict) -> TrainingRun:
+        """``run`` with its description (run.json): a rerun with other settings into its folder is refused."""
+        # report_to only adds event files beside metrics.jsonl: switching it on or off continues the same run
+        optim = {k: v for k, v in asdict(run.optim).items() if k != "report_to"}
+        run.description = {"name": run.name, "mixer": mixer, "seed": run.seed, "optim": optim,
+                           "loss": asdict(run.loss), "reference": self.reference_manifest}
+        return run
+
+    def train(self, run: TrainingRun) -> tuple[torch.nn.Module, dict]:
+        """A fresh policy trained by ``run`` (or holding its finished result), and the run's final metrics."""
+        model = self.policy(run.seed)
+        final = run_training(model, run, self.device, self.world, self.show_progress)
+        return model, final
 
     def trained_policy(self, run_dir: Path, seed: int) -> torch.nn.Module | None:
         """A fresh policy holding the trained parameters of ``run_dir``'s last checkpoint; None without one."""

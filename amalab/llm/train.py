@@ -142,6 +142,15 @@ def metrics_logger(run: TrainingRun, world: World) -> Callable[[dict], None]:
     return log
 
 
+def training_tokens(run_dir: Path) -> int:
+    """The tokens a run's optimizer steps read (non-padding, every rank), summed from its metrics.jsonl."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    records = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return int(sum(r.get("tokens", 0) for r in records if r.get("kind") == "train"))
+
+
 def _resume(state: TrainState, run: TrainingRun, world: World, show_progress: bool) -> None:
     checkpoint = load_latest(run.run_dir)
     if checkpoint is not None:

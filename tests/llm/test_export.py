@@ -102,8 +102,8 @@ def test_export_loads_in_plain_transformers_with_the_trained_policys_logps(train
 def test_summary_names_each_runs_folder_and_export_takes_it(trained, tmp_path):
     _, _, out = trained
     runs = json.loads((out / "summary.json").read_text())["runs"]
-    assert sorted(r["run_dir"] for r in runs) == ["generalists/ama-s/seed0", "generalists/ama-s/seed1"]
-    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert sorted(r["run_dir"] for r in runs) == ["base", "generalists/ama-s/seed0", "generalists/ama-s/seed1"]
+    rows = [r for r in csv.DictReader((out / "summary.csv").open()) if r["method"] != "base"]
     assert {(r["method"], r["seed"], r["run_dir"]) for r in rows} == {
         ("ama-s", "0", "generalists/ama-s/seed0"), ("ama-s", "1", "generalists/ama-s/seed1")}
     assert main(["llm", "export", str(out / rows[0]["run_dir"]), str(tmp_path / "a")]) == 0

@@ -119,7 +119,11 @@ def test_run_end_to_end_then_reuse_then_eval(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     trained = {"standard", "uniform", "doremi", "odm", "ama-r", "ama-r-sim", "ama-s"}
     merged = {"merge-linear", "merge-task_arithmetic", "merge-ties", "merge-dare_ties"}
-    assert set(summary["methods"]) == trained | merged
+    assert set(summary["methods"]) == trained | merged | {"base"}
+    runs = {(r["method"], r["seed"]): r for r in summary["runs"]}
+    assert runs["base", 0]["steps"] == 0 and runs["base", 0]["tokens"] == 0
+    assert runs["ama-r", 0]["steps"] == 4 and runs["ama-r", 0]["tokens"] > 0
+    assert runs["merge-ties", 0]["steps"] == 3 * 3  # the three specialists' steps it merges
     assert summary["methods"]["ama-s"]["seeds"] == 2 and summary["methods"]["ama-r"]["seeds"] == 1
     assert summary["methods"]["merge-dare_ties"]["seeds"] == 2 and summary["methods"]["merge-ties"]["seeds"] == 1
     tasks = ("alpha", "beta", "sums")
@@ -244,13 +248,14 @@ def test_lora_on_a_model_without_the_target_modules_is_a_clear_error(tmp_path, c
 def test_given_specialists_are_loaded_instead_of_trained(tmp_path):
     first = tmp_path / "first"
     first.mkdir()
-    config_a = experiment(first, names='["standard"]')
+    in_sample = "[specialists]\ncross_fit = 1\n\n[specialists.optim]"  # a loaded specialist is not cross-fitted
+    config_a = experiment(first, names='["standard"]', **{"[specialists.optim]": in_sample})
     assert main(["llm", "specialists", str(config_a), "--quiet"]) == 0
     trained = {t: json.loads((first / "run" / "caches" / f"specialist-{t}" / "ids.json").read_text()) for t in ("alpha", "beta")}
 
     second = tmp_path / "second"
     second.mkdir()
-    load = f'[specialists]\nload = {{ alpha = "{first / "run" / "specialists" / "alpha"}", beta = "{first / "run" / "specialists" / "beta"}" }}\n\n[specialists.optim]'
+    load = f'[specialists]\ncross_fit = 1\nload = {{ alpha = "{first / "run" / "specialists" / "alpha"}", beta = "{first / "run" / "specialists" / "beta"}" }}\n\n[specialists.optim]'
     config_b = experiment(second, names='["standard"]', **{"[specialists.optim]": load})
     assert main(["llm", "specialists", str(config_b), "--quiet"]) == 0
     assert not (second / "run" / "specialists").exists()  # nothing was trained

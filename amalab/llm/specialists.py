@@ -1,0 +1,138 @@
+"""The specialists of an LLM experiment and their cached losses s(z) (docs/maths.md sections 1, 11 and 12).
+
+One specialist per task is trained on all of the task's pairs (``OUT/specialists/<task>/``: the merges' inputs,
+and the in-sample losses); with ``[specialists] cross_fit = K`` >= 2, K more per task, each on every fold of the
+task's pairs but one (``OUT/cross_fit/<task>/fold<f>of<K>/``), give the cross-fitted losses
+(:mod:`amalab.llm.cross_fit`). Every run and every cache resumes on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from amalab.errors import ConfigError
+from amalab.llm.cache import ValueCache, data_hash
+from amalab.llm.cross_fit import cross_fitted_losses, folds
+from amalab.llm.experiment import Experiment
+from amalab.llm.models import load_model, policy_fingerprint
+from amalab.llm.train import TrainingRun
+from amalab.mixers import make_mixer
+
+
+@dataclass
+class SpecialistLosses:
+    """The specialists' cached losses s(z) per task (docs/maths.md sections 11 and 12).
+
+    ``evaluation``: the experiment's definition, cross-fitted with ``[specialists] cross_fit`` >= 2, else
+    in-sample; every held-out excess and every method's training baseline uses it. ``in_sample``: the losses
+    of the specialists trained on all of their task's pairs, the baseline of the ``[methods] in_sample``
+    variants.
+    """
+
+    evaluation: list[ValueCache]
+    in_sample: list[ValueCache]
+    definition: str
+
+
+def specialist_run(experiment: Experiment, task: int, fold: int | None = None) -> TrainingRun:
+    """Task ``task``'s specialist: the task alone (all its training pairs, or with ``fold`` every fold but that
+    one), trained in the config's loss with [specialists.optim]."""
+    config, name = experiment.config, experiment.task_names[task]
+    train, run_dir, mixer = experiment.train_sets[task], experiment.out / "specialists" / name, {"name": "uniform",
+                                                                                               "task": name}
+    if fold is not None:
+        k = config.specialists.cross_fit
+        train = task_folds(experiment, task)[fold][0]
+        run_dir = experiment.out / "cross_fit" / name / f"fold{fold}of{k}"
+        mixer["fold"] = {"index": fold, "k": k, "seed": config.seed, "data": data_hash(sorted(p.id for p in train))}
+    run = TrainingRun(name=f"specialist {name}" + ("" if fold is None else f" fold {fold}"), run_dir=run_dir,
+                      mixer=make_mixer("uniform", 1), task_names=[name], train_sets=[train],
+                      eval_sets=[experiment.eval_sets[task]], reference=experiment.reference,
+                      baseline_losses=None, specialist_caches=[None], optim=config.specialists.optim,
+                      loss=config.loss, seed=config.seed, pad_token_id=experiment.pad_token_id,
+                      eval_loss=config.loss)
+    return experiment.described(run, mixer)
+
+
+def task_folds(experiment: Experiment, task: int) -> list[tuple[list, list]]:
+    """Task ``task``'s training pairs cut into [specialists] cross_fit folds: (trained on, scored) per fold."""
+    config = experiment.config
+    return folds(experiment.train_sets[task], config.specialists.cross_fit, config.seed)
+
+
+def _trained_specialist(experiment: Experiment, run: TrainingRun, allow_training: bool) -> torch.nn.Module:
+    if not allow_training and not (run.run_dir / "final.json").is_file():
+        raise ConfigError(f"{run.name} is not trained yet ({run.run_dir}): run `amalab llm specialists "
+                          f"{experiment.config.source_path}` first, or `amalab llm run`")
+    model, final = experiment.train(run)
+    experiment.say(f"{run.name}: held-out {_short(final['tasks'].get(run.task_names[0], {}))}")
+    return model
+
+
+def in_sample_loss_caches(experiment: Experiment, allow_training: bool = True) -> list[ValueCache]:
+    """Train (or load) one specialist per task on all of its pairs; the caches of its losses on every pair of
+    its task, the ones it trained on included (in-sample, (46))."""
+    config, caches = experiment.config, []
+    for i, name in enumerate(experiment.task_names):
+        given = config.specialists.load.get(name)
+        if given is not None:
+            model, source = _load_given_specialist(experiment, Path(config.resolve(given))), {"loaded": given}
+        else:
+            run = specialist_run(experiment, i)
+            model = _trained_specialist(experiment, run, allow_training)
+            source = {"trained": str(run.run_dir), "steps": run.optim.max_steps}
+        manifest = {"kind": "specialist losses", "task": name, "specialist": policy_fingerprint(model), **source}
+        caches.append(experiment.loss_cache(model, experiment.train_sets[i] + experiment.eval_sets[i],
+                                            experiment.out / "caches" / f"specialist-{name}", manifest,
+                                            f"specialist {name} losses"))
+        del model
+    return caches
+
+
+def cross_fitted_loss_caches(experiment: Experiment, allow_training: bool = True) -> list[ValueCache]:
+    """Per task, K fold specialists, each scoring the fold it did not train on and the held-out pairs; their
+    losses combined into s(z) by (54) and (55). Every fold's run and cache resumes on its own."""
+    k, caches = experiment.config.specialists.cross_fit, []
+    for i, name in enumerate(experiment.task_names):
+        held_out, fold_caches, scored = experiment.eval_sets[i], [], []
+        for f, (_, fold_pairs) in enumerate(task_folds(experiment, i)):
+            run = specialist_run(experiment, i, fold=f)
+            model = _trained_specialist(experiment, run, allow_training)
+            manifest = {"kind": "cross-fitted specialist losses", "task": name, "fold": f, "k": k,
+                        "specialist": policy_fingerprint(model), "trained": str(run.run_dir),
+                        "steps": run.optim.max_steps}
+            fold_caches.append(experiment.loss_cache(
+                model, fold_pairs + held_out, experiment.out / "caches" / f"specialist-{name}-fold{f}of{k}",
+                manifest, f"specialist {name} fold {f} losses"))
+            scored.append(fold_pairs)
+            del model
+        caches.append(cross_fitted_losses(fold_caches, scored, held_out))
+    return caches
+
+
+def specialist_losses(experiment: Experiment, allow_training: bool = True) -> SpecialistLosses:
+    """Every task's specialist trained on all of its pairs and its in-sample losses; with cross_fit >= 2 the
+    cross-fitted losses too, which then are the experiment's definition."""
+    k = experiment.config.specialists.cross_fit
+    in_sample = in_sample_loss_caches(experiment, allow_training)
+    if k == 1:
+        return SpecialistLosses(in_sample, in_sample, "in-sample")
+    return SpecialistLosses(cross_fitted_loss_caches(experiment, allow_training), in_sample, f"cross-fit {k}")
+
+
+def _load_given_specialist(experiment: Experiment, path: Path) -> torch.nn.Module:
+    if (path / "config.json").is_file():
+        return load_model(path, device=experiment.device)
+    model = experiment.trained_policy(path, experiment.config.seed)
+    if model is None:
+        raise ConfigError(f"specialists.load: {path} is neither a model folder (config.json) nor a run folder "
+                          "with checkpoints")
+    return model
+
+
+def _short(metrics: dict) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "n")
+

@@ -1,0 +1,156 @@
+"""Cross-fitted specialist losses (docs/maths.md section 12): the folds partition each task's pairs, no pair is
+scored by a specialist that trained on it, held-out pairs get the mean of the fold specialists, and every
+fold resumes on its own."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from amalab.cli import main
+from amalab.llm.cache import ValueCache
+from amalab.llm.cross_fit import cross_fitted_losses, fold_indices, folds
+from amalab.llm.experiment import Experiment
+from amalab.llm.tokenize import TokenizedPair
+
+from test_pipeline import experiment
+
+ids_strategy = st.lists(st.text(alphabet="0123456789abcdef", min_size=4, max_size=8), min_size=2, max_size=40,
+                        unique=True)
+
+
+@settings(max_examples=60, deadline=None)
+@given(ids=ids_strategy, k=st.integers(2, 5), seed=st.integers(0, 3), data=st.data())
+def test_folds_partition_the_pairs_evenly_whatever_their_order(ids, k, seed, data):
+    if len(ids) < k:
+        with pytest.raises(ValueError):
+            fold_indices(ids, k, seed)
+        return
+    where = fold_indices(ids, k, seed)
+    sizes = np.bincount(where, minlength=k)
+    assert sizes.sum() == len(ids) and sizes.max() - sizes.min() <= 1 and set(where) == set(range(k))
+    shuffled = data.draw(st.permutations(ids))
+    assert dict(zip(shuffled, fold_indices(shuffled, k, seed))) == dict(zip(ids, where))
+    pairs = [TokenizedPair(i, "t", (1,), (2,), (3,)) for i in ids]
+    for f, (trained, scored) in enumerate(folds(pairs, k, seed)):
+        assert {p.id for p in scored} == {i for i, g in zip(ids, where) if g == f}
+        assert {p.id for p in trained} == set(ids) - {p.id for p in scored}
+
+
+def test_training_pairs_take_their_fold_specialist_and_held_out_pairs_the_mean():
+    pairs = [TokenizedPair(f"p{i}", "t", (1,), (2,), (3,)) for i in range(7)]
+    held_out = [TokenizedPair(f"h{i}", "t", (1,), (2,), (3,)) for i in range(3)]
+    split = folds(pairs, 3, seed=0)
+    rng = np.random.default_rng(0)
+    fold_caches = []
+    for _, scored in split:
+        ids = [p.id for p in scored + held_out]
+        fold_caches.append(ValueCache(ids, {"loss": rng.random(len(ids))}))
+    combined = cross_fitted_losses(fold_caches, [scored for _, scored in split], held_out)
+    assert sorted(combined.ids) == sorted(p.id for p in pairs + held_out)
+    for f, (_, scored) in enumerate(split):
+        for p in scored:
+            assert combined.get("loss", [p.id])[0] == fold_caches[f].get("loss", [p.id])[0]
+    for h in held_out:
+        expected = np.mean([c.get("loss", [h.id])[0] for c in fold_caches])
+        assert combined.get("loss", [h.id])[0] == pytest.approx(expected, rel=1e-15)
+
+
+def _watch(monkeypatch) -> tuple[dict, list]:
+    """Record what each specialist trained on (by run folder) and which pairs each loss cache scored, by model."""
+    trained, scored = {}, []
+    train, loss_cache = Experiment.train, Experiment.loss_cache
+
+    def watched_train(self, run):
+        model, final = train(self, run)
+        trained[id(model)] = (run.run_dir, {p.id for s in run.train_sets for p in s})
+        return model, final
+
+    def watched_cache(self, model, pairs, folder, manifest, what):
+        scored.append((id(model), folder.name, {p.id for p in pairs}))
+        return loss_cache(self, model, pairs, folder, manifest, what)
+
+    monkeypatch.setattr(Experiment, "train", watched_train)
+    monkeypatch.setattr(Experiment, "loss_cache", watched_cache)
+    return trained, scored
+
+
+def test_no_training_pair_is_scored_by_a_specialist_that_trained_on_it(tmp_path, monkeypatch):
+    config = experiment(tmp_path, names='["standard"]')
+    trained, scored = _watch(monkeypatch)
+    assert main(["llm", "specialists", str(config), "--quiet"]) == 0
+    out = tmp_path / "run"
+    data = json.loads((out / "data.json").read_text())
+    for task in ("alpha", "beta"):
+        folds_scored = [(trained[model], ids) for model, name, ids in scored if name.startswith(f"specialist-{task}-")]
+        assert len(folds_scored) == 2  # cross_fit = 2 by default
+        held_out = set.intersection(*(ids for _, ids in folds_scored))
+        assert len(held_out) == data[task]["eval"]  # every fold specialist scores every held-out pair
+        training = [ids - held_out for _, ids in folds_scored]
+        assert sum(map(len, training)) == data[task]["train"] and not training[0] & training[1]
+        for ((run_dir, seen), ids), train_ids in zip(folds_scored, training):
+            assert run_dir.parent == out / "cross_fit" / task
+            assert not seen & ids  # scored only what it never trained on
+            assert seen | train_ids == {i for ids_ in training for i in ids_}  # trained on the other fold
+    for task in ("alpha", "beta"):  # the specialist trained on all pairs scores them all (in-sample)
+        (run_dir, seen), = [trained[m] for m, name, _ in scored if name == f"specialist-{task}"]
+        assert run_dir == out / "specialists" / task and len(seen) == data[task]["train"]
+
+
+def test_each_fold_resumes_on_its_own(tmp_path, monkeypatch, capsys):
+    config = experiment(tmp_path, names='["standard"]')
+    assert main(["llm", "specialists", str(config), "--quiet"]) == 0
+    out = tmp_path / "run"
+    fold0, fold1 = (out / "cross_fit" / "alpha" / f"fold{f}of2" for f in (0, 1))
+    stamp = (fold0 / "final.json").stat().st_mtime_ns
+    cache0 = (out / "caches" / "specialist-alpha-fold0of2" / "values.npz").read_bytes()
+    cache1 = (out / "caches" / "specialist-alpha-fold1of2" / "values.npz").read_bytes()
+    import shutil
+
+    shutil.rmtree(fold1)  # fold 1 lost (its run and cache), fold 0 kept
+    shutil.rmtree(out / "caches" / "specialist-alpha-fold1of2")
+    trained, _ = _watch(monkeypatch)
+    assert main(["llm", "specialists", str(config)]) == 0
+    retrained = [run_dir for run_dir, _ in trained.values()]
+    assert fold1 in retrained and (fold0 / "final.json").stat().st_mtime_ns == stamp
+    assert (out / "caches" / "specialist-alpha-fold0of2" / "values.npz").read_bytes() == cache0
+    # retraining fold 1 from scratch gives the very same losses
+    assert (out / "caches" / "specialist-alpha-fold1of2" / "values.npz").read_bytes() == cache1
+
+
+def test_in_sample_variants_train_against_the_in_sample_losses(tmp_path):
+    config = experiment(tmp_path, names='["standard", "ama-r"]',
+                        extra='\n[specialists]\ncross_fit = 2\n', **{"seeds = 1": 'seeds = 1\nin_sample = ["ama-r"]'})
+    assert main(["llm", "run", str(config), "--quiet"]) == 0
+    out = tmp_path / "run"
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"ama-r", "ama-r-in-sample", "standard", "base"} <= set(summary["methods"])
+    described = {m: json.loads((out / "generalists" / m / "seed0" / "run.json").read_text())["mixer"]
+                 for m in ("ama-r", "ama-r-in-sample", "standard")}
+    assert described["ama-r"]["specialist_losses"] == "cross-fit 2"
+    assert described["ama-r-in-sample"]["specialist_losses"] == "in-sample"
+    assert (out / "caches" / "specialist-alpha").is_dir() and (out / "specialists" / "alpha").is_dir()
+
+
+@pytest.mark.parametrize("change, words", [
+    ("[specialists.optim]", ("[specialists]\ncross_fit = 0\n\n[specialists.optim]", "cross_fit")),
+    ("seeds = 1", ('seeds = 1\nin_sample = ["standard"]', "does not measure excess over the specialists")),
+    ("seeds = 1", ('seeds = 1\nin_sample = ["ama-s"]', "is not one of names")),
+])
+def test_bad_cross_fit_settings_are_one_line(tmp_path, capsys, change, words):
+    text, expected = words
+    config = experiment(tmp_path, names='["standard", "ama-r"]', **{change: text})
+    assert main(["llm", "run", str(config), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_in_sample_variants_need_cross_fitting(tmp_path, capsys):
+    config = experiment(tmp_path, names='["standard", "ama-r"]',
+                        **{"[specialists.optim]": "[specialists]\ncross_fit = 1\n\n[specialists.optim]",
+                           "seeds = 1": 'seeds = 1\nin_sample = ["ama-r"]'})
+    assert main(["llm", "run", str(config), "--quiet"]) == 2
+    assert "in-sample already" in capsys.readouterr().err
