@@ -6,6 +6,7 @@
     worst_excess.png    the worst-task excess per method, every seed shown
     weights.png         the adaptive mixers' task weights (and running averages) over training, seed 0
     eval_curves.png     held-out excess per task against steps, seed 0 of every method
+    paired_differences.png  AMA minus standard and minus the best merge, same seed: mean, 95% interval, seeds
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def _worst_excess(folder: Path, summary: dict) -> Path:
 
 def _weights(out: Path, folder: Path, summary: dict) -> list[Path]:
     """weights.png: the adaptive mixers' weights over training (seed 0); none without an adaptive method."""
-    adaptive = [m for m in summary["methods"] if m in ADAPTIVE]
+    adaptive = [m for m in summary["methods"] if m.removesuffix("-in-sample") in ADAPTIVE]
     if not adaptive:
         return []
     cols = min(3, len(adaptive))
@@ -129,10 +130,37 @@ def _eval_curves(out: Path, folder: Path, summary: dict) -> Path:
     return _save(fig, folder / "eval_curves.png")
 
 
+def _paired(folder: Path, summary: dict) -> list[Path]:
+    """paired_differences.png: each AMA method minus standard and minus the best merge, per seed (dots) and
+    the mean with its 95% t-interval (bars); none without a comparison."""
+    from amalab.llm.paired_comparison import METRICS
+
+    rows = summary.get("paired", [])
+    if not rows:
+        return []
+    metrics = [m for m in METRICS if any(r["metric"] == m for r in rows)]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 0.5 * len(rows) / len(metrics) + 1.8),
+                             squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        mine = [r for r in rows if r["metric"] == metric]
+        for y, r in enumerate(mine):
+            ax.scatter(r["differences"], np.full(len(r["differences"]), y), color="k", s=10, zorder=3)
+            ax.errorbar(r["mean"], y, xerr=[[r["mean"] - r["low"]], [r["high"] - r["mean"]]], fmt="o",
+                        color="C3" if r["against"] == "standard" else "C0", capsize=3)
+        ax.axvline(0, color="grey", lw=1)
+        ax.set_yticks(range(len(mine)), [f"{r['method']} - {r['against']}" for r in mine], fontsize=8)
+        what, higher_better = METRICS[metric]
+        ax.set_xlabel(f"difference in {what} ({'right' if higher_better else 'left'} of 0: method better)",
+                      fontsize=8)
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle("paired differences (same seed): mean and 95% t-interval, dots: seeds", fontsize=9)
+    return [_save(fig, folder / "paired_differences.png")]
+
+
 def make_figures(out: Path, summary: dict) -> list[Path]:
     """Every figure of the module docstring that the summary has data for; their paths."""
     out = Path(out)
     folder = out / "figures"
     folder.mkdir(parents=True, exist_ok=True)
     return (_task_bars(folder, summary) + [_worst_excess(folder, summary)] + _weights(out, folder, summary)
-            + [_eval_curves(out, folder, summary)])
+            + [_eval_curves(out, folder, summary)] + _paired(folder, summary))

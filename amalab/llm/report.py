@@ -2,7 +2,9 @@
 
 Per method, every held-out metric is summarized over seeds (mean, std, min, max); the worst-task excess is
 the experiment's headline number (docs/maths.md section 2), reported per method beside each task's clipped
-excess over its specialist and its preference accuracy.
+excess over its specialist and its preference accuracy, with the optimizer steps and training tokens the
+method spent, and the AMA methods' paired differences against standard and the best merge
+(:mod:`amalab.llm.paired_comparison`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from amalab.atomic_write import write_json_atomic, write_text_atomic
+from amalab.llm.paired_comparison import comparisons, paired_table
+
 #: the per-task metrics of summary.csv, in its column order
 CSV_METRICS = ("loss", "excess", "accuracy", "margin", "success")
 
@@ -38,12 +42,15 @@ def summarize(task_names: list[str], records: list[dict]) -> dict:
                 entry["tasks"][n].setdefault(metric, []).append(value)
     summary = {"tasks": task_names, "methods": {}, "runs": records}
     for method, entry in methods.items():
+        runs = [r for r in records if r["method"] == method]
         summary["methods"][method] = {
             "seeds": entry["seeds"],
+            "steps": max(r.get("steps", 0) for r in runs), "tokens": max(r.get("tokens", 0) for r in runs),
             "worst_excess": spread(entry["worst_excess"]),
             "tasks": {n: {m: spread(v) for m, v in metrics.items() if m != "n"}
                       for n, metrics in entry["tasks"].items()},
         }
+    summary["paired"] = comparisons(records, summary["methods"])
     return summary
 
 
@@ -67,7 +74,7 @@ def summary_table(summary: dict) -> str:
     verifiable tasks; mean (std) over seeds."""
     names = summary["tasks"]
     generated = [n for n in names if any("success" in m["tasks"][n] for m in summary["methods"].values())]
-    header = (["method", "seeds", "worst excess"] + [f"{n} excess" for n in names] + [f"{n} acc" for n in names]
+    header = (["method", "seeds", "steps", "tokens", "worst excess"] + [f"{n} excess" for n in names] + [f"{n} acc" for n in names]
               + [f"{n} success" for n in generated])
 
     def fmt(entry: dict, metric: str) -> str:
@@ -78,7 +85,8 @@ def summary_table(summary: dict) -> str:
 
     rows = []
     for method, m in summary["methods"].items():
-        rows.append([method, str(m["seeds"]), fmt(m, "worst_excess")]
+        rows.append([method, str(m["seeds"]), str(m.get("steps", "")), str(m.get("tokens", "")),
+                     fmt(m, "worst_excess")]
                     + [fmt(m["tasks"][n], "excess") for n in names] + [fmt(m["tasks"][n], "accuracy") for n in names]
                     + [fmt(m["tasks"][n], "success") for n in generated])
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
@@ -95,5 +103,7 @@ def report(out: Path, task_names: list[str], records: list[dict], write: bool = 
         write_summary(out, summary)
         paths = make_figures(out, summary)
         print(summary_table(summary))  # the result: printed even with --quiet
+        if summary["paired"]:
+            print(paired_table(summary["paired"]))
         print("wrote " + ", ".join(str(p) for p in [out / "summary.json"] + paths))
     return summary

@@ -135,7 +135,11 @@ def test_run_end_to_end_then_reuse_then_eval(tmp_path, capsys):
         assert "success" not in method["tasks"]["alpha"]  # no verifier, no generation
         assert method["worst_excess"]["mean"] == max(method["tasks"][t]["excess"]["mean"] for t in tasks) \
             or method["seeds"] > 1
-    for name in ("task_excess", "task_accuracy", "worst_excess", "weights", "eval_curves", "generation_success"):
+    paired = {(r["method"], r["against"], r["metric"]) for r in summary["paired"]}
+    best = min((m for m in merged), key=lambda m: summary["methods"][m]["worst_excess"]["mean"])
+    assert ("ama-s", "standard", "worst_excess") in paired and ("ama-r", best, "worst_success") in paired
+    for name in ("task_excess", "task_accuracy", "worst_excess", "weights", "eval_curves", "generation_success",
+                 "paired_differences"):
         assert (out / "figures" / f"{name}.png").stat().st_size > 1000
     manifests = {cache: json.loads((out / "caches" / cache / "manifest.json").read_text())
                  for cache in ("reference", "specialist-alpha", "specialist-beta", "specialist-sums", "standard")}

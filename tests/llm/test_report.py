@@ -43,7 +43,7 @@ def test_summary_groups_runs_by_method_over_seeds():
     assert amar["tasks"]["b"]["excess"]["mean"] == pytest.approx(0.15)
     assert "n" not in amar["tasks"]["a"]  # the pair count is not a metric to average
     lines = summary_table(summary).splitlines()
-    assert lines[0].split()[:3] == ["method", "seeds", "worst"] and len(lines) == 4
+    assert lines[0].split()[:5] == ["method", "seeds", "steps", "tokens", "worst"] and len(lines) == 4
     assert lines[3].split()[:4] == ["ama-r", "2", "0.3000", f"({statistics.stdev([0.2, 0.4]):.4f})"]
 
 

@@ -1,0 +1,89 @@
+"""Paired differences between methods, with 95% intervals (docs/maths.md section 12).
+
+Runs of two methods with the same seed index share the data, the held-out pairs and the policy's initial
+adapter, so their difference removes what the seed alone does: d_s = m(A, s) - m(B, s) for a metric m, over
+the seeds both have (a method with a single run, a deterministic merge, is paired with every seed of the
+other). The interval is Student's t over the n differences: mean +- t_{0.975, n-1} sd / sqrt(n) (57).
+
+Metrics: the worst-task excess (52), lower is better, and the worst generated task's generation success
+(56), the lowest verifier success over the generated tasks, higher is better.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import stats
+
+#: metric name -> (what it is, True if higher is better)
+METRICS = {"worst_excess": ("worst-task excess", False), "worst_success": ("worst generated task's success", True)}
+
+
+def worst_success(record: dict) -> float | None:
+    """The lowest generation success over the generated tasks of a run (56); None without one."""
+    rates = [m["success"] for m in record.get("tasks", {}).values() if "success" in m]
+    return min(rates) if rates else None
+
+
+def _metric(record: dict, metric: str) -> float | None:
+    value = worst_success(record) if metric == "worst_success" else record.get(metric)
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def paired_difference(runs_a: dict[int, dict], runs_b: dict[int, dict], metric: str) -> dict | None:
+    """Mean of d_s = m(A, s) - m(B, s) over the paired seeds and its 95% t-interval (57); None if unpaired."""
+    seeds = sorted(set(runs_a) & set(runs_b)) if len(runs_b) > 1 else sorted(runs_a)
+    pairs = [(_metric(runs_a[s], metric), _metric(runs_b[s if len(runs_b) > 1 else next(iter(runs_b))], metric))
+             for s in seeds]
+    differences = [a - b for a, b in pairs if a is not None and b is not None]
+    if not differences:
+        return None
+    d = np.asarray(differences)
+    n, mean = len(d), float(d.mean())
+    half = float(stats.t.ppf(0.975, n - 1) * d.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+    return {"n": n, "mean": mean, "low": mean - half, "high": mean + half, "differences": differences}
+
+
+def best_merge(summary_methods: dict) -> str | None:
+    """The merge with the lowest mean worst-task excess (the strongest merge, chosen after the fact)."""
+    merges = [m for m in summary_methods if m.startswith("merge-")]
+    return min(merges, key=lambda m: summary_methods[m]["worst_excess"]["mean"]) if merges else None
+
+
+def comparisons(records: list[dict], summary_methods: dict) -> list[dict]:
+    """Every AMA method (and its in-sample variant) against standard and against the best merge, per metric."""
+    by_method: dict[str, dict[int, dict]] = {}
+    for r in records:
+        by_method.setdefault(r["method"], {})[int(r["seed"])] = r
+    treatments = [m for m in by_method if m.startswith("ama-")]
+    controls = [m for m in ("standard", best_merge(summary_methods)) if m in by_method]
+    rows = []
+    for method in treatments:
+        for against in controls:
+            for metric in METRICS:
+                result = paired_difference(by_method[method], by_method[against], metric)
+                if result is not None:
+                    rows.append({"method": method, "against": against, "metric": metric, **result})
+    return rows
+
+
+def paired_table(rows: list[dict]) -> str:
+    """A markdown table of the paired differences: method - against, mean and 95% interval per metric."""
+    lines = ["| method - against | n | worst-task excess (lower: method better) | "
+             "worst generated task's success (higher: method better) |", "| --- | --- | --- | --- |"]
+    cells: dict[tuple[str, str], dict] = {}
+    for row in rows:
+        cells.setdefault((row["method"], row["against"]), {})[row["metric"]] = row
+
+    def fmt(row: dict | None) -> str:
+        if row is None:
+            return "-"
+        interval = "" if math.isnan(row["low"]) else f" [{row['low']:+.4f}, {row['high']:+.4f}]"
+        return f"{row['mean']:+.4f}{interval}"
+
+    for (method, against), metrics in cells.items():
+        n = max(r["n"] for r in metrics.values())
+        lines.append(f"| {method} - {against} | {n} | {fmt(metrics.get('worst_excess'))} | "
+                     f"{fmt(metrics.get('worst_success'))} |")
+    return "\n".join(lines)
