@@ -44,7 +44,7 @@ def test_summary_groups_runs_by_method_over_seeds():
     assert "n" not in amar["tasks"]["a"]  # the pair count is not a metric to average
     lines = summary_table(summary).splitlines()
     assert lines[0].split()[:5] == ["method", "seeds", "steps", "tokens", "worst"] and len(lines) == 4
-    assert lines[3].split()[:4] == ["ama-r", "2", "0.3000", f"({statistics.stdev([0.2, 0.4]):.4f})"]
+    assert lines[3].split()[:6] == ["ama-r", "2", "0", "0", "0.3000", f"({statistics.stdev([0.2, 0.4]):.4f})"]
 
 
 def test_summary_csv_has_one_row_per_run_and_task(tmp_path):
