@@ -133,6 +133,8 @@ def base_record(experiment: Experiment, losses: SpecialistLosses, fresh: bool = 
         final = evaluate(experiment.base_model, experiment.eval_sets, experiment.task_names, experiment.reference,
                          losses.evaluation, config.loss, experiment.pad_token_id,
                          config.train.per_device_eval_batch_size, experiment.device, experiment.world)
+        for metrics in final["tasks"].values():  # pi_ref against itself: every margin is 0 up to rounding
+            metrics.pop("accuracy", None), metrics.pop("margin", None)
         run_dir.mkdir(parents=True, exist_ok=True)
         final = add_generation(experiment, experiment.base_model, run_dir, final)
         final["specialist_losses"] = losses.definition
