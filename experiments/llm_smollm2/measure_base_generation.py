@@ -26,6 +26,7 @@ from amalab.errors import ConfigError
 from amalab.llm.config import load_llm_config
 from amalab.llm.data import TaskConfig, load_tasks
 from amalab.llm.generate import evaluate_generation
+from amalab.llm.generated import GeneratorKnobs, parse_source
 from amalab.llm.models import load_model, load_tokenizer, resolve_device, smollm2_gguf_path
 
 CONFIG = Path(__file__).with_name("config.toml")
@@ -42,10 +43,11 @@ def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tup
 
 
 def task_name(source: str) -> str:
-    """A readable task name from a generated source: ``format-h2`` (family and hardness)."""
-    family, _, query = source.removeprefix("generated:").partition("?")
-    knobs = dict(part.split("=", 1) for part in query.split("&") if "=" in part)
-    return f"{family}-h{knobs.get('hardness', 1)}"
+    """A readable task name from a generated source: ``format-h2``, ``arithmetic-h1-expression-d1``."""
+    knobs = parse_source(source.removeprefix("generated:"))
+    kind = f"-{knobs.kind}" if knobs.kind else ""
+    digits = f"-d{knobs.digits}" if knobs.digits != GeneratorKnobs(knobs.family).digits else ""
+    return f"{knobs.family}-h{knobs.hardness}{kind}{digits}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,9 @@ Two kinds of question, drawn half and half:
   ``" 3.5 km is 3500 m."``; rejected the same sentence with a wrong conversion factor (ten times too
   large or too small, or the factor of a neighbouring unit), the hard negative of a unit slip.
 
+The ``kind`` knob keeps one kind of question (``expression`` or ``conversion``); the ``digits`` knob bounds
+the operands of + and - and the values to convert (``digits = 1``: ``What is 7 - 3?``; default 2, as above).
+
 The verifier reads the last number of the response (and, for a conversion, the unit right after it)
 and compares it exactly (as a fraction) with the answer computed from the question.
 """
