@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from fractions import Fraction
 
@@ -66,8 +68,8 @@ def instruction(prompt: str) -> str:
     return prompt[len("\n\nHuman: "):-len(ASSISTANT_MARKER)]
 
 
-def check_ecd_pairs(family: str, n: int, hardness: int, seed: int) -> None:
-    task = generate_task(GeneratorKnobs(family, n=n, hardness=hardness, seed=seed))
+def check_ecd_pairs(family: str, n: int, hardness: int, seed: int, kind: str = "", digits: int = 2) -> None:
+    task = generate_task(GeneratorKnobs(family, n=n, hardness=hardness, seed=seed, kind=kind, digits=digits))
     assert len(task.pairs) == n and len({p.prompt for p in task.pairs}) == n
     for pair in task.pairs:
         assert pair.prompt.startswith("\n\nHuman: ") and pair.prompt.endswith(ASSISTANT_MARKER)
@@ -85,9 +87,17 @@ def check_ecd_pairs(family: str, n: int, hardness: int, seed: int) -> None:
             assert [reference_format_check(c, pair.rejected) for c in constraints] == \
                 [True] * (hardness - 1) + [False]
             assert failed_constraints(spec, pair.rejected) == [hardness - 1]
+            assert not kind or constraints[-1]["kind"] == kind  # the kind knob names the added constraint
         else:
             assert reference_arithmetic_check(instruction(pair.prompt), pair.chosen)
             assert not reference_arithmetic_check(instruction(pair.prompt), pair.rejected)
+            question = instruction(pair.prompt)
+            assert not kind or question.startswith("What is " if kind == "expression" else "Convert ")
+            if question.startswith("What is "):  # operands of + and - (and the first) have <= digits digits
+                terms = question[len("What is "):-1].split()
+                assert all(len(t) <= digits for i, t in enumerate(terms[::2]) if i == 0 or terms[2 * i - 1] != "*")
+            else:
+                assert len(question.split()[1].split(".")[0]) <= digits
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -102,6 +112,41 @@ def test_every_chosen_passes_and_every_rejected_misses_exactly_the_added_constra
        hardness=st.integers(1, 5))
 def test_ecd_property_over_seeds_and_knobs(family, seed, n, hardness):
     check_ecd_pairs(family, n, min(hardness, MAX_HARDNESS[family]), seed)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), family=st.sampled_from(FAMILIES), seed=st.integers(0, 2**31), n=st.integers(1, 40),
+       hardness=st.integers(1, 5))
+def test_ecd_property_with_the_kind_and_digits_knobs(data, family, seed, n, hardness):
+    kinds = formatting.DRAW_KINDS if family == "format" else arithmetic.DRAW_KINDS
+    kind = data.draw(st.sampled_from(("",) + kinds))
+    digits = data.draw(st.integers(1, arithmetic.MAX_DIGITS)) if family == "arithmetic" else 2
+    if family == "arithmetic" and digits == 1 and kind == "expression" and hardness == 1:
+        n = min(n, 16)  # one one-digit operation: 128 distinct questions in all
+    check_ecd_pairs(family, n, min(hardness, MAX_HARDNESS[family]), seed, kind, digits)
+    knobs = GeneratorKnobs(family, n=n, hardness=min(hardness, MAX_HARDNESS[family]), seed=seed, kind=kind,
+                           digits=digits)
+    assert generate_task(knobs).pairs == generate_task(knobs).pairs  # deterministic by seed
+
+
+def test_default_knobs_make_the_pairs_they_made_before_kind_and_digits_existed():
+    """Committed experiments (llm_tiny) depend on these pairs: the digest was computed with the code
+    before the kind and digits knobs were added."""
+    digest = hashlib.sha256()
+    for family in FAMILIES:
+        for hardness in range(1, MAX_HARDNESS[family] + 1):
+            task = generate_task(GeneratorKnobs(family, n=60, hardness=hardness, noise=0.1, seed=0))
+            digest.update(json.dumps([[p.prompt, p.chosen, p.rejected] for p in task.pairs]).encode())
+    assert digest.hexdigest() == "60a0155bb31429a0b2b497d34a9dbfb4d378a7ecddf8b9c5c49d3235c4d404fb"
+
+
+def test_kind_and_digits_from_a_source():
+    knobs = parse_source("arithmetic?n=100&hardness=1&kind=expression&digits=1&seed=3")
+    assert (knobs.kind, knobs.digits, knobs.n) == ("expression", 1, 100)
+    questions = [instruction(p.prompt) for p in generate_task(knobs).pairs]
+    assert all(re.fullmatch(r"What is [2-9] [+-] [2-9]\?", q) for q in questions)
+    keyword = generate_task(parse_source("format?n=30&kind=keyword"))
+    assert all([c["kind"] for c in spec["constraints"]] == ["keyword"] for spec in keyword.specs.values())
 
 
 @settings(max_examples=25, deadline=None)
@@ -199,6 +244,10 @@ def test_generated_source_in_a_task_config(tmp_path):
     ("generated:arithmetic?hardness=9", "hardness must be an integer in [1, 4], got 9"),
     ("generated:format?size=3", "unknown knob 'size'"),
     ("generated:format?n=many", "knob n='many' is not an integer"),
+    ("generated:format?kind=rhyme", "kind must be one of exact_words, max_words"),
+    ("generated:arithmetic?kind=keyword", "kind must be one of expression, conversion, got 'keyword'"),
+    ("generated:arithmetic?digits=4", "digits must be an integer in [1, 3], got 4"),
+    ("generated:format?digits=1", "digits must be 2 (an arithmetic knob), got 1"),
 ])
 def test_bad_knobs_are_one_line_config_errors(tmp_path, source, message):
     with pytest.raises(ConfigError) as error:

@@ -10,7 +10,10 @@ Families (each deterministic from its seed, each with a verifier):
 Knobs: ``n`` pairs, ``hardness`` (format: the number of constraints, 1..5; arithmetic: the number of
 operations and decimals, 1..4), ``noise`` (label noise: chosen and rejected swapped for exactly
 ``round(noise * n)`` pairs, Python's half-to-even rounding; mixed-quality data as in preference
-diagnostic suites), ``seed``.
+diagnostic suites), ``seed``, and two that narrow a family (their defaults leave every pair as it was):
+``kind`` (format: the kind of the added constraint, one of ``formatting.KINDS``; arithmetic:
+``expression`` or ``conversion`` only) and ``digits`` (arithmetic only: operands of + and - and values to
+convert have at most this many digits, 1..3, default 2).
 
 Prompts are in the HH dialogue form of the other tasks, ``"\\n\\nHuman: <instruction>\\n\\nAssistant:"``,
 with completions starting with a space (the TruthfulQA convention of :mod:`amalab.llm.data`). The prompt
@@ -50,6 +53,8 @@ class GeneratorKnobs:
     hardness: int = 1
     noise: float = 0.0
     seed: int = 0
+    kind: str = ""   # "" = every kind of the family
+    digits: int = 2  # arithmetic only
 
     def check(self) -> None:
         """Raise :class:`ConfigError` (one line) on an unknown family or a knob out of range."""
@@ -66,6 +71,13 @@ class GeneratorKnobs:
             raise ConfigError(f"generated:{self.family}: noise must be a fraction in [0, 1], got {noise!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"generated:{self.family}: seed must be an integer, got {self.seed!r}")
+        kinds = _FAMILIES[self.family].DRAW_KINDS
+        if self.kind and self.kind not in kinds:
+            raise ConfigError(f"generated:{self.family}: kind must be one of {', '.join(kinds)}, got {self.kind!r}")
+        low, top = (1, arithmetic.MAX_DIGITS) if self.family == arithmetic.FAMILY else (2, 2)
+        if isinstance(self.digits, bool) or not isinstance(self.digits, int) or not low <= self.digits <= top:
+            allowed = f"an integer in [1, {top}]" if low < top else "2 (an arithmetic knob)"
+            raise ConfigError(f"generated:{self.family}: digits must be {allowed}, got {self.digits!r}")
 
     @property
     def noisy_count(self) -> int:
@@ -107,7 +119,7 @@ def generate_task(knobs: GeneratorKnobs, task: str | None = None) -> GeneratedTa
     fruitless = 0
     while len(drawn) < knobs.n and fruitless < _MAX_FRUITLESS_DRAWS:
         fruitless += 1
-        example = family.draw_example(rng, knobs.hardness)
+        example = family.draw_example(rng, knobs)
         if example is None:
             continue
         spec, chosen, rejected = example
@@ -197,11 +209,12 @@ def verifier_for(family: str) -> Callable[[dict, str], bool]:
     return verifier
 
 
-_KNOB_TYPES = {"n": int, "hardness": int, "noise": float, "seed": int}
+_KNOB_TYPES = {"n": int, "hardness": int, "noise": float, "seed": int, "kind": str, "digits": int}
 
 
 def parse_source(rest: str) -> GeneratorKnobs:
-    """Knobs from what follows ``generated:`` in a source: ``<family>?n=..&hardness=..&noise=..&seed=..``."""
+    """Knobs from what follows ``generated:`` in a source: ``<family>?n=..&hardness=..&noise=..&seed=..``
+    (and ``&kind=..&digits=..``)."""
     family, _, query = rest.partition("?")
     values: dict = {}
     for key, text in parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)) if query else []:

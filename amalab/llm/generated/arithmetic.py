@@ -10,6 +10,9 @@ Two kinds of question, drawn half and half:
   ``" 3.5 km is 3500 m."``; rejected the same sentence with a wrong conversion factor (ten times too
   large or too small, or the factor of a neighbouring unit), the hard negative of a unit slip.
 
+The ``kind`` knob keeps one kind of question (``expression`` or ``conversion``); the ``digits`` knob bounds
+the operands of + and - and the values to convert (``digits = 1``: ``What is 7 - 3?``; default 2, as above).
+
 The verifier reads the last number of the response (and, for a conversion, the unit right after it)
 and compares it exactly (as a fraction) with the answer computed from the question.
 """
@@ -33,6 +36,10 @@ UNITS: dict[str, tuple[str, Fraction]] = {
 }
 
 MAX_HARDNESS = 4
+#: what the ``kind`` knob may ask for: one kind of question only
+DRAW_KINDS = ("expression", "conversion")
+#: the ``digits`` knob: operands of + and - and values to convert have at most this many digits
+MAX_DIGITS = 3
 
 _NUMBER = r"-?\d+(?:\.\d+)?"
 _EXPRESSION_QUESTION = re.compile(r"What is ([0-9+\-* ]+)\?")
@@ -116,11 +123,12 @@ def _digit_swap(value: int, rng: random.Random) -> int | None:
     return int("".join(digits)) * (-1 if value < 0 else 1)
 
 
-def _draw_expression(rng: random.Random, hardness: int) -> tuple[str, str, str] | None:
-    terms = [str(rng.randint(2, 99))]
+def _draw_expression(rng: random.Random, hardness: int, digits: int) -> tuple[str, str, str] | None:
+    largest = 10 ** digits - 1
+    terms = [str(rng.randint(2, largest))]
     for _ in range(hardness):
         operator = rng.choice("+-*" if hardness >= 2 else "+-")
-        terms += [operator, str(rng.randint(2, 9) if operator == "*" else rng.randint(2, 99))]
+        terms += [operator, str(rng.randint(2, 9) if operator == "*" else rng.randint(2, largest))]
     question = f"What is {' '.join(terms)}?"
     answer = evaluate_expression(" ".join(terms))
     slip = rng.choice(("off_by_one", "off_by_ten", "digit_swap"))
@@ -135,7 +143,7 @@ def _draw_expression(rng: random.Random, hardness: int) -> tuple[str, str, str] 
     return question, f" The answer is {answer}.", f" The answer is {wrong}."
 
 
-def _draw_conversion(rng: random.Random, hardness: int) -> tuple[str, str, str] | None:
+def _draw_conversion(rng: random.Random, hardness: int, digits: int) -> tuple[str, str, str] | None:
     source = rng.choice(sorted(UNITS))
     dimension, size = UNITS[source]
     targets = [u for u, (d, s) in UNITS.items() if d == dimension and u != source
@@ -144,7 +152,7 @@ def _draw_conversion(rng: random.Random, hardness: int) -> tuple[str, str, str] 
         return None
     target = rng.choice(sorted(targets))
     decimals = min(hardness - 1, 2)
-    value = Fraction(rng.randint(1, 99 * 10 ** decimals), 10 ** decimals)
+    value = Fraction(rng.randint(1, (10 ** digits - 1) * 10 ** decimals), 10 ** decimals)
     factor = size / UNITS[target][1]
     answer = value * factor
     wrong_factors = [factor * 10, factor / 10] + [s1 / s2 for u1, (d1, s1) in UNITS.items()
@@ -163,9 +171,15 @@ def _draw_conversion(rng: random.Random, hardness: int) -> tuple[str, str, str] 
     return question, chosen, f" {decimal_text(value)} {source} is {wrong_text} {target}."
 
 
-def draw_example(rng: random.Random, hardness: int) -> tuple[dict, str, str] | None:
-    """One (spec, chosen, rejected), or None when the draw gives no nearly-right answer (drawn again)."""
-    drawn = (_draw_expression if rng.random() < 0.5 else _draw_conversion)(rng, hardness)
+def draw_example(rng: random.Random, knobs) -> tuple[dict, str, str] | None:
+    """One (spec, chosen, rejected) at ``knobs.hardness`` with ``knobs.digits``-digit numbers, of kind
+    ``knobs.kind`` or else either kind half and half; None when the draw gives no nearly-right answer
+    (drawn again)."""
+    if knobs.kind:
+        draw = _draw_expression if knobs.kind == "expression" else _draw_conversion
+    else:
+        draw = _draw_expression if rng.random() < 0.5 else _draw_conversion
+    drawn = draw(rng, knobs.hardness, knobs.digits)
     if drawn is None:
         return None
     question, chosen, rejected = drawn

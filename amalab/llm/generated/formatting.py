@@ -96,6 +96,8 @@ VERBS = ("Write about", "Tell me about", "Describe", "Explain")
 GROUPS = {"exact_words": "length", "max_words": "length", "lowercase": "case", "uppercase": "case",
           "keyword": "keyword", "ends_with": "ending", "bullets": "bullets"}
 KINDS = tuple(GROUPS)
+#: what the ``kind`` knob may ask for: the kind of the added constraint
+DRAW_KINDS = KINDS
 
 #: hardness = the number of constraints of the evolved instruction: one per group at most
 MAX_HARDNESS = len(set(GROUPS.values()))
@@ -269,15 +271,22 @@ def _draw_constraint(kind: str, rng: random.Random) -> dict:
     return {"kind": kind}
 
 
-def draw_example(rng: random.Random, hardness: int) -> tuple[dict, str, str] | None:
-    """One (spec, chosen, rejected) with ``hardness`` constraints, the last one added by evolution.
+def draw_example(rng: random.Random, knobs) -> tuple[dict, str, str] | None:
+    """One (spec, chosen, rejected) with ``knobs.hardness`` constraints, the last one added by evolution
+    (of kind ``knobs.kind`` when one is given; the others then from the other groups).
 
     None when the draw cannot make a valid pair (e.g. a word budget too small for the other constraints,
     or the base response already meets the added constraint); the caller draws again.
     """
+    hardness = knobs.hardness
     topic = rng.choice(sorted(TOPICS))
-    groups = rng.sample(sorted(set(GROUPS.values())), hardness)
-    kinds = [rng.choice([k for k, g in GROUPS.items() if g == group]) for group in groups]
+    if knobs.kind:
+        others = sorted(set(GROUPS.values()) - {GROUPS[knobs.kind]})
+        groups = rng.sample(others, hardness - 1)
+        kinds = [rng.choice([k for k, g in GROUPS.items() if g == group]) for group in groups] + [knobs.kind]
+    else:
+        groups = rng.sample(sorted(set(GROUPS.values())), hardness)
+        kinds = [rng.choice([k for k, g in GROUPS.items() if g == group]) for group in groups]
     constraints = [_draw_constraint(kind, rng) for kind in kinds]
     spec = {"family": FAMILY, "verb": rng.choice(VERBS), "topic": topic, "constraints": constraints}
     start, natural_length = rng.randrange(len(TOPICS[topic])), rng.randint(12, 30)
