@@ -52,7 +52,8 @@ def _describe(experiment: Experiment, run: TrainingRun, mixer: dict) -> Training
 def _train(experiment: Experiment, run: TrainingRun) -> tuple[torch.nn.Module, dict]:
     """A fresh policy trained by ``run`` (or holding its finished result), and the run's final metrics."""
     model = experiment.policy(run.seed)
-    final = run_training(model, run, experiment.device, experiment.world, experiment.show_progress)
+    final = run_training(model, run, experiment.device, experiment.world, experiment.show_progress,
+                         autocast=experiment.autocast)
     return model, final
 
 
@@ -165,7 +166,8 @@ def reevaluated_generalists(experiment: Experiment, specialist_caches: list[Valu
         final = json.loads((run_dir / "final.json").read_text())
         final.update(evaluate(model, experiment.eval_sets, experiment.task_names, experiment.reference,
                               specialist_caches, config.loss, experiment.pad_token_id,
-                              config.train.per_device_eval_batch_size, experiment.device, world))
+                              config.train.per_device_eval_batch_size, experiment.device, world,
+                              autocast=experiment.autocast))
         final = add_generation(experiment, model, run_dir, final)
         if world.is_main:
             write_json_atomic(run_dir / "final.json", final, indent=1)
