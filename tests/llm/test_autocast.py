@@ -118,3 +118,29 @@ def test_generation_runs_under_the_given_autocast(make_model, tokenizer):
     greedy_generate(model, tokenizer, ["Human: Tell me a joke. Assistant:"], max_new_tokens=2, device=CPU,
                     autocast=contextlib.nullcontext)
     assert seen and set(seen) == {torch.float32}
+
+
+def test_every_forward_of_a_bf16_run_autocasts(tmp_path, monkeypatch):
+    """Training, evaluation, the caches, the merges and generation, then `eval`: a hook on the base model's
+    first projection (kept by every deep copy: policies and merges) sees only bf16 outputs."""
+    from test_pipeline import GENERATED_TASK, MERGES
+
+    import amalab.llm.experiment as experiment_module
+
+    seen = []
+    build = experiment_module.base_model
+
+    def hooked(*args, **kwargs):
+        model = build(*args, **kwargs)
+        model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, a, out: seen.append(out.dtype))
+        return model
+
+    monkeypatch.setattr(experiment_module, "base_model", hooked)
+    config = experiment(tmp_path, names='["standard"]', extra=MERGES.replace('"ties", "dare_ties"', '"ties"'),
+                        extra_task=GENERATED_TASK, batch="6",
+                        **{'name = "tiny"': 'name = "tiny"\nautocast = "bf16"'})
+    assert main(["llm", "run", str(config), "--quiet"]) == 0
+    assert main(["llm", "eval", str(config), "--quiet"]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert "success" in summary["methods"]["merge-linear"]["tasks"]["sums"]  # generation ran on a merge
+    assert len(seen) > 50 and set(seen) == {torch.bfloat16}
