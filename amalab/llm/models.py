@@ -5,8 +5,8 @@ or are built from a config (:func:`tiny_llama`, :func:`tiny_tokenizer`) for test
 
 Device and dtype policy: parameters stay in float32 (the optimizer's master weights); the forward runs under
 the autocast of ``[model] autocast`` (:func:`autocast_context`): ``"auto"`` is bf16 on CUDA and plain float32
-on CPU, ``"bf16"`` is bf16 on both (torch's CPU autocast; on an avx512_bf16 CPU about 0.6x of the float32
-step time, benchmarks/README.md), ``"none"`` is float32 on both. Sequence log-probs apply the LM head in
+on CPU, ``"bf16"`` is bf16 on both (torch's CPU autocast; its speed and its log-prob error against float32
+on SmolLM2: benchmarks/README.md), ``"none"`` is float32 on both. Sequence log-probs apply the LM head in
 float32 in every case (see :mod:`amalab.llm.logprobs`, docs/maths.md section 9).
 """
 
