@@ -143,4 +143,4 @@ def test_every_forward_of_a_bf16_run_autocasts(tmp_path, monkeypatch):
     assert main(["llm", "eval", str(config), "--quiet"]) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert "success" in summary["methods"]["merge-linear"]["tasks"]["sums"]  # generation ran on a merge
-    assert len(seen) > 50 and set(seen) == {torch.bfloat16}
+    assert len(seen) > 20 and set(seen) == {torch.bfloat16}
