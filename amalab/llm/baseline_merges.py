@@ -74,7 +74,7 @@ def generation_scores(experiment, model) -> dict[str, float]:
         report = evaluate_generation(model, experiment.tokenizer, pairs, max_new_tokens=settings.max_new_tokens,
                                      batch_size=settings.batch_size,
                                      max_prompt_length=experiment.config.tokenize.max_prompt_length,
-                                     device=experiment.device)
+                                     device=experiment.device, autocast=experiment.autocast)
         scores[task.name] = report.success_rate[task.name]
     return scores
 
@@ -118,7 +118,8 @@ def merged_specialists(experiment, specialist_caches) -> list[dict]:
                 model.load_state_dict(merged)
                 final = evaluate(model, experiment.eval_sets, experiment.task_names, experiment.reference,
                                  specialist_caches, config.loss, experiment.pad_token_id,
-                                 config.train.per_device_eval_batch_size, experiment.device, experiment.world)
+                                 config.train.per_device_eval_batch_size, experiment.device, experiment.world,
+                                 autocast=experiment.autocast)
                 run_dir.mkdir(parents=True, exist_ok=True)
                 final = add_generation(experiment, model, run_dir, final)
                 final["options"] = options

@@ -32,6 +32,14 @@ from amalab.llm.tokenize import TokenizationConfig
 from amalab.mixers import MIXERS, make_mixer
 
 DEVICES = ("auto", "cpu", "cuda")
+#: [model] autocast: "auto" = bf16 on CUDA, none on CPU; "bf16" = bf16 on CPU and CUDA; "none" = float32
+AUTOCAST_SETTINGS = ("auto", "bf16", "none")
+
+
+def check_autocast(setting: str) -> None:
+    """ValueError unless ``setting`` is one of :data:`AUTOCAST_SETTINGS`."""
+    if setting not in AUTOCAST_SETTINGS:
+        raise ValueError(f"autocast: {setting!r} is not one of {', '.join(map(repr, AUTOCAST_SETTINGS))}")
 
 #: Methods that are not a mixer of their own: (the mixer they train with, the loss they train on). ``sft`` is
 #: supervised fine-tuning on the chosen responses of the union (reference-free NLL, the size-proportional
@@ -111,10 +119,13 @@ class ModelConfig:
     fsdp: bool = False
     #: torch.compile each decoder layer of the policy (off by default: compiling costs time before the first step)
     torch_compile: bool = False
+    #: the forward's autocast (AUTOCAST_SETTINGS; amalab.llm.models.autocast_context); parameters stay float32
+    autocast: str = "auto"
 
     def check(self) -> None:
         if not self.name:
             raise ValueError("name: give a hub id, a local folder, 'smollm2' or 'tiny'")
+        check_autocast(self.autocast)
 
 
 @dataclass(frozen=True)

@@ -90,10 +90,11 @@ def pair_losses(logps: ValueCache, reference: ValueCache, ids: list[str], loss: 
 
 def evaluate(model, eval_sets: list[list[TokenizedPair]], task_names: list[str], reference: ValueCache,
              specialist_caches: list[ValueCache | None], loss: PreferenceLoss, pad_token_id: int,
-             batch_size: int, device: torch.device, world: World = World()) -> dict:
-    """Held-out metrics per task and the worst-task excess (module docstring)."""
+             batch_size: int, device: torch.device, world: World = World(), autocast=None) -> dict:
+    """Held-out metrics per task and the worst-task excess (module docstring); ``autocast`` as in
+    :func:`pair_logps`."""
     everything = [pair for pairs in eval_sets for pair in pairs]
-    logps = pair_logps(model, everything, pad_token_id, batch_size, device, world)
+    logps = pair_logps(model, everything, pad_token_id, batch_size, device, world, autocast=autocast)
     tasks = {}
     for name, pairs, specialist in zip(task_names, eval_sets, specialist_caches):
         if not pairs:

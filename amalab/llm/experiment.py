@@ -25,9 +25,9 @@ from amalab.llm.data import TaskData, load_tasks
 from amalab.llm.distributed import World, shard_policy
 from amalab.llm.evaluate import pair_logps, pair_losses
 from amalab.llm.logprobs import SUM_DTYPE
-from amalab.llm.models import (compile_layers, load_model, load_tokenizer, model_fingerprint, prepare_model,
-                               resolve_device, smollm2_gguf_path, tiny_llama, tiny_tokenizer,
-                               tokenizer_fingerprint)
+from amalab.llm.models import (autocast_context, autocast_manifest, compile_layers, load_model, load_tokenizer,
+                               model_fingerprint, prepare_model, resolve_device, smollm2_gguf_path, tiny_llama,
+                               tiny_tokenizer, tokenizer_fingerprint)
 from amalab.llm.tokenize import TokenizedPair, tokenize_pairs
 from amalab.llm.train import TrainingRun, run_training
 from amalab.llm.train_state import load_trainable_state
@@ -60,6 +60,10 @@ class Experiment:
     @property
     def pad_token_id(self) -> int:
         return int(self.tokenizer.pad_token_id)
+
+    def autocast(self):
+        """The forwards' autocast context (``[model] autocast`` on this device): every forward's factory."""
+        return autocast_context(self.device, self.config.model.autocast)
 
     def relative(self, path: Path) -> str:
         """``path`` (a run's folder) as the summary names it: relative to the experiment's ``out``."""
@@ -94,7 +98,7 @@ class Experiment:
     def train(self, run: TrainingRun) -> tuple[torch.nn.Module, dict]:
         """A fresh policy trained by ``run`` (or holding its finished result), and the run's final metrics."""
         model = self.policy(run.seed)
-        final = run_training(model, run, self.device, self.world, self.show_progress)
+        final = run_training(model, run, self.device, self.world, self.show_progress, autocast=self.autocast)
         return model, final
 
     def trained_policy(self, run_dir: Path, seed: int) -> torch.nn.Module | None:
@@ -130,11 +134,12 @@ class Experiment:
 
         def build(progress):
             logps = pair_logps(model, unique, self.pad_token_id, self.config.train.per_device_eval_batch_size,
-                               self.device, self.world, progress)
+                               self.device, self.world, progress, self.autocast)
             losses, _ = pair_losses(logps, self.reference, ids, loss)
             return ValueCache(ids, {"loss": losses})
 
         manifest = {**manifest, "reference": self.reference_manifest["model"], "loss": asdict(loss),
+                    **autocast_manifest(self.device, self.config.model.autocast),
                     "data": data_hash(sorted(ids))}
         return self.cached(folder, manifest, what, len(unique), build)
 
@@ -221,9 +226,9 @@ def prepare(config: LLMConfig, world: World = World(), show_progress: bool = Tru
     experiment.reference_manifest = {
         "kind": "reference log-probs", "model": model_fingerprint(base), "tokenizer": tokenizer_fingerprint(tokenizer),
         "tokenization": config.tokenize.to_dict(), "data": data_hash(sorted(p.id for p in unique)),
-        "sum_dtype": str(SUM_DTYPE)}
+        "sum_dtype": str(SUM_DTYPE), **autocast_manifest(device, config.model.autocast)}
     experiment.reference = experiment.cached(
         out / "caches" / "reference", experiment.reference_manifest, "reference log-probs", len(unique),
         lambda progress: pair_logps(base, unique, experiment.pad_token_id, config.train.per_device_eval_batch_size,
-                                    device, world, progress))
+                                    device, world, progress, experiment.autocast))
     return experiment

@@ -51,9 +51,10 @@ def cut_at_eos(tokens: Sequence[int], eos_token_id: int) -> list[int]:
 @torch.no_grad()
 def greedy_generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 64,
                     batch_size: int = 8, max_prompt_length: int | None = None,
-                    device: torch.device | str | None = None) -> list[str]:
+                    device: torch.device | str | None = None, autocast=None) -> list[str]:
     """The greedy continuation of every prompt, up to eos or ``max_new_tokens`` tokens (see the module
-    docstring). ``max_prompt_length``: longer prompts keep their last tokens (the part next to the reply)."""
+    docstring). ``max_prompt_length``: longer prompts keep their last tokens (the part next to the reply).
+    ``autocast``: a context factory for the forwards (default :func:`autocast_context` of ``device``)."""
     _check_positive("max_new_tokens", max_new_tokens)
     _check_positive("batch_size", batch_size)
     if max_prompt_length is not None:
@@ -65,6 +66,7 @@ def greedy_generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens:
         raise ConfigError("generation: the tokenizer has no eos token")
     pad = eos if pad is None else pad
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    autocast = autocast or (lambda: autocast_context(device))
     prompts = list(prompts)
     if not prompts:
         return []
@@ -85,7 +87,7 @@ def greedy_generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens:
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             input_ids, attention_mask = left_pad([token_ids[i] for i in rows], pad)
-            with autocast_context(device):
+            with autocast():
                 output = model.generate(input_ids=input_ids.to(device),
                                         attention_mask=attention_mask.to(device), generation_config=config)
             new_tokens = output[:, input_ids.shape[1]:].tolist()
@@ -131,10 +133,11 @@ def score_responses(pairs: Sequence[PreferencePair], responses: Sequence[str]) -
 
 def evaluate_generation(model, tokenizer, pairs: Sequence[PreferencePair], *, max_new_tokens: int = 64,
                         batch_size: int = 8, max_prompt_length: int | None = None,
-                        device: torch.device | str | None = None) -> GenerationReport:
+                        device: torch.device | str | None = None, autocast=None) -> GenerationReport:
     """Greedy-decode the prompts of ``pairs`` (held-out pairs of verifiable tasks) and score them."""
     responses = greedy_generate(model, tokenizer, [p.prompt for p in pairs], max_new_tokens=max_new_tokens,
-                                batch_size=batch_size, max_prompt_length=max_prompt_length, device=device)
+                                batch_size=batch_size, max_prompt_length=max_prompt_length, device=device,
+                                autocast=autocast)
     return score_responses(pairs, responses)
 
 

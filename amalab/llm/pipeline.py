@@ -114,7 +114,8 @@ def reevaluated_generalists(experiment: Experiment, losses: SpecialistLosses) ->
         final = json.loads((run_dir / "final.json").read_text())
         final.update(evaluate(model, experiment.eval_sets, experiment.task_names, experiment.reference,
                               losses.evaluation, config.loss, experiment.pad_token_id,
-                              config.train.per_device_eval_batch_size, experiment.device, world))
+                              config.train.per_device_eval_batch_size, experiment.device, world,
+                              autocast=experiment.autocast))
         final = add_generation(experiment, model, run_dir, final)
         if world.is_main:
             write_json_atomic(run_dir / "final.json", final, indent=1)
@@ -132,7 +133,8 @@ def base_record(experiment: Experiment, losses: SpecialistLosses, fresh: bool = 
         config = experiment.config
         final = evaluate(experiment.base_model, experiment.eval_sets, experiment.task_names, experiment.reference,
                          losses.evaluation, config.loss, experiment.pad_token_id,
-                         config.train.per_device_eval_batch_size, experiment.device, experiment.world)
+                         config.train.per_device_eval_batch_size, experiment.device, experiment.world,
+                         autocast=experiment.autocast)
         for metrics in final["tasks"].values():  # pi_ref against itself: every margin is 0 up to rounding
             metrics.pop("accuracy", None), metrics.pop("margin", None)
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -192,7 +192,7 @@ def run_training(model, run: TrainingRun, device: torch.device, world: World = W
     def run_eval(step: int) -> dict:  # every rank evaluates its share (evaluate shards the pairs)
         result = evaluate(model, run.eval_sets, run.task_names, run.reference, run.specialist_caches,
                           run.eval_loss or run.loss, run.pad_token_id, optim.per_device_eval_batch_size, device,
-                          world)
+                          world, autocast)
         log({"step": step, "kind": "eval", **result})
         return result
 

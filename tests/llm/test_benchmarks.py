@@ -90,3 +90,31 @@ def test_length_grouping_feature_pads_less_for_the_same_tokens(tmp_path):
     assert real[grouped] == real[plain] < 2 * 8 * 512  # the same pairs, of their own (varied) lengths
     assert real[grouped] <= padded[grouped] < padded[plain]  # grouping removes padding
     assert feature["step_time_ratio_vs_baseline"]["median"] > 0
+
+
+def test_bf16_on_cpu_variants_and_the_logprob_error_part(tmp_path):
+    import torch
+
+    from benchmarks.run import main
+
+    threads = torch.get_num_threads()
+    try:
+        results = main(["--models", "tiny", "--parts", "features", "logprob_error", "--features", "bf16_autocast",
+                        "--mixers", "standard", "--rounds", "1", "--warmup-steps", "1", "--timed-steps", "1",
+                        "--lora", "--error-pairs", "8", "--threads", "1", "--data", "", "--device", "cpu",
+                        "--in-process", "--out", str(tmp_path / "bench")])
+    finally:
+        torch.set_num_threads(threads)
+    features = results["step_time"]["tiny"]["features"]
+    assert (features["bf16_autocast"]["variant"], features["bf16_autocast"]["baseline"]) == \
+        ("amalab-standard+bf16", "amalab-standard")
+    assert (features["trl_bf16"]["variant"], features["trl_bf16"]["baseline"]) == ("trl-dpo+bf16", "trl-dpo")
+    for name, variant in results["step_time"]["tiny"]["variants"].items():
+        assert variant["errors"] == [] and variant["step_seconds"]["median"] > 0, name
+    error = results["logprob_error"]["tiny"]
+    assert error["pairs"] == 8
+    reference, margin = error["reference_sequence_logp_abs_error_nats"], error["dpo_margin_abs_error"]
+    assert 0 < reference["mean"] <= reference["max"] < 0.05 * error["tokens_per_sequence"]["max"]
+    assert error["dpo_margin_fp32"]["max"] > 0  # the perturbed adapter moved the policy off pi_ref
+    # -log sigmoid(h) is 1-Lipschitz in the margin h: the loss error is at most the margin error
+    assert 0 < error["dpo_loss_abs_error"]["max"] <= margin["max"]
