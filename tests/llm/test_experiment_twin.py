@@ -63,7 +63,7 @@ def test_smollm2_experiment_twin_runs_end_to_end(tmp_path):
     for section in (table["specialists"]["optim"], table["train"]):
         section.update(max_steps=2, save_steps=0, per_device_eval_batch_size=8)
     table["tokenize"] = {"max_length": 48, "max_prompt_length": 24}
-    table["methods"]["seeds_per_method"] = {"ama-s": 2}
+    table["methods"].update(seeds=1, seeds_per_method={"ama-s": 2})
     table["merges"]["seeds"] = 1
     table["generation"].update(max_new_tokens=4, max_prompts=4)
     config = tmp_path / "config.toml"
@@ -71,7 +71,8 @@ def test_smollm2_experiment_twin_runs_end_to_end(tmp_path):
 
     assert main(["llm", "run", str(config), "--quiet"]) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    expected = set(table["methods"]["names"]) | {f"merge-{m}" for m in table["merges"]["names"]}
+    expected = (set(table["methods"]["names"]) | {f"{m}-in-sample" for m in table["methods"]["in_sample"]}
+                | {f"merge-{m}" for m in table["merges"]["names"]} | {"base"})
     assert set(summary["methods"]) == expected
     assert summary["tasks"] == ["harmless", "truthful", "format", "arithmetic"]
     for method in summary["methods"].values():
