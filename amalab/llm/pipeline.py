@@ -41,7 +41,7 @@ from amalab.llm.evaluate import evaluate
 from amalab.llm.experiment import Experiment, prepare
 from amalab.llm.models import policy_fingerprint
 from amalab.llm.report import report
-from amalab.llm.specialists import SpecialistLosses, specialist_losses
+from amalab.llm.specialists import SpecialistLosses, loss_means, specialist_losses
 from amalab.llm.train import TrainingRun, training_tokens
 from amalab.mixers import make_mixer
 
@@ -159,7 +159,8 @@ def run_all(config: LLMConfig, stages: tuple[str, ...] = ("specialists", "genera
         return None
     records = [base_record(experiment, losses)] + generalists(experiment, losses)
     records += merged_specialists(experiment, losses.evaluation)
-    return report(experiment.out, experiment.task_names, records, write=world.is_main)
+    return report(experiment.out, experiment.task_names, records, write=world.is_main,
+                  specialist_losses={"definition": losses.definition, "means": loss_means(experiment, losses)})
 
 
 def reevaluate(config: LLMConfig, world: World = World(), show_progress: bool = True) -> dict:
@@ -170,4 +171,5 @@ def reevaluate(config: LLMConfig, world: World = World(), show_progress: bool = 
     if not records:
         raise ConfigError(f"{experiment.out}: no finished generalist to evaluate: run `amalab llm train` first")
     records = [base_record(experiment, losses, fresh=True)] + records + merged_specialists(experiment, losses.evaluation)
-    return report(experiment.out, experiment.task_names, records, write=world.is_main)
+    return report(experiment.out, experiment.task_names, records, write=world.is_main,
+                  specialist_losses={"definition": losses.definition, "means": loss_means(experiment, losses)})

@@ -50,6 +50,9 @@ def summarize(task_names: list[str], records: list[dict]) -> dict:
             "tasks": {n: {m: spread(v) for m, v in metrics.items() if m != "n"}
                       for n, metrics in entry["tasks"].items()},
         }
+        if all("average_weights" in r for r in runs):  # the mixer's running average of its task weights
+            summary["methods"][method]["average_weights"] = {
+                n: spread([r["average_weights"][i] for r in runs]) for i, n in enumerate(task_names)}
     summary["paired"] = comparisons(records, summary["methods"])
     return summary
 
@@ -94,9 +97,13 @@ def summary_table(summary: dict) -> str:
     return "\n".join([lines[0], "  ".join("-" * w for w in widths)] + lines[1:])
 
 
-def report(out: Path, task_names: list[str], records: list[dict], write: bool = True) -> dict:
-    """Summarize ``records``; with ``write`` (rank 0), write the summary and figures and print the table."""
+def report(out: Path, task_names: list[str], records: list[dict], write: bool = True,
+           specialist_losses: dict | None = None) -> dict:
+    """Summarize ``records``; with ``write`` (rank 0), write the summary and figures and print the table.
+    ``specialist_losses``: the definition of s(z) and its means per task, kept in the summary."""
     summary = summarize(task_names, records)
+    if specialist_losses is not None:
+        summary["specialist_losses"] = specialist_losses
     if write:
         from amalab.llm.figures import make_figures
 

@@ -136,3 +136,17 @@ def _load_given_specialist(experiment: Experiment, path: Path) -> torch.nn.Modul
 def _short(metrics: dict) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "n")
 
+
+def loss_means(experiment: Experiment, losses: SpecialistLosses) -> dict[str, dict[str, float]]:
+    """Per task, the mean s(z) on its training and held-out pairs, in-sample (46) and by the experiment's
+    definition: how much lower a specialist scores the pairs it trained on (docs/maths.md section 12)."""
+    means = {}
+    for i, name in enumerate(experiment.task_names):
+        train = [p.id for p in experiment.train_sets[i]]
+        held_out = [p.id for p in experiment.eval_sets[i]]
+        means[name] = {"in_sample_train": float(losses.in_sample[i].get("loss", train).mean()),
+                       "in_sample_held_out": float(losses.in_sample[i].get("loss", held_out).mean()),
+                       "train": float(losses.evaluation[i].get("loss", train).mean()),
+                       "held_out": float(losses.evaluation[i].get("loss", held_out).mean())}
+    return means
+

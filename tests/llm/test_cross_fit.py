@@ -133,6 +133,22 @@ def test_in_sample_variants_train_against_the_in_sample_losses(tmp_path):
     assert described["ama-r"]["specialist_losses"] == "cross-fit 2"
     assert described["ama-r-in-sample"]["specialist_losses"] == "in-sample"
     assert (out / "caches" / "specialist-alpha").is_dir() and (out / "specialists" / "alpha").is_dir()
+    # the summary's mean s(z) per task, recomputed from the caches on disk
+    def cache(name):
+        folder = out / "caches" / name
+        return dict(zip(json.loads((folder / "ids.json").read_text()), np.load(folder / "values.npz")["loss"]))
+
+    folds_ = [cache(f"specialist-alpha-fold{f}of2") for f in (0, 1)]
+    held_out = set(folds_[0]) & set(folds_[1])
+    train = {i: v for fold in folds_ for i, v in fold.items() if i not in held_out}
+    in_sample = cache("specialist-alpha")
+    means = summary["specialist_losses"]["means"]["alpha"]
+    assert summary["specialist_losses"]["definition"] == "cross-fit 2"
+    assert means["train"] == pytest.approx(np.mean(list(train.values())), rel=1e-12)
+    assert means["held_out"] == pytest.approx(np.mean([(folds_[0][i] + folds_[1][i]) / 2 for i in held_out]))
+    assert means["in_sample_train"] == pytest.approx(np.mean([in_sample[i] for i in train]), rel=1e-12)
+    weights = summary["methods"]["ama-r-in-sample"]["average_weights"]
+    assert sum(weights[t]["mean"] for t in ("alpha", "beta")) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("change, words", [
