@@ -20,7 +20,6 @@ import torch
 
 from amalab.atomic_write import write_json_atomic
 from amalab.errors import ConfigError
-from amalab.llm.evaluate import evaluate
 
 RANDOM_METHODS = ("dare_linear", "dare_ties")
 
@@ -93,36 +92,32 @@ def add_generation(experiment, model, run_dir: Path, final: dict) -> dict:
     return final
 
 
-def merged_specialists(experiment, specialist_caches) -> list[dict]:
-    """Evaluate every merge of ``[merges]``; one record per method and seed, named ``merge-<method>``."""
+def merged_specialists(experiment, losses, fresh: bool = False) -> list[dict]:
+    """Evaluate every merge of ``[merges]`` against ``losses`` (a :class:`~amalab.llm.specialists.SpecialistLosses`);
+    one record per method and seed, named ``merge-<method>``. A merge evaluated earlier is kept unless ``fresh``
+    or its specialists, its options or the specialist losses it was scored against differ."""
     from amalab.llm.merge import merge_state_dicts
 
     config = experiment.config
     if not config.merges.names:
         return []
-    base = _dense_state(experiment.base_model)
-    specialist_states = None
-    records = []
+    base, specialist_states, records = _dense_state(experiment.base_model), None, []
     for method in config.merges.names:
         options = dict(config.merges.options.get(method, {}))
         for s in range(config.merges.seeds if method in RANDOM_METHODS else 1):
             run_dir = experiment.out / "merges" / method / f"seed{s}"
             final_path = run_dir / "final.json"
-            if final_path.is_file():
-                final = json.loads(final_path.read_text())
-            else:
+            made_of = {"options": options, "specialists": losses.stamp(in_sample=True)["fingerprint"]}
+            final = json.loads(final_path.read_text()) if final_path.is_file() and not fresh else {}
+            if final.get("merged") != made_of or final.get("specialist_losses") != losses.stamp():
                 if specialist_states is None:
                     specialist_states = _specialist_states(experiment)
                 merged = merge_state_dicts(base, specialist_states, method, seed=config.seed + s, **options)
                 model = copy.deepcopy(experiment.base_model)
                 model.load_state_dict(merged)
-                final = evaluate(model, experiment.eval_sets, experiment.task_names, experiment.reference,
-                                 specialist_caches, config.loss, experiment.pad_token_id,
-                                 config.train.per_device_eval_batch_size, experiment.device, experiment.world,
-                                 autocast=experiment.autocast)
                 run_dir.mkdir(parents=True, exist_ok=True)
-                final = add_generation(experiment, model, run_dir, final)
-                final["options"] = options
+                (run_dir / "generation.json").unlink(missing_ok=True)  # another model: its generations differ
+                final = {**experiment.scored(model, losses, run_dir, {}), "options": options, "merged": made_of}
                 if experiment.world.is_main:
                     write_json_atomic(final_path, final, indent=1)
                 del model

@@ -7,7 +7,7 @@ over the ranks of a distributed run and gather the results, so every rank ends w
 
 Per task, on its held-out pairs:
     loss      mean l(theta; z)
-    excess    mean max(l(theta; z) - s(z), 0), s the task specialist's cached loss  (E_i, docs/maths.md (49))
+    excess    mean max(l(theta; z) - s(z), 0), s the specialists' cached loss, (46) or (55)  (E_i, (49))
     accuracy  share of pairs with implicit reward margin h > 0
     margin    mean h
 and the worst-task excess max_i E_i, the number AMA minimizes.

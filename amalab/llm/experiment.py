@@ -23,7 +23,7 @@ from amalab.llm.checkpoint import load_latest
 from amalab.llm.config import LLMConfig, ModelConfig
 from amalab.llm.data import TaskData, load_tasks
 from amalab.llm.distributed import World, shard_policy
-from amalab.llm.evaluate import pair_logps, pair_losses
+from amalab.llm.evaluate import evaluate, pair_logps, pair_losses
 from amalab.llm.logprobs import SUM_DTYPE
 from amalab.llm.models import (autocast_context, autocast_manifest, compile_layers, load_model, load_tokenizer,
                                model_fingerprint, prepare_model, resolve_device, smollm2_gguf_path, tiny_llama,
@@ -100,6 +100,19 @@ class Experiment:
         model = self.policy(run.seed)
         final = run_training(model, run, self.device, self.world, self.show_progress, autocast=self.autocast)
         return model, final
+
+    def scored(self, model, losses, run_dir: Path, final: dict) -> dict:
+        """``final`` with the held-out metrics of ``model`` (docs/maths.md (48)-(52)) against ``losses`` (a
+        :class:`~amalab.llm.specialists.SpecialistLosses`: its evaluation caches), stamped with them, and the
+        generation scores of the verifiable tasks."""
+        from amalab.llm.baseline_merges import add_generation
+
+        config = self.config
+        final = {**final, **evaluate(model, self.eval_sets, self.task_names, self.reference, losses.evaluation,
+                                     config.loss, self.pad_token_id, config.train.per_device_eval_batch_size,
+                                     self.device, self.world, autocast=self.autocast),
+                 "specialist_losses": losses.stamp()}
+        return add_generation(self, model, run_dir, final)
 
     def trained_policy(self, run_dir: Path, seed: int) -> torch.nn.Module | None:
         """A fresh policy holding the trained parameters of ``run_dir``'s last checkpoint; None without one."""

@@ -131,8 +131,8 @@ def _eval_curves(out: Path, folder: Path, summary: dict) -> Path:
 
 
 def _paired(folder: Path, summary: dict) -> list[Path]:
-    """paired_differences.png: each AMA method minus standard and minus the best merge, per seed (dots) and
-    the mean with its 95% t-interval (bars); none without a comparison."""
+    """paired_differences.png: each AMA method minus standard, the best merge and its in-sample variant, per
+    seed (dots) and the mean with its 95% t-interval (bars); none without a comparison."""
     from amalab.llm.paired_comparison import METRICS
 
     rows = summary.get("paired", [])
@@ -145,8 +145,9 @@ def _paired(folder: Path, summary: dict) -> list[Path]:
         mine = [r for r in rows if r["metric"] == metric]
         for y, r in enumerate(mine):
             ax.scatter(r["differences"], np.full(len(r["differences"]), y), color="k", s=10, zorder=3)
-            ax.errorbar(r["mean"], y, xerr=[[r["mean"] - r["low"]], [r["high"] - r["mean"]]], fmt="o",
-                        color="C3" if r["against"] == "standard" else "C0", capsize=3)
+            low, high = (r["mean"], r["mean"]) if r["low"] is None else (r["low"], r["high"])
+            color = "C3" if r["against"] == "standard" else "C2" if r["against"].endswith("-in-sample") else "C0"
+            ax.errorbar(r["mean"], y, xerr=[[r["mean"] - low], [high - r["mean"]]], fmt="o", color=color, capsize=3)
         ax.axvline(0, color="grey", lw=1)
         ax.set_yticks(range(len(mine)), [f"{r['method']} - {r['against']}" for r in mine], fontsize=8)
         what, higher_better = METRICS[metric]

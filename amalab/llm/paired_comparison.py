@@ -2,8 +2,8 @@
 
 Runs of two methods with the same seed index share the data, the held-out pairs and the policy's initial
 adapter, so their difference removes what the seed alone does: d_s = m(A, s) - m(B, s) for a metric m, over
-the seeds both have (a method with a single run, a deterministic merge, is paired with every seed of the
-other). The interval is Student's t over the n differences: mean +- t_{0.975, n-1} sd / sqrt(n) (57).
+the seeds both have (a deterministic merge, which has one run, is paired with every seed of the other). The
+interval is Student's t over the n differences: mean +- t_{0.975, n-1} sd / sqrt(n) (57).
 
 Metrics: the worst-task excess (52), lower is better, and the worst generated task's generation success
 (56), the lowest verifier success over the generated tasks, higher is better.
@@ -31,17 +31,24 @@ def _metric(record: dict, metric: str) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
 
 
-def paired_difference(runs_a: dict[int, dict], runs_b: dict[int, dict], metric: str) -> dict | None:
-    """Mean of d_s = m(A, s) - m(B, s) over the paired seeds and its 95% t-interval (57); None if unpaired."""
-    seeds = sorted(set(runs_a) & set(runs_b)) if len(runs_b) > 1 else sorted(runs_a)
-    pairs = [(_metric(runs_a[s], metric), _metric(runs_b[s if len(runs_b) > 1 else next(iter(runs_b))], metric))
-             for s in seeds]
+def paired_difference(runs_a: dict[int, dict], runs_b: dict[int, dict], metric: str,
+                      broadcast: bool = False) -> dict | None:
+    """Mean of d_s = m(A, s) - m(B, s) over the seeds both have, and its 95% t-interval (57); with
+    ``broadcast`` (B is deterministic: one run), B's run is paired with every seed of A. None if unpaired;
+    the interval's ends are None with a single difference."""
+    if broadcast:
+        (only,) = runs_b.values()
+        pairs = [(_metric(runs_a[s], metric), _metric(only, metric)) for s in sorted(runs_a)]
+    else:
+        pairs = [(_metric(runs_a[s], metric), _metric(runs_b[s], metric)) for s in sorted(set(runs_a) & set(runs_b))]
     differences = [a - b for a, b in pairs if a is not None and b is not None]
     if not differences:
         return None
     d = np.asarray(differences)
     n, mean = len(d), float(d.mean())
-    half = float(stats.t.ppf(0.975, n - 1) * d.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+    if n == 1:
+        return {"n": 1, "mean": mean, "low": None, "high": None, "differences": differences}
+    half = float(stats.t.ppf(0.975, n - 1) * d.std(ddof=1) / math.sqrt(n))
     return {"n": n, "mean": mean, "low": mean - half, "high": mean + half, "differences": differences}
 
 
@@ -51,18 +58,24 @@ def best_merge(summary_methods: dict) -> str | None:
     return min(merges, key=lambda m: summary_methods[m]["worst_excess"]["mean"]) if merges else None
 
 
+def _deterministic(method: str) -> bool:
+    from amalab.llm.baseline_merges import RANDOM_METHODS
+
+    return method.startswith("merge-") and method.removeprefix("merge-") not in RANDOM_METHODS
+
+
 def comparisons(records: list[dict], summary_methods: dict) -> list[dict]:
-    """Every AMA method (and its in-sample variant) against standard and against the best merge, per metric."""
+    """Every AMA method against standard and against the best merge, and against its own in-sample
+    variant (the same method, the same seeds, only s(z) differs), per metric."""
     by_method: dict[str, dict[int, dict]] = {}
     for r in records:
         by_method.setdefault(r["method"], {})[int(r["seed"])] = r
-    treatments = [m for m in by_method if m.startswith("ama-")]
-    controls = [m for m in ("standard", best_merge(summary_methods)) if m in by_method]
     rows = []
-    for method in treatments:
-        for against in controls:
+    for method in (m for m in by_method if m.startswith("ama-") and not m.endswith("-in-sample")):
+        controls = ["standard", best_merge(summary_methods), f"{method}-in-sample"]
+        for against in (c for c in controls if c in by_method):
             for metric in METRICS:
-                result = paired_difference(by_method[method], by_method[against], metric)
+                result = paired_difference(by_method[method], by_method[against], metric, _deterministic(against))
                 if result is not None:
                     rows.append({"method": method, "against": against, "metric": metric, **result})
     return rows
@@ -79,7 +92,7 @@ def paired_table(rows: list[dict]) -> str:
     def fmt(row: dict | None) -> str:
         if row is None:
             return "-"
-        interval = "" if math.isnan(row["low"]) else f" [{row['low']:+.4f}, {row['high']:+.4f}]"
+        interval = "" if row["low"] is None else f" [{row['low']:+.4f}, {row['high']:+.4f}]"
         return f"{row['mean']:+.4f}{interval}"
 
     for (method, against), metrics in cells.items():

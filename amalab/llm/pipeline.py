@@ -37,12 +37,11 @@ from amalab.llm.baseline_merges import add_generation, merged_specialists
 from amalab.llm.cache import ValueCache
 from amalab.llm.config import LLMConfig, method_mixer_and_loss
 from amalab.llm.distributed import World
-from amalab.llm.evaluate import evaluate
 from amalab.llm.experiment import Experiment, prepare
 from amalab.llm.models import policy_fingerprint
 from amalab.llm.report import report
 from amalab.llm.specialists import SpecialistLosses, loss_means, specialist_losses
-from amalab.llm.train import TrainingRun, training_tokens
+from amalab.llm.train import TrainingRun, check_run_dir, training_tokens
 from amalab.mixers import make_mixer
 
 
@@ -55,11 +54,11 @@ def generalist_runs(config: LLMConfig, out: Path) -> Iterator[tuple[str, str, bo
             yield label, method, in_sample, s, out / "generalists" / label / f"seed{s}"
 
 
-def generalist_run(experiment: Experiment, method: str, s: int, run_dir: Path, losses: SpecialistLosses,
+def generalist_run(experiment: Experiment, label: str, method: str, s: int, run_dir: Path, losses: SpecialistLosses,
                    standard_cache: ValueCache | None, in_sample: bool = False) -> TrainingRun:
-    """Method ``method``'s generalist of seed index ``s``: every task, its mixer against its baseline losses
-    (the specialists', in-sample if ``in_sample``; the standard generalist's; or none), evaluated in the
-    config's loss against the experiment's specialist losses."""
+    """Method ``method``'s generalist of seed index ``s`` (reported as ``label``): every task, its mixer
+    against its baseline losses (the specialists', in-sample if ``in_sample``; the standard generalist's; or
+    none), evaluated in the config's loss against the experiment's specialist losses."""
     config, k = experiment.config, len(experiment.tasks)
     options = dict(config.methods.options.get(method, {}))
     mixer_name, loss = method_mixer_and_loss(method, config.loss.loss_type)
@@ -67,34 +66,47 @@ def generalist_run(experiment: Experiment, method: str, s: int, run_dir: Path, l
     specialist = losses.in_sample if in_sample else losses.evaluation
     # load_llm_config puts a method measured against the standard generalist after "standard"
     baseline_losses = {"specialist": specialist, "standard": [standard_cache] * k}.get(mixer.baseline)
-    run = TrainingRun(name=f"{method}{'-in-sample' if in_sample else ''} seed {s}", run_dir=run_dir, mixer=mixer,
-                      task_names=experiment.task_names, train_sets=experiment.train_sets,
-                      eval_sets=experiment.eval_sets, reference=experiment.reference,
-                      baseline_losses=baseline_losses, specialist_caches=losses.evaluation, optim=config.train,
+    run = TrainingRun(name=f"{label} seed {s}", run_dir=run_dir, mixer=mixer, task_names=experiment.task_names,
+                      train_sets=experiment.train_sets, eval_sets=experiment.eval_sets,
+                      reference=experiment.reference, baseline_losses=baseline_losses,
+                      specialist_caches=losses.evaluation, optim=config.train,
                       loss=replace(config.loss, loss_type=loss), seed=config.seed + s,
                       pad_token_id=experiment.pad_token_id, eval_loss=config.loss)
-    specialist_losses_of = "in-sample" if in_sample else losses.definition
-    return experiment.described(run, {"name": mixer_name, "options": options,
-                                       "specialist_losses": specialist_losses_of})
+    described = {"name": mixer_name, "options": options}
+    if mixer.baseline == "specialist":  # the s(z) it trains against: other values make another run
+        described["specialist_losses"] = losses.stamp(in_sample)
+    return experiment.described(run, described)
 
 
 def generalists(experiment: Experiment, losses: SpecialistLosses) -> list[dict]:
-    """Train every method of the config with its seeds; return one record per run."""
+    """Train every method of the config with its seeds; return one record per run. A run finished earlier
+    whose held-out metrics were scored against other specialist losses is evaluated again."""
     records, standard_cache = [], None
     for label, method, in_sample, s, run_dir in generalist_runs(experiment.config, experiment.out):
-        run = generalist_run(experiment, method, s, run_dir, losses, standard_cache, in_sample)
+        run = generalist_run(experiment, label, method, s, run_dir, losses, standard_cache, in_sample)
+        fresh = not (run_dir / "final.json").is_file()
         model, final = experiment.train(run)
         if method == "standard" and standard_cache is None:
             every = [p for pairs in experiment.train_sets + experiment.eval_sets for p in pairs]
             manifest = {"kind": "standard generalist losses", "model": policy_fingerprint(model), "run": str(run_dir)}
             standard_cache = experiment.loss_cache(model, every, experiment.out / "caches" / "standard", manifest,
                                                    "standard generalist losses")
+        if final.get("specialist_losses") != losses.stamp():
+            # a run trained now was evaluated against these losses already: it only needs the stamp
+            final = ({**final, "specialist_losses": losses.stamp()} if fresh
+                     else experiment.scored(model, losses, run_dir, final))
+            _write(experiment, run_dir / "final.json", final)
         final = add_generation(experiment, model, run_dir, final)
         records.append(_record(experiment, label, s, run_dir, final))
         experiment.say(f"{label} seed {s}: worst-task excess {final.get('worst_excess', float('nan')):.4f} "
                        f"({final.get('worst_task')})")
         del model
     return records
+
+
+def _write(experiment: Experiment, path: Path, final: dict) -> None:
+    if experiment.world.is_main:
+        write_json_atomic(path, final, indent=1)
 
 
 def _record(experiment: Experiment, label: str, s: int, run_dir: Path, final: dict) -> dict:
@@ -104,44 +116,33 @@ def _record(experiment: Experiment, label: str, s: int, run_dir: Path, final: di
 
 
 def reevaluated_generalists(experiment: Experiment, losses: SpecialistLosses) -> list[dict]:
-    """Every finished generalist evaluated again from its last checkpoint (final.json rewritten)."""
-    config, world, records = experiment.config, experiment.world, []
-    for label, _, _, s, run_dir in generalist_runs(config, experiment.out):
+    """Every finished generalist evaluated again from its last checkpoint (final.json rewritten); a run
+    trained with other settings (other baseline losses among them) is refused, as training refuses it."""
+    config, records = experiment.config, []
+    for label, method, in_sample, s, run_dir in generalist_runs(config, experiment.out):
         if not (run_dir / "final.json").is_file():
             experiment.say(f"{label} seed {s}: not finished ({run_dir}); skipped")
             continue
+        check_run_dir(generalist_run(experiment, label, method, s, run_dir, losses, None, in_sample))
         model = experiment.trained_policy(run_dir, config.seed + s)
-        final = json.loads((run_dir / "final.json").read_text())
-        final.update(evaluate(model, experiment.eval_sets, experiment.task_names, experiment.reference,
-                              losses.evaluation, config.loss, experiment.pad_token_id,
-                              config.train.per_device_eval_batch_size, experiment.device, world,
-                              autocast=experiment.autocast))
-        final = add_generation(experiment, model, run_dir, final)
-        if world.is_main:
-            write_json_atomic(run_dir / "final.json", final, indent=1)
+        final = experiment.scored(model, losses, run_dir, json.loads((run_dir / "final.json").read_text()))
+        _write(experiment, run_dir / "final.json", final)
         records.append(_record(experiment, label, s, run_dir, final))
     return records
 
 
 def base_record(experiment: Experiment, losses: SpecialistLosses, fresh: bool = False) -> dict:
     """The base model (pi_ref, no training) evaluated like a generalist, into ``OUT/base/final.json``: its
-    generation success is where every method starts. Kept unless ``fresh`` or the specialist losses differ."""
+    generation success is where every method starts. Kept unless ``fresh`` or scored against other losses."""
     run_dir = experiment.out / "base"
     path = run_dir / "final.json"
     final = json.loads(path.read_text()) if path.is_file() and not fresh else {}
-    if final.get("specialist_losses") != losses.definition:
-        config = experiment.config
-        final = evaluate(experiment.base_model, experiment.eval_sets, experiment.task_names, experiment.reference,
-                         losses.evaluation, config.loss, experiment.pad_token_id,
-                         config.train.per_device_eval_batch_size, experiment.device, experiment.world,
-                         autocast=experiment.autocast)
+    if final.get("specialist_losses") != losses.stamp():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        final = experiment.scored(experiment.base_model, losses, run_dir, {})
         for metrics in final["tasks"].values():  # pi_ref against itself: every margin is 0 up to rounding
             metrics.pop("accuracy", None), metrics.pop("margin", None)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        final = add_generation(experiment, experiment.base_model, run_dir, final)
-        final["specialist_losses"] = losses.definition
-        if experiment.world.is_main:
-            write_json_atomic(path, final, indent=1)
+        _write(experiment, path, final)
     return {"method": "base", "seed": 0, "run_dir": experiment.relative(run_dir), **final, "steps": 0, "tokens": 0}
 
 
@@ -158,7 +159,7 @@ def run_all(config: LLMConfig, stages: tuple[str, ...] = ("specialists", "genera
     if "generalists" not in stages:
         return None
     records = [base_record(experiment, losses)] + generalists(experiment, losses)
-    records += merged_specialists(experiment, losses.evaluation)
+    records += merged_specialists(experiment, losses)
     return report(experiment.out, experiment.task_names, records, write=world.is_main,
                   specialist_losses={"definition": losses.definition, "means": loss_means(experiment, losses)})
 
@@ -170,6 +171,7 @@ def reevaluate(config: LLMConfig, world: World = World(), show_progress: bool = 
     records = reevaluated_generalists(experiment, losses)
     if not records:
         raise ConfigError(f"{experiment.out}: no finished generalist to evaluate: run `amalab llm train` first")
-    records = [base_record(experiment, losses, fresh=True)] + records + merged_specialists(experiment, losses.evaluation)
+    records = [base_record(experiment, losses, fresh=True)] + records
+    records += merged_specialists(experiment, losses, fresh=True)
     return report(experiment.out, experiment.task_names, records, write=world.is_main,
                   specialist_losses={"definition": losses.definition, "means": loss_means(experiment, losses)})

@@ -8,9 +8,11 @@ task's pairs but one (``OUT/cross_fit/<task>/fold<f>of<K>/``), give the cross-fi
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from amalab.errors import ConfigError
@@ -22,27 +24,43 @@ from amalab.llm.train import TrainingRun
 from amalab.mixers import make_mixer
 
 
+def fingerprint(caches: list[ValueCache]) -> str:
+    """sha256 (16 hex digits) of the caches' ids and loss values, in order: what a result scored against them
+    records, so that a result scored against other values is never reused."""
+    digest = hashlib.sha256()
+    for cache in caches:
+        digest.update("\n".join(cache.ids).encode())
+        digest.update(np.ascontiguousarray(cache.columns["loss"], dtype="<f8").tobytes())
+    return digest.hexdigest()[:16]
+
+
 @dataclass
 class SpecialistLosses:
     """The specialists' cached losses s(z) per task (docs/maths.md sections 11 and 12).
 
     ``evaluation``: the experiment's definition, cross-fitted with ``[specialists] cross_fit`` >= 2, else
-    in-sample; every held-out excess and every method's training baseline uses it. ``in_sample``: the losses
-    of the specialists trained on all of their task's pairs, the baseline of the ``[methods] in_sample``
-    variants.
+    in-sample; every held-out excess uses it, and so do the methods measured against the specialists.
+    ``in_sample``: the losses of the specialists trained on all of their task's pairs, the baseline of the
+    ``[methods] in_sample`` variants.
     """
 
     evaluation: list[ValueCache]
     in_sample: list[ValueCache]
     definition: str
 
+    def stamp(self, in_sample: bool = False) -> dict:
+        """What a result trained or scored against these losses records: the definition and a fingerprint."""
+        if in_sample:
+            return {"definition": "in-sample", "fingerprint": fingerprint(self.in_sample)}
+        return {"definition": self.definition, "fingerprint": fingerprint(self.evaluation)}
+
 
 def specialist_run(experiment: Experiment, task: int, fold: int | None = None) -> TrainingRun:
     """Task ``task``'s specialist: the task alone (all its training pairs, or with ``fold`` every fold but that
     one), trained in the config's loss with [specialists.optim]."""
     config, name = experiment.config, experiment.task_names[task]
-    train, run_dir, mixer = experiment.train_sets[task], experiment.out / "specialists" / name, {"name": "uniform",
-                                                                                               "task": name}
+    train, run_dir = experiment.train_sets[task], experiment.out / "specialists" / name
+    mixer = {"name": "uniform", "task": name}
     if fold is not None:
         k = config.specialists.cross_fit
         train = task_folds(experiment, task)[fold][0]
@@ -60,7 +78,11 @@ def specialist_run(experiment: Experiment, task: int, fold: int | None = None) -
 def task_folds(experiment: Experiment, task: int) -> list[tuple[list, list]]:
     """Task ``task``'s training pairs cut into [specialists] cross_fit folds: (trained on, scored) per fold."""
     config = experiment.config
-    return folds(experiment.train_sets[task], config.specialists.cross_fit, config.seed)
+    try:
+        return folds(experiment.train_sets[task], config.specialists.cross_fit, config.seed)
+    except ValueError as e:
+        raise ConfigError(f"task {experiment.task_names[task]!r} ({len(experiment.train_sets[task])} training "
+                          f"pairs), [specialists] cross_fit = {config.specialists.cross_fit}: {e}") from None
 
 
 def _trained_specialist(experiment: Experiment, run: TrainingRun, allow_training: bool) -> torch.nn.Module:

@@ -86,7 +86,7 @@ def preference_example_losses(run: TrainingRun, device: torch.device) -> Example
         length=padded_length)
 
 
-def _check_run_dir(run: TrainingRun) -> None:
+def check_run_dir(run: TrainingRun) -> None:
     """Refuse to continue a run folder that was started with other settings."""
     path = run.run_dir / "run.json"
     described = json.loads(json.dumps(run.description, default=str))
@@ -177,7 +177,7 @@ def run_training(model, run: TrainingRun, device: torch.device, world: World = W
     optim = run.optim
     check_micro_batches(run.mixer, optim, world, is_sharded(model), run.name)
     if world.is_main:
-        _check_run_dir(run)
+        check_run_dir(run)
     final_path = run.run_dir / "final.json"
     if final_path.is_file():
         load_trainable_state(model, load_latest(run.run_dir).model_state)

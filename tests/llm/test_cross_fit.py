@@ -61,12 +61,13 @@ def test_training_pairs_take_their_fold_specialist_and_held_out_pairs_the_mean()
 
 def _watch(monkeypatch) -> tuple[dict, list]:
     """Record what each specialist trained on (by run folder) and which pairs each loss cache scored, by model."""
-    trained, scored = {}, []
+    trained, scored, alive = {}, [], []
     train, loss_cache = Experiment.train, Experiment.loss_cache
 
     def watched_train(self, run):
         model, final = train(self, run)
         trained[id(model)] = (run.run_dir, {p.id for s in run.train_sets for p in s})
+        alive.append(model)  # an id is unique only while its object lives
         return model, final
 
     def watched_cache(self, model, pairs, folder, manifest, what):
@@ -121,17 +122,40 @@ def test_each_fold_resumes_on_its_own(tmp_path, monkeypatch, capsys):
     assert (out / "caches" / "specialist-alpha-fold1of2" / "values.npz").read_bytes() == cache1
 
 
-def test_in_sample_variants_train_against_the_in_sample_losses(tmp_path):
+def test_in_sample_variants_train_against_the_in_sample_losses(tmp_path, monkeypatch):
     config = experiment(tmp_path, names='["standard", "ama-r"]',
                         extra='\n[specialists]\ncross_fit = 2\n', **{"seeds = 1": 'seeds = 1\nin_sample = ["ama-r"]'})
+    runs, train = {}, Experiment.train
+
+    def watched_train(self, run):
+        runs[run.run_dir.parent.name] = run
+        return train(self, run)
+
+    monkeypatch.setattr(Experiment, "train", watched_train)
     assert main(["llm", "run", str(config), "--quiet"]) == 0
     out = tmp_path / "run"
     summary = json.loads((out / "summary.json").read_text())
+    on_disk = {name: dict(zip(json.loads((out / "caches" / name / "ids.json").read_text()),
+                              np.load(out / "caches" / name / "values.npz")["loss"]))
+               for name in ("specialist-alpha", "specialist-alpha-fold0of2", "specialist-alpha-fold1of2")}
+    both = set(on_disk["specialist-alpha-fold0of2"]) & set(on_disk["specialist-alpha-fold1of2"])
+    train_ids = [i for i in on_disk["specialist-alpha"] if i not in both]
+    fold_of = {i: v for f in (0, 1) for i, v in on_disk[f"specialist-alpha-fold{f}of2"].items() if i not in both}
+    # what each trained against (baseline) and what each is evaluated against (held-out), from the caches
+    np.testing.assert_array_equal(runs["ama-r-in-sample"].baseline_losses[0].get("loss", train_ids),
+                                  [on_disk["specialist-alpha"][i] for i in train_ids])
+    np.testing.assert_array_equal(runs["ama-r"].baseline_losses[0].get("loss", train_ids),
+                                  [fold_of[i] for i in train_ids])
+    held = sorted(both)
+    mean = [(on_disk["specialist-alpha-fold0of2"][i] + on_disk["specialist-alpha-fold1of2"][i]) / 2 for i in held]
+    for name in ("ama-r", "ama-r-in-sample", "standard"):
+        np.testing.assert_allclose(runs[name].specialist_caches[0].get("loss", held), mean, rtol=1e-15)
     assert {"ama-r", "ama-r-in-sample", "standard", "base"} <= set(summary["methods"])
     described = {m: json.loads((out / "generalists" / m / "seed0" / "run.json").read_text())["mixer"]
                  for m in ("ama-r", "ama-r-in-sample", "standard")}
-    assert described["ama-r"]["specialist_losses"] == "cross-fit 2"
-    assert described["ama-r-in-sample"]["specialist_losses"] == "in-sample"
+    assert described["ama-r"]["specialist_losses"]["definition"] == "cross-fit 2"
+    assert described["ama-r-in-sample"]["specialist_losses"]["definition"] == "in-sample"
+    assert "specialist_losses" not in described["standard"]  # standard trains against no s(z)
     assert (out / "caches" / "specialist-alpha").is_dir() and (out / "specialists" / "alpha").is_dir()
     # the summary's mean s(z) per task, recomputed from the caches on disk
     def cache(name):
@@ -155,6 +179,8 @@ def test_in_sample_variants_train_against_the_in_sample_losses(tmp_path):
     ("[specialists.optim]", ("[specialists]\ncross_fit = 0\n\n[specialists.optim]", "cross_fit")),
     ("seeds = 1", ('seeds = 1\nin_sample = ["standard"]', "does not measure excess over the specialists")),
     ("seeds = 1", ('seeds = 1\nin_sample = ["ama-s"]', "is not one of names")),
+    ("seeds = 1", ('seeds = 1\nin_sample = "ama-r"', "in_sample: expected a list")),
+    ("[specialists.optim]", ("[specialists]\ncross_fit = 9\n\n[specialists.optim]", "6 pairs cannot fill 9 folds")),
 ])
 def test_bad_cross_fit_settings_are_one_line(tmp_path, capsys, change, words):
     text, expected = words
@@ -170,3 +196,45 @@ def test_in_sample_variants_need_cross_fitting(tmp_path, capsys):
                            "seeds = 1": 'seeds = 1\nin_sample = ["ama-r"]'})
     assert main(["llm", "run", str(config), "--quiet"]) == 2
     assert "in-sample already" in capsys.readouterr().err
+
+
+def test_results_scored_against_other_specialist_losses_are_not_reused(tmp_path, capsys):
+    """New specialists (here: another specialist learning rate) give new s(z): every finished result scored
+    against the old values is scored again, and a run trained against them is refused, never reused."""
+    import shutil
+
+    merges = '\n[merges]\nnames = ["linear"]\n'
+    config = experiment(tmp_path, names='["standard", "ama-r"]', extra=merges)
+    assert main(["llm", "run", str(config), "--quiet"]) == 0
+    out = tmp_path / "run"
+
+    def stamp(path):
+        return json.loads((out / path / "final.json").read_text())["specialist_losses"]
+
+    before = {p: stamp(p) for p in ("base", "generalists/standard/seed0", "merges/linear/seed0")}
+    for folder in ("specialists", "cross_fit"):
+        shutil.rmtree(out / folder)
+    for cache in (out / "caches").glob("specialist-*"):
+        shutil.rmtree(cache)
+    config.write_text(config.read_text().replace("learning_rate = 1e-2\n\n[train]", "learning_rate = 5e-3\n\n[train]"))
+    assert main(["llm", "run", str(config), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "generalists/ama-r/seed0" in err and "mixer" in err and len(err.strip().splitlines()) == 1
+    shutil.rmtree(out / "generalists" / "ama-r")  # trained again against the new losses
+    assert main(["llm", "run", str(config), "--quiet"]) == 0
+    for path, old in before.items():  # scored again: the new losses' fingerprint
+        new = stamp(path)
+        assert new["definition"] == old["definition"] == "cross-fit 2" and new["fingerprint"] != old["fingerprint"]
+
+
+def test_eval_refuses_a_run_trained_against_other_specialist_losses(tmp_path, capsys):
+    config = experiment(tmp_path, names='["standard", "ama-r"]')
+    assert main(["llm", "run", str(config), "--quiet"]) == 0
+    described = tmp_path / "run" / "generalists" / "ama-r" / "seed0" / "run.json"
+    run = json.loads(described.read_text())
+    run["mixer"]["specialist_losses"] = {"definition": "in-sample", "fingerprint": "0" * 16}  # as an older run
+    described.write_text(json.dumps(run))
+    capsys.readouterr()
+    assert main(["llm", "eval", str(config), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "generalists/ama-r/seed0" in err and "mixer" in err and len(err.strip().splitlines()) == 1
