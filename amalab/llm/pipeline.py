@@ -16,7 +16,7 @@
                                          <method>-in-sample: trained against the in-sample s(z)
       merges/<method>/seed<s>/           a merge of the specialists, evaluated (amalab.llm.baseline_merges)
       summary.json, summary.csv          final held-out metrics of every run, steps and tokens, paired
-                                         differences (amalab.llm.report)
+                                         differences (amalab.llm.report); summary.md: its tables in markdown
       figures/                           per-task excess and accuracy, mixer weights, worst-task excess,
                                          paired differences
 

@@ -59,7 +59,7 @@ def summarize(task_names: list[str], records: list[dict]) -> dict:
 
 def write_summary(out: Path, summary: dict) -> None:
     """summary.json, and summary.csv: one row per run and task; each run names its folder (``run_dir``,
-    relative to ``out``), the argument ``amalab llm export`` takes."""
+    relative to ``out``), the argument ``amalab llm export`` takes. (summary.md: :func:`summary_markdown`.)"""
     write_json_atomic(out / "summary.json", summary, indent=1)
     rows = io.StringIO(newline="")
     w = csv.writer(rows)
@@ -72,29 +72,59 @@ def write_summary(out: Path, summary: dict) -> None:
     write_text_atomic(out / "summary.csv", rows.getvalue())
 
 
-def summary_table(summary: dict) -> str:
-    """A plain-text table: worst-task excess, per-task excess and accuracy, and the generation success of the
-    verifiable tasks; mean (std) over seeds."""
+def _summary_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
+    """The summary table's header and rows: per method, seeds, steps, tokens, worst-task excess, per-task
+    excess and accuracy, and the generation success of the verifiable tasks; mean (std) over seeds."""
     names = summary["tasks"]
     generated = [n for n in names if any("success" in m["tasks"][n] for m in summary["methods"].values())]
-    header = (["method", "seeds", "steps", "tokens", "worst excess"] + [f"{n} excess" for n in names] + [f"{n} acc" for n in names]
-              + [f"{n} success" for n in generated])
+    header = (["method", "seeds", "steps", "tokens", "worst excess"] + [f"{n} excess" for n in names]
+              + [f"{n} acc" for n in names] + [f"{n} success" for n in generated])
+    rows = [[method, str(m["seeds"]), str(m.get("steps", "")), str(m.get("tokens", "")), _fmt(m, "worst_excess")]
+            + [_fmt(m["tasks"][n], "excess") for n in names] + [_fmt(m["tasks"][n], "accuracy") for n in names]
+            + [_fmt(m["tasks"][n], "success") for n in generated]
+            for method, m in summary["methods"].items()]
+    return header, rows
 
-    def fmt(entry: dict, metric: str) -> str:
-        s = entry.get(metric)
-        if s is None:
-            return "-"
-        return f"{s['mean']:.4f}" + (f" ({s['std']:.4f})" if s["n"] > 1 else "")
 
-    rows = []
-    for method, m in summary["methods"].items():
-        rows.append([method, str(m["seeds"]), str(m.get("steps", "")), str(m.get("tokens", "")),
-                     fmt(m, "worst_excess")]
-                    + [fmt(m["tasks"][n], "excess") for n in names] + [fmt(m["tasks"][n], "accuracy") for n in names]
-                    + [fmt(m["tasks"][n], "success") for n in generated])
+def _fmt(entry: dict, metric: str) -> str:
+    s = entry.get(metric)
+    if s is None:
+        return "-"
+    return f"{s['mean']:.4f}" + (f" ({s['std']:.4f})" if s["n"] > 1 else "")
+
+
+def summary_table(summary: dict) -> str:
+    """The summary as a plain-text table (what a run prints)."""
+    header, rows = _summary_rows(summary)
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [header] + rows]
     return "\n".join([lines[0], "  ".join("-" * w for w in widths)] + lines[1:])
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def summary_markdown(summary: dict) -> str:
+    """summary.md: the summary table, the paired differences, the adaptive mixers' average weights and the
+    specialists' mean losses, as markdown tables (what a README quotes)."""
+    parts = ["Mean (std) over seeds.", "", *_markdown(*_summary_rows(summary))]
+    if summary.get("paired"):
+        parts += ["", "Paired differences, method - against, same seed: mean [95% t-interval].", "",
+                  paired_table(summary["paired"])]
+    names = summary["tasks"]
+    weighted = [(m, e["average_weights"]) for m, e in summary["methods"].items() if "average_weights" in e]
+    if weighted:
+        parts += ["", "The mixers' average task weights over training, mean (std) over seeds.", "",
+                  *_markdown(["method", *names], [[m, *(_fmt(w, n) for n in names)] for m, w in weighted])]
+    losses = summary.get("specialist_losses")
+    if losses:
+        columns = ["in_sample_train", "train", "in_sample_held_out", "held_out"]
+        parts += ["", f"Mean specialist loss s(z) per task: in-sample and {losses['definition']}.", "",
+                  *_markdown(["task", "in-sample, train", f"{losses['definition']}, train", "in-sample, held-out",
+                              f"{losses['definition']}, held-out"],
+                             [[n, *(f"{losses['means'][n][c]:.4f}" for c in columns)] for n in names])]
+    return "\n".join(parts) + "\n"
 
 
 def report(out: Path, task_names: list[str], records: list[dict], write: bool = True,
@@ -108,6 +138,7 @@ def report(out: Path, task_names: list[str], records: list[dict], write: bool = 
         from amalab.llm.figures import make_figures
 
         write_summary(out, summary)
+        write_text_atomic(out / "summary.md", summary_markdown(summary))
         paths = make_figures(out, summary)
         print(summary_table(summary))  # the result: printed even with --quiet
         if summary["paired"]:

@@ -55,3 +55,22 @@ def test_summary_csv_has_one_row_per_run_and_task(tmp_path):
     last = rows[-1]
     assert (last["method"], last["seed"], last["task"], last["success"]) == ("ama-r", "1", "b", "")
     assert math.isclose(float(last["excess"]), 0.2) and math.isclose(float(last["worst_excess"]), 0.4)
+
+
+def test_summary_markdown_quotes_the_summary_and_report_writes_it(tmp_path, capsys):
+    from amalab.llm.report import report
+
+    rows = records()
+    for r, w in zip(rows, ([0.5, 0.5], [0.2, 0.8], [0.4, 0.6])):
+        r["average_weights"] = w
+    means = {n: {"in_sample_train": 0.5, "train": 0.6, "in_sample_held_out": 0.65, "held_out": 0.7} for n in "ab"}
+    summary = report(tmp_path, ["a", "b"], rows, specialist_losses={"definition": "cross-fit 2", "means": means})
+    text = (tmp_path / "summary.md").read_text()
+    # ama-r over its two seeds: worst excess 0.2 and 0.4, a's excess 0.2 and 0.4, b's 0.1 and 0.2
+    sd = statistics.stdev([0.2, 0.4])
+    assert (f"| ama-r | 2 | 0 | 0 | 0.3000 ({sd:.4f}) | 0.3000 ({sd:.4f}) | 0.1500 ({statistics.stdev([0.1, 0.2]):.4f})"
+            in text)
+    assert "| ama-r - standard | 1 | -0.1000 |" in text  # standard has seed 0 only: one paired difference
+    assert f"| ama-r | 0.3000 ({statistics.stdev([0.2, 0.4]):.4f}) | 0.7000 ({statistics.stdev([0.8, 0.6]):.4f}) |" in text
+    assert "| a | 0.5000 | 0.6000 | 0.6500 | 0.7000 |" in text
+    assert summary["specialist_losses"]["definition"] == "cross-fit 2"
