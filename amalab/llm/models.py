@@ -273,9 +273,18 @@ def compile_layers(model: torch.nn.Module, **options) -> None:
 def _config_dict(model) -> dict[str, Any]:
     config = model.config.to_dict()
     peft_config = getattr(model, "peft_config", None)
-    if peft_config:
-        config["peft_config"] = {name: cfg.to_dict() for name, cfg in sorted(peft_config.items())}
+    if peft_config:  # without the base's load path: the same adapter on the same weights, wherever loaded
+        config["peft_config"] = {name: {k: v for k, v in cfg.to_dict().items() if k != "base_model_name_or_path"}
+                                 for name, cfg in sorted(peft_config.items())}
     return {key: value for key, value in config.items() if key not in _VOLATILE_CONFIG_KEYS}
+
+
+def _json_value(value) -> Any:
+    """A config value JSON cannot hold: a set as its sorted list (its iteration order changes from process
+    to process with Python's hash seed, e.g. PEFT's target_modules), anything else as its str."""
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=str)
+    return str(value)
 
 
 def model_fingerprint(model) -> str:
@@ -286,7 +295,7 @@ def model_fingerprint(model) -> str:
     against), tied weights once. Cheap enough: SmolLM2-135M (0.54 GB in float32) hashes in about 0.6 s
     on one CPU core.
     """
-    config = json.dumps(_config_dict(model), sort_keys=True, default=str)
+    config = json.dumps(_config_dict(model), sort_keys=True, default=_json_value)
     return state_digest(model.state_dict(), prefix=config)
 
 

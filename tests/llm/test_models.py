@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -163,3 +164,33 @@ def test_decoder_layers_are_the_same_modules_with_or_without_lora(make_model):
 
     with pytest.raises(ConfigError, match="Linear has no `layers` list of decoder layers"):
         decoder_layers(NoLayers())
+
+
+FINGERPRINT_OF_A_LORA_POLICY = """
+import sys
+import torch
+from amalab.llm.config import LoraConfig
+from amalab.llm.models import model_fingerprint, prepare_model, tiny_llama
+model = tiny_llama(64, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=32, seed=0)
+model.config._name_or_path = sys.argv[1]
+lora = LoraConfig(r=2, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+torch.manual_seed(0)  # the adapter's initial weights
+print(model_fingerprint(prepare_model(model, lora=lora)))
+"""
+
+
+def test_a_lora_policy_has_one_fingerprint_in_every_process_and_from_every_load_path():
+    """PEFT keeps target_modules as a set, whose order follows the process's hash seed, and records the base's
+    load path: neither may change the fingerprint (a finished run's cache would be refused on resume)."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    prints = set()
+    for hash_seed, path in (("1", "/one/place"), ("2", "/another/place"), ("3", "/one/place")):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": str(root)}
+        done = subprocess.run([sys.executable, "-c", FINGERPRINT_OF_A_LORA_POLICY, path], env=env,
+                              capture_output=True, text=True, check=True)
+        prints.add(done.stdout.strip().splitlines()[-1])
+    assert len(prints) == 1
