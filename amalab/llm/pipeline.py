@@ -40,7 +40,7 @@ from amalab.llm.distributed import World
 from amalab.llm.experiment import Experiment, prepare
 from amalab.llm.models import policy_fingerprint
 from amalab.llm.report import report
-from amalab.llm.specialists import SpecialistLosses, loss_means, specialist_losses
+from amalab.llm.specialists import SpecialistLosses, loss_summary, specialist_losses
 from amalab.llm.train import TrainingRun, check_run_dir, training_tokens
 from amalab.mixers import make_mixer
 
@@ -161,7 +161,7 @@ def run_all(config: LLMConfig, stages: tuple[str, ...] = ("specialists", "genera
     records = [base_record(experiment, losses)] + generalists(experiment, losses)
     records += merged_specialists(experiment, losses)
     return report(experiment.out, experiment.task_names, records, write=world.is_main,
-                  specialist_losses={"definition": losses.definition, "means": loss_means(experiment, losses)})
+                  specialist_losses=loss_summary(experiment, losses))
 
 
 def reevaluate(config: LLMConfig, world: World = World(), show_progress: bool = True) -> dict:
@@ -174,4 +174,4 @@ def reevaluate(config: LLMConfig, world: World = World(), show_progress: bool = 
     records = [base_record(experiment, losses, fresh=True)] + records
     records += merged_specialists(experiment, losses, fresh=True)
     return report(experiment.out, experiment.task_names, records, write=world.is_main,
-                  specialist_losses={"definition": losses.definition, "means": loss_means(experiment, losses)})
+                  specialist_losses=loss_summary(experiment, losses))

@@ -159,9 +159,9 @@ def _short(metrics: dict) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "n")
 
 
-def loss_means(experiment: Experiment, losses: SpecialistLosses) -> dict[str, dict[str, float]]:
-    """Per task, the mean s(z) on its training and held-out pairs, in-sample (46) and by the experiment's
-    definition: how much lower a specialist scores the pairs it trained on (docs/maths.md section 12)."""
+def loss_summary(experiment: Experiment, losses: SpecialistLosses) -> dict:
+    """The definition of s(z) and, per task, its mean on the training and held-out pairs, in-sample (46) and
+    by the definition: how much lower a specialist scores the pairs it trained on (docs/maths.md section 12)."""
     means = {}
     for i, name in enumerate(experiment.task_names):
         train = [p.id for p in experiment.train_sets[i]]
@@ -170,5 +170,5 @@ def loss_means(experiment: Experiment, losses: SpecialistLosses) -> dict[str, di
                        "in_sample_held_out": float(losses.in_sample[i].get("loss", held_out).mean()),
                        "train": float(losses.evaluation[i].get("loss", train).mean()),
                        "held_out": float(losses.evaluation[i].get("loss", held_out).mean())}
-    return means
+    return {"definition": losses.definition, "means": means}
 
