@@ -4,7 +4,7 @@
     task_accuracy.png   held-out preference accuracy, likewise
     generation_success.png  verifier success of greedy generations on the verifiable tasks, likewise
     worst_excess.png    the worst-task excess per method, every seed shown
-    weights.png         the adaptive mixers' task weights (and running averages) over training, seed 0
+    weights.png         the adaptive mixers' running-average task weights over training, every seed
     eval_curves.png     held-out excess per task against steps, seed 0 of every method
     paired_differences.png  AMA minus standard and minus the best merge, same seed: mean, 95% interval, seeds
 """
@@ -19,6 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from amalab.atomic_write import write_atomic  # noqa: E402
 
@@ -88,7 +89,8 @@ def _worst_excess(folder: Path, summary: dict) -> Path:
 
 
 def _weights(out: Path, folder: Path, summary: dict) -> list[Path]:
-    """weights.png: the adaptive mixers' weights over training (seed 0); none without an adaptive method."""
+    """weights.png: the adaptive mixers' running-average weights over training, one line style per seed (the
+    seeds can disagree: an in-sample AMA-R seed may settle on one task); none without an adaptive method."""
     adaptive = [m for m in summary["methods"] if m.removesuffix("-in-sample") in ADAPTIVE]
     if not adaptive:
         return []
@@ -97,16 +99,19 @@ def _weights(out: Path, folder: Path, summary: dict) -> list[Path]:
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
     for ax in axes.flat[len(adaptive):]:
         ax.axis("off")
+    styles = ("-", "--", ":", "-.")
     for ax, method in zip(axes.flat, adaptive):
-        train = [r for r in _metrics(out / "generalists" / method / "seed0") if r.get("kind") == "train"]
-        if not train:
-            continue
-        steps = [r["step"] for r in train]
-        weights, average = np.array([r["weights"] for r in train]), np.array([r["average_weights"] for r in train])
-        for i, name in enumerate(summary["tasks"]):
-            ax.plot(steps, weights[:, i], color=f"C{i}", alpha=0.5, lw=1)
-            ax.plot(steps, average[:, i], color=f"C{i}", lw=2, label=name)
-        ax.set_title(f"{method}: weights (thin) and running average (thick)", fontsize=8)
+        seed_dirs = sorted((out / "generalists" / method).glob("seed*"), key=lambda d: int(d.name[4:]))
+        for s, seed_dir in enumerate(seed_dirs):
+            train = [r for r in _metrics(seed_dir) if r.get("kind") == "train"]
+            if not train:
+                continue
+            steps, average = [r["step"] for r in train], np.array([r["average_weights"] for r in train])
+            for i, name in enumerate(summary["tasks"]):
+                ax.plot(steps, average[:, i], color=f"C{i}", ls=styles[s % len(styles)], lw=1.5,
+                        label=name if s == 0 else None)
+        shown = ", ".join(f"{d.name[4:]} {styles[s % len(styles)]}" for s, d in enumerate(seed_dirs))
+        ax.set_title(f"{method}: running-average weights (seeds {shown})", fontsize=8)
         ax.set_xlabel("step")
         ax.set_ylim(0, 1)
         ax.legend(fontsize=7)
@@ -151,8 +156,10 @@ def _paired(folder: Path, summary: dict) -> list[Path]:
         ax.axvline(0, color="grey", lw=1)
         ax.set_yticks(range(len(mine)), [f"{r['method']} - {r['against']}" for r in mine], fontsize=8)
         what, higher_better = METRICS[metric]
-        ax.set_xlabel(f"difference in {what} ({'right' if higher_better else 'left'} of 0: method better)",
+        ax.set_xlabel(f"difference in {what}\n({'right' if higher_better else 'left'} of 0: method better)",
                       fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(6))
+        ax.tick_params(axis="x", labelsize=8)
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle("paired differences (same seed): mean and 95% t-interval, dots: seeds", fontsize=9)
     return [_save(fig, folder / "paired_differences.png")]
