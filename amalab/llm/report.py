@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import statistics
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,9 @@ def summarize(task_names: list[str], records: list[dict]) -> dict:
         runs = [r for r in records if r["method"] == method]
         summary["methods"][method] = {
             "seeds": entry["seeds"],
-            "steps": max(r.get("steps", 0) for r in runs), "tokens": max(r.get("tokens", 0) for r in runs),
+            # the mean over seeds, like every other column (a seed's tokens depend on its draws)
+            "steps": round(statistics.fmean(r.get("steps", 0) for r in runs)),
+            "tokens": round(statistics.fmean(r.get("tokens", 0) for r in runs)),
             "worst_excess": spread(entry["worst_excess"]),
             "tasks": {n: {m: spread(v) for m, v in metrics.items() if m != "n"}
                       for n, metrics in entry["tasks"].items()},

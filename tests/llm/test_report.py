@@ -43,6 +43,11 @@ def test_summary_groups_runs_by_method_over_seeds():
     assert amar["tasks"]["b"]["excess"]["mean"] == pytest.approx(0.15)
     assert "n" not in amar["tasks"]["a"]  # the pair count is not a metric to average
     lines = summary_table(summary).splitlines()
+    counted = records()
+    counted[1].update(steps=4, tokens=100)
+    counted[2].update(steps=4, tokens=131)
+    amar_counted = summarize(["a", "b"], counted)["methods"]["ama-r"]
+    assert (amar_counted["steps"], amar_counted["tokens"]) == (4, 116)  # the means of (4, 4) and (100, 131)
     assert lines[0].split()[:5] == ["method", "seeds", "steps", "tokens", "worst"] and len(lines) == 4
     assert lines[3].split()[:6] == ["ama-r", "2", "0", "0", "0.3000", f"({statistics.stdev([0.2, 0.4]):.4f})"]
 
