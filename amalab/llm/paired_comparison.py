@@ -79,24 +79,3 @@ def comparisons(records: list[dict], summary_methods: dict) -> list[dict]:
                 if result is not None:
                     rows.append({"method": method, "against": against, "metric": metric, **result})
     return rows
-
-
-def paired_table(rows: list[dict]) -> str:
-    """A markdown table of the paired differences: method - against, mean and 95% interval per metric."""
-    lines = ["| method - against | n | worst-task excess (lower: method better) | "
-             "worst generated task's success (higher: method better) |", "| --- | --- | --- | --- |"]
-    cells: dict[tuple[str, str], dict] = {}
-    for row in rows:
-        cells.setdefault((row["method"], row["against"]), {})[row["metric"]] = row
-
-    def fmt(row: dict | None) -> str:
-        if row is None:
-            return "-"
-        interval = "" if row["low"] is None else f" [{row['low']:+.4f}, {row['high']:+.4f}]"
-        return f"{row['mean']:+.4f}{interval}"
-
-    for (method, against), metrics in cells.items():
-        n = max(r["n"] for r in metrics.values())
-        lines.append(f"| {method} - {against} | {n} | {fmt(metrics.get('worst_excess'))} | "
-                     f"{fmt(metrics.get('worst_success'))} |")
-    return "\n".join(lines)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from amalab.atomic_write import write_json_atomic, write_text_atomic
-from amalab.llm.paired_comparison import comparisons, paired_table
+from amalab.llm.paired_comparison import comparisons
 
 #: the per-task metrics of summary.csv, in its column order
 CSV_METRICS = ("loss", "excess", "accuracy", "margin", "success")
@@ -106,6 +106,27 @@ def summary_table(summary: dict) -> str:
 
 def _markdown(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def paired_table(rows: list[dict]) -> str:
+    """A markdown table of the paired differences (:mod:`amalab.llm.paired_comparison`): method - against,
+    mean and 95% interval per metric."""
+    cells: dict[tuple[str, str], dict] = {}
+    for row in rows:
+        cells.setdefault((row["method"], row["against"]), {})[row["metric"]] = row
+
+    def fmt(row: dict | None) -> str:
+        if row is None:
+            return "-"
+        interval = "" if row["low"] is None else f" [{row['low']:+.4f}, {row['high']:+.4f}]"
+        return f"{row['mean']:+.4f}{interval}"
+
+    header = ["method - against", "n", "worst-task excess (lower: method better)",
+              "worst generated task's success (higher: method better)"]
+    body = [[f"{method} - {against}", str(max(r["n"] for r in metrics.values())),
+             fmt(metrics.get("worst_excess")), fmt(metrics.get("worst_success"))]
+            for (method, against), metrics in cells.items()]
+    return "\n".join(_markdown(header, body))
 
 
 def summary_markdown(summary: dict) -> str:

@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from amalab.llm.paired_comparison import comparisons, paired_difference, paired_table, worst_success
+from amalab.llm.paired_comparison import comparisons, paired_difference, worst_success
+from amalab.llm.report import paired_table
 
 
 def run(method, seed, worst, successes=None):
