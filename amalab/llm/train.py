@@ -142,13 +142,18 @@ def metrics_logger(run: TrainingRun, world: World) -> Callable[[dict], None]:
     return log
 
 
-def training_tokens(run_dir: Path) -> int:
-    """The tokens a run's optimizer steps read (non-padding, every rank), summed from its metrics.jsonl."""
+def train_records(run_dir: Path) -> list[dict]:
+    """The ``train`` records of a run's metrics.jsonl, one per optimizer step kept; none without the file."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
-        return 0
+        return []
     records = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
-    return int(sum(r.get("tokens", 0) for r in records if r.get("kind") == "train"))
+    return [r for r in records if r.get("kind") == "train"]
+
+
+def training_tokens(run_dir: Path) -> int:
+    """The tokens a run's optimizer steps read (non-padding, every rank), summed from its metrics.jsonl."""
+    return int(sum(r.get("tokens", 0) for r in train_records(run_dir)))
 
 
 def _resume(state: TrainState, run: TrainingRun, world: World, show_progress: bool) -> None:

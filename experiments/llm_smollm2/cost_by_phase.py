@@ -14,15 +14,10 @@ and are not in these sums.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
-
-def train_records(run_dir: Path) -> list[dict]:
-    """The ``train`` records of one run, in order."""
-    with open(run_dir / "metrics.jsonl") as f:
-        return [record for record in map(json.loads, f) if record.get("kind") == "train"]
+from amalab.llm.train import train_records
 
 
 def phases(out: Path) -> dict[str, list[Path]]:
