@@ -2,8 +2,7 @@
 
 A config section is a frozen dataclass; :func:`load_section` fills it from a TOML table, rejecting unknown
 keys, missing required keys and values of the wrong type, then runs the dataclass's ``check`` method for
-range checks (which raise ValueError with the field name; we add the file and table). A dataclass's
-``old_names`` (old key -> (new key, whose name it is)) turns a renamed key into one line naming the new one.
+range checks (which raise ValueError with the field name; we add the file and table).
 """
 
 from __future__ import annotations
@@ -62,10 +61,6 @@ def load_section(cls, table, path, name: str = ""):
         raise ConfigError(f"{where}: expected a table, got {table!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    renamed = sorted(set(table) & set(getattr(cls, "old_names", {})))
-    if renamed:
-        new, whose = cls.old_names[renamed[0]]
-        raise ConfigError(f"{where} {renamed[0]} is now {new} ({whose})")
     unknown = sorted(set(table) - set(fields))
     if unknown:
         raise ConfigError(f"{where}: unknown key {unknown[0]!r}; known keys: {', '.join(fields)}")

@@ -45,11 +45,12 @@ import numpy as np
 import torch
 
 from amalab.llm.collate import collate_pairs
-from amalab.llm.config import LoraConfig, OptimConfig
-from amalab.llm.distributed import World
+from amalab.llm.config import LoraConfig
+from amalab.training.config import OptimConfig
+from amalab.training.distributed import World
 from amalab.llm.evaluate import pair_logps
 from amalab.llm.logprobs import sequence_logps
-from amalab.llm.losses import PreferenceLoss
+from amalab.objectives.preference import PreferenceLoss
 from amalab.llm.models import apply_lora, autocast_context, compile_layers
 from amalab.llm.train import TrainingRun, run_training
 from amalab.mixers import make_mixer

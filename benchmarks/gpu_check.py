@@ -6,7 +6,7 @@ Checks (kinds; benchmarks/README.md says what each means and its tolerance):
   bf16_training     amalab's training under bf16 autocast against float32: tiny model, SmolLM2 with LoRA
   compile           compile_layers (each decoder layer torch.compile'd) against eager: losses, step time
   fsdp2_one_rank    the FSDP2-sharded policy on a one-rank process group against the plain policy
-  nccl_one_process  an all-reduce of mixer statistics and training steps through amalab.llm.distributed
+  nccl_one_process  an all-reduce of mixer statistics and training steps through amalab.training.distributed
   logprob_parity    sequence_logps on the CPU against the device (float32 and bf16 autocast)
   step_benchmark    the step benchmark against TRL's DPOTrainer on SmolLM2: ms/step, tokens/s, MFU, memory
 Every check runs under its own time limit and try/except, in budget order; one that would start with less

@@ -4,7 +4,7 @@ crashed collective is ended by the driver's time limit without taking the other 
 
 Both join a process group of one rank (nccl on CUDA, gloo on the CPU; a file store, no port) and compare
 amalab's training through it with the same training in a plain process (docs/maths.md section 8):
-* ``fsdp2_one_rank``: the policy sharded by :func:`amalab.llm.distributed.shard_policy` (FSDP2, one unit per
+* ``fsdp2_one_rank``: the policy sharded by :func:`amalab.llm.logprobs.shard_causal_lm` (FSDP2, one unit per
   decoder layer, the log-prob root) against the plain policy;
 * ``nccl_one_process``: an all-reduce of a mixer's statistics (float64, one rank: must come back bit-equal),
   then the replicated path (statistics and gradients all-reduced, ranks' mixer states compared) against the
@@ -37,9 +37,11 @@ import torch
 import torch.distributed as dist
 
 from amalab.atomic_write import write_json_atomic
-from amalab.llm.distributed import World, all_reduce_sum, any_rank, barrier, check_ranks_agree, shard_policy
+from amalab.training.distributed import World, all_reduce_sum, any_rank, barrier, check_ranks_agree
+from amalab.llm.logprobs import shard_causal_lm
+from amalab.llm.models import decoder_layers
 from amalab.llm.models import autocast_context
-from amalab.llm.train_state import trainable_state
+from amalab.training.state import trainable_state
 from amalab.mixers import make_mixer
 from benchmarks.device_checks import Workload, load, reference_of, train_records
 
@@ -128,7 +130,7 @@ def fsdp2_one_rank(work: Workload, backend: str) -> dict:
     plain, initial, plain_state, reference = _plain_run(work, autocast)
     model, pad, pairs = load(work)
     world = OneProcessGroup()
-    root = shard_policy(model, world)
+    root = shard_causal_lm(model, decoder_layers(model), world)
     sharded = all(isinstance(p, DTensor) for p in root.parameters()) and isinstance(root, FSDPModule)
     records = train_records(root, pairs, pad, work, autocast, reference, world)
     compared = same_training(plain, records, initial, plain_state, trainable_state(root))

@@ -75,10 +75,10 @@ def _timing_summary(seconds: list[float], tokens: list[float]) -> dict:
 
 def amalab_step(spec: dict) -> dict:
     """Generalist steps of amalab's loop with mixer ``spec['mixer']``; the first ``warmup_steps`` dropped."""
-    from amalab.llm.cache import ValueCache
-    from amalab.llm.config import OptimConfig
+    from amalab.training.cache import ValueCache
+    from amalab.training.config import OptimConfig
     from amalab.llm.evaluate import pair_logps, pair_losses
-    from amalab.llm.losses import PreferenceLoss
+    from amalab.objectives.preference import PreferenceLoss
     from amalab.llm.models import autocast_context
     from amalab.llm.train import TrainingRun, run_training
     from amalab.mixers import make_mixer
@@ -281,7 +281,7 @@ def logprob_memory(spec: dict) -> dict:
     """Peak memory and time of one forward + backward of a DPO loss through one log-prob method."""
     from amalab.llm.collate import collate_pairs
     from amalab.llm.logprobs import full_logits_sequence_logps, sequence_logps
-    from amalab.llm.losses import preference_losses
+    from amalab.objectives.preference import preference_losses
 
     device = _device(spec)
     model, tokenizer = workload.build_model(spec["model"], device, seed=spec["seed"])
@@ -338,7 +338,7 @@ def logprob_error(spec: dict) -> dict:
     LM head in float32): the error of pi_ref's cached log-probs, and of a LoRA-perturbed policy's DPO reward
     margin and loss when policy and reference are both computed in bf16 (as a bf16 run does)."""
     from amalab.llm.evaluate import pair_logps, pair_losses
-    from amalab.llm.losses import PreferenceLoss
+    from amalab.objectives.preference import PreferenceLoss
     from amalab.llm.models import autocast_context
 
     device = _device(spec)

@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from amalab.control.training import pair_losses, pair_values, preference_example_losses, train_policy
-from amalab.llm.cache import ValueCache
-from amalab.llm.merge import merge_state_dicts
+from amalab.training.cache import ValueCache
+from amalab.training.merge import merge_state_dicts
 from amalab.mixers import make_mixer
 
 if TYPE_CHECKING:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import ClassVar
 
 from amalab.config import load_section, read_toml
 from amalab.control.behaviour import BehaviourConfig
@@ -14,9 +13,9 @@ from amalab.control.segments import PoolConfig
 from amalab.control.tasks import TaskSpec
 from amalab.control.teacher import TeacherConfig
 from amalab.errors import ConfigError
-from amalab.llm.config import MergesConfig, MethodsConfig, OptimConfig
-from amalab.llm.losses import PREFERENCE_LOSSES
-from amalab.llm.old_names import LOSS_OLD_NAMES
+from amalab.mixers.methods import MethodsConfig
+from amalab.training.config import MergesConfig, OptimConfig
+from amalab.objectives.preference import PREFERENCE_LOSSES
 
 
 @dataclass(frozen=True)
@@ -46,10 +45,8 @@ class PolicyConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """A preference loss of :func:`~amalab.llm.losses.preference_losses`; ``label_smoothing`` is TRL's eps
+    """A preference loss of :func:`~amalab.objectives.preference.preference_losses`; ``label_smoothing`` is TRL's eps
     (robust DPO's assumed label-flip rate; with dpo it is TRL's conservative DPO), 0: not passed."""
-
-    old_names: ClassVar[dict] = LOSS_OLD_NAMES
 
     loss_type: str = "dpo"
     beta: float = 0.1

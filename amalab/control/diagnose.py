@@ -24,7 +24,6 @@ import torch
 from tqdm import tqdm
 
 from amalab.atomic_write import write_bytes_atomic, write_json_atomic, write_text_atomic
-from amalab.control.artifact_cache import cached_arrays
 from amalab.control.behaviour import train_behaviour
 from amalab.control.config import DataConfig, DiagnoseConfig, LossConfig
 from amalab.control.comparison import compare
@@ -38,7 +37,7 @@ from amalab.control.summary import main_table, summarize_point, sweep_table
 from amalab.control.tasks import GOAL_SIZE
 from amalab.control.teacher import TeacherConfig
 from amalab.control.training import behaviour_cloning_losses, pair_losses, train_policy
-from amalab.llm.cache import ValueCache
+from amalab.training.cache import ValueCache, cached_arrays
 from amalab.mixers import make_mixer
 
 

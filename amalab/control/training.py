@@ -1,8 +1,8 @@
 """Training the Gaussian policy through the LLM half's training step (docs/maths.md section 8).
 
 The step is policy-agnostic: it takes the policy's examples, how they are collated, their sequence
-log-probs and their per-example losses (:class:`~amalab.llm.train_step.ExampleLosses`). Here an example is
-a preference pair of segments and the losses are :func:`~amalab.llm.losses.preference_losses` against the
+log-probs and their per-example losses (:class:`~amalab.training.step.ExampleLosses`). Here an example is
+a preference pair of segments and the losses are :func:`~amalab.objectives.preference.preference_losses` against the
 cached reference log-probs (docs/maths.md section 10), or, for the reference itself, a segment and its
 negative log-density per step (behaviour cloning on the union of the segments).
 """
@@ -11,20 +11,16 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from amalab.control.dataset import Pair
 from amalab.control.policy import GaussianMLP, collate_pairs, collate_segments, pair_logps
-from amalab.llm.cache import ValueCache
-from amalab.llm.config import OptimConfig
-from amalab.llm.losses import preference_losses
-from amalab.llm.train_state import TrainState
-from amalab.llm.train_step import ExampleLosses, train_step
+from amalab.training.cache import ValueCache
+from amalab.training.config import OptimConfig
+from amalab.objectives.preference import preference_losses
+from amalab.training.state import TrainState
+from amalab.training.run import train_steps
+from amalab.training.step import ExampleLosses
 from amalab.mixers import Mixer
-
-
-class TrainingDiverged(RuntimeError):
-    """A non-finite loss or gradient: the training step abandoned the step."""
 
 
 def preference_example_losses(loss: str, beta: float, reference: ValueCache, options: dict) -> ExampleLosses:
@@ -53,11 +49,9 @@ def train_policy(policy: GaussianMLP, train_sets: list[list], example_losses: Ex
     """Train ``policy`` in place for ``optim.max_steps`` steps of the shared step; the step metrics."""
     state = TrainState.fresh(policy, optim, mixer, [len(s) for s in train_sets], seed)
     metrics = []
-    for _ in tqdm(range(optim.max_steps), desc=name, unit="step", disable=not show_progress, leave=False):
-        result = train_step(state, train_sets, example_losses, baseline_caches, optim)
-        if result.diverged:
-            raise TrainingDiverged(f"{name}: {result.diverged}")
-        metrics.append({key: result.metrics[key] for key in ("step", "loss", "grad_norm", "weights")})
+    train_steps(state, train_sets, example_losses, baseline_caches, optim, name, show_progress=show_progress,
+                leave=False, log=lambda record: metrics.append({key: record[key] for key in
+                                                                ("step", "loss", "grad_norm", "weights")}))
     return metrics
 
 

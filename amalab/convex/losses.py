@@ -23,7 +23,7 @@ import cvxpy as cp
 import numpy as np
 from scipy.special import expit
 
-from amalab.margin_losses import margin_loss, margin_loss_slope
+from amalab.objectives.margin import margin_loss, margin_loss_slope
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class MarginLoss:
 
 
 def _preference_loss(name: str, cvx) -> MarginLoss:
-    """A preference loss of m through the shared margin-to-loss map of h = beta * m (amalab.margin_losses)."""
+    """A preference loss of m through the shared margin-to-loss map of h = beta * m (amalab.objectives.margin)."""
     return MarginLoss(
         name,
         value=lambda m, y, beta: margin_loss(name, beta * np.asarray(m, dtype=float), beta),

@@ -1,7 +1,7 @@
 """The merged-specialist baselines and the generation scores of an experiment (docs/maths.md section 7).
 
 Merges: the specialists' dense weights (full fine-tuning: their parameters; LoRA: base + B A * scaling of
-each adapter, :func:`amalab.llm.merge.lora_dense_state_dict`) are merged with the base by each method of
+each adapter, :func:`amalab.training.merge.lora_dense_state_dict`) are merged with the base by each method of
 ``[merges]`` and evaluated on the held-out pairs exactly like a generalist, into
 ``OUT/merges/<method>/seed<s>/final.json``; DARE methods get one run per seed (their random masks).
 
@@ -20,15 +20,12 @@ import torch
 
 from amalab.atomic_write import write_json_atomic
 from amalab.errors import ConfigError
-
-RANDOM_METHODS = ("dare_linear", "dare_ties")
+from amalab.training.merge import RANDOM_METHODS, lora_dense_state_dict, merge_state_dicts
 
 
 def _dense_state(model) -> dict[str, torch.Tensor]:
     """The plain model's float32 state dict, with a LoRA adapter folded in."""
     if getattr(model, "peft_config", None):
-        from amalab.llm.merge import lora_dense_state_dict
-
         return lora_dense_state_dict(model)
     return {n: t.detach().float().cpu() for n, t in model.state_dict().items()}
 
@@ -48,7 +45,7 @@ def _specialist_states(experiment) -> list[dict[str, torch.Tensor]]:
 
 def _specialists_compute(experiment) -> dict:
     """What a merge cost to train: the optimizer steps and training tokens of the specialists it merges."""
-    from amalab.llm.train import training_tokens
+    from amalab.training.run import training_tokens
 
     runs = [experiment.out / "specialists" / name for name in experiment.task_names]
     steps = sum(json.loads((run / "final.json").read_text()).get("steps", 0) for run in runs)
@@ -96,7 +93,6 @@ def merged_specialists(experiment, losses, fresh: bool = False) -> list[dict]:
     """Evaluate every merge of ``[merges]`` against ``losses`` (a :class:`~amalab.llm.specialists.SpecialistLosses`);
     one record per method and seed, named ``merge-<method>``. A merge evaluated earlier is kept unless ``fresh``
     or its specialists, its options or the specialist losses it was scored against differ."""
-    from amalab.llm.merge import merge_state_dicts
 
     config = experiment.config
     if not config.merges.names:

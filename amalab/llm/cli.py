@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from amalab.llm.config import load_llm_config
-from amalab.llm.distributed import close_world, init_world
+from amalab.training.distributed import close_world, init_world
 from amalab.llm.models import resolve_device
 
 

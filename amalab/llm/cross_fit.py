@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from amalab.llm.cache import ValueCache
+from amalab.training.cache import ValueCache
 
 
 def fold_indices(ids: Sequence[str], k: int, seed: int) -> list[int]:

@@ -18,10 +18,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from amalab.llm.cache import ValueCache
+from amalab.training.cache import ValueCache
 from amalab.llm.collate import collate_pairs, length_sorted_batches
-from amalab.llm.distributed import World, is_sharded, policy_logps
-from amalab.llm.losses import PreferenceLoss
+from amalab.training.distributed import World, is_sharded
+from amalab.llm.logprobs import policy_logps
+from amalab.objectives.preference import PreferenceLoss
 from amalab.llm.models import autocast_context
 from amalab.llm.tokenize import TokenizedPair
 

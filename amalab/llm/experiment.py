@@ -18,19 +18,19 @@ from tqdm import tqdm
 
 from amalab.atomic_write import atomic_folder, write_bytes_atomic, write_json_atomic
 from amalab.errors import ConfigError
-from amalab.llm.cache import ValueCache, cached, data_hash
-from amalab.llm.checkpoint import load_latest
+from amalab.training.cache import ValueCache, cached, data_hash
+from amalab.training.checkpoint import load_latest
 from amalab.llm.config import LLMConfig, ModelConfig
 from amalab.llm.data import TaskData, load_tasks
-from amalab.llm.distributed import World, shard_policy
+from amalab.training.distributed import World
 from amalab.llm.evaluate import evaluate, pair_logps, pair_losses
-from amalab.llm.logprobs import SUM_DTYPE
-from amalab.llm.models import (autocast_context, autocast_manifest, compile_layers, load_model, load_tokenizer,
+from amalab.llm.logprobs import SUM_DTYPE, shard_causal_lm
+from amalab.llm.models import (autocast_context, autocast_manifest, compile_layers, decoder_layers, load_model, load_tokenizer,
                                model_fingerprint, prepare_model, resolve_device, smollm2_gguf_path, tiny_llama,
                                tiny_tokenizer, tokenizer_fingerprint)
 from amalab.llm.tokenize import TokenizedPair, tokenize_pairs
 from amalab.llm.train import TrainingRun, run_training
-from amalab.llm.train_state import load_trainable_state
+from amalab.training.state import load_trainable_state
 
 #: the experiment's tokenizer, saved by :func:`prepare` (the tiny model's is trained on the tasks' text)
 TOKENIZER_DIR = "tokenizer"
@@ -77,14 +77,14 @@ class Experiment:
         """A fresh trainable copy of the base model (with a LoRA adapter initialized from ``seed`` if asked).
 
         With ``[model] torch_compile`` each decoder layer is compiled; with ``[model] fsdp`` under torchrun the copy
-        is sharded over the ranks (:func:`amalab.llm.distributed.shard_policy`).
+        is sharded over the ranks (:func:`amalab.llm.logprobs.shard_causal_lm`).
         """
         settings = self.config.model
         model = trainable(copy.deepcopy(self.base_model), settings, seed).to(self.device)
         if settings.torch_compile:
             compile_layers(model)
         if settings.fsdp and self.world.distributed:
-            model = shard_policy(model, self.world)
+            model = shard_causal_lm(model, decoder_layers(model), self.world)
         return model
 
     def described(self, run: TrainingRun, mixer: dict) -> TrainingRun:
@@ -135,7 +135,7 @@ class Experiment:
         return result
 
     def cached(self, folder: Path, manifest: dict, what: str, n: int, build) -> ValueCache:
-        """The cache in ``folder`` (:func:`amalab.llm.cache.cached`), built by ``build(progress)`` over ``n``
+        """The cache in ``folder`` (:func:`amalab.training.cache.cached`), built by ``build(progress)`` over ``n``
         pairs, timed, when missing."""
         return cached(folder, manifest, lambda: self.timed(what, n, build), log=self.say, world=self.world)
 

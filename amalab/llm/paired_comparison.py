@@ -16,6 +16,8 @@ import math
 import numpy as np
 from scipy import stats
 
+from amalab.training.merge import RANDOM_METHODS
+
 #: metric name -> (what it is, True if higher is better)
 METRICS = {"worst_excess": ("worst-task excess", False), "worst_success": ("worst generated task's success", True)}
 
@@ -59,8 +61,6 @@ def best_merge(summary_methods: dict) -> str | None:
 
 
 def _deterministic(method: str) -> bool:
-    from amalab.llm.baseline_merges import RANDOM_METHODS
-
     return method.startswith("merge-") and method.removeprefix("merge-") not in RANDOM_METHODS
 
 

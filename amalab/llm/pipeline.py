@@ -34,14 +34,16 @@ from pathlib import Path
 from amalab.atomic_write import write_json_atomic
 from amalab.errors import ConfigError
 from amalab.llm.baseline_merges import add_generation, merged_specialists
-from amalab.llm.cache import ValueCache
-from amalab.llm.config import LLMConfig, method_mixer_and_loss
-from amalab.llm.distributed import World
+from amalab.training.cache import ValueCache
+from amalab.llm.config import LLMConfig
+from amalab.mixers.methods import method_mixer_and_loss
+from amalab.training.distributed import World
 from amalab.llm.experiment import Experiment, prepare
 from amalab.llm.models import policy_fingerprint
 from amalab.llm.report import report
 from amalab.llm.specialists import SpecialistLosses, loss_summary, specialist_losses
-from amalab.llm.train import TrainingRun, check_run_dir, training_tokens
+from amalab.llm.train import TrainingRun
+from amalab.training.run import check_run_dir, training_tokens
 from amalab.mixers import make_mixer
 
 
@@ -123,7 +125,8 @@ def reevaluated_generalists(experiment: Experiment, losses: SpecialistLosses) ->
         if not (run_dir / "final.json").is_file():
             experiment.say(f"{label} seed {s}: not finished ({run_dir}); skipped")
             continue
-        check_run_dir(generalist_run(experiment, label, method, s, run_dir, losses, None, in_sample))
+        run = generalist_run(experiment, label, method, s, run_dir, losses, None, in_sample)
+        check_run_dir(run.run_dir, run.description)
         model = experiment.trained_policy(run_dir, config.seed + s)
         final = experiment.scored(model, losses, run_dir, json.loads((run_dir / "final.json").read_text()))
         _write(experiment, run_dir / "final.json", final)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from amalab.errors import ConfigError
-from amalab.llm.cache import ValueCache, data_hash
+from amalab.training.cache import ValueCache, data_hash
 from amalab.llm.cross_fit import cross_fitted_losses, folds
 from amalab.llm.experiment import Experiment
 from amalab.llm.models import load_model, policy_fingerprint

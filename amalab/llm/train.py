@@ -1,11 +1,11 @@
 """The training run of the LLM experiment, for specialists, generalists and every baseline (docs/maths.md
-sections 3, 4 and 8): a :class:`~amalab.llm.train_state.TrainState` advanced by
-:func:`~amalab.llm.train_step.train_step` on preference pairs, with evaluation, checkpoints and a log.
+sections 3, 4 and 8): a :class:`~amalab.training.state.TrainState` advanced by
+:func:`~amalab.training.step.train_step` on preference pairs, with evaluation, checkpoints and a log.
 
-A run directory holds ``run.json`` (what the run is), ``metrics.jsonl``, ``checkpoints/`` and, once
-finished, ``final.json``; a run interrupted anywhere resumes from its last checkpoint and continues
+A run directory holds what :mod:`amalab.training.run` writes (``run.json``, ``metrics.jsonl``,
+``checkpoints/``) and, once finished, ``final.json``; a run interrupted anywhere resumes from its last checkpoint and continues
 exactly as if it had not stopped (every RNG, the sampler and the mixer are in the checkpoint). A
-non-finite loss or gradient stops the run with :class:`TrainingDiverged` and leaves the last good
+non-finite loss or gradient stops the run with :class:`~amalab.training.run.TrainingDiverged` and leaves the last good
 checkpoint in place. Every file is written atomically (:mod:`amalab.atomic_write`).
 """
 
@@ -18,27 +18,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from amalab.atomic_write import write_json_atomic, write_text_atomic
-from amalab.errors import ConfigError
-from amalab.llm.cache import ValueCache
-from amalab.llm.checkpoint import load_latest, save_checkpoint
+from amalab.atomic_write import write_json_atomic
+from amalab.training.cache import ValueCache
+from amalab.training.checkpoint import load_latest
 from amalab.llm.collate import collate_pairs, padded_length
-from amalab.llm.config import OptimConfig
-from amalab.llm.distributed import World, check_ranks_agree, is_sharded, policy_logps
+from amalab.training.config import OptimConfig
+from amalab.training.distributed import World, is_sharded
+from amalab.llm.logprobs import policy_logps
 from amalab.llm.evaluate import evaluate
-from amalab.llm.losses import PreferenceLoss
+from amalab.objectives.preference import PreferenceLoss
 from amalab.llm.models import autocast_context
 from amalab.llm.tokenize import TokenizedPair
-from amalab.llm.tracking import trackers
-from amalab.llm.train_state import TrainState, load_trainable_state
-from amalab.llm.train_step import ExampleLosses, check_micro_batches, train_step
+from amalab.training.run import checkpoint_writer, check_run_dir, metrics_logger, resume, train_steps
+from amalab.training.state import TrainState, load_trainable_state
+from amalab.training.step import ExampleLosses, check_micro_batches
 from amalab.mixers import Mixer
-
-
-class TrainingDiverged(RuntimeError):
-    """A non-finite loss or gradient: the run stops, its last good checkpoint stays."""
 
 
 @dataclass
@@ -86,86 +81,6 @@ def preference_example_losses(run: TrainingRun, device: torch.device) -> Example
         length=padded_length)
 
 
-def check_run_dir(run: TrainingRun) -> None:
-    """Refuse to continue a run folder that was started with other settings."""
-    path = run.run_dir / "run.json"
-    described = json.loads(json.dumps(run.description, default=str))
-    if path.is_file():
-        found = json.loads(path.read_text())
-        if found != described:
-            keys = sorted(k for k in set(found) | set(described) if found.get(k) != described.get(k))
-            raise ConfigError(f"{run.run_dir}: this run was started with other settings (differs in "
-                              f"{', '.join(keys)}); delete the folder or use another `out`")
-    else:
-        write_json_atomic(path, described, indent=1)
-
-
-def _metrics_up_to(path: Path, step: int) -> None:
-    """Drop metric lines past ``step``: what a crashed run logged after its last checkpoint is redone (a line
-    cut short by the crash is past it too)."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (ValueError, KeyError, TypeError):
-            continue
-    write_text_atomic(path, "".join(line + "\n" for line in kept))
-
-
-def checkpoint_writer(run: TrainingRun, world: World) -> Callable[[TrainState], None]:
-    """``write(state)``: check the ranks agree on the mixer, gather the state (a collective), rank 0 saves."""
-    def write(state: TrainState) -> None:
-        check_ranks_agree(state.mixer.state_dict(), world)
-        parts = state.state_dict()
-        if world.is_main:
-            save_checkpoint(run.run_dir, **parts, keep_last=run.optim.save_total_limit)
-
-    return write
-
-
-def metrics_logger(run: TrainingRun, world: World) -> Callable[[dict], None]:
-    """``log(record)``: one JSON line in the run's ``metrics.jsonl`` (rank 0), the source of truth; the same
-    record to every tracker of ``report_to`` (:mod:`amalab.llm.tracking`)."""
-    path = run.run_dir / "metrics.jsonl"
-    track = trackers(run.optim.report_to, run.run_dir, run.task_names, run.optim.max_steps) if world.is_main else []
-
-    def log(record: dict) -> None:
-        if world.is_main:
-            with path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            for tracker in track:
-                tracker(record)
-
-    return log
-
-
-def train_records(run_dir: Path) -> list[dict]:
-    """The ``train`` records of a run's metrics.jsonl, one per optimizer step kept; none without the file."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    records = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
-    return [r for r in records if r.get("kind") == "train"]
-
-
-def training_tokens(run_dir: Path) -> int:
-    """The tokens a run's optimizer steps read (non-padding, every rank), summed from its metrics.jsonl."""
-    return int(sum(r.get("tokens", 0) for r in train_records(run_dir)))
-
-
-def _resume(state: TrainState, run: TrainingRun, world: World, show_progress: bool) -> None:
-    checkpoint = load_latest(run.run_dir)
-    if checkpoint is not None:
-        state.load_state_dict(checkpoint.state_dict())
-        if show_progress and world.is_main:
-            print(f"{run.name}: resuming from step {state.step} ({checkpoint.path})")
-    if world.is_main:
-        _metrics_up_to(run.run_dir / "metrics.jsonl", state.step)
-
-
 def run_training(model, run: TrainingRun, device: torch.device, world: World = World(),
                  show_progress: bool = True, stop_after: int | None = None, *,
                  write_checkpoint: Callable[[TrainState], None] | None = None,
@@ -182,17 +97,15 @@ def run_training(model, run: TrainingRun, device: torch.device, world: World = W
     optim = run.optim
     check_micro_batches(run.mixer, optim, world, is_sharded(model), run.name)
     if world.is_main:
-        check_run_dir(run)
+        check_run_dir(run.run_dir, run.description)
     final_path = run.run_dir / "final.json"
     if final_path.is_file():
         load_trainable_state(model, load_latest(run.run_dir).model_state)
         return json.loads(final_path.read_text())
-    write_checkpoint = write_checkpoint or checkpoint_writer(run, world)
-    log = log or metrics_logger(run, world)
+    log = log or metrics_logger(run.run_dir, optim, run.task_names, world)
     autocast = autocast or (lambda: autocast_context(device))
     state = TrainState.fresh(model, optim, run.mixer, [len(s) for s in run.train_sets], run.seed, run.task_names)
-    _resume(state, run, world, show_progress)
-    example_losses = preference_example_losses(run, device)
+    resume(state, run.run_dir, run.name, world, show_progress)
 
     def run_eval(step: int) -> dict:  # every rank evaluates its share (evaluate shards the pairs)
         result = evaluate(model, run.eval_sets, run.task_names, run.reference, run.specialist_caches,
@@ -202,25 +115,11 @@ def run_training(model, run: TrainingRun, device: torch.device, world: World = W
         return result
 
     model.train()
-    bar = tqdm(total=optim.max_steps, initial=state.step, desc=run.name, unit="step", dynamic_ncols=True,
-               disable=not (show_progress and world.is_main), mininterval=1.0)
-    last_good = state.step
     end = optim.max_steps if stop_after is None else min(optim.max_steps, state.step + stop_after)
-    while state.step < end:
-        result = train_step(state, run.train_sets, example_losses, run.baseline_losses, optim, world, autocast)
-        if result.diverged:
-            raise TrainingDiverged(f"{run.name}: {result.diverged}; the last good checkpoint is step {last_good} "
-                                   f"in {run.run_dir}")
-        log(result.metrics)
-        bar.set_postfix(loss=f"{result.metrics['loss']:.4f}", tok_s=f"{result.metrics['tokens_per_s']:.0f}",
-                        refresh=False)
-        bar.update(1)
-        if optim.eval_steps and state.step % optim.eval_steps == 0 and state.step < optim.max_steps:
-            run_eval(state.step)
-        if (optim.save_steps and state.step % optim.save_steps == 0) or state.step == end:
-            write_checkpoint(state)
-            last_good = state.step
-    bar.close()
+    train_steps(state, run.train_sets, preference_example_losses(run, device), run.baseline_losses, optim, run.name,
+                world=world, log=log, write_checkpoint=write_checkpoint or checkpoint_writer(
+                    run.run_dir, optim.save_total_limit, world),
+                evaluate=run_eval, autocast=autocast, end=end, show_progress=show_progress, where=str(run.run_dir))
     if end < optim.max_steps:
         return {}
     result = run_eval(optim.max_steps)

@@ -17,7 +17,7 @@ import argparse
 import statistics
 from pathlib import Path
 
-from amalab.llm.train import train_records
+from amalab.training.run import train_records
 
 
 def phases(out: Path) -> dict[str, list[Path]]:

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from amalab.llm.cache import CacheMismatch, ValueCache, cached, data_hash, load_cache, save_cache
+from amalab.training.cache import CacheMismatch, ValueCache, cached, data_hash, load_cache, save_cache
 
 MANIFEST = {"kind": "reference", "model": "abc123", "data": "d1", "tokenization": {"max_length": 64}, "beta": 0.1}
 

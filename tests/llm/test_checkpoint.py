@@ -1,4 +1,4 @@
-"""Tests of amalab.llm.checkpoint: exact round trips, atomic saves when interrupted, RNG restore, pruning."""
+"""Tests of amalab.training.checkpoint: exact round trips, atomic saves when interrupted, RNG restore, pruning."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from amalab.llm import checkpoint as ckpt
-from amalab.llm.checkpoint import (
+from amalab.training import checkpoint as ckpt
+from amalab.training.checkpoint import (
     capture_rng_states, list_checkpoints, load_checkpoint, load_latest, restore_rng_states, save_checkpoint,
 )
-from amalab.llm.sampler import TaskSampler
+from amalab.training.sampler import TaskSampler
 
 
 class TinyLM(torch.nn.Module):
@@ -257,7 +257,7 @@ def test_tied_weights_are_stored_once_through_the_train_state(tmp_path):
     the tie: safetensors holds the tensor once, and it loads back as one tensor into both names."""
     from safetensors import safe_open
 
-    from amalab.llm.train_state import load_trainable_state, trainable_state
+    from amalab.training.state import load_trainable_state, trainable_state
 
     model, _, _ = make_training()
     state = trainable_state(model)

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from amalab.cli import main
-from amalab.llm.cache import ValueCache
+from amalab.training.cache import ValueCache
 from amalab.llm.cross_fit import cross_fitted_losses, fold_indices, folds
 from amalab.llm.experiment import Experiment
 from amalab.llm.tokenize import TokenizedPair

@@ -33,12 +33,15 @@ import numpy as np
 import pytest
 import torch
 
-from amalab.llm.cache import ValueCache
-from amalab.llm.distributed import World, shard_policy, unwrap
-from amalab.llm.tensor_identity import state_digest
+from amalab.training.cache import ValueCache
+from amalab.training.distributed import World, shard_policy, unwrap
+from amalab.llm.logprobs import sequence_logps, shard_causal_lm
+from amalab.llm.models import decoder_layers
+from amalab.training.tensor_identity import state_digest
 from amalab.llm.evaluate import pair_logps
-from amalab.llm.train import TrainingDiverged, run_training
-from amalab.llm.train_state import trainable_state
+from amalab.llm.train import run_training
+from amalab.training.run import TrainingDiverged
+from amalab.training.state import trainable_state
 from test_train import CPU, RecordingAdamW, build_setup, make_run
 
 WORLD = 2
@@ -96,7 +99,7 @@ def _worker(rank: int, port: int, setup: dict, out: str) -> None:
         RecordingAdamW.steps = []
         model = fresh_policy(setup)
         if sharded:
-            model = shard_policy(model, world)
+            model = shard_causal_lm(model, decoder_layers(model), world)
         final = run_training(model, run, CPU, world, show_progress=False, stop_after=stop_after)
         state = {n: t.clone() for n, t in trainable_state(model).items()}  # collective under FSDP
         first_grads = [g for g in RecordingAdamW.steps[0]] if RecordingAdamW.steps and not sharded else None
@@ -119,7 +122,8 @@ def _worker(rank: int, port: int, setup: dict, out: str) -> None:
     pad = setup["tokenizer"].pad_token_id
     cache = pair_logps(setup["base"], pairs, pad, 3, CPU, world)
     results["logps"] = {"ids": cache.ids, **cache.columns}
-    sharded_base = shard_policy(fresh_policy(setup), world)
+    base_policy = fresh_policy(setup)
+    sharded_base = shard_causal_lm(base_policy, decoder_layers(base_policy), world)
     cache = pair_logps(sharded_base, pairs, pad, 3, CPU, world)
     results["logps-fsdp"] = {"ids": cache.ids, **cache.columns}
     # a non-finite loss on rank 1 only: both ranks must stop with TrainingDiverged
@@ -270,7 +274,7 @@ def test_non_finite_loss_on_one_rank_stops_both(spawned):
 
 def test_fsdp_needs_several_ranks():
     with pytest.raises(ValueError, match="torchrun"):
-        shard_policy(torch.nn.Linear(2, 2), World())
+        shard_policy(torch.nn.Linear(2, 2), World(), [], sequence_logps)
 
 
 def test_unwrap_of_a_plain_model_is_the_model():

@@ -23,9 +23,9 @@ from amalab.config import load_section
 from amalab.errors import ConfigError
 from amalab.llm.collate import collate_pairs
 from amalab.llm.logprobs import sequence_logps
-from amalab.llm.losses import (BATCH_LOSSES, F_DIVERGENCE_LOSSES, F_DIVERGENCES, PREFERENCE_LOSSES,
+from amalab.objectives.preference import (BATCH_LOSSES, F_DIVERGENCE_LOSSES, F_DIVERGENCES, PREFERENCE_LOSSES,
                                PreferenceLoss, preference_losses)
-from amalab.margin_losses import MARGIN_LOSS_NAMES, MARGIN_LOSSES, margin_loss, margin_loss_slope
+from amalab.objectives.margin import MARGIN_LOSS_NAMES, MARGIN_LOSSES, margin_loss, margin_loss_slope
 
 # one pair by hand: log-ratios +1 (chosen) and -1 (rejected), beta 0.5, so h = 0.5 * (1 - (-1)) = 1
 POLICY_W, POLICY_L, REF_W, REF_L, BETA = -3.0, -5.0, -4.0, -4.0, 0.5
@@ -94,7 +94,7 @@ def test_a_margin_loss_is_marked_convex_exactly_when_its_slope_never_decreases(n
 def test_the_margin_losses_import_no_torch():
     """The convex lab uses them without torch."""
     root = Path(__file__).resolve().parents[2]
-    code = "import sys, amalab.margin_losses; assert 'torch' not in sys.modules"
+    code = "import sys, amalab.objectives.margin; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
 
 

@@ -1,4 +1,4 @@
-"""Tests of amalab.llm.merge: closed-form properties (hypothesis), DARE's unbiasedness, the exact trim count,
+"""Tests of amalab.training.merge: closed-form properties (hypothesis), DARE's unbiasedness, the exact trim count,
 PEFT's merge utilities on the same tensors, LoRA dense deltas against peft's merge_and_unload, errors."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from amalab.errors import ConfigError
-from amalab.llm.merge import (
+from amalab.training.merge import (
     MERGE_METHODS, disjoint_mean, elect_sign, lora_delta_state_dict, lora_dense_state_dict, merge_state_dicts,
     trim_count, trim_to_top_magnitude,
 )

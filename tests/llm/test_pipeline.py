@@ -235,7 +235,7 @@ def test_lora_run_trains_and_checkpoints_only_the_adapter(tmp_path):
     lora = '[model]\nuse_lora = true\nlora = { r = 2, alpha = 4.0, dropout = 0.1, target_modules = ["q_proj", "v_proj"] }\n'
     config = experiment(tmp_path, names='["ama-s"]', **{"[model]\n": lora})
     assert main(["llm", "run", str(config), "--quiet"]) == 0
-    from amalab.llm.checkpoint import load_latest
+    from amalab.training.checkpoint import load_latest
 
     state = load_latest(tmp_path / "run" / "generalists" / "ama-s" / "seed0").model_state
     assert state and all("lora_" in name for name in state)  # the checkpoint holds the adapter alone

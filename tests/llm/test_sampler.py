@@ -1,4 +1,4 @@
-"""Tests of amalab.llm.sampler: epochs visit every example once, seeding, exact resume, errors."""
+"""Tests of amalab.training.sampler: epochs visit every example once, seeding, exact resume, errors."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from amalab.llm.sampler import TaskSampler
+from amalab.training.sampler import TaskSampler
 
 
 def test_every_example_is_drawn_once_per_epoch():

@@ -13,7 +13,7 @@ import torch
 
 from amalab.llm.collate import collate_pairs
 from amalab.llm.logprobs import completion_token_logps, sequence_logps
-from amalab.llm.losses import preference_losses
+from amalab.objectives.preference import preference_losses
 from amalab.llm.models import load_model, load_tokenizer, smollm2_gguf_path
 from amalab.llm.tokenize import TokenizationConfig, tokenize_pairs
 

@@ -7,7 +7,7 @@ import hashlib
 import numpy as np
 import torch
 
-from amalab.llm.tensor_identity import state_digest, tied_aliases
+from amalab.training.tensor_identity import state_digest, tied_aliases
 
 
 def test_tied_aliases_finds_exactly_the_shared_views():

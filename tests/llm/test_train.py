@@ -14,18 +14,19 @@ import numpy as np
 import pytest
 import torch
 
-from amalab.llm.cache import ValueCache
-from amalab.llm.checkpoint import list_checkpoints
-from amalab.llm.config import OptimConfig
+from amalab.training.cache import ValueCache
+from amalab.training.checkpoint import list_checkpoints
+from amalab.training.config import OptimConfig
 from amalab.llm.data import PreferencePair
 from amalab.llm.evaluate import pair_logps, pair_losses
 from amalab.llm.logprobs import sequence_logps
 from amalab.llm.collate import collate_pairs
-from amalab.llm.losses import PreferenceLoss, preference_losses
+from amalab.objectives.preference import PreferenceLoss, preference_losses
 from amalab.llm.models import tiny_llama, tiny_tokenizer
 from amalab.llm.tokenize import TokenizationConfig, tokenize_pairs
-from amalab.llm.train import TrainingDiverged, TrainingRun, run_training
-from amalab.llm.train_state import lr_factor
+from amalab.llm.train import TrainingRun, run_training
+from amalab.training.run import TrainingDiverged
+from amalab.training.state import lr_factor
 from amalab.mixers import make_mixer
 
 CPU = torch.device("cpu")
@@ -136,7 +137,7 @@ def test_one_step_matches_a_hand_written_ama_s_step(setup, tmp_path):
     mixer = make_mixer("ama-s", 2, gamma=0.5)
     rng = np.random.default_rng([7, 0x5eed])
     task_ids = mixer.draw(rng, 4)
-    from amalab.llm.sampler import TaskSampler
+    from amalab.training.sampler import TaskSampler
 
     picks = TaskSampler([len(s) for s in setup["train"]], 7).take(task_ids)
     pairs = [setup["train"][t][i] for t, i in picks]
@@ -262,7 +263,7 @@ def _partitions(items: list[int], size: int):
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("n, micro", [(6, 2), (7, 3), (8, 4)])
 def test_length_grouped_chunks_pad_as_little_as_any_partition(n, micro, seed):
-    from amalab.llm.train_step import length_grouped_chunks
+    from amalab.training.step import length_grouped_chunks
 
     rng = np.random.default_rng(seed)
     slots = np.arange(n) * 3 + 1  # slot numbers are not positions

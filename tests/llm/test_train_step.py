@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from amalab.llm.cache import ValueCache
-from amalab.llm.config import OptimConfig
-from amalab.llm.sampler import TaskSampler
-from amalab.llm.train_state import TrainState
-from amalab.llm.train_step import ExampleLosses, train_step
+from amalab.training.cache import ValueCache
+from amalab.training.config import OptimConfig
+from amalab.training.sampler import TaskSampler
+from amalab.training.state import TrainState
+from amalab.training.step import ExampleLosses, train_step
 from amalab.mixers import make_mixer
 
 VOCAB, SEED, BETA = 6, 11, 0.5

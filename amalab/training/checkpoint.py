@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from amalab.atomic_write import atomic_folder, remove_leftovers, write_text_atomic
-from amalab.llm.tensor_identity import tied_aliases
+from amalab.training.tensor_identity import tied_aliases
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
@@ -63,7 +63,7 @@ class Checkpoint:
     rng_states: dict | None = None
 
     def state_dict(self) -> dict:
-        """The parts under the names :meth:`~amalab.llm.train_state.TrainState.load_state_dict` reads."""
+        """The parts under the names :meth:`~amalab.training.state.TrainState.load_state_dict` reads."""
         return {"step": self.step, "model_state": self.model_state, "optimizer_state": self.optimizer_state,
                 "scheduler_state": self.scheduler_state, "mixer_state": self.mixer_state,
                 "sampler_state": self.sampler_state, "rng_states": self.rng_states}
@@ -151,7 +151,7 @@ def _separate_tensors(model_state: dict) -> tuple[dict[str, torch.Tensor], dict[
     """CPU tensors that share no memory (what safetensors requires), and the tied names left out.
 
     A tied weight (an LM head that is the embedding matrix) is stored once under its first name and restored
-    as one tensor on load (:func:`~amalab.llm.tensor_identity.tied_aliases`). Any other overlap, and
+    as one tensor on load (:func:`~amalab.training.tensor_identity.tied_aliases`). Any other overlap, and
     non-contiguous tensors, are copied.
     """
     for name, tensor in model_state.items():
@@ -194,7 +194,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, torch
                     rng_states: dict | None = None, keep_last: int | None = 3) -> Path:
     """Write checkpoint ``step`` of the run atomically, point ``latest`` at it and prune old ones.
 
-    The arguments are the parts of :meth:`amalab.llm.train_state.TrainState.state_dict`:
+    The arguments are the parts of :meth:`amalab.training.state.TrainState.state_dict`:
     ``optimizer_state`` / ``scheduler_state`` their ``state_dict()``s, ``mixer_state`` the mixer's
     ``state_dict()`` (numpy arrays), ``sampler_state`` plain JSON data, ``rng_states`` from
     :func:`capture_rng_states`. ``keep_last``: how many checkpoints to keep (None keeps all); checkpoints of

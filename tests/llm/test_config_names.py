@@ -1,23 +1,20 @@
-"""Config keys under TRL's names (amalab/llm/old_names.py): an old name is one line naming the new one,
-`amalab llm ... --out DIR` replaces the config's `out`, and the README's table lists every renamed key."""
+"""Config keys under TRL's names: the config loads under them, `amalab llm ... --out DIR` replaces the
+config's `out`, and the table of docs/config.md lists every optimizer and loss key and only real keys."""
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import re
 from pathlib import Path
 
 import pytest
-import trl
-from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from amalab.cli import main
 from amalab.config import load_section
 from amalab.errors import ConfigError
-from amalab.llm.config import LLMConfig, LoraConfig, ModelConfig, OptimConfig, TokenizeConfig, load_llm_config
-from amalab.llm.losses import PreferenceLoss
-from amalab.llm.old_names import OLD_NAMES, TRL
+from amalab.llm.config import LLMConfig, LoraConfig, ModelConfig, TokenizeConfig, load_llm_config
+from amalab.training.config import OptimConfig
+from amalab.objectives.preference import PreferenceLoss
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -75,8 +72,6 @@ names = ["standard"]
 enabled = false
 """
 
-RENAMED = [(table, old, new, whose) for table, names in OLD_NAMES.items() for old, (new, whose) in names.items()]
-
 
 def write_config(folder: Path, out: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
@@ -91,29 +86,6 @@ def test_the_config_under_the_new_names_loads(tmp_path):
             config.loss.loss_type, config.model.torch_compile) == (1, 1, 0.1, "dpo", False)
 
 
-@pytest.mark.parametrize("table, old, new, whose", RENAMED, ids=[f"{t}.{o}" for t, o, _, _ in RENAMED])
-def test_an_old_name_is_one_line_naming_the_new_one(tmp_path, capsys, table, old, new, whose):
-    path = write_config(tmp_path, tmp_path / "out")
-    text = path.read_text()
-    key = re.compile(rf"^{new} = ", re.M).search(text, text.index(f"\n[{table}]\n"))
-    path.write_text(text[:key.start()] + f"{old} = " + text[key.end():])
-    assert main(["llm", "run", str(path), "--quiet"]) == 2
-    assert capsys.readouterr().err == f"amalab: error: {path}: [{table}] {old} is now {new} ({whose})\n"
-    if (table, old) == ("train", "steps"):
-        assert whose == "TRL's name"
-
-
-def test_each_old_name_names_a_field_that_trl_has():
-    dpo_fields = {f.name for f in dataclasses.fields(trl.DPOConfig)}
-    schedule = inspect.signature(get_cosine_with_min_lr_schedule_with_warmup).parameters
-    for table, names in OLD_NAMES.items():
-        assert SECTIONS[table].old_names is names
-        fields = {f.name for f in dataclasses.fields(SECTIONS[table])}
-        for old, (new, whose) in names.items():
-            assert new in fields and old not in fields, (table, old)
-            assert new in (dpo_fields if whose == TRL else schedule), (table, new)
-
-
 def test_out_on_the_command_line_replaces_the_configs_out(tmp_path, monkeypatch, capsys):
     path = write_config(tmp_path / "experiment", tmp_path / "config-out")
     monkeypatch.chdir(tmp_path)  # a relative --out is relative to the working folder, as for convex-rates
@@ -124,9 +96,9 @@ def test_out_on_the_command_line_replaces_the_configs_out(tmp_path, monkeypatch,
 
 
 def readme_rows() -> list[list[str]]:
-    """The cells of each row of the README's "Names a TRL user knows" table (header and rule left out)."""
-    text = (ROOT / "README.md").read_text()
-    section = text.split("\n### Names a TRL user knows\n", 1)[1].split("\n#", 1)[0]
+    """The cells of each row of docs/config.md's "Names a TRL user knows" table (header and rule left out)."""
+    text = (ROOT / "docs" / "config.md").read_text()
+    section = re.split(r"\n#+ Names a TRL user knows\n", text, maxsplit=1)[1].split("\n#", 1)[0]
     rows = [line for line in section.splitlines() if line.startswith("|")]
     return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows[2:]]
 
@@ -142,35 +114,21 @@ def keys_of(cell: str) -> list[tuple[str, str]]:
     return keys
 
 
-def test_the_readme_table_lists_every_renamed_key_and_only_real_keys():
+def test_the_table_lists_only_real_keys_each_once():
     rows = readme_rows()
-    listed, renamed = [], set()
-    for cells in rows:
-        keys = keys_of(cells[0])
-        listed += keys
-        old = re.search(r"\(was `(\w+)`\)", cells[0])
-        if old:
-            assert len(keys) == 1, cells[0]
-            renamed.add((keys[0][0], old.group(1), keys[0][1]))
-    # [specialists.optim] takes [train]'s keys, as the README says
-    assert OLD_NAMES["specialists.optim"] is OLD_NAMES["train"]
-    assert renamed == {(table, old, new) for table, names in OLD_NAMES.items() if table != "specialists.optim"
-                       for old, (new, _) in names.items()}
+    listed = [key for cells in rows for key in keys_of(cells[0])]
     for table, key in listed:
         assert key in {f.name for f in dataclasses.fields(SECTIONS[table])}, (table, key)
     assert len(rows) >= 20 and len(listed) == len(set(listed))
 
 
-def test_the_readme_table_lists_every_optimizer_and_loss_key():
+def test_the_table_lists_every_optimizer_and_loss_key():
     listed = {key for cells in readme_rows() for key in keys_of(cells[0])}
     for table, section in (("train", OptimConfig), ("loss", PreferenceLoss)):
         missing = {f.name for f in dataclasses.fields(section)} - {key for t, key in listed if t == table}
-        assert not missing, f"README's TRL names table: add [{table}] {sorted(missing)}"
+        assert not missing, f"docs/config.md's TRL names table: add [{table}] {sorted(missing)}"
 
 
-def test_the_diagnostic_suites_loss_table_takes_loss_type_too():
+def test_the_diagnostic_suites_loss_table_takes_loss_type():
     control = pytest.importorskip("amalab.control.config")
-    with pytest.raises(ConfigError) as error:
-        load_section(control.LossConfig, {"name": "dpo"}, "config.toml", "loss")
-    assert str(error.value) == "config.toml: [loss] name is now loss_type (TRL's name)"
     assert load_section(control.LossConfig, {"loss_type": "ipo"}, "config.toml", "loss").loss_type == "ipo"

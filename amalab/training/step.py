@@ -42,9 +42,9 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from amalab.errors import ConfigError
-from amalab.llm.config import OptimConfig
-from amalab.llm.distributed import World, all_reduce_gradients, all_reduce_sum, rank_slots
-from amalab.llm.train_state import TrainState
+from amalab.training.config import OptimConfig
+from amalab.training.distributed import World, all_reduce_gradients, all_reduce_sum, rank_slots
+from amalab.training.state import TrainState
 from amalab.mixers import Mixer
 from amalab.mixers.excess import COUNT
 

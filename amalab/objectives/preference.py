@@ -10,7 +10,7 @@ With the log-ratios r_w = log pi(y_w|x) - log pi_ref(y_w|x) and r_l = log pi(y_l
         alpha_divergence: (exp((alpha - 1) r) - 1) / (alpha - 1)   (r at alpha = 1)
 
 ``sigmoid`` (alias ``dpo``), ``hinge``, ``exo_pair``, ``robust`` and ``discopop`` are the margin-only losses
-of :mod:`amalab.margin_losses` ((29), (31), (36)-(38)) at d = beta (s_w - s_l) (35), which is h under
+of :mod:`amalab.objectives.margin` ((29), (31), (36)-(38)) at d = beta (s_w - s_l) (35), which is h under
 reverse_kl. ``ipo`` and ``sigmoid_norm`` apply the ipo and sigmoid maps to the length-normalized margin
     h' = beta (s_w / |y_w| - s_l / |y_l|)                      (30a); ipo (30), sigmoid_norm (39)
 as TRL does (the convention the IPO authors confirmed: the target 1 / (2 beta) does not depend on reply
@@ -38,14 +38,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from amalab.errors import ConfigError
-from amalab.llm.old_names import LOSS_OLD_NAMES
-from amalab.margin_losses import MARGIN_LOSS_NAMES, check_margin_options, margin_loss
+from amalab.objectives.margin import MARGIN_LOSS_NAMES, check_margin_options, margin_loss
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 
@@ -95,8 +93,6 @@ class PreferenceLoss:
     temperature of discopop; ``f_alpha_divergence_coef`` the alpha of alpha_divergence. A loss ignores the
     options it does not use, as TRL's does. Calling it gives (losses (B,), margins h (B,)).
     """
-
-    old_names: ClassVar[dict] = LOSS_OLD_NAMES
 
     loss_type: str = "sigmoid"
     beta: float = 0.1

@@ -14,7 +14,7 @@ tau = discopop_tau):
     discopop  l = softplus(-h) sigmoid(-h / tau) + exp(-h) sigmoid(h / tau)      (38)
 
 The convex lab's linear score m = (theta - theta_ref) . a_z has h = beta * m, and the LLM module computes h
-from sequence log-probs (:mod:`amalab.llm.losses`); both call these. A function returns the type it is given
+from sequence log-probs (:mod:`amalab.objectives.preference`); both call these. A function returns the type it is given
 (numpy in, numpy out; torch in, torch out, differentiable). This module imports no torch: a tensor is
 recognised only when torch is already imported by the caller.
 

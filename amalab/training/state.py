@@ -23,10 +23,10 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 
 from amalab.errors import ConfigError
-from amalab.llm.checkpoint import capture_rng_states, restore_rng_states
-from amalab.llm.config import OptimConfig
-from amalab.llm.distributed import unwrap
-from amalab.llm.sampler import TaskSampler
+from amalab.training.checkpoint import capture_rng_states, restore_rng_states
+from amalab.training.config import OptimConfig
+from amalab.training.distributed import unwrap
+from amalab.training.sampler import TaskSampler
 from amalab.mixers import Mixer
 
 #: the whole tensors, on the CPU; with several ranks only rank 0 receives them (it alone writes checkpoints)

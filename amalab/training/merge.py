@@ -45,9 +45,11 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from amalab.errors import ConfigError
-from amalab.llm.tensor_identity import tied_aliases
+from amalab.training.tensor_identity import tied_aliases
 
 MERGE_METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties")
+#: the merges that draw random drop masks (one per seed); the others are deterministic
+RANDOM_METHODS = ("dare_linear", "dare_ties")
 
 
 # --- the pieces ----------------------------------------------------------------------------------------
@@ -237,7 +239,7 @@ def lora_dense_state_dict(peft_model, adapter: str = "default", *, with_delta: b
 
 
 __all__ = [
-    "MERGE_METHODS", "disjoint_mean", "dare_drop", "elect_sign", "lora_delta_state_dict",
+    "MERGE_METHODS", "RANDOM_METHODS", "disjoint_mean", "dare_drop", "elect_sign", "lora_delta_state_dict",
     "lora_dense_state_dict", "merge_state_dicts", "merge_tensor", "trim_count",
     "trim_to_top_magnitude",
 ]

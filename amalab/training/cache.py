@@ -9,21 +9,22 @@ A cache is a folder: ``manifest.json`` (what the values were computed from: mode
 hash, tokenization, loss, beta...), ``ids.json`` (example ids, in row order) and ``values.npz`` (float64
 columns). It is written into a temporary folder and renamed into place, so a crash never leaves half a
 cache. Opening a cache whose manifest differs from what the run asks for is an error naming the
-differing fields: never a silent reuse.
+differing fields: never a silent reuse. :func:`cached_arrays` keeps named arrays (a behaviour policy,
+simulated segments) the same way, ``arrays.npz`` in place of the columns.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from amalab.atomic_write import atomic_folder
 from amalab.errors import ConfigError
-from amalab.llm.distributed import World, any_rank, barrier
+from amalab.training.distributed import World, any_rank, barrier
 
 
 class CacheMismatch(ConfigError):
@@ -65,22 +66,34 @@ def _differences(found: dict, wanted: dict) -> list[str]:
     return [f"{k}: cached {found.get(k)!r}, wanted {wanted.get(k)!r}" for k in keys if found.get(k) != wanted.get(k)]
 
 
-def load_cache(folder: Path, manifest: dict) -> ValueCache | None:
-    """The cache in ``folder`` if there is one; None if there is none; CacheMismatch if it differs."""
-    folder = Path(folder)
-    if not (folder / "manifest.json").is_file():
-        return None
+def has_cache(folder: Path, manifest: dict) -> bool:
+    """True if ``folder`` holds a cache computed from ``manifest``, False if it holds none; CacheMismatch if
+    it holds one computed from something else (naming the differing fields): never a silent reuse."""
+    path = Path(folder) / "manifest.json"
+    if not path.is_file():
+        return False
     try:
-        found = json.loads((folder / "manifest.json").read_text())
-        ids = json.loads((folder / "ids.json").read_text())
-        with np.load(folder / "values.npz") as values:
-            columns = {name: values[name] for name in values.files}
+        found = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise CacheMismatch(f"{folder}: unreadable cache ({e}); delete the folder to rebuild it") from None
     differences = _differences(found, json.loads(json.dumps(manifest)))
     if differences:
         raise CacheMismatch(f"{folder}: the cache was computed from something else ({'; '.join(differences)}); "
                             "delete the folder to rebuild it, or use another run directory")
+    return True
+
+
+def load_cache(folder: Path, manifest: dict) -> ValueCache | None:
+    """The cache in ``folder`` if there is one; None if there is none; CacheMismatch if it differs."""
+    folder = Path(folder)
+    if not has_cache(folder, manifest):
+        return None
+    try:
+        ids = json.loads((folder / "ids.json").read_text())
+        with np.load(folder / "values.npz") as values:
+            columns = {name: values[name] for name in values.files}
+    except (OSError, ValueError) as e:
+        raise CacheMismatch(f"{folder}: unreadable cache ({e}); delete the folder to rebuild it") from None
     return ValueCache(ids, columns)
 
 
@@ -109,3 +122,20 @@ def cached(folder: Path, manifest: dict, build: Callable[[], ValueCache], log=pr
         save_cache(folder, manifest, cache)
     barrier(world)  # no rank reads the folder before it is complete
     return cache
+
+
+def cached_arrays(folder: Path, manifest: dict, build: Callable[[], dict[str, np.ndarray]],
+                  log: Callable[[str], None] = print) -> dict[str, np.ndarray]:
+    """Named arrays (not per-example columns: a behaviour policy, simulated segments) in a cache folder of
+    their own, ``manifest.json`` and ``arrays.npz``: those in ``folder`` if its manifest is ``manifest``,
+    else ``build()``, saved there first (atomically)."""
+    folder = Path(folder)
+    if has_cache(folder, manifest):
+        with np.load(folder / "arrays.npz") as arrays:
+            log(f"reusing {folder}")
+            return {name: arrays[name] for name in arrays.files}
+    arrays = build()
+    with atomic_folder(folder) as temp:
+        np.savez(temp / "arrays.npz", **arrays)
+        (temp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    return arrays

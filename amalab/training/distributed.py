@@ -9,26 +9,29 @@ here degrades to a single process and touches no ``torch.distributed`` state.
 Parameters, two ways (``[model] fsdp``):
 * replicated (default): every rank holds the whole model; after the backward passes the gradients are
   summed over ranks (:func:`all_reduce_gradients`), so the update is that of the whole global batch.
-* sharded with FSDP2 (:func:`shard_policy`): each decoder layer is its own ``fully_shard`` unit, and the root
-  unit is :class:`ShardedPolicy`, a module whose forward computes the sequence log-probs. It has to be: our
-  log-prob computation calls the backbone and the LM head directly (``sequence_logps``), and FSDP2 unshards
-  the root's own parameters (embeddings, final norm, head) in the root module's forward hook, which calling
-  submodules would skip. FSDP2 divides reduced gradients by the world size; we set the divide factor to 1
+* sharded with FSDP2 (:func:`shard_policy`): each of the layers the caller names is its own ``fully_shard``
+  unit, and the root unit is :class:`ShardedPolicy`, a module whose forward is the policy's forward function
+  (for a causal LM, its sequence log-probs). It has to be: a log-prob computation that calls the backbone
+  and the LM head directly skips the root module's forward hook, in which FSDP2 unshards the root's own
+  parameters (embeddings, final norm, head). FSDP2 divides reduced gradients by the world size; we set the divide factor to 1
   (with plain SUM collectives, which gloo needs), so the gradient is the same sum as in the replicated case.
-Checkpoints hold full (unsharded) tensors either way (:mod:`amalab.llm.train_state`), so a run saved on W
+Checkpoints hold full (unsharded) tensors either way (:mod:`amalab.training.state`), so a run saved on W
 ranks, sharded or not, continues on any number of ranks, sharded or not.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule, fully_shard
 
-from amalab.llm.tensor_identity import state_digest
+from amalab.training.tensor_identity import state_digest
 
 
 @dataclass(frozen=True)
@@ -102,11 +105,8 @@ def any_rank(flag: bool, world: World) -> bool:
 def all_reduce_gradients(params: list[torch.Tensor], world: World) -> None:
     """Sum every parameter's gradient over the ranks (a parameter without one counts as zeros).
 
-    One all-reduce per parameter tensor. Measured against one flattened buffer on CPU/gloo, 2 ranks on 2
-    shared cores (experiments/llm_allreduce_timing/time_allreduce.py): at SmolLM2-135M's 272 tensors the
-    flattened buffer is slower (median 2.0 s against 1.34 s: the concatenation and the copy back cost more than
-    the 271 saved calls), at the tiny model's 21 tensors faster (1.8 ms against 11 ms, small next to a step).
-    So the simpler one stays; on GPUs (nccl) measure again, or use FSDP, which reduces per decoder layer.
+    One all-reduce per parameter tensor: on CPU/gloo one flattened buffer was not faster where it mattered
+    (experiments/llm_allreduce_timing/README.md); on GPUs (nccl) measure again, or use FSDP.
     """
     if not world.distributed:
         return
@@ -119,36 +119,32 @@ def all_reduce_gradients(params: list[torch.Tensor], world: World) -> None:
 # --- FSDP2 --------------------------------------------------------------------------------------------
 
 class ShardedPolicy(torch.nn.Module):
-    """The FSDP2 root around a policy: ``forward(batch)`` is ``sequence_logps(policy, batch)``.
+    """The FSDP2 root around a policy: ``forward(batch)`` is ``forward_fn(policy, batch)``.
 
     Calling the root module (not its submodules) is what lets FSDP2 all-gather the root's parameters before
-    the backbone and the head run, and reduce their gradients after the backward pass (module docstring).
+    the policy's forward function runs, and reduce their gradients after the backward pass (module docstring).
     """
 
-    def __init__(self, policy: torch.nn.Module):
+    def __init__(self, policy: torch.nn.Module, forward_fn: Callable[[torch.nn.Module, Any], Any]):
         super().__init__()
-        self.policy = policy
+        self.policy, self.forward_fn = policy, forward_fn
 
     def forward(self, batch):
-        from amalab.llm.logprobs import sequence_logps
-
-        return sequence_logps(self.policy, batch)
+        return self.forward_fn(self.policy, batch)
 
 
-def shard_policy(model: torch.nn.Module, world: World) -> ShardedPolicy:
-    """Shard ``model`` over the ranks with FSDP2: one unit per decoder layer, the rest in the root.
+def shard_policy(model: torch.nn.Module, world: World, layers: Iterable[torch.nn.Module],
+                 forward_fn: Callable[[torch.nn.Module, Any], Any]) -> ShardedPolicy:
+    """Shard ``model`` over the ranks with FSDP2: one unit per module of ``layers``, the rest in the root,
+    whose forward is ``forward_fn(model, batch)``.
 
     Gradients are reduced as a SUM over ranks (divide factor 1), as in the replicated case.
     """
-    from torch.distributed.fsdp import FSDPModule, fully_shard
-
-    from amalab.llm.models import decoder_layers
-
     if not world.distributed:
         raise ValueError("fsdp needs several processes: launch with torchrun --nproc-per-node N (N >= 2)")
-    for layer in decoder_layers(model):
+    for layer in layers:
         fully_shard(layer)
-    root = fully_shard(ShardedPolicy(model))
+    root = fully_shard(ShardedPolicy(model, forward_fn))
     for module in root.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
@@ -160,13 +156,6 @@ def shard_policy(model: torch.nn.Module, world: World) -> ShardedPolicy:
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The policy itself (its parameter names are those of checkpoints), sharded or not."""
     return model.policy if isinstance(model, ShardedPolicy) else model
-
-
-def policy_logps(model: torch.nn.Module, batch):
-    """Sequence log-probs of a policy, through the FSDP root when it is sharded (see :class:`ShardedPolicy`)."""
-    from amalab.llm.logprobs import sequence_logps
-
-    return model(batch) if isinstance(model, ShardedPolicy) else sequence_logps(model, batch)
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
