@@ -19,7 +19,7 @@ from amalab.convex.optimum import solve
 from amalab.convex.problems import ProblemSettings, make_problem
 from amalab.convex.reproduction import plan_jobs
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMMITTED = ROOT / "paper_figures" / "convex_rates"
 CONFIG = ROOT / "experiments" / "convex_rates" / "config.toml"
 #: the comparison's tolerance, as `amalab convex-rates` compares CSVs (cvxpy's solutions may differ by
