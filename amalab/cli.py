@@ -9,7 +9,7 @@
                                                   the LLM experiment (needs the llm extra)
     amalab llm export RUN_DIR OUT_DIR [--force]                       a run as a transformers model folder
     amalab llm export EXPERIMENT_DIR OUT_DIR --method M --seed S      the same, a generalist chosen by method, seed
-    amalab diagnose CONFIG [--quiet]            the MuJoCo diagnostic suite (needs the llm and mujoco extras)
+    amalab diagnose CONFIG [--quiet]            the MuJoCo diagnostic suite (needs the mujoco extra)
 
 Exit status of the convex commands: 0 success (every theory check passed); 1 a theory check failed;
 2 invalid input (config, results file, output folder), reported as one line; 130 interrupted (Ctrl-C;
@@ -26,17 +26,23 @@ import sys
 import threading
 from pathlib import Path
 
+from amalab.convex.algorithms import ALGORITHMS
+from amalab.convex.config import load_reproduction_config
+from amalab.convex.exp3_regret import SEQUENCES
+from amalab.convex.figures import make_rate_figures
+from amalab.convex.losses import LOSSES
+from amalab.convex.reproduction import run_reproduction
+from amalab.convex.results_io import compare_results, load_results, locked_output_folder, write_results
+from amalab.convex.theory_checks import check_results, failures
 from amalab.errors import ConfigError
+
+# The llm and diagnose commands import their packages inside the command, after checking the optional extra
+# they need (llm: torch and transformers; diagnose: mujoco): `amalab convex-rates` and the other convex
+# commands work on a base install. These are the only imports inside functions.
 
 
 def _convex_rates(args) -> int:
-    from amalab.convex.experiment import load_config
-    from amalab.convex.figures import make_figures
-    from amalab.convex.reproduction import run_reproduction
-    from amalab.convex.results_io import compare_results, locked_output_folder, write_results
-    from amalab.convex.theory_checks import check_results
-
-    config = load_config(args.config)
+    config = load_reproduction_config(args.config)
     if args.workers is not None:
         if args.workers < 0:
             raise ConfigError(f"--workers must be >= 0, got {args.workers}")
@@ -54,7 +60,7 @@ def _convex_rates(args) -> int:
             print(f"amalab: interrupted; {saved} finished jobs are kept in {checkpoints}: rerun the same command "
                   "to resume", file=sys.stderr)
             return 130
-        paths = write_results(record, out) + make_figures(record, out)
+        paths = write_results(record, out) + make_rate_figures(record, out)
         shutil.rmtree(checkpoints, ignore_errors=True)  # the results are written: the next run starts afresh
     print(f"finished in {record['elapsed_s']:.1f} s; wrote:")
     for p in paths:
@@ -69,8 +75,6 @@ def _convex_rates(args) -> int:
 
 def _report(checks) -> int:
     """Print every check with its gate and result; exit status 0 if all pass, 1 otherwise."""
-    from amalab.convex.theory_checks import failures
-
     print("theory checks (gates from the results' [checks] config):")
     for check in checks:
         print(f"  {check.line()}")
@@ -83,9 +87,6 @@ def _report(checks) -> int:
 
 
 def _plot(args) -> int:
-    from amalab.convex.figures import make_figures
-    from amalab.convex.results_io import load_results
-
     results = Path(args.results)
     record = load_results(results)
     out = Path(args.out) if args.out else results.parent
@@ -93,23 +94,16 @@ def _plot(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"{out}: cannot write the output folder: {e.strerror or e}") from None
-    for p in make_figures(record, out):
+    for p in make_rate_figures(record, out):
         print(p)
     return 0
 
 
 def _check(args) -> int:
-    from amalab.convex.results_io import load_results
-    from amalab.convex.theory_checks import check_results
-
     return _report(check_results(load_results(args.results)))
 
 
 def _list(args) -> int:
-    from amalab.convex.algorithms import ALGORITHMS
-    from amalab.convex.exp3_regret import SEQUENCES
-    from amalab.convex.losses import LOSSES
-
     print("losses:     " + ", ".join(LOSSES))
     print("algorithms:")
     for name, text in ALGORITHMS.items():
@@ -121,6 +115,7 @@ def _list(args) -> int:
 
 
 def _llm_extra() -> None:
+    """Refuse, in one line, an llm command on an install without the llm extra."""
     try:
         import torch  # noqa: F401
         import transformers  # noqa: F401
@@ -130,14 +125,14 @@ def _llm_extra() -> None:
 
 def _llm(args) -> int:
     _llm_extra()
-    from amalab.llm.cli import run_llm_command
+    from amalab.llm.cli import run_llm_command  # the llm extra: imported once it is known to be installed
 
     return run_llm_command(args.stage, args.config, show_progress=not args.quiet, out=args.out)
 
 
 def _llm_export(args) -> int:
     _llm_extra()
-    from amalab.llm.export import export_run, select_run
+    from amalab.llm.export import export_run, select_run  # the llm extra, as above
 
     info = export_run(select_run(Path(args.source), args.method, args.seed), Path(args.out), force=args.force)
     print(f"exported {info['name']} (step {info['step']}, {info['run']}) to {args.out}")
@@ -150,12 +145,12 @@ def _diagnose(args) -> int:
         import mujoco  # noqa: F401
         import torch  # noqa: F401
     except ImportError as e:
-        raise ConfigError(f"the diagnostic suite needs the llm and mujoco extras ({e}): "
-                          "pip install -e '.[llm,mujoco]'") from None
-    from amalab.control.config import load_config
+        raise ConfigError(f"the diagnostic suite needs the mujoco extra ({e}): pip install -e '.[mujoco]' "
+                          "(torch first, the build for your machine)") from None
+    from amalab.control.config import load_diagnose_config
     from amalab.control.diagnose import diagnose
 
-    diagnose(load_config(args.config), show_progress=not args.quiet)
+    diagnose(load_diagnose_config(args.config), show_progress=not args.quiet)
     return 0
 
 
@@ -198,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="replace a non-empty OUT")
     s.set_defaults(run=_llm_export)
     p = sub.add_parser("diagnose", help="the MuJoCo diagnostic suite: every method and merge, many seeds, true "
-                                        "returns (the llm and mujoco extras); resumes if interrupted")
+                                        "returns (the mujoco extra); resumes if interrupted")
     p.add_argument("config", help="TOML config, e.g. experiments/mujoco_diagnostic/config.toml")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_diagnose)

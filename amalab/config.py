@@ -74,11 +74,11 @@ def load_section(cls, table, path, name: str = ""):
                 values[key] = _check_type(table[key], tp, f"{where} {key}")
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{where}: missing required key {key!r}")
-    section = cls(**values)
-    check = getattr(section, "check", None)
-    if check is not None:
-        try:
+    try:
+        section = cls(**values)  # a section may run its check on construction (TokenizationConfig)
+        check = getattr(section, "check", None)
+        if check is not None:
             check()
-        except ValueError as e:
-            raise ConfigError(f"{where if name else path}: {e}") from None
+    except ValueError as e:
+        raise ConfigError(f"{where if name else path}: {e}") from None
     return section

@@ -51,7 +51,8 @@ from amalab.training.distributed import World
 from amalab.llm.evaluate import pair_logps
 from amalab.llm.logprobs import sequence_logps
 from amalab.objectives.preference import PreferenceLoss
-from amalab.llm.models import apply_lora, autocast_context, compile_layers
+from amalab.llm.models import apply_lora, compile_layers
+from amalab.llm.precision import autocast_context
 from amalab.llm.train import TrainingRun, run_training
 from amalab.mixers import make_mixer
 from benchmarks import workload

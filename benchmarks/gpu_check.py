@@ -29,9 +29,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from amalab.atomic_write import write_json_atomic, write_text_atomic
-from amalab.llm.data import SHARED_DATA
+from benchmarks.shared_data import HH_HARMLESS
 
-HH_HARMLESS = SHARED_DATA / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 SCHEMA = "amalab-gpu-check/1"
 KINDS = ("bf16_training", "compile", "fsdp2_one_rank", "nccl_one_process", "logprob_parity", "step_benchmark")
 MIN_START_S = 10  # a check starts only with this much of the budget left

@@ -40,7 +40,7 @@ from amalab.atomic_write import write_json_atomic
 from amalab.training.distributed import World, all_reduce_sum, any_rank, barrier, check_ranks_agree
 from amalab.llm.logprobs import shard_causal_lm
 from amalab.llm.models import decoder_layers
-from amalab.llm.models import autocast_context
+from amalab.llm.precision import autocast_context
 from amalab.training.state import trainable_state
 from amalab.mixers import make_mixer
 from benchmarks.device_checks import Workload, load, reference_of, train_records

@@ -32,10 +32,9 @@ from pathlib import Path
 import numpy as np
 
 from amalab.atomic_write import write_json_atomic
-from amalab.llm.data import SHARED_DATA
+from benchmarks.shared_data import HH_HARMLESS
 
 REPO = Path(__file__).resolve().parents[1]
-HH_HARMLESS = SHARED_DATA / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 SCHEMA = "amalab-benchmark/1"
 MIXERS = ("ama-r", "ama-s", "standard")
 TRL = "trl-dpo"
@@ -304,7 +303,7 @@ def main(argv=None) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from amalab.llm.models import resolve_device
+    from amalab.llm.precision import resolve_device
     from benchmarks import workload
     from benchmarks.figure import draw
 

@@ -34,7 +34,7 @@ MIXER_OPTIONS = {"ama-r": {"eta_alpha": 5.0}, "ama-s": {"gamma": 0.5}, "standard
 
 
 def _device(spec: dict) -> torch.device:
-    from amalab.llm.models import resolve_device
+    from amalab.llm.precision import resolve_device
 
     return resolve_device(spec.get("device", "auto"))
 
@@ -79,7 +79,7 @@ def amalab_step(spec: dict) -> dict:
     from amalab.training.config import OptimConfig
     from amalab.llm.evaluate import pair_logps, pair_losses
     from amalab.objectives.preference import PreferenceLoss
-    from amalab.llm.models import autocast_context
+    from amalab.llm.precision import autocast_context
     from amalab.llm.train import TrainingRun, run_training
     from amalab.mixers import make_mixer
 
@@ -224,7 +224,7 @@ def _data_order_logps(model, pairs, pad_token_id: int, batch_size: int, device) 
     """pair_logps without the length sort: batches of consecutive pairs in data order (the naive way)."""
     from amalab.llm.collate import collate_pairs
     from amalab.llm.logprobs import sequence_logps
-    from amalab.llm.models import autocast_context
+    from amalab.llm.precision import autocast_context
 
     was_training = model.training
     model.eval()
@@ -339,7 +339,7 @@ def logprob_error(spec: dict) -> dict:
     margin and loss when policy and reference are both computed in bf16 (as a bf16 run does)."""
     from amalab.llm.evaluate import pair_logps, pair_losses
     from amalab.objectives.preference import PreferenceLoss
-    from amalab.llm.models import autocast_context
+    from amalab.llm.precision import autocast_context
 
     device = _device(spec)
     model, tokenizer = workload.build_model(spec["model"], device, seed=spec["seed"], lora=True)

@@ -6,7 +6,7 @@ and ``tiny-vocab49k`` (a tiny-hidden Llama with SmolLM2's vocabulary size, where
 vocabulary projection dominates). Every model is built from a fixed seed, so every variant starts from the
 same weights.
 
-Pairs: HH-RLHF harmless pairs (``../shared/data/hh-rlhf/harmless-base-test.jsonl.gz`` beside the repository), tokenized once
+Pairs: HH-RLHF harmless pairs (:data:`benchmarks.shared_data.HH_HARMLESS`), tokenized once
 with amalab's tokenizer convention and truncated to ``seq_len`` tokens per row. For step timing only
 *full-length* pairs are kept (both rows exactly ``seq_len`` tokens), so every step of every framework
 processes exactly ``2 * batch * seq_len`` tokens. Without the data file, synthetic pairs of random words
@@ -25,10 +25,11 @@ from pathlib import Path
 
 import torch
 
-from amalab.llm.data import SHARED_DATA, PreferencePair, example_id, read_pairs
+from amalab.llm.data.pairs import PreferencePair, example_id
+from amalab.llm.data.sources import read_pairs
 from amalab.llm.tokenize import TokenizationConfig, TokenizedPair, tokenize_pairs
+from benchmarks.shared_data import HH_HARMLESS
 
-HH_HARMLESS = SHARED_DATA / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 MODELS = ("tiny", "smollm2", "tiny-vocab49k")
 SMOLLM2_VOCAB = 49152
 
@@ -151,7 +152,7 @@ def synchronize(device: torch.device) -> None:
 @functools.lru_cache(maxsize=None)
 def _tiny_tokenizer():
     """amalab's tiny BPE tokenizer, trained once per process (deterministic; --in-process runs reuse it)."""
-    from amalab.llm.models import tiny_tokenizer
+    from amalab.llm.tiny import tiny_tokenizer
 
     return tiny_tokenizer()
 
@@ -159,7 +160,8 @@ def _tiny_tokenizer():
 def build_model(name: str, device: torch.device, seed: int = 0, lora: bool = False):
     """(model in float32 on ``device`` in train mode, tokenizer) for a benchmark model name; ``lora``: with
     the adapter :data:`LORA` (only the adapter trains), else every parameter trains."""
-    from amalab.llm.models import apply_lora, load_model, load_tokenizer, smollm2_gguf_path, tiny_llama
+    from amalab.llm.models import apply_lora, load_model, load_tokenizer, smollm2_gguf_path
+    from amalab.llm.tiny import tiny_llama
 
     if name == "smollm2":
         path = smollm2_gguf_path()

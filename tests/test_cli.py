@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from amalab.cli import main
-from amalab.convex.experiment import ReproductionConfig, load_config
+from amalab.convex.config import ReproductionConfig, load_reproduction_config
 from amalab.convex.theory_checks import check_results, failures
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ def _shipped_with(overrides: dict) -> str:
 
 
 def test_shipped_config_loads_and_matches_the_defaults():
-    config = load_config(CONFIG)
+    config = load_reproduction_config(CONFIG)
     assert config == ReproductionConfig()  # the README's numbers come from the documented defaults
 
 
@@ -232,7 +232,7 @@ def test_readme_names_the_shipped_config_and_the_test_command():
 @pytest.mark.slow
 def test_readme_reproduction_command(tmp_path):
     """The README's main command, exactly as written, from scratch: every CSV matches the committed one
-    and every theory check passes (the default suite reruns a stated part: tests/test_committed_results.py)."""
+    and every theory check passes (the default suite reruns a stated part: tests/convex/test_committed_results.py)."""
     command = next(c for c in _readme_commands() if "amalab convex-rates" in c)
     command = command.split("&&")[-1].strip() + f" --out {tmp_path} --quiet"
     done = subprocess.run(shlex.split(command), cwd=ROOT, capture_output=True, text=True)

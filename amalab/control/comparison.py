@@ -6,38 +6,30 @@ seed's ``standard`` generalist, so ``standard`` trains first.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from amalab.control.training import pair_losses, pair_values, preference_example_losses, train_policy
+from amalab.control.run import Point, Run
+from amalab.control.training import (segment_pair_example_losses, segment_pair_losses, segment_pair_values,
+                                     train_policy)
+from amalab.mixers import make_mixer
+from amalab.mixers.methods import baseline_losses, make_method
 from amalab.training.cache import ValueCache
 from amalab.training.merge import merge_state_dicts
-from amalab.mixers import make_mixer
-
-if TYPE_CHECKING:
-    from amalab.control.diagnose import Point, Run
 
 
 def _loss_caches(policies, data, reference, loss) -> list[ValueCache]:
     """Per task, s(z) = the loss of ``policies[i]`` on each of task i's training pairs."""
-    return [ValueCache([p.id for p in d.train], {"loss": pair_losses(policy, d.train, reference, loss.loss_type,
-                                                                       loss.beta, loss.options)})
+    return [ValueCache([p.id for p in d.train], {"loss": segment_pair_losses(policy, d.train, reference,
+                                                                               loss.loss_type, loss.beta,
+                                                                               loss.options)})
             for policy, d in zip(policies, data)]
 
 
-def _method(name: str, point: "Point", k: int, sizes: list[int], options: dict):
-    """(mixer, training loss) of a method: ``sft`` is the standard mixture on the chosen segments' NLL."""
-    if name == "sft":
-        return make_mixer("standard", k, sizes=sizes), "sft"
-    return make_mixer(name, k, sizes=sizes, **options.get(name, {})), point.loss.loss_type
-
-
-def compare(run: "Run", point: "Point") -> list[dict]:
+def compare(run: Run, point: Point) -> list[dict]:
     """Every record of ``point``: the reference's, and per seed the specialists', methods' and merges'."""
     c, folder, k = run.config, run.models / point.folder, len(run.config.tasks)
     data = run.datasets(point)
     reference = run.reference(point, data)
     pairs = [p for d in data for p in d.train + d.held_out]
-    reference_logps = ValueCache([p.id for p in pairs], pair_values(reference, pairs))
+    reference_logps = ValueCache([p.id for p in pairs], segment_pair_values(reference, pairs))
     about = {"counts": [d.counts for d in data]}
     records = [run.record(folder / "records" / "reference.json", reference, data, reference_logps, point.loss,
                           {**about, "kind": "reference", "method": "reference", "seed": 0})]
@@ -48,7 +40,7 @@ def compare(run: "Run", point: "Point") -> list[dict]:
 
         def train(name, optim, train_sets, mixer, baselines, loss_name):
             options = point.loss.options if loss_name == point.loss.loss_type else {}  # sft takes none
-            losses = preference_example_losses(loss_name, point.loss.beta, reference_logps, options)
+            losses = segment_pair_example_losses(loss_name, point.loss.beta, reference_logps, options)
             return run.trained(folder / "models" / f"{name}-{seed}.pt", reference, lambda policy: train_policy(
                 policy, train_sets, losses, mixer, baselines, optim, train_seed, name))
 
@@ -63,12 +55,10 @@ def compare(run: "Run", point: "Point") -> list[dict]:
             records.append(evaluate(specialists[-1], "specialist", f"specialist-{task.name}"))
         specialist_losses, generalists = _loss_caches(specialists, data, reference_logps, point.loss), {}
         for name in point.methods:
-            mixer, loss_name = _method(name, point, k, sizes, c.methods.options)
-            baselines = None  # the mixer's baseline s(z): none, the specialists' or the standard generalist's losses
-            if mixer.baseline == "specialist":
-                baselines = specialist_losses
-            elif mixer.baseline == "standard":
-                baselines = _loss_caches([generalists["standard"]] * k, data, reference_logps, point.loss)
+            mixer, loss_name = make_method(name, k, sizes, c.methods.options.get(name, {}), point.loss.loss_type)
+            # the mixer's baseline s(z): the specialists' losses, the standard generalist's (it trains first), none
+            baselines = baseline_losses(mixer, specialist=lambda: specialist_losses, standard=lambda: _loss_caches(
+                [generalists["standard"]] * k, data, reference_logps, point.loss))
             generalists[name] = train(name, c.train, [d.train for d in data], mixer, baselines, loss_name)
             records.append(evaluate(generalists[name], "method", name))
         base = reference.state_dict()

@@ -131,7 +131,7 @@ class DiagnoseConfig(_TopLevel):
     sweeps: SweepsConfig = field(default_factory=SweepsConfig)
 
 
-def load_config(path: str | Path) -> DiagnoseConfig:
+def load_diagnose_config(path: str | Path) -> DiagnoseConfig:
     """Read and check a diagnostic config (``out`` is relative to the working directory, as the LLM configs')."""
     path = Path(path)
     raw = read_toml(path)

@@ -7,175 +7,22 @@ then under ``models/<hash of the training settings>/``: ``references/`` (one beh
 per dataset), ``<dataset and loss>/models`` (the trained policies) and ``<dataset and loss>/records`` (one
 JSON per evaluated model and seed). An interrupted run
 resumes: a record or model on disk is never recomputed, and every file is written atomically.
+
+The points and the run's workspace are :mod:`amalab.control.run`; one point's models and records,
+:mod:`amalab.control.comparison`; the numbers and tables, :mod:`amalab.control.summary`.
 """
 
 from __future__ import annotations
 
-import copy
-import hashlib
-import io
-import json
 import time
-from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import numpy as np
-import torch
-from tqdm import tqdm
-
-from amalab.atomic_write import write_bytes_atomic, write_json_atomic, write_text_atomic
-from amalab.control.behaviour import train_behaviour
-from amalab.control.config import DataConfig, DiagnoseConfig, LossConfig
+from amalab.atomic_write import write_json_atomic, write_text_atomic
 from amalab.control.comparison import compare
-from amalab.control.dataset import TaskData, build_task_data, task_sizes
-from amalab.control.evaluation import task_returns
+from amalab.control.config import DiagnoseConfig
 from amalab.control.figures import per_task_figure, sweep_figure
-from amalab.control.policy import GaussianMLP, LabelledSegment
-from amalab.control.segments import simulate_pool
-from amalab.control.simulator import Simulators
-from amalab.control.summary import main_table, summarize_point, sweep_table
-from amalab.control.tasks import GOAL_SIZE
-from amalab.control.teacher import TeacherConfig
-from amalab.control.training import behaviour_cloning_losses, pair_losses, train_policy
-from amalab.training.cache import ValueCache, cached_arrays
-from amalab.mixers import make_mixer
-
-
-@dataclass(frozen=True)
-class Point:
-    """One dataset and loss on which methods are compared with ``seeds`` seeds."""
-
-    name: str
-    sweep: str | None  # the swept knob (None: the main comparison)
-    value: float | None
-    data: DataConfig
-    teacher: TeacherConfig
-    loss: LossConfig
-    methods: list[str]
-    merges: list[str]
-    seeds: int
-
-    @property
-    def folder(self) -> str:
-        """Points with the same dataset and loss share their folder, so a sweep value equal to the main
-        settings reuses the main comparison's models and records."""
-        smoothing = f"-eps{self.loss.label_smoothing:g}" if self.loss.label_smoothing else ""
-        return f"{self.dataset}-{self.loss.loss_type}{self.loss.beta:g}{smoothing}"
-
-    @property
-    def dataset(self) -> str:
-        """The dataset's name: points that differ only in the loss share one dataset and one reference."""
-        t = self.teacher
-        return (f"imbalance{self.data.imbalance:g}-poor{self.data.poor_share:g}-mistake{t.mistake:g}-beta{t.beta:g}"
-                f"-gamma{t.gamma:g}-skip{t.skip:g}-equal{t.equal:g}")
-
-
-def run_points(config: DiagnoseConfig) -> list[Point]:
-    """The main comparison, then each sweep value (noise and quality sweeps for each of the sweep losses)."""
-    main = Point("main", None, None, config.data, config.teacher, config.loss, config.methods.names,
-                 config.merges.names, config.methods.seeds)
-    sweeps, points = config.sweeps, [main]
-    losses = [LossConfig(name, config.loss.beta, sweeps.label_smoothing if name in ("robust", "exo_pair") else 0.0)
-              for name in sweeps.losses] or [config.loss]
-    axes = [("imbalance", sweeps.imbalance, [config.loss]), ("mistake", sweeps.mistake, losses),
-            ("poor_share", sweeps.poor_share, losses)]
-    for axis, values, axis_losses in axes:
-        for loss in axis_losses:
-            for value in values:
-                data = replace(config.data, **{axis: value}) if axis != "mistake" else config.data
-                teacher = replace(config.teacher, mistake=value) if axis == "mistake" else config.teacher
-                points.append(Point(f"{axis}-{value:g}-{loss.loss_type}", axis, value, data, teacher, loss,
-                                    sweeps.methods, sweeps.merges, sweeps.seeds))
-    return points
-
-
-def settings_key(config: DiagnoseConfig) -> str:
-    """A hash of every setting a trained model or its evaluation depends on (not the lists of methods, seeds
-    and sweep values, which only add models): models and records live under it, so a changed setting
-    trains afresh instead of reusing what other settings produced."""
-    settings = {name: asdict(getattr(config, name)) if name not in ("tasks",) else [asdict(t) for t in config.tasks]
-                for name in ("tasks", "behaviour", "pool", "policy", "reference", "specialists", "train",
-                             "evaluation")}
-    settings.update(seed=config.seed, environment=config.environment, methods=config.methods.options,
-                    merges=config.merges.options)
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-class Run:
-    """The run's simulators, pools and output folder, and the steps that train and evaluate models."""
-
-    def __init__(self, config: DiagnoseConfig, show_progress: bool = True):
-        self.config, self.out, self.show_progress = config, Path(config.out), show_progress
-        torch.set_num_threads(config.threads)
-        self.sims = Simulators(config.environment, config.simulators)
-        self.models = self.out / "models" / settings_key(config)
-        self.pools = [self._pool(i) for i in range(len(config.tasks))]
-
-    def progress(self, total: int, name: str) -> tqdm:
-        return tqdm(total=total, desc=name, unit="seed", disable=not self.show_progress, dynamic_ncols=True)
-
-    def log(self, message: str) -> None:
-        if self.show_progress:
-            tqdm.write(message)
-
-    def _pool(self, i: int) -> dict:
-        c, task = self.config, self.config.tasks[i]
-        behaviour_manifest = {"environment": c.environment, "task": asdict(task), "behaviour": asdict(c.behaviour),
-                              "seed": c.seed}
-
-        def behaviour():
-            policies, returns = train_behaviour(self.sims, task, c.behaviour, c.seed + 1000 * i, self.show_progress)
-            return {"policies": policies, "returns": returns}
-
-        found = cached_arrays(self.out / "behaviour" / task.name, behaviour_manifest, behaviour, self.log)
-        self.log(f"behaviour {task.name}: returns by level {np.round(found['returns'], 1).tolist()}")
-        return cached_arrays(self.out / "pool" / task.name, {**behaviour_manifest, "pool": asdict(c.pool)},
-                             lambda: simulate_pool(self.sims, task, found["policies"], c.behaviour.noise, c.pool,
-                                                   c.seed + 1000 * i, self.show_progress), self.log)
-
-    def datasets(self, point: Point) -> list[TaskData]:
-        c = self.config
-        sizes = task_sizes(c.pool.train_starts, len(c.tasks), point.data.imbalance)
-        return [build_task_data(self.pools[i], task, i, c.pool.train_starts, sizes[i], point.data.poor_share,
-                                point.teacher, c.seed) for i, task in enumerate(c.tasks)]
-
-    def new_policy(self, seed: int) -> GaussianMLP:
-        torch.manual_seed(seed)
-        return GaussianMLP(self.sims.observation_size + GOAL_SIZE, self.sims.action_size, self.config.policy.hidden,
-                           self.config.policy.init_log_std)
-
-    def trained(self, path: Path, start: GaussianMLP | None, train) -> GaussianMLP:
-        """The policy saved at ``path``, or a copy of ``start`` trained by ``train(policy)`` and saved there."""
-        policy = copy.deepcopy(start) if start is not None else self.new_policy(self.config.seed)
-        if path.is_file():
-            policy.load_state_dict(torch.load(path, weights_only=True))
-            return policy
-        train(policy)
-        buffer = io.BytesIO()
-        torch.save(policy.state_dict(), buffer)
-        write_bytes_atomic(path, buffer.getvalue())
-        return policy
-
-    def reference(self, point: Point, data: list[TaskData]) -> GaussianMLP:
-        """Behaviour cloning on the union of the dataset's segments, chosen and rejected, through the step."""
-        segments = [[LabelledSegment(f"{p.id}/{side}", i, s) for p in d.train
-                     for side, s in (("chosen", p.chosen), ("rejected", p.rejected))] for i, d in enumerate(data)]
-        mixer = make_mixer("standard", len(data), sizes=[len(s) for s in segments])
-        return self.trained(self.models / "references" / f"{point.dataset}.pt", None, lambda policy: train_policy(
-            policy, segments, behaviour_cloning_losses(), mixer, None, self.config.reference, self.config.seed,
-            "reference"))
-
-    def record(self, path: Path, policy: GaussianMLP, data: list[TaskData], reference: ValueCache, loss: LossConfig,
-               about: dict) -> dict:
-        """Evaluate ``policy`` (true returns, held-out losses per task) into ``path``, or read it from there."""
-        if path.is_file():
-            return json.loads(path.read_text())
-        held_out = [float(pair_losses(policy, d.held_out, reference, loss.loss_type, loss.beta, loss.options).mean())
-                    for d in data]
-        record = {**about, "returns": task_returns(policy, self.sims, self.config.tasks, self.config.evaluation
-                                                   ).tolist(), "held_out_loss": held_out}
-        write_json_atomic(path, record, indent=1)
-        return record
+from amalab.control.run import Run, run_points
+from amalab.control.summary import summarize_point, tables
 
 
 def diagnose(config: DiagnoseConfig, show_progress: bool = True) -> dict:
@@ -188,16 +35,14 @@ def diagnose(config: DiagnoseConfig, show_progress: bool = True) -> dict:
     summary = {"main": summarize_point(compare(run, points[0]), names)}  # the scale of every sweep point
     for point in points[1:]:
         summary[point.name] = summarize_point(compare(run, point), names, summary["main"])
-    tables = "## Main comparison\n\n" + main_table(summary, names)
-    if len(points) > 1:
-        tables += "\n## Sweeps: the worst task\n\n" + sweep_table(summary, points)
+    text = tables(summary, points, names)
     for folder in {Path(config.out), *([Path(config.figures)] if config.figures else [])}:
         write_json_atomic(folder / "summary.json", summary, indent=1)
-        write_text_atomic(folder / "table.md", tables)
+        write_text_atomic(folder / "table.md", text)
         per_task_figure(summary["main"], names, folder / "per_task.png")
         if len(points) > 1:
             sweep_figure(summary, points, folder / "sweeps.png")
-    run.log(tables)
+    run.log(text)
     run.log(f"finished in {time.perf_counter() - began:.0f} s; wrote {config.out}"
             + (f" and {config.figures}" if config.figures else ""))
     return summary

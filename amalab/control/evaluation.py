@@ -1,4 +1,4 @@
-"""True per-task returns by rollouts on fixed evaluation seeds, normalized per task, with intervals.
+"""True per-task returns by rollouts on fixed evaluation seeds, normalized per task.
 
 A policy is rolled out with its mean action for ``horizon`` steps from ``episodes`` reset seeds per task
 (the same seeds for every policy), earning the task's reward; its return on task i is the mean over those
@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
 
 from amalab.control.policy import GaussianMLP
 from amalab.control.simulator import Simulators
@@ -53,11 +52,3 @@ def normalized_returns(returns: np.ndarray, reference: np.ndarray, specialist: n
     """(R - R_ref) / (R_specialist - R_ref), per task (last axis)."""
     return (returns - reference) / (specialist - reference)
 
-
-def interval95(values) -> dict:
-    """Mean and 95% Student-t interval over seeds (half-width 0 for one seed)."""
-    values = np.asarray(values, float)
-    mean = float(values.mean())
-    half = float(stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))) \
-        if len(values) > 1 else 0.0
-    return {"mean": mean, "low": mean - half, "high": mean + half, "n": int(len(values))}

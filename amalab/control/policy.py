@@ -67,7 +67,7 @@ class PairBatch:
     rejected_token_counts = chosen_token_counts
 
 
-def collate_pairs(pairs: list[Pair]) -> PairBatch:
+def collate_segment_pairs(pairs: list[Pair]) -> PairBatch:
     observations = np.stack([[p.chosen.observations, p.rejected.observations] for p in pairs])
     actions = np.stack([[p.chosen.actions, p.rejected.actions] for p in pairs])
     return PairBatch([p.id for p in pairs], np.array([p.task for p in pairs]),
@@ -81,7 +81,7 @@ class PairLogps:
     rejected: torch.Tensor
 
 
-def pair_logps(policy: GaussianMLP, batch: PairBatch) -> PairLogps:
+def segment_pair_logps(policy: GaussianMLP, batch: PairBatch) -> PairLogps:
     """Sequence log-probs of the chosen and rejected segments of every pair, in one forward pass."""
     both = policy.sequence_log_density(batch.observations, batch.actions)
     return PairLogps(both[:, 0], both[:, 1])

@@ -125,7 +125,7 @@ def exp3_figure(record: dict, path: Path) -> Path:
     return path
 
 
-def make_figures(record: dict, out_dir: Path) -> list[Path]:
+def make_rate_figures(record: dict, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     return [rates_figure(record, out_dir / "rates.png"), worst_task_figure(record, out_dir / "worst_task.png"),
             exp3_figure(record, out_dir / "exp3_regret.png")]

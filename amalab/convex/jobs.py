@@ -64,10 +64,11 @@ def exp3_job(sequence: str, k: int, horizons: list[int], seeds: int, seed: int, 
 
 #: the modules whose code determines a job's numbers: a change to any of them makes every checkpoint stale
 NUMERICAL_MODULES = (
-    "amalab.convex.jobs", "amalab.convex.training", "amalab.convex.compiled_steps", "amalab.convex.algorithms",
-    "amalab.convex.bounds", "amalab.convex.exp3_regret", "amalab.convex.losses", "amalab.convex.problems",
-    "amalab.convex.optimum", "amalab.objectives.margin", "amalab.mixers.ama_r", "amalab.mixers.ama_s",
-    "amalab.mixers.base", "amalab.mixers.baselines", "amalab.mixers.excess", "amalab.mixers.exp3",
+    "amalab.convex.jobs", "amalab.convex.training", "amalab.convex.compiled_steps",
+    "amalab.convex.compiled_engine", "amalab.convex.algorithms", "amalab.convex.bounds",
+    "amalab.convex.exp3_regret", "amalab.convex.losses", "amalab.convex.problems", "amalab.convex.optimum",
+    "amalab.objectives.margin", "amalab.mixers.ama_r", "amalab.mixers.ama_s", "amalab.mixers.base",
+    "amalab.mixers.baselines", "amalab.mixers.excess", "amalab.mixers.exp3",
     "amalab.mixers.exponentiated_gradient", "amalab.mixers.logspace", "amalab.mixers.registry",
     "amalab.mixers.task_batches",
 )

@@ -5,7 +5,7 @@ Three experiments, each a set of independent jobs spread over worker processes (
               algorithm, with its bound, and the duality gap of deterministic runs;
   worst_task  worst-task excess of AMA against the baselines on an imbalanced, conflicting problem;
   exp3        EXP3's regret on adversarial gain sequences against its bound.
-The config lives in :mod:`amalab.convex.experiment`, the jobs in :mod:`amalab.convex.jobs`, the worker
+The config lives in :mod:`amalab.convex.config`, the jobs in :mod:`amalab.convex.jobs`, the worker
 pool in :mod:`amalab.convex.worker_pool`, the record in :mod:`amalab.convex.record` and the files in
 :mod:`amalab.convex.results_io`.
 """
@@ -20,7 +20,7 @@ import numpy as np
 
 from amalab.convex import worker_pool
 from amalab.convex.algorithms import train_algorithm
-from amalab.convex.experiment import ReproductionConfig
+from amalab.convex.config import ReproductionConfig
 from amalab.convex.exp3_regret import exp3_regret
 from amalab.convex.jobs import Checkpoints, exp3_job, job_description, numerics_version, rate_job, worst_task_job
 from amalab.convex.optimum import solve

@@ -7,7 +7,8 @@ passed keep stepping (harmlessly) so the batch stays rectangular.
 
 The steps run on one of two engines with the same random numbers: ``"numpy"``, the reference, which calls
 the mixers of :mod:`amalab.mixers` step by step, and ``"compiled"`` (the default), the numba kernel of
-:mod:`amalab.convex.compiled_steps`, which does the same arithmetic without Python per step.
+:mod:`amalab.convex.compiled_steps` (run by :mod:`amalab.convex.compiled_engine`), which does the same
+arithmetic without Python per step.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from amalab.convex.compiled_steps import compiled_advance, compiled_kind
+from amalab.convex.compiled_engine import compiled_advance, compiled_kind
 from amalab.convex.optimum import SolvedProblem
 from amalab.convex.problems import MultiTaskProblem
 from amalab.mixers import AMAS, Mixer

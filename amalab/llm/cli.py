@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 
+from amalab.llm import pipeline
 from amalab.llm.config import load_llm_config
 from amalab.training.distributed import close_world, init_world
-from amalab.llm.models import resolve_device
+from amalab.llm.precision import resolve_device
 
 
 def run_llm_command(stage: str, config_path: str, show_progress: bool = True, out: str | None = None) -> int:
     """Run ``stage`` of the experiment in ``config_path``; ``out``, if given, replaces the config's ``out``."""
-    from amalab.llm import pipeline
-
     config = load_llm_config(config_path)
     if out:
         config = dataclasses.replace(config, out=out)

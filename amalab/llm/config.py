@@ -7,7 +7,7 @@
     [model]                          # a hub id or local folder, a GGUF file, or a tiny Llama built here
     [tokenize]                       # max_length, max_prompt_length
     [loss]                           # loss_type (TRL's: sigmoid, ipo, ...; or sft), beta and options
-    [[tasks]]                        # name, source, held_out, max_examples (amalab.llm.data.TaskConfig)
+    [[tasks]]                        # name, source, held_out, max_examples (amalab.llm.data.tasks.TaskConfig)
     [specialists]                    # train one per task (optimizer settings) or load given checkpoints
     [train]                          # generalist optimizer settings, shared by every method
     [methods]                        # which mixers and seeds, and the mixers' options
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from amalab.config import load_section, read_toml
 from amalab.errors import ConfigError
-from amalab.llm.data import TaskConfig, check_distinct_task_names
+from amalab.llm.data.tasks import TaskConfig, check_distinct_task_names
 from amalab.objectives.preference import PreferenceLoss
 from amalab.llm.tokenize import TokenizationConfig
 from amalab.mixers import make_mixer
@@ -104,7 +104,7 @@ class ModelConfig:
     fsdp: bool = False
     #: torch.compile each decoder layer of the policy (off by default: compiling costs time before the first step)
     torch_compile: bool = False
-    #: the forward's autocast (AUTOCAST_SETTINGS; amalab.llm.models.autocast_context); parameters stay float32
+    #: the forward's autocast (AUTOCAST_SETTINGS; amalab.llm.precision.autocast_context); parameters stay float32
     autocast: str = "auto"
 
     def check(self) -> None:
@@ -120,9 +120,6 @@ class TokenizeConfig(TokenizationConfig):
 
     max_length: int = 128
     max_prompt_length: int = 64
-
-    def __post_init__(self) -> None:
-        pass  # load_section runs check() and names the file and table
 
 
 @dataclass(frozen=True)

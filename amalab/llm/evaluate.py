@@ -23,7 +23,7 @@ from amalab.llm.collate import collate_pairs, length_sorted_batches
 from amalab.training.distributed import World, is_sharded
 from amalab.llm.logprobs import policy_logps
 from amalab.objectives.preference import PreferenceLoss
-from amalab.llm.models import autocast_context
+from amalab.llm.precision import autocast_context
 from amalab.llm.tokenize import TokenizedPair
 
 

@@ -26,8 +26,9 @@ from amalab.atomic_write import atomic_folder
 from amalab.errors import ConfigError
 from amalab.training.checkpoint import load_latest
 from amalab.llm.config import load_llm_config
-from amalab.llm.experiment import TOKENIZER_DIR, base_model, trainable
-from amalab.llm.models import load_tokenizer, model_fingerprint, tokenizer_fingerprint
+from amalab.llm.experiment import TOKENIZER_DIR, base_model
+from amalab.llm.models import load_tokenizer, trainable
+from amalab.llm.fingerprint import model_fingerprint, tokenizer_fingerprint
 from amalab.training.state import load_trainable_state
 
 EXPORT_FILE = "amalab_export.json"

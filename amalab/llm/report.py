@@ -14,20 +14,14 @@ import io
 import statistics
 from pathlib import Path
 
-import numpy as np
-
 from amalab.atomic_write import write_json_atomic, write_text_atomic
+from amalab.llm.figures import make_figures
 from amalab.llm.paired_comparison import comparisons
+from amalab.markdown import markdown_table
+from amalab.stats import spread
 
 #: the per-task metrics of summary.csv, in its column order
 CSV_METRICS = ("loss", "excess", "accuracy", "margin", "success")
-
-
-def spread(values: list[float]) -> dict:
-    """Mean, sample standard deviation (0 for one value), min, max and count of ``values``."""
-    arr = np.asarray(values, dtype=float)
-    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0,
-            "min": float(arr.min()), "max": float(arr.max()), "n": int(len(arr))}
 
 
 def summarize(task_names: list[str], records: list[dict]) -> dict:
@@ -104,10 +98,6 @@ def summary_table(summary: dict) -> str:
     return "\n".join([lines[0], "  ".join("-" * w for w in widths)] + lines[1:])
 
 
-def _markdown(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
-
-
 def paired_table(rows: list[dict]) -> str:
     """A markdown table of the paired differences (:mod:`amalab.llm.paired_comparison`): method - against,
     mean and 95% interval per metric."""
@@ -126,13 +116,13 @@ def paired_table(rows: list[dict]) -> str:
     body = [[f"{method} - {against}", str(max(r["n"] for r in metrics.values())),
              fmt(metrics.get("worst_excess")), fmt(metrics.get("worst_success"))]
             for (method, against), metrics in cells.items()]
-    return "\n".join(_markdown(header, body))
+    return markdown_table(header, body)
 
 
 def summary_markdown(summary: dict) -> str:
     """summary.md: the summary table, the paired differences, the adaptive mixers' average weights and the
     specialists' mean losses, as markdown tables (what a README quotes)."""
-    parts = ["Mean (std) over seeds.", "", *_markdown(*_summary_rows(summary))]
+    parts = ["Mean (std) over seeds.", "", markdown_table(*_summary_rows(summary))]
     if summary.get("paired"):
         parts += ["", "Paired differences, method - against, same seed: mean [95% t-interval].", "",
                   paired_table(summary["paired"])]
@@ -140,14 +130,14 @@ def summary_markdown(summary: dict) -> str:
     weighted = [(m, e["average_weights"]) for m, e in summary["methods"].items() if "average_weights" in e]
     if weighted:
         parts += ["", "The mixers' average task weights over training, mean (std) over seeds.", "",
-                  *_markdown(["method", *names], [[m, *(_fmt(w, n) for n in names)] for m, w in weighted])]
+                  markdown_table(["method", *names], [[m, *(_fmt(w, n) for n in names)] for m, w in weighted])]
     losses = summary.get("specialist_losses")
     if losses:
         columns = ["in_sample_train", "train", "in_sample_held_out", "held_out"]
         parts += ["", f"Mean specialist loss s(z) per task: in-sample and {losses['definition']}.", "",
-                  *_markdown(["task", "in-sample, train", f"{losses['definition']}, train", "in-sample, held-out",
-                              f"{losses['definition']}, held-out"],
-                             [[n, *(f"{losses['means'][n][c]:.4f}" for c in columns)] for n in names])]
+                  markdown_table(["task", "in-sample, train", f"{losses['definition']}, train",
+                                  "in-sample, held-out", f"{losses['definition']}, held-out"],
+                                 [[n, *(f"{losses['means'][n][c]:.4f}" for c in columns)] for n in names])]
     return "\n".join(parts) + "\n"
 
 
@@ -159,8 +149,6 @@ def report(out: Path, task_names: list[str], records: list[dict], write: bool = 
     if specialist_losses is not None:
         summary["specialist_losses"] = specialist_losses
     if write:
-        from amalab.llm.figures import make_figures
-
         write_summary(out, summary)
         write_text_atomic(out / "summary.md", summary_markdown(summary))
         paths = make_figures(out, summary)

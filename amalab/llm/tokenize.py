@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Iterable
 
 from amalab.errors import ConfigError
-from amalab.llm.data import PreferencePair
+from amalab.llm.data.pairs import PreferencePair
 
 
 @dataclass(frozen=True)
@@ -66,8 +66,8 @@ class TokenizationConfig:
     def __post_init__(self) -> None:
         try:
             self.check()
-        except ValueError as error:
-            raise ConfigError(f"tokenization.{error}") from None
+        except ValueError as error:  # load_section adds the file and table of a config's [tokenize]
+            raise ConfigError(str(error)) from None
 
     def to_dict(self) -> dict:
         return asdict(self)

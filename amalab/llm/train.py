@@ -28,7 +28,7 @@ from amalab.training.distributed import World, is_sharded
 from amalab.llm.logprobs import policy_logps
 from amalab.llm.evaluate import evaluate
 from amalab.objectives.preference import PreferenceLoss
-from amalab.llm.models import autocast_context
+from amalab.llm.precision import autocast_context
 from amalab.llm.tokenize import TokenizedPair
 from amalab.training.run import checkpoint_writer, check_run_dir, metrics_logger, resume, train_steps
 from amalab.training.state import TrainState, load_trainable_state
@@ -92,7 +92,7 @@ def run_training(model, run: TrainingRun, device: torch.device, world: World = W
     A run that finished earlier is not rerun: ``model`` gets the parameters of its last checkpoint.
     ``stop_after``: stop (with a checkpoint) after this many steps, as an interruption would (tests).
     ``write_checkpoint`` (every rank calls it), ``log`` and ``autocast`` default to the run folder's checkpoints,
-    its ``metrics.jsonl`` and :func:`~amalab.llm.models.autocast_context` of ``device``.
+    its ``metrics.jsonl`` and :func:`~amalab.llm.precision.autocast_context` of ``device``.
     """
     optim = run.optim
     check_micro_batches(run.mixer, optim, world, is_sharded(model), run.name)

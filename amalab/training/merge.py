@@ -30,10 +30,10 @@ Conventions, stated because papers and libraries differ:
   stay tied.
 - tensors that are not floating point (integer buffers) must be equal in every model and are copied.
 
-LoRA specialists: :func:`lora_dense_state_dict` folds an adapter into dense weights (theta_0 + B A * scaling
-per adapted module, PEFT's own ``get_delta_weight``), so merging dense LoRA specialists merges their dense
-deltas B_i A_i * scaling_i; unadapted tensors have tau_i = 0 and stay at theta_0 under every method (the
-trim is per tensor, so a zero tensor takes no share of another's budget).
+LoRA specialists: :func:`amalab.llm.lora_merge.lora_dense_state_dict` folds an adapter into dense weights, so
+merging dense LoRA specialists merges their dense deltas B_i A_i * scaling_i; unadapted tensors have
+tau_i = 0 and stay at theta_0 under every method (the trim is per tensor, so a zero tensor takes no share
+of another's budget).
 """
 
 from __future__ import annotations
@@ -191,55 +191,7 @@ def merge_state_dicts(base: Mapping[str, torch.Tensor], specialists: Sequence[Ma
     return merged
 
 
-# --- LoRA ----------------------------------------------------------------------------------------------
-
-def _lora_layers(peft_model, adapter: str):
-    from peft.tuners.lora import LoraLayer
-
-    base_model = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
-    layers = {name: module for name, module in base_model.named_modules()
-              if isinstance(module, LoraLayer) and adapter in module.lora_A}
-    if not layers:
-        raise ConfigError(f"merge: the model has no LoRA adapter {adapter!r} (is it a peft LoRA model?)")
-    return base_model, layers
-
-
-def lora_delta_state_dict(peft_model, adapter: str = "default") -> dict[str, torch.Tensor]:
-    """The dense weight delta of every LoRA-adapted module, B A * scaling in float32 (PEFT's
-    ``get_delta_weight``, which also transposes fan-in-fan-out layers), keyed by the plain model's name
-    of the adapted weight (``model.layers.0.self_attn.q_proj.weight``)."""
-    _, layers = _lora_layers(peft_model, adapter)
-    with torch.no_grad():
-        return {f"{name}.weight": layer.get_delta_weight(adapter).float() for name, layer in layers.items()}
-
-
-def lora_dense_state_dict(peft_model, adapter: str = "default", *, with_delta: bool = True,
-                          ) -> dict[str, torch.Tensor]:
-    """The state dict of the plain model, with the adapter folded in (``with_delta``) or left out (the base,
-    theta_0); names as in the model without peft. The model itself is not changed (unlike peft's
-    ``merge_and_unload``)."""
-    base_model, layers = _lora_layers(peft_model, adapter)
-    deltas = lora_delta_state_dict(peft_model, adapter) if with_delta else {}
-    state = base_model.state_dict()
-    alias = tied_aliases(state)
-    dense: dict[str, torch.Tensor] = {}
-    plain_of: dict[str, str] = {}
-    for name, tensor in state.items():
-        if "modules_to_save" in name or "original_module" in name:
-            raise ConfigError(f"merge: {name}: peft modules_to_save are not supported by the LoRA merge")
-        if ".lora_" in name:
-            continue
-        plain = plain_of[name] = name.replace(".base_layer.", ".")
-        if name in alias:  # tied weights stay one tensor (merge_state_dicts then merges them once)
-            dense[plain] = dense[plain_of[alias[name]]]
-            continue
-        value = tensor.detach().float() if tensor.is_floating_point() else tensor.detach()
-        dense[plain] = value + deltas[plain] if plain in deltas else value.clone()
-    return dense
-
-
 __all__ = [
-    "MERGE_METHODS", "RANDOM_METHODS", "disjoint_mean", "dare_drop", "elect_sign", "lora_delta_state_dict",
-    "lora_dense_state_dict", "merge_state_dicts", "merge_tensor", "trim_count",
-    "trim_to_top_magnitude",
+    "MERGE_METHODS", "RANDOM_METHODS", "disjoint_mean", "dare_drop", "elect_sign", "merge_state_dicts",
+    "merge_tensor", "trim_count", "trim_to_top_magnitude",
 ]

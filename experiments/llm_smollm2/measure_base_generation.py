@@ -6,7 +6,7 @@
 
 The model, tokenizer, held-out split and decoding are the experiment's: SmolLM2 from its GGUF
 (:func:`amalab.llm.models.smollm2_gguf_path`), each ``--source`` read as a ``[[tasks]]`` entry through
-:func:`amalab.llm.data.load_tasks` (so the held-out pairs are the ones the experiment holds out for the same
+:func:`amalab.llm.data.tasks.load_tasks` (so the held-out pairs are the ones the experiment holds out for the same
 source and ``held_out``), and :func:`amalab.llm.generate.evaluate_generation` with the config's
 ``[generation]`` settings and ``[tokenize] max_prompt_length`` (``--max-new-tokens`` and ``--max-prompts``
 override the config's). Prints each task's success with its 95% Wilson interval and writes a JSON with
@@ -24,10 +24,11 @@ from pathlib import Path
 from amalab.atomic_write import write_json_atomic
 from amalab.errors import ConfigError
 from amalab.llm.config import load_llm_config
-from amalab.llm.data import TaskConfig, load_tasks
+from amalab.llm.data.synthetic.generator import GeneratorKnobs, parse_source
+from amalab.llm.data.tasks import TaskConfig, load_tasks
 from amalab.llm.generate import evaluate_generation
-from amalab.llm.generated import GeneratorKnobs, parse_source
-from amalab.llm.models import load_model, load_tokenizer, resolve_device, smollm2_gguf_path
+from amalab.llm.models import load_model, load_tokenizer, smollm2_gguf_path
+from amalab.llm.precision import resolve_device
 
 CONFIG = Path(__file__).with_name("config.toml")
 

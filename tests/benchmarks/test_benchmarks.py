@@ -9,16 +9,10 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("trl")
-
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:  # benchmarks/ is a folder of the repository, not part of the installed package
-    sys.path.insert(0, str(REPO))
 
 
 def test_smallest_benchmark_writes_the_documented_json(tmp_path):

@@ -13,17 +13,11 @@ import contextlib
 import io
 import json
 import math
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("trl")
-
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:  # benchmarks/ is a folder of the repository, not part of the installed package
-    sys.path.insert(0, str(REPO))
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The diagnostic suite end to end on a tiny config: every method, merge and sweep; resume; the CLI."""
+"""The diagnostic suite end to end on the tiny config (conftest.py): every method, merge and sweep; resume; the CLI."""
 
 import json
 
@@ -10,84 +10,11 @@ pytest.importorskip("gymnasium")
 pytest.importorskip("mujoco")
 
 from amalab.cli import main  # noqa: E402
-from amalab.control.config import load_config  # noqa: E402
-from amalab.control.diagnose import Run, diagnose, settings_key  # noqa: E402
+from amalab.control.config import load_diagnose_config  # noqa: E402
+from amalab.control.diagnose import diagnose  # noqa: E402
 from amalab.control.policy import GaussianMLP  # noqa: E402
+from amalab.control.run import Run, settings_key  # noqa: E402
 from amalab.control.tasks import task_reward  # noqa: E402
-
-TINY = """
-out = "{out}"
-figures = "{figures}"
-simulators = 8
-
-[[tasks]]
-name = "forward"
-velocity = 2.0
-
-[[tasks]]
-name = "jump"
-velocity_weight = 0.0
-height_weight = 10.0
-
-[behaviour]
-population = 6
-iterations = 2
-horizon = 15
-levels = [0, 2]
-init_std = 0.1
-
-[pool]
-train_starts = 12
-eval_starts = 6
-segment_length = 8
-prefix_steps = [2, 4]
-
-[policy]
-hidden = [16]
-
-[reference]
-max_steps = 8
-batch_size = 16
-learning_rate = 3e-3
-
-[specialists]
-max_steps = 3
-batch_size = 8
-learning_rate = 1e-3
-
-[train]
-max_steps = 3
-batch_size = 8
-learning_rate = 1e-3
-
-[methods]
-names = ["standard", "uniform", "doremi", "odm", "ama-r", "ama-r-sim", "ama-s", "sft"]
-seeds = 2
-
-[merges]
-names = ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"]
-options = {{ ties = {{ density = 0.5 }}, dare_linear = {{ drop = 0.3 }}, dare_ties = {{ drop = 0.3 }} }}
-
-[evaluation]
-episodes = 2
-horizon = 10
-
-[sweeps]
-imbalance = [1, 3]
-mistake = [0.0, 0.3]
-poor_share = [0.2]
-losses = ["dpo", "ipo", "robust"]
-label_smoothing = 0.2
-methods = ["standard", "ama-r"]
-merges = ["linear"]
-seeds = 2
-"""
-
-
-def _config(tmp_path):
-    path = tmp_path / "tiny.toml"
-    path.write_text(TINY.format(out=tmp_path / "out", figures=tmp_path / "figures"))
-    return path
 
 
 def _independent_returns(policy: GaussianMLP, config) -> np.ndarray:
@@ -112,9 +39,9 @@ def _independent_returns(policy: GaussianMLP, config) -> np.ndarray:
     return np.array(returns)
 
 
-def test_tiny_config_end_to_end_and_resume(tmp_path):
-    path = _config(tmp_path)
-    config = load_config(path)
+def test_tiny_config_end_to_end_and_resume(tmp_path, tiny_config):
+    path = tiny_config
+    config = load_diagnose_config(path)
     summary = diagnose(config, show_progress=False)
     main_point = summary["main"]["methods"]
     expected = {*config.methods.names, *config.merges.names, "specialist-forward", "specialist-jump"}
@@ -143,8 +70,8 @@ def test_tiny_config_end_to_end_and_resume(tmp_path):
     assert stamps == {p: p.stat().st_mtime_ns for p in models.rglob("*") if p.is_file()}
 
 
-def test_cli_reports_a_bad_config_in_one_line(tmp_path, capsys):
-    path = _config(tmp_path)
+def test_cli_reports_a_bad_config_in_one_line(tiny_config, capsys):
+    path = tiny_config
     path.write_text(path.read_text().replace("velocity = 2.0", "velocity = 2.0\nspeed = 3"))
     assert main(["diagnose", str(path), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()

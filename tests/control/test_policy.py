@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from amalab.control.dataset import Pair, Segment
-from amalab.control.policy import GaussianMLP, collate_pairs, pair_logps
+from amalab.control.policy import GaussianMLP, collate_segment_pairs, segment_pair_logps
 
 
 def _reference(policy, observations, actions):
@@ -28,7 +28,7 @@ def test_pair_logps_are_each_segments_log_density():
     rng = np.random.default_rng(0)
     segments = [Segment(rng.normal(size=(3, 5)), rng.normal(size=(3, 2))) for _ in range(6)]
     pairs = [Pair(f"p{i}", 0, segments[2 * i], segments[2 * i + 1]) for i in range(3)]
-    logps = pair_logps(policy, collate_pairs(pairs))
+    logps = segment_pair_logps(policy, collate_segment_pairs(pairs))
     for i, pair in enumerate(pairs):
         for got, segment in ((logps.chosen[i], pair.chosen), (logps.rejected[i], pair.rejected)):
             obs, act = (torch.as_tensor(x, dtype=torch.float32) for x in (segment.observations, segment.actions))

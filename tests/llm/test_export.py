@@ -21,7 +21,6 @@ import pytest
 import torch
 
 from amalab.cli import main
-from test_pipeline import experiment
 
 LORA = '[model]\nuse_lora = true\nlora = { r = 2, alpha = 4.0, dropout = 0.0, target_modules = ["q_proj", "v_proj"] }\n'
 
@@ -49,7 +48,7 @@ print(json.dumps({"logps": logps, "texts": texts, "class": type(model).__name__,
 
 
 @pytest.fixture(scope="module", params=["full", "lora"])
-def trained(request, tmp_path_factory):
+def trained(request, tmp_path_factory, experiment):
     """An experiment trained by the real pipeline: two tasks, ama-s with two seeds (full weights or LoRA)."""
     tmp = tmp_path_factory.mktemp(request.param)
     config = experiment(tmp, names='["ama-s"]', **({"[model]\n": LORA} if request.param == "lora" else {}))
@@ -70,6 +69,7 @@ def test_export_loads_in_plain_transformers_with_the_trained_policys_logps(train
     from amalab.llm.config import load_llm_config
     from amalab.llm.experiment import prepare
     from amalab.llm.logprobs import sequence_logps
+    from amalab.llm.stages.policies import trained_policy
 
     kind, config_path, out = trained
     dest = tmp_path / "export"
@@ -81,7 +81,7 @@ def test_export_loads_in_plain_transformers_with_the_trained_policys_logps(train
     assert (dest / "model.safetensors").is_file() and not (dest / "adapter_config.json").exists()
 
     exp = prepare(load_llm_config(config_path), show_progress=False)
-    policy = exp.trained_policy(out / "generalists" / "ama-s" / "seed1", seed=1).eval()
+    policy = trained_policy(exp, out / "generalists" / "ama-s" / "seed1", seed=1).eval()
     pairs = [p for pairs in exp.eval_sets for p in pairs]
     with torch.no_grad():
         ours = sequence_logps(policy, collate_pairs(pairs, exp.pad_token_id))

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from amalab.errors import ConfigError
-from amalab.llm.data import PreferencePair
+from amalab.llm.data.pairs import PreferencePair
+from amalab.llm.data.synthetic.generator import GeneratorKnobs, generate_task
 from amalab.llm.generate import (
     cut_at_eos, evaluate_generation, greedy_generate, left_pad, score_responses,
 )
-from amalab.llm.generated import GeneratorKnobs, generate_task
+from amalab.llm.tiny import tiny_llama
 
 PROMPTS = ["\n\nHuman: What is 37 + 48?\n\nAssistant:", "\n\nHuman: Hi\n\nAssistant:",
            "\n\nHuman: Describe cats. Write in lowercase letters only. Use at most 9 words.\n\nAssistant:",
@@ -36,8 +37,6 @@ def reference_greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> list
 def peaked_model(tokenizer):
     """A tiny random Llama with larger weights: sharper next-token distributions, so argmax is decided by
     clear margins and numerical noise of padding cannot flip it."""
-    from amalab.llm.models import tiny_llama
-
     model = tiny_llama(len(tokenizer), seed=3, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id)
     with torch.no_grad():

@@ -1,4 +1,5 @@
-"""Tests of amalab.llm.generated: the ECD property checked by independent verifiers, knobs, noise, errors."""
+"""Tests of amalab.llm.data.synthetic: the ECD property checked by independent verifiers, knobs, noise,
+errors."""
 
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ from hypothesis import strategies as st
 
 from amalab.config import load_section
 from amalab.errors import ConfigError
-from amalab.llm.data import ASSISTANT_MARKER, TaskConfig, example_id, load_task
-from amalab.llm.generated import (
-    FAMILIES, GeneratorKnobs, failed_constraints, generate_task, parse_source, spec_of, verifier_for, verify,
-)
-from amalab.llm.generated import arithmetic, formatting
+from amalab.llm.data.pairs import ASSISTANT_MARKER, example_id
+from amalab.llm.data.synthetic import arithmetic, formatting
+from amalab.llm.data.synthetic.generator import FAMILIES, GeneratorKnobs, generate_task, parse_source
+from amalab.llm.data.synthetic.verifier import failed_constraints, spec_of, verifier_for, verify
+from amalab.llm.data.tasks import TaskConfig, load_task
 
 MAX_HARDNESS = {"format": formatting.MAX_HARDNESS, "arithmetic": arithmetic.MAX_HARDNESS}
 

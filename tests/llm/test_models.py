@@ -1,4 +1,5 @@
-"""Model loading, device and dtype policy, LoRA, fingerprints and the tiny builders (models.py)."""
+"""Model loading, device and dtype policy, LoRA, fingerprints and the tiny builders (models.py, precision.py,
+fingerprint.py, tiny.py)."""
 
 from __future__ import annotations
 
@@ -10,18 +11,10 @@ import pytest
 import torch
 
 from amalab.errors import ConfigError
-from amalab.llm.models import (
-    apply_lora,
-    autocast_context,
-    load_model,
-    load_tokenizer,
-    model_fingerprint,
-    resolve_device,
-    resolve_dtype,
-    smollm2_gguf_path,
-    tokenizer_fingerprint,
-    tiny_tokenizer,
-)
+from amalab.llm.models import apply_lora, load_model, load_tokenizer, smollm2_gguf_path
+from amalab.llm.precision import autocast_context, resolve_device, resolve_dtype
+from amalab.llm.fingerprint import model_fingerprint, tokenizer_fingerprint
+from amalab.llm.tiny import tiny_tokenizer
 
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
 
@@ -39,11 +32,11 @@ def test_auto_device_is_cuda_only_when_present():
 
 def test_cpu_runs_are_float32_without_autocast():
     cpu = torch.device("cpu")
-    assert resolve_dtype("float32", cpu) is torch.float32
+    assert resolve_dtype("float32") is torch.float32
     with pytest.raises(ConfigError, match="CPU runs keep float32"):
-        resolve_dtype("bf16", cpu)
+        resolve_dtype("bf16")
     with pytest.raises(ConfigError, match="not one of"):
-        resolve_dtype("float64", cpu)
+        resolve_dtype("float64")
     with autocast_context(cpu):
         assert not torch.is_autocast_enabled("cpu")
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype is torch.float32
@@ -170,7 +163,9 @@ FINGERPRINT_OF_A_LORA_POLICY = """
 import sys
 import torch
 from amalab.llm.config import LoraConfig
-from amalab.llm.models import model_fingerprint, prepare_model, tiny_llama
+from amalab.llm.fingerprint import model_fingerprint
+from amalab.llm.models import prepare_model
+from amalab.llm.tiny import tiny_llama
 model = tiny_llama(64, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=32, seed=0)
 model.config._name_or_path = sys.argv[1]
 lora = LoraConfig(r=2, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from amalab.llm.paired_comparison import comparisons, paired_difference, worst_success
+from amalab.llm.paired_comparison import comparisons, seed_paired_difference, worst_success
 from amalab.llm.report import paired_table
 
 
@@ -20,7 +20,7 @@ def run(method, seed, worst, successes=None):
 def test_the_interval_is_students_t_over_the_seed_paired_differences():
     a = {s: run("ama-r", s, w) for s, w in enumerate([0.10, 0.14, 0.09])}
     b = {s: run("standard", s, w) for s, w in enumerate([0.15, 0.16, 0.16])}
-    result = paired_difference(a, b, "worst_excess")
+    result = seed_paired_difference(a, b, "worst_excess")
     d = [-0.05, -0.02, -0.07]
     mean = sum(d) / 3
     sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 2)
@@ -32,11 +32,12 @@ def test_the_interval_is_students_t_over_the_seed_paired_differences():
 def test_only_shared_seeds_are_paired_and_a_deterministic_run_pairs_with_every_seed():
     a = {s: run("ama-s", s, 0.1 * (s + 1)) for s in range(3)}
     b = {s: run("standard", s, 0.2) for s in (1, 2, 5)}
-    assert paired_difference(a, b, "worst_excess")["differences"] == pytest.approx([0.0, 0.1])
+    assert seed_paired_difference(a, b, "worst_excess")["differences"] == pytest.approx([0.0, 0.1])
     merge = {0: run("merge-ties", 0, 0.05)}
-    assert paired_difference(a, merge, "worst_excess", broadcast=True)["differences"] == pytest.approx([0.05, 0.15, 0.25])
+    assert seed_paired_difference(a, merge, "worst_excess", broadcast=True)["differences"] == pytest.approx(
+        [0.05, 0.15, 0.25])
     # a method with one finished seed is not a deterministic one: only its own seed pairs, and n = 1 has no interval
-    one = paired_difference(a, {0: run("standard", 0, 0.3)}, "worst_excess")
+    one = seed_paired_difference(a, {0: run("standard", 0, 0.3)}, "worst_excess")
     assert one["n"] == 1 and one["low"] is None and one["high"] is None
 
 

@@ -1,7 +1,8 @@
 """The LLM pipeline as a user runs it: `amalab llm run CONFIG` on a tiny model, errors as one clear line.
 
 The end-to-end run is the test-sized twin of experiments/llm_tiny (same code path, tiny sizes): caches,
-specialists, every method, summary, figures; a second run reuses everything; `eval` re-evaluates.
+specialists, every method, summary, figures; a second run reuses everything; `eval` re-evaluates. The
+config is written by the ``experiment`` fixture (tests/conftest.py), shared with other test modules.
 """
 
 from __future__ import annotations
@@ -12,108 +13,13 @@ from pathlib import Path
 import pytest
 
 from amalab.cli import main
-from amalab.llm.data import SHARED_DATA as SHARED
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def write_task(path: Path, task: str, n: int) -> None:
-    rows = [{"prompt": f"Human: {task} question {i}? Assistant:", "chosen": f" {task} good {i} yes",
-             "rejected": f" {task} bad {i} no no"} for i in range(n)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
-CONFIG = """
-out = "{out}"
-seed = 0
-device = "cpu"
-
-[model]
-name = "tiny"
-tiny = {{ hidden_size = 16, intermediate_size = 32, num_hidden_layers = 1, num_attention_heads = 2, num_key_value_heads = 1, vocab_size = 300, seed = 0 }}
-
-[tokenize]
-max_length = 40
-max_prompt_length = 24
-
-[loss]
-loss_type = "dpo"
-beta = 0.1
-
-[[tasks]]
-name = "alpha"
-source = "alpha.jsonl"
-held_out = 4
-
-[[tasks]]
-name = "beta"
-source = "beta.jsonl"
-held_out = 4
-
-{extra_task}
-
-[specialists.optim]
-max_steps = 3
-batch_size = 4
-learning_rate = 1e-2
-
-[train]
-max_steps = 4
-batch_size = {batch}
-learning_rate = 1e-2
-eval_steps = 2
-save_steps = 2
-
-[methods]
-names = {names}
-seeds = 1
-seeds_per_method = {{ ama-s = 2 }}
-
-[methods.options]
-ama-r = {{ eta_alpha = 2.0 }}
-ama-r-sim = {{ eta_alpha = 2.0 }}
-doremi = {{ eta_alpha = 2.0 }}
-ama-s = {{ gamma = 0.5 }}
-odm = {{ gamma = 0.5 }}
-{extra}
-"""
-
-ALL = '["standard", "uniform", "doremi", "odm", "ama-r", "ama-r-sim", "ama-s"]'
-
-
-def experiment(tmp_path: Path, names: str = ALL, **replace) -> Path:
-    write_task(tmp_path / "alpha.jsonl", "alpha", 16)
-    write_task(tmp_path / "beta.jsonl", "beta", 10)
-    text = CONFIG.format(out=tmp_path / "run", names=names, extra=replace.pop("extra", ""),
-                         batch=replace.pop("batch", "4"),
-                         extra_task=replace.pop("extra_task", ""))
-    for old, new in replace.items():
-        text = text.replace(old, new)
-    path = tmp_path / "config.toml"
-    path.write_text(text)
-    return path
-
-
-GENERATED_TASK = """
-[[tasks]]
-name = "sums"
-source = "generated:arithmetic?n=14&hardness=1&noise=0.0&seed=0"
-held_out = 4
-"""
-MERGES = """
-[merges]
-names = ["linear", "task_arithmetic", "ties", "dare_ties"]
-seeds = 2
-options = { task_arithmetic = { scale = 0.5 }, ties = { density = 0.5 }, dare_ties = { drop = 0.3 } }
-
-[generation]
-max_new_tokens = 6
-batch_size = 4
-"""
-
-
-def test_run_end_to_end_then_reuse_then_eval(tmp_path, capsys):
-    config = experiment(tmp_path, extra=MERGES, extra_task=GENERATED_TASK, batch="6")
+def test_run_end_to_end_then_reuse_then_eval(tmp_path, capsys, experiment, experiment_tables):
+    config = experiment(tmp_path, extra=experiment_tables.merges, extra_task=experiment_tables.generated_task,
+                        batch="6")
     assert main(["llm", "run", str(config), "--quiet"]) == 0
     out = tmp_path / "run"
     summary = json.loads((out / "summary.json").read_text())
@@ -173,7 +79,7 @@ def test_run_end_to_end_then_reuse_then_eval(tmp_path, capsys):
                                                                                   abs=1e-9)
 
 
-def test_changed_beta_is_refused_not_silently_reused(tmp_path, capsys):
+def test_changed_beta_is_refused_not_silently_reused(tmp_path, capsys, experiment):
     config = experiment(tmp_path, names='["standard"]')
     assert main(["llm", "specialists", str(config), "--quiet"]) == 0
     config.write_text(config.read_text().replace("beta = 0.1", "beta = 0.2"))
@@ -182,7 +88,7 @@ def test_changed_beta_is_refused_not_silently_reused(tmp_path, capsys):
     assert "beta" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
-def test_train_before_specialists_says_what_to_do(tmp_path, capsys):
+def test_train_before_specialists_says_what_to_do(tmp_path, capsys, experiment):
     config = experiment(tmp_path, names='["standard"]')
     assert main(["llm", "train", str(config), "--quiet"]) == 2
     assert "amalab llm specialists" in capsys.readouterr().err
@@ -204,14 +110,14 @@ def test_train_before_specialists_says_what_to_do(tmp_path, capsys):
     ({'names = ["standard"]': 'names = ["ama-r"]', "eta_alpha = 2.0 }\nama-r-sim": "eta = 2.0 }\nama-r-sim"},
      "takes no option eta"),
 ])
-def test_config_mistakes_are_one_clear_line(tmp_path, capsys, change, message):
+def test_config_mistakes_are_one_clear_line(tmp_path, capsys, change, message, experiment):
     config = experiment(tmp_path, names='["standard"]', **change)
     assert main(["llm", "run", str(config), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
 
 
-def test_bad_data_row_names_file_line_and_field(tmp_path, capsys):
+def test_bad_data_row_names_file_line_and_field(tmp_path, capsys, experiment):
     config = experiment(tmp_path, names='["standard"]')
     with (tmp_path / "beta.jsonl").open("a") as f:
         f.write('{"prompt": "Human: x? Assistant:", "chosen": 3, "rejected": " no"}\n')
@@ -220,10 +126,9 @@ def test_bad_data_row_names_file_line_and_field(tmp_path, capsys):
     assert "beta.jsonl:11" in err and "chosen" in err
 
 
-@pytest.mark.skipif(not (SHARED / "hh-rlhf" / "harmless-base-test.jsonl.gz").is_file(), reason="shared data absent")
-def test_shipped_tiny_experiment_config_loads():
+def test_shipped_tiny_experiment_config_loads(hh_harmless_test):  # skips without the shared data
     from amalab.llm.config import load_llm_config
-    from amalab.llm.data import load_tasks
+    from amalab.llm.data.tasks import load_tasks
 
     config = load_llm_config(ROOT / "experiments" / "llm_tiny" / "config.toml")
     tasks = load_tasks(config.tasks, base_dir=config.base_dir)
@@ -231,7 +136,7 @@ def test_shipped_tiny_experiment_config_loads():
     assert [len(t.eval) for t in tasks] == [40, 40]
 
 
-def test_lora_run_trains_and_checkpoints_only_the_adapter(tmp_path):
+def test_lora_run_trains_and_checkpoints_only_the_adapter(tmp_path, experiment):
     lora = '[model]\nuse_lora = true\nlora = { r = 2, alpha = 4.0, dropout = 0.1, target_modules = ["q_proj", "v_proj"] }\n'
     config = experiment(tmp_path, names='["ama-s"]', **{"[model]\n": lora})
     assert main(["llm", "run", str(config), "--quiet"]) == 0
@@ -243,14 +148,14 @@ def test_lora_run_trains_and_checkpoints_only_the_adapter(tmp_path):
     assert summary["methods"]["ama-s"]["seeds"] == 2
 
 
-def test_lora_on_a_model_without_the_target_modules_is_a_clear_error(tmp_path, capsys):
+def test_lora_on_a_model_without_the_target_modules_is_a_clear_error(tmp_path, capsys, experiment):
     lora = '[model]\nuse_lora = true\nlora = { r = 2, alpha = 4.0, dropout = 0.0, target_modules = ["c_attn"] }\n'
     config = experiment(tmp_path, names='["standard"]', **{"[model]\n": lora})
     assert main(["llm", "run", str(config), "--quiet"]) == 2
     assert "c_attn" in capsys.readouterr().err
 
 
-def test_given_specialists_are_loaded_instead_of_trained(tmp_path):
+def test_given_specialists_are_loaded_instead_of_trained(tmp_path, experiment):
     first = tmp_path / "first"
     first.mkdir()
     in_sample = "[specialists]\ncross_fit = 1\n\n[specialists.optim]"  # a loaded specialist is not cross-fitted
@@ -277,7 +182,7 @@ def test_given_specialists_are_loaded_instead_of_trained(tmp_path):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
 
 
-def test_sft_baseline_trains_on_chosen_nll_and_is_evaluated_in_the_config_loss(tmp_path):
+def test_sft_baseline_trains_on_chosen_nll_and_is_evaluated_in_the_config_loss(tmp_path, experiment):
     config = experiment(tmp_path, names='["standard", "sft"]')
     assert main(["llm", "run", str(config), "--quiet"]) == 0
     out = tmp_path / "run"
@@ -311,7 +216,8 @@ def test_sft_baseline_trains_on_chosen_nll_and_is_evaluated_in_the_config_loss(t
     ({'name = "beta"': 'name = "alpha"'},
      "[[tasks]] tasks[1]: field 'name': task name 'alpha' is already used by tasks[0]"),
 ])
-def test_each_config_rule_is_checked_once_at_load_with_the_file_and_table(tmp_path, capsys, change, message):
+def test_each_config_rule_is_checked_once_at_load_with_the_file_and_table(tmp_path, capsys, change, message,
+                                                                           experiment):
     config = experiment(tmp_path, names='["standard"]', **change)
     assert main(["llm", "run", str(config), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()

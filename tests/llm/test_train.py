@@ -16,15 +16,10 @@ import torch
 
 from amalab.training.cache import ValueCache
 from amalab.training.checkpoint import list_checkpoints
-from amalab.training.config import OptimConfig
-from amalab.llm.data import PreferencePair
-from amalab.llm.evaluate import pair_logps, pair_losses
 from amalab.llm.logprobs import sequence_logps
 from amalab.llm.collate import collate_pairs
-from amalab.objectives.preference import PreferenceLoss, preference_losses
-from amalab.llm.models import tiny_llama, tiny_tokenizer
-from amalab.llm.tokenize import TokenizationConfig, tokenize_pairs
-from amalab.llm.train import TrainingRun, run_training
+from amalab.objectives.preference import preference_losses
+from amalab.llm.train import run_training
 from amalab.training.run import TrainingDiverged
 from amalab.training.state import lr_factor
 from amalab.mixers import make_mixer
@@ -32,86 +27,17 @@ from amalab.mixers import make_mixer
 CPU = torch.device("cpu")
 
 
-def synthetic_tasks(n=(12, 8)):
-    """Two small tasks of real-looking pairs (distinct texts, so distinct ids)."""
-    tasks = []
-    for t, count in enumerate(n):
-        pairs = []
-        for i in range(count):
-            prompt = f"Human: question {i} of task {t}? Assistant:"
-            pairs.append(PreferencePair(f"t{t}-{i}", f"task{t}", prompt, f" good answer {i} {'yes' * (i % 3)}",
-                                        f" bad answer {i} {'no' * (i % 4)}"))
-        tasks.append(pairs)
-    return tasks
-
-
-@pytest.fixture(scope="module")
-def setup():
-    return build_setup()
-
-
-def build_setup() -> dict:
-    """A tiny Llama (pi_ref), two small tokenized tasks, their reference log-probs and a "specialist" cache."""
-    tokenizer = tiny_tokenizer()
-    base = tiny_llama(len(tokenizer), seed=3, eos_token_id=tokenizer.eos_token_id,
-                      pad_token_id=tokenizer.pad_token_id)
-    tasks = synthetic_tasks()
-    tok = TokenizationConfig(max_length=48)
-    sets = [tokenize_pairs(pairs, tokenizer, tok)[0] for pairs in tasks]
-    train, evals = [s[:-3] for s in sets], [s[-3:] for s in sets]
-    reference = pair_logps(base, [p for s in sets for p in s], tokenizer.pad_token_id, 8, CPU)
-    # a "specialist": the base model's own losses shifted, so excess is nonzero for some pairs
-    ids = [p.id for s in sets for p in s]
-    losses, _ = pair_losses(reference, reference, ids, PreferenceLoss("dpo", 0.1))
-    specialist = ValueCache(ids, {"loss": losses - 0.01 * np.arange(len(ids)) % 0.05})
-    return dict(tokenizer=tokenizer, base=base, train=train, evals=evals, reference=reference,
-                specialist=specialist)
-
-
-def make_run(setup, tmp_path, mixer_name="ama-s", name="run", **optim):
-    options = {"ama-s": {"gamma": 0.5}, "ama-r": {"eta_alpha": 5.0}, "ama-r-sim": {"eta_alpha": 5.0},
-               "standard": {}, "odm": {"gamma": 0.5}}[mixer_name]
-    sizes = [len(s) for s in setup["train"]]
-    settings = dict(max_steps=4, batch_size=4, learning_rate=5e-3, warmup_steps=1, per_device_eval_batch_size=8,
-                    max_grad_norm=1.0)
-    settings.update(optim)
-    mixer = make_mixer(mixer_name, 2, sizes=sizes, **options)
-    baseline_losses = [setup["specialist"]] * 2 if mixer.baseline == "specialist" else None
-    return TrainingRun(name=name, run_dir=tmp_path / name, mixer=mixer, task_names=["task0", "task1"],
-                       train_sets=setup["train"], eval_sets=setup["evals"], reference=setup["reference"],
-                       baseline_losses=baseline_losses, specialist_caches=[setup["specialist"]] * 2, optim=OptimConfig(**settings),
-                       loss=PreferenceLoss("dpo", 0.1), seed=7, pad_token_id=setup["tokenizer"].pad_token_id,
-                       description={"mixer": mixer_name, "optim": settings})
-
-
-def train(setup, run):
-    model = copy.deepcopy(setup["base"])
-    for p in model.parameters():
-        p.requires_grad_(True)
-    final = run_training(model, run, CPU, show_progress=False)
-    return model, final
-
-
-class RecordingAdamW(torch.optim.AdamW):
-    """AdamW that keeps a copy of the gradients of every step it takes."""
-
-    steps: list = []
-
-    def step(self, closure=None):
-        RecordingAdamW.steps.append([p.grad.detach().clone() for g in self.param_groups for p in g["params"]])
-        return super().step(closure)
-
-
 @pytest.mark.parametrize("mixer_name", ["ama-s", "ama-r-sim", "standard"])
-def test_gradient_accumulation_equals_one_batch(setup, tmp_path, mixer_name, monkeypatch):
-    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
-    RecordingAdamW.steps = []
+def test_gradient_accumulation_equals_one_batch(setup, tmp_path, mixer_name, monkeypatch, make_run, train,
+                                                recording_adamw):
+    monkeypatch.setattr(torch.optim, "AdamW", recording_adamw)
+    recording_adamw.steps = []
     whole, _ = train(setup, make_run(setup, tmp_path, mixer_name, "whole", max_steps=3))
-    whole_grads, RecordingAdamW.steps = RecordingAdamW.steps, []
+    whole_grads, recording_adamw.steps = recording_adamw.steps, []
     split_run = make_run(setup, tmp_path, mixer_name, "split", max_steps=3, micro_batch_size=1)
     split, _ = train(setup, split_run)
     # the first step starts from the same parameters: the accumulated gradient is the batch gradient
-    for a, b in zip(whole_grads[0], RecordingAdamW.steps[0]):
+    for a, b in zip(whole_grads[0], recording_adamw.steps[0]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
     assert max(g.abs().max() for g in whole_grads[0]) > 1e-3  # a real gradient, not zeros
     # Adam then amplifies float-rounding differences of near-zero gradient entries, but only that far
@@ -124,12 +50,12 @@ def test_gradient_accumulation_equals_one_batch(setup, tmp_path, mixer_name, mon
             np.testing.assert_allclose(a["weights"], b["weights"], rtol=1e-9)
 
 
-def test_sequential_amar_refuses_accumulation(setup, tmp_path):
+def test_sequential_amar_refuses_accumulation(setup, tmp_path, make_run, train):
     with pytest.raises(Exception, match="ama-r-sim"):
         train(setup, make_run(setup, tmp_path, "ama-r", micro_batch_size=2))
 
 
-def test_one_step_matches_a_hand_written_ama_s_step(setup, tmp_path):
+def test_one_step_matches_a_hand_written_ama_s_step(setup, tmp_path, make_run, train):
     """The loop's first AMA-S step equals: draw, mean clipped excess over the batch, AdamW step."""
     run = make_run(setup, tmp_path, "ama-s", max_steps=1, warmup_steps=0, max_grad_norm=0.0)
     trained, _ = train(setup, run)
@@ -160,7 +86,7 @@ def test_one_step_matches_a_hand_written_ama_s_step(setup, tmp_path):
 
 
 @pytest.mark.parametrize("mixer_name", ["ama-s", "ama-r"])
-def test_interrupted_run_resumes_exactly(setup, tmp_path, mixer_name):
+def test_interrupted_run_resumes_exactly(setup, tmp_path, mixer_name, make_run, train):
     straight, final = train(setup, make_run(setup, tmp_path, mixer_name, "straight", max_steps=6,
                                             eval_steps=2))
     halves = make_run(setup, tmp_path, mixer_name, "halves", max_steps=6, eval_steps=2)
@@ -184,7 +110,7 @@ def test_interrupted_run_resumes_exactly(setup, tmp_path, mixer_name):
     assert strip == strip_r
 
 
-def test_a_finished_run_is_not_rerun(setup, tmp_path):
+def test_a_finished_run_is_not_rerun(setup, tmp_path, make_run, train):
     run = make_run(setup, tmp_path, "standard", max_steps=2)
     _, final = train(setup, run)
     before = (run.run_dir / "metrics.jsonl").read_text()
@@ -192,13 +118,13 @@ def test_a_finished_run_is_not_rerun(setup, tmp_path):
     assert again == final and (run.run_dir / "metrics.jsonl").read_text() == before
 
 
-def test_other_settings_in_the_same_folder_are_refused(setup, tmp_path):
+def test_other_settings_in_the_same_folder_are_refused(setup, tmp_path, make_run, train):
     train(setup, make_run(setup, tmp_path, "standard", max_steps=2))
     with pytest.raises(Exception, match="other settings"):
         train(setup, make_run(setup, tmp_path, "standard", max_steps=3))
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(setup, tmp_path):
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(setup, tmp_path, make_run):
     run = make_run(setup, tmp_path, "ama-s", max_steps=4, save_steps=2)
     model = copy.deepcopy(setup["base"])
     for p in model.parameters():
@@ -276,16 +202,17 @@ def test_length_grouped_chunks_pad_as_little_as_any_partition(n, micro, seed):
     assert _padding_cost([[position[int(s)] for s in c] for c in chunks], lengths) == best
 
 
-def test_length_grouped_micro_batches_pad_less_for_the_same_step(setup, tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+def test_length_grouped_micro_batches_pad_less_for_the_same_step(setup, tmp_path, monkeypatch, make_run, train,
+                                                                  recording_adamw):
+    monkeypatch.setattr(torch.optim, "AdamW", recording_adamw)
     runs = {}
     for grouped in (False, True):
-        RecordingAdamW.steps = []
+        recording_adamw.steps = []
         name = f"grouped-{grouped}"
         train(setup, make_run(setup, tmp_path, "ama-s", name, max_steps=3, batch_size=8, micro_batch_size=2,
                               group_by_length=grouped))
         lines = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-        runs[grouped] = (RecordingAdamW.steps[0], [x for x in lines if x["kind"] == "train"])
+        runs[grouped] = (recording_adamw.steps[0], [x for x in lines if x["kind"] == "train"])
     (plain_grads, plain), (grouped_grads, grouped) = runs[False], runs[True]
     for a, b in zip(plain_grads, grouped_grads):  # the same pairs, only summed in another order
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)

@@ -42,8 +42,8 @@ from amalab.llm.evaluate import pair_logps
 from amalab.llm.train import run_training
 from amalab.training.run import TrainingDiverged
 from amalab.training.state import trainable_state
-from test_train import CPU, RecordingAdamW, build_setup, make_run
 
+CPU = torch.device("cpu")
 WORLD = 2
 STEPS = 4
 
@@ -77,8 +77,9 @@ def metric_weights(run_dir) -> list:
     return [x["weights"] for x in lines if x["kind"] == "train"]
 
 
-def _worker(rank: int, port: int, setup: dict, out: str) -> None:
-    """Rank ``rank`` of 2: every scenario in turn; results to ``out/rank{rank}.pt``."""
+def _worker(rank: int, port: int, setup: dict, out: str, make_run, recording_adamw) -> None:
+    """Rank ``rank`` of 2: every scenario in turn; results to ``out/rank{rank}.pt``. ``make_run`` and
+    ``recording_adamw`` are the conftest fixtures' values (the fork hands them over as they are)."""
     import pathlib
 
     import torch.distributed as dist
@@ -89,20 +90,20 @@ def _worker(rank: int, port: int, setup: dict, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
     world = World(rank, WORLD)
     root = pathlib.Path(out)
-    torch.optim.AdamW = RecordingAdamW  # train.py looks AdamW up at call time
+    torch.optim.AdamW = recording_adamw  # train.py looks AdamW up at call time
     results = {}
 
     def train(name, mixer="ama-s", sharded=False, stop_after=None, **optim):
         run = make_run(setup, root, mixer, name, max_steps=STEPS, micro_batch_size=1, **optim)
         digests = []
         record_digests(run, digests)
-        RecordingAdamW.steps = []
+        recording_adamw.steps = []
         model = fresh_policy(setup)
         if sharded:
             model = shard_causal_lm(model, decoder_layers(model), world)
         final = run_training(model, run, CPU, world, show_progress=False, stop_after=stop_after)
         state = {n: t.clone() for n, t in trainable_state(model).items()}  # collective under FSDP
-        first_grads = [g for g in RecordingAdamW.steps[0]] if RecordingAdamW.steps and not sharded else None
+        first_grads = [g for g in recording_adamw.steps[0]] if recording_adamw.steps and not sharded else None
         return dict(final=final, params=state, digests=digests, first_grads=first_grads)
 
     for mixer in ("ama-s", "ama-r-sim"):
@@ -142,17 +143,16 @@ def _worker(rank: int, port: int, setup: dict, out: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def spawned(tmp_path_factory):
+def spawned(setup, tmp_path_factory, make_run, recording_adamw):
     """Run the 2-process scenarios once; return (setup, folder, per-rank results)."""
     import torch.multiprocessing as mp
 
-    setup = build_setup()
     out = tmp_path_factory.mktemp("dist")
     # fork, not spawn: the children inherit the imported modules and the setup (spawn re-imports torch and
     # transformers in each child, ~25 s of the ~30 s here); each child uses one thread, so the fork after
     # the parent's OpenMP use is safe, and a deadline turns any hang into a failure
-    context = mp.start_processes(_worker, args=(free_port(), setup, str(out)), nprocs=WORLD, join=False,
-                                 start_method="fork")
+    context = mp.start_processes(_worker, args=(free_port(), setup, str(out), make_run, recording_adamw),
+                                 nprocs=WORLD, join=False, start_method="fork")
     deadline = time.monotonic() + 180
     while not context.join(timeout=5):
         if time.monotonic() > deadline:
@@ -163,7 +163,7 @@ def spawned(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def single(spawned, tmp_path_factory):
+def single(spawned, tmp_path_factory, make_run, recording_adamw):
     """Single-process runs of the same global batches (one thread, micro-batches of one pair)."""
     setup, _, _ = spawned
     out = tmp_path_factory.mktemp("single")
@@ -173,15 +173,15 @@ def single(spawned, tmp_path_factory):
     try:
         for mixer in ("ama-s", "ama-r-sim"):
             run = make_run(setup, out, mixer, mixer, max_steps=STEPS, micro_batch_size=1)
-            RecordingAdamW.steps = []
-            original, torch.optim.AdamW = torch.optim.AdamW, RecordingAdamW
+            recording_adamw.steps = []
+            original, torch.optim.AdamW = torch.optim.AdamW, recording_adamw
             try:
                 model = fresh_policy(setup)
                 final = run_training(model, run, CPU, show_progress=False)
             finally:
                 torch.optim.AdamW = original
             results[mixer] = dict(final=final, params={n: p.detach().clone() for n, p in model.named_parameters()},
-                                  first_grads=RecordingAdamW.steps[0], weights=metric_weights(run.run_dir))
+                                  first_grads=recording_adamw.steps[0], weights=metric_weights(run.run_dir))
     finally:
         torch.set_num_threads(threads)
     return results
@@ -228,7 +228,7 @@ def test_resume_under_two_ranks_equals_the_straight_run(spawned):
 
 
 @pytest.mark.parametrize("saved_by", ["halves-at-2", "fsdp-halves"])
-def test_a_two_rank_checkpoint_continues_on_one_rank(spawned, single, saved_by):
+def test_a_two_rank_checkpoint_continues_on_one_rank(spawned, single, saved_by, make_run):
     """Replicated or sharded (FSDP2), the 2-rank checkpoint at step 2 continues on 1 process to the same end."""
     setup, out, ranks = spawned
     run = make_run(setup, out, "ama-s", saved_by, max_steps=STEPS, micro_batch_size=1)

@@ -15,15 +15,8 @@ import torch
 
 from amalab.cli import main
 from amalab.llm.train import run_training
-from test_pipeline import experiment
-from test_train import build_setup, make_run, train
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
-
-
-@pytest.fixture(scope="module")
-def setup():
-    return build_setup()
 
 
 def read_events(folder: Path) -> dict[str, list[tuple[int, float]]]:
@@ -62,13 +55,13 @@ def check_events_hold_the_logged_values(run_dir: Path, tasks: list[str]) -> None
             assert value == pytest.approx(logged_value(lines, tag, step, tasks), rel=1e-6, abs=1e-30), (tag, step)
 
 
-def test_tensorboard_events_hold_every_logged_value(setup, tmp_path):
+def test_tensorboard_events_hold_every_logged_value(setup, tmp_path, make_run, train):
     run = make_run(setup, tmp_path, "ama-s", max_steps=4, eval_steps=2, report_to=["tensorboard"])
     train(setup, run)
     check_events_hold_the_logged_values(run.run_dir, ["task0", "task1"])
 
 
-def test_a_resumed_run_shows_each_step_once(setup, tmp_path):
+def test_a_resumed_run_shows_each_step_once(setup, tmp_path, make_run, train):
     """A run killed after logging step 3 but before checkpointing it: step 3 is redone, and shown once."""
     run = make_run(setup, tmp_path, "ama-r", max_steps=5, eval_steps=2, save_steps=2, report_to=["tensorboard"])
     model = copy.deepcopy(setup["base"]).requires_grad_(True)
@@ -82,14 +75,14 @@ def test_a_resumed_run_shows_each_step_once(setup, tmp_path):
     assert [x["step"] for x in lines if x["kind"] == "train"] == [1, 2, 3, 4, 5]
 
 
-def test_the_default_writes_no_event_file(setup, tmp_path):
+def test_the_default_writes_no_event_file(setup, tmp_path, make_run, train):
     run = make_run(setup, tmp_path, "standard", max_steps=2)
     train(setup, run)
     assert (run.run_dir / "metrics.jsonl").is_file()
     assert not (run.run_dir / "tensorboard").exists() and not list(tmp_path.rglob("events.out.tfevents*"))
 
 
-def test_report_to_in_the_config_tracks_every_generalist_and_can_be_switched(tmp_path):
+def test_report_to_in_the_config_tracks_every_generalist_and_can_be_switched(tmp_path, experiment):
     config = experiment(tmp_path, names='["ama-s"]', **{"save_steps = 2": 'save_steps = 2\nreport_to = ["tensorboard"]'})
     assert main(["llm", "run", str(config), "--quiet"]) == 0
     out = tmp_path / "run"
@@ -106,7 +99,7 @@ def test_report_to_in_the_config_tracks_every_generalist_and_can_be_switched(tmp
     ('"tensorboard"', "report_to: expected a list, got 'tensorboard'"),
     ('["tensorboard", "tensorboard"]', "report_to: a tracker is listed twice"),
 ])
-def test_a_bad_report_to_is_one_line(tmp_path, capsys, value, message):
+def test_a_bad_report_to_is_one_line(tmp_path, capsys, value, message, experiment):
     config = experiment(tmp_path, names='["standard"]', **{"save_steps = 2": f"save_steps = 2\nreport_to = {value}"})
     assert main(["llm", "run", str(config), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()

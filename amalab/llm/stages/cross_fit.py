@@ -7,7 +7,8 @@ every fold but f and scores fold f; a held-out pair is scored by the mean of the
 which saw it.
 
 Folds are a seeded shuffle of the task's pair ids in sorted order, dealt out in turn, so they depend on the
-pairs and the seed, never on the order of the source file, and their sizes differ by at most one.
+pairs and the seed, never on the order of the source file, and their sizes differ by at most one. The fold
+specialists are trained and scored by the specialists stage (:mod:`amalab.llm.stages.specialists`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from amalab.errors import ConfigError
+from amalab.llm.experiment import Experiment
 from amalab.training.cache import ValueCache
 
 
@@ -50,3 +53,13 @@ def cross_fitted_losses(fold_caches: Sequence[ValueCache], scored: Sequence[Sequ
     held_out_ids = list(dict.fromkeys(p.id for p in held_out if p.id not in scored_ids))
     mean = np.mean([cache.get("loss", held_out_ids) for cache in fold_caches], axis=0) if held_out_ids else []
     return ValueCache(ids + held_out_ids, {"loss": np.concatenate([*values, np.asarray(mean, dtype=float)])})
+
+
+def task_folds(experiment: Experiment, task: int) -> list[tuple[list, list]]:
+    """Task ``task``'s training pairs cut into [specialists] cross_fit folds: (trained on, scored) per fold."""
+    config = experiment.config
+    try:
+        return folds(experiment.train_sets[task], config.specialists.cross_fit, config.seed)
+    except ValueError as e:
+        raise ConfigError(f"task {experiment.task_names[task]!r} ({len(experiment.train_sets[task])} training "
+                          f"pairs), [specialists] cross_fit = {config.specialists.cross_fit}: {e}") from None

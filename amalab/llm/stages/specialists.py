@@ -3,56 +3,25 @@
 One specialist per task is trained on all of the task's pairs (``OUT/specialists/<task>/``: the merges' inputs,
 and the in-sample losses); with ``[specialists] cross_fit = K`` >= 2, K more per task, each on every fold of the
 task's pairs but one (``OUT/cross_fit/<task>/fold<f>of<K>/``), give the cross-fitted losses
-(:mod:`amalab.llm.cross_fit`). Every run and every cache resumes on its own.
+(:mod:`amalab.llm.stages.cross_fit`). Every run and every cache resumes on its own.
 """
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from amalab.errors import ConfigError
-from amalab.training.cache import ValueCache, data_hash
-from amalab.llm.cross_fit import cross_fitted_losses, folds
 from amalab.llm.experiment import Experiment
-from amalab.llm.models import load_model, policy_fingerprint
+from amalab.llm.fingerprint import policy_fingerprint
+from amalab.llm.models import load_model
+from amalab.llm.stages.cross_fit import cross_fitted_losses, task_folds
+from amalab.llm.stages.policies import described, train_policy, trained_policy
+from amalab.llm.stages.scoring import SpecialistLosses, loss_cache
 from amalab.llm.train import TrainingRun
 from amalab.mixers import make_mixer
-
-
-def fingerprint(caches: list[ValueCache]) -> str:
-    """sha256 (16 hex digits) of the caches' ids and loss values, in order: what a result scored against them
-    records, so that a result scored against other values is never reused."""
-    digest = hashlib.sha256()
-    for cache in caches:
-        digest.update("\n".join(cache.ids).encode())
-        digest.update(np.ascontiguousarray(cache.columns["loss"], dtype="<f8").tobytes())
-    return digest.hexdigest()[:16]
-
-
-@dataclass
-class SpecialistLosses:
-    """The specialists' cached losses s(z) per task (docs/maths.md sections 11 and 12).
-
-    ``evaluation``: the experiment's definition, cross-fitted with ``[specialists] cross_fit`` >= 2, else
-    in-sample; every held-out excess uses it, and so do the methods measured against the specialists.
-    ``in_sample``: the losses of the specialists trained on all of their task's pairs, the baseline of the
-    ``[methods] in_sample`` variants.
-    """
-
-    evaluation: list[ValueCache]
-    in_sample: list[ValueCache]
-    definition: str
-
-    def stamp(self, in_sample: bool = False) -> dict:
-        """What a result trained or scored against these losses records: the definition and a fingerprint."""
-        if in_sample:
-            return {"definition": "in-sample", "fingerprint": fingerprint(self.in_sample)}
-        return {"definition": self.definition, "fingerprint": fingerprint(self.evaluation)}
+from amalab.training.cache import ValueCache, data_hash
 
 
 def specialist_run(experiment: Experiment, task: int, fold: int | None = None) -> TrainingRun:
@@ -72,25 +41,25 @@ def specialist_run(experiment: Experiment, task: int, fold: int | None = None) -
                       baseline_losses=None, specialist_caches=[None], optim=config.specialists.optim,
                       loss=config.loss, seed=config.seed, pad_token_id=experiment.pad_token_id,
                       eval_loss=config.loss)
-    return experiment.described(run, mixer)
-
-
-def task_folds(experiment: Experiment, task: int) -> list[tuple[list, list]]:
-    """Task ``task``'s training pairs cut into [specialists] cross_fit folds: (trained on, scored) per fold."""
-    config = experiment.config
-    try:
-        return folds(experiment.train_sets[task], config.specialists.cross_fit, config.seed)
-    except ValueError as e:
-        raise ConfigError(f"task {experiment.task_names[task]!r} ({len(experiment.train_sets[task])} training "
-                          f"pairs), [specialists] cross_fit = {config.specialists.cross_fit}: {e}") from None
+    return described(run, mixer, experiment.reference_manifest)
 
 
 def _trained_specialist(experiment: Experiment, run: TrainingRun, allow_training: bool) -> torch.nn.Module:
     if not allow_training and not (run.run_dir / "final.json").is_file():
         raise ConfigError(f"{run.name} is not trained yet ({run.run_dir}): run `amalab llm specialists "
                           f"{experiment.config.source_path}` first, or `amalab llm run`")
-    model, final = experiment.train(run)
-    experiment.say(f"{run.name}: held-out {_short(final['tasks'].get(run.task_names[0], {}))}")
+    model, final = train_policy(experiment, run)
+    experiment.progress.say(f"{run.name}: held-out {_short(final['tasks'].get(run.task_names[0], {}))}")
+    return model
+
+
+def _load_given_specialist(experiment: Experiment, path: Path) -> torch.nn.Module:
+    if (path / "config.json").is_file():
+        return load_model(path, device=experiment.device)
+    model = trained_policy(experiment, path, experiment.config.seed)
+    if model is None:
+        raise ConfigError(f"specialists.load: {path} is neither a model folder (config.json) nor a run folder "
+                          "with checkpoints")
     return model
 
 
@@ -107,9 +76,9 @@ def in_sample_loss_caches(experiment: Experiment, allow_training: bool = True) -
             model = _trained_specialist(experiment, run, allow_training)
             source = {"trained": str(run.run_dir), "steps": run.optim.max_steps}
         manifest = {"kind": "specialist losses", "task": name, "specialist": policy_fingerprint(model), **source}
-        caches.append(experiment.loss_cache(model, experiment.train_sets[i] + experiment.eval_sets[i],
-                                            experiment.out / "caches" / f"specialist-{name}", manifest,
-                                            f"specialist {name} losses"))
+        caches.append(loss_cache(experiment, model, experiment.train_sets[i] + experiment.eval_sets[i],
+                                 experiment.out / "caches" / f"specialist-{name}", manifest,
+                                 f"specialist {name} losses"))
         del model
     return caches
 
@@ -126,9 +95,10 @@ def cross_fitted_loss_caches(experiment: Experiment, allow_training: bool = True
             manifest = {"kind": "cross-fitted specialist losses", "task": name, "fold": f, "k": k,
                         "specialist": policy_fingerprint(model), "trained": str(run.run_dir),
                         "steps": run.optim.max_steps}
-            fold_caches.append(experiment.loss_cache(
-                model, fold_pairs + held_out, experiment.out / "caches" / f"specialist-{name}-fold{f}of{k}",
-                manifest, f"specialist {name} fold {f} losses"))
+            fold_caches.append(loss_cache(
+                experiment, model, fold_pairs + held_out,
+                experiment.out / "caches" / f"specialist-{name}-fold{f}of{k}", manifest,
+                f"specialist {name} fold {f} losses"))
             scored.append(fold_pairs)
             del model
         caches.append(cross_fitted_losses(fold_caches, scored, held_out))
@@ -143,16 +113,6 @@ def specialist_losses(experiment: Experiment, allow_training: bool = True) -> Sp
     if k == 1:
         return SpecialistLosses(in_sample, in_sample, "in-sample")
     return SpecialistLosses(cross_fitted_loss_caches(experiment, allow_training), in_sample, f"cross-fit {k}")
-
-
-def _load_given_specialist(experiment: Experiment, path: Path) -> torch.nn.Module:
-    if (path / "config.json").is_file():
-        return load_model(path, device=experiment.device)
-    model = experiment.trained_policy(path, experiment.config.seed)
-    if model is None:
-        raise ConfigError(f"specialists.load: {path} is neither a model folder (config.json) nor a run folder "
-                          "with checkpoints")
-    return model
 
 
 def _short(metrics: dict) -> str:
@@ -171,4 +131,3 @@ def loss_summary(experiment: Experiment, losses: SpecialistLosses) -> dict:
                        "train": float(losses.evaluation[i].get("loss", train).mean()),
                        "held_out": float(losses.evaluation[i].get("loss", held_out).mean())}
     return {"definition": losses.definition, "means": means}
-

@@ -166,5 +166,5 @@ class ReproductionConfig:
                              f"[rates] horizons, got {len(self.rates.horizons)}")
 
 
-def load_config(path: str | Path) -> ReproductionConfig:
+def load_reproduction_config(path: str | Path) -> ReproductionConfig:
     return load_section(ReproductionConfig, read_toml(path), path)

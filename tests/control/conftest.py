@@ -1,0 +1,145 @@
+"""The MuJoCo suite's tests share one tiny diagnostic config (every method, merge and sweep in seconds) and a
+toy simulator with closed-form dynamics (no MuJoCo) for the behaviour and segment tests."""
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+TINY = """
+out = "{out}"
+figures = "{figures}"
+simulators = 8
+
+[[tasks]]
+name = "forward"
+velocity = 2.0
+
+[[tasks]]
+name = "jump"
+velocity_weight = 0.0
+height_weight = 10.0
+
+[behaviour]
+population = 6
+iterations = 2
+horizon = 15
+levels = [0, 2]
+init_std = 0.1
+
+[pool]
+train_starts = 12
+eval_starts = 6
+segment_length = 8
+prefix_steps = [2, 4]
+
+[policy]
+hidden = [16]
+
+[reference]
+max_steps = 8
+batch_size = 16
+learning_rate = 3e-3
+
+[specialists]
+max_steps = 3
+batch_size = 8
+learning_rate = 1e-3
+
+[train]
+max_steps = 3
+batch_size = 8
+learning_rate = 1e-3
+
+[methods]
+names = ["standard", "uniform", "doremi", "odm", "ama-r", "ama-r-sim", "ama-s", "sft"]
+seeds = 2
+
+[merges]
+names = ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"]
+options = {{ ties = {{ density = 0.5 }}, dare_linear = {{ drop = 0.3 }}, dare_ties = {{ drop = 0.3 }} }}
+
+[evaluation]
+episodes = 2
+horizon = 10
+
+[sweeps]
+imbalance = [1, 3]
+mistake = [0.0, 0.3]
+poor_share = [0.2]
+losses = ["dpo", "ipo", "robust"]
+label_smoothing = 0.2
+methods = ["standard", "ama-r"]
+merges = ["linear"]
+seeds = 2
+"""
+
+
+@pytest.fixture
+def make_tiny_config(tmp_path):
+    """A factory: ``edit(TINY)`` (TINY unchanged by default) written to ``tmp_path/tiny.toml``, its outputs in
+    ``tmp_path/out`` and ``tmp_path/figures``; returns the path."""
+    def make(edit=lambda text: text) -> Path:
+        path = tmp_path / "tiny.toml"
+        path.write_text(edit(TINY).format(out=tmp_path / "out", figures=tmp_path / "figures"))
+        return path
+
+    return make
+
+
+@pytest.fixture
+def tiny_config(make_tiny_config) -> Path:
+    """The tiny config's path, its outputs under ``tmp_path``."""
+    return make_tiny_config()
+
+
+class ToySimulators:
+    """Stands in for amalab.control.simulator.Simulators (the same methods) without MuJoCo: a point on the
+    plane, observation (x, y, steps taken); an action moves the point by itself, clipped to [-1, 1]; the
+    reward after a step is -|position - goal|^2. Reset with seed s starts at :meth:`start` (s)."""
+
+    observation_size, action_size = 3, 2
+    GOAL = np.array([3.0, -2.0])
+
+    def __init__(self, n: int):
+        self.envs = [SimpleNamespace(data=SimpleNamespace(qpos=np.zeros(2), qvel=np.zeros(1)))
+                     for _ in range(n)]
+
+    @staticmethod
+    def start(seed: int) -> np.ndarray:
+        return np.array([0.01 * (seed % 100), 0.0])
+
+    def _obs(self, n):
+        return np.stack([np.concatenate([e.data.qpos, e.data.qvel]) for e in self.envs[:n]])
+
+    def reset(self, seeds):
+        for env, s in zip(self.envs, seeds):
+            env.data.qpos, env.data.qvel = self.start(int(s)), np.zeros(1)
+        return self._obs(len(seeds))
+
+    def set_states(self, qpos, qvel):
+        for env, p, v in zip(self.envs, qpos, qvel):
+            env.data.qpos, env.data.qvel = p.copy(), v.copy()
+        return self._obs(len(qpos))
+
+    def rollout(self, observations, act, steps, tasks):
+        from amalab.control.simulator import Trajectories
+
+        n = len(observations)
+        obs, actions, rewards = np.empty((n, steps, 3)), np.empty((n, steps, 2)), np.empty((n, steps))
+        for t in range(steps):
+            obs[:, t] = observations
+            actions[:, t] = act(observations, t)
+            for j, env in enumerate(self.envs[:n]):
+                env.data.qpos = env.data.qpos + np.clip(actions[j, t], -1.0, 1.0)
+                env.data.qvel = env.data.qvel + 1.0
+                rewards[j, t] = -np.sum((env.data.qpos - self.GOAL) ** 2)
+            observations = self._obs(n)
+        return Trajectories(obs, actions, rewards)
+
+
+@pytest.fixture(scope="session")
+def toy_simulators():
+    """The :class:`ToySimulators` class: ``toy_simulators(n)`` is n toy environments."""
+    return ToySimulators

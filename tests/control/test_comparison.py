@@ -1,0 +1,130 @@
+"""One point of the diagnostic run (amalab.control.comparison), checked against numbers computed here: each
+method trains with its mixer, loss and baseline s(z) (the specialists' DPO losses, the standard
+generalist's, or none), a record's held-out loss is the DPO loss of its policy, and the linear merge is the
+specialists' mean. Sequence log-densities and DPO losses are recomputed in float64 numpy from the weights."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("gymnasium")
+pytest.importorskip("mujoco")
+
+from amalab.control import comparison  # noqa: E402
+from amalab.control.config import load_diagnose_config  # noqa: E402
+from amalab.control.run import Run, run_points  # noqa: E402
+
+
+def _small(text: str) -> str:
+    """The tiny config with one seed, the methods that differ in baseline or loss, one merge, no sweeps."""
+    text = text[:text.index("[sweeps]")]
+    text = text.replace('names = ["standard", "uniform", "doremi", "odm", "ama-r", "ama-r-sim", "ama-s", "sft"]\n'
+                        'seeds = 2', 'names = ["standard", "uniform", "doremi", "ama-r", "sft"]\nseeds = 1')
+    return text.replace('names = ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"]',
+                        'names = ["linear"]')
+
+
+def _log_density(policy, segment) -> float:
+    """log pi(segment) by hand: the tanh MLP's mean and the diagonal Gaussian, in float64."""
+    x = np.asarray(segment.observations, float)
+    layers = [m for m in policy.mean if isinstance(m, torch.nn.Linear)]
+    for j, layer in enumerate(layers):
+        x = x @ layer.weight.detach().double().numpy().T + layer.bias.detach().double().numpy()
+        if j < len(layers) - 1:
+            x = np.tanh(x)
+    log_std = policy.log_std.detach().double().numpy()
+    z = (np.asarray(segment.actions, float) - x) / np.exp(log_std)
+    return float(np.sum(-0.5 * z ** 2 - log_std - 0.5 * np.log(2 * np.pi)))
+
+
+def _dpo(policy, reference, pairs, beta) -> np.ndarray:
+    """-log sigmoid(beta ((log pi_c - log ref_c) - (log pi_r - log ref_r))) per pair."""
+    margin = np.array([(_log_density(policy, p.chosen) - _log_density(reference, p.chosen))
+                       - (_log_density(policy, p.rejected) - _log_density(reference, p.rejected)) for p in pairs])
+    return np.logaddexp(0.0, -beta * margin)
+
+
+@pytest.fixture
+def point_run(make_tiny_config, monkeypatch):
+    """The small config's main point compared, with every train_policy call recorded."""
+    config = load_diagnose_config(make_tiny_config(_small))
+    calls, loss_names = {}, []
+    real_train, real_losses = comparison.train_policy, comparison.segment_pair_example_losses
+
+    def spy_train(policy, train_sets, losses, mixer, baselines, optim, seed, name, **kwargs):
+        calls[name] = {"mixer": mixer, "baselines": baselines, "train_sets": train_sets, "loss": loss_names[-1]}
+        return real_train(policy, train_sets, losses, mixer, baselines, optim, seed, name, **kwargs)
+
+    def spy_losses(loss, *args):
+        loss_names.append(loss)
+        return real_losses(loss, *args)
+
+    monkeypatch.setattr(comparison, "train_policy", spy_train)
+    monkeypatch.setattr(comparison, "segment_pair_example_losses", spy_losses)
+    run = Run(config, show_progress=False)
+    point = run_points(config)[0]
+    records = comparison.compare(run, point)
+    return config, run, point, records, calls
+
+
+def _policy(run, point, name):
+    policy = run.new_policy(0)
+    policy.load_state_dict(torch.load(run.models / point.folder / "models" / f"{name}-0.pt", weights_only=True))
+    return policy
+
+
+def test_each_method_trains_against_its_baseline(point_run):
+    config, run, point, records, calls = point_run
+    data = run.datasets(point)
+    reference = run.reference(point, data)
+    beta = config.loss.beta
+    # sft: the standard mixture trained on the chosen segments' NLL; every other method in the config's loss
+    assert {name: c["loss"] for name, c in calls.items()} == {
+        **{f"specialist-{t.name}": "dpo" for t in config.tasks},
+        "standard": "dpo", "uniform": "dpo", "doremi": "dpo", "ama-r": "dpo", "sft": "sft"}
+    sizes = np.array([len(d.train) for d in data])
+    for name in ("standard", "sft"):  # the size-proportional mixture, sampled
+        np.testing.assert_allclose(calls[name]["mixer"].weights, sizes / sizes.sum())
+        assert calls[name]["mixer"].sampling
+    assert not calls["uniform"]["mixer"].sampling  # the uniform mixture weighs every task's losses, unsampled
+    assert calls["ama-r"]["mixer"].baseline == "specialist" and calls["doremi"]["mixer"].baseline == "standard"
+    for name in ("standard", "uniform", "sft"):
+        assert calls[name]["baselines"] is None
+    specialists = [_policy(run, point, f"specialist-{t.name}") for t in config.tasks]
+    standard = _policy(run, point, "standard")
+    for name, source in (("ama-r", specialists), ("doremi", [standard] * len(config.tasks))):
+        baselines = calls[name]["baselines"]
+        assert len(baselines) == len(config.tasks)
+        for i, d in enumerate(data):
+            got = baselines[i].get("loss", [p.id for p in d.train])
+            np.testing.assert_allclose(got, _dpo(source[i], reference, d.train, beta), rtol=2e-4, atol=2e-5)
+    # a specialist trains on its own task's pairs only, a generalist on every task's
+    assert [len(s) for s in calls["specialist-forward"]["train_sets"]] == [len(data[0].train)]
+    assert [len(s) for s in calls["ama-r"]["train_sets"]] == [len(d.train) for d in data]
+
+
+def test_records_hold_the_held_out_dpo_loss_and_the_merge_is_the_mean(point_run):
+    config, run, point, records, _ = point_run
+    data = run.datasets(point)
+    reference = run.reference(point, data)
+    by_name = {r["method"]: r for r in records}
+    assert [r["kind"] for r in records].count("specialist") == len(config.tasks)
+    assert {r["method"] for r in records if r["kind"] == "method"} == set(point.methods)
+    assert by_name["reference"]["held_out_loss"] == pytest.approx([np.log(2)] * len(data), abs=1e-6)  # margin 0
+    for name in ("ama-r", "sft", "specialist-jump"):
+        policy = _policy(run, point, name)
+        expected = [float(_dpo(policy, reference, d.held_out, config.loss.beta).mean()) for d in data]
+        np.testing.assert_allclose(by_name[name]["held_out_loss"], expected, rtol=2e-4, atol=2e-5)
+    # the record on disk is what compare returned
+    on_disk = json.loads((run.models / point.folder / "records" / "ama-r-0.json").read_text())
+    assert on_disk == json.loads(json.dumps(by_name["ama-r"]))
+
+    # linear merge: the mean of the specialists' parameters, evaluated like any policy
+    specialists = [_policy(run, point, f"specialist-{t.name}") for t in config.tasks]
+    merged = run.new_policy(0)
+    merged.load_state_dict({key: sum(s.state_dict()[key] for s in specialists) / len(specialists)
+                            for key in merged.state_dict()})
+    expected = [float(_dpo(merged, reference, d.held_out, config.loss.beta).mean()) for d in data]
+    np.testing.assert_allclose(by_name["linear"]["held_out_loss"], expected, rtol=2e-4, atol=2e-5)
