@@ -224,8 +224,8 @@ def test_readme_names_the_shipped_config_and_the_test_command():
     # CI runs the README's test command: the same installs (torch pinned first), then pytest
     steps = [step.strip() for step in test_command.split("&&")]
     assert steps[0] == "pip install torch==2.13.0" and "torch==2.13.0" in ci
-    assert steps[1] == 'pip install -e ".[llm,test,mujoco]"' and '-e ".[llm,test,mujoco]"' in ci
-    assert ci.index("torch==2.13.0") < ci.index('-e ".[llm,test,mujoco]"') < ci.index("pytest")
+    assert steps[1] == 'pip install -e ".[llm,test,mujoco,trl]"' and '-e ".[llm,test,mujoco,trl]"' in ci
+    assert ci.index("torch==2.13.0") < ci.index('-e ".[llm,test,mujoco,trl]"') < ci.index("pytest")
     assert "torch" not in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
 
 

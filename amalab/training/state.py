@@ -89,6 +89,11 @@ def load_trainable_state(policy: torch.nn.Module, state: dict[str, torch.Tensor]
     set_model_state_dict(policy, dict(state), options=_FROM_FULL)
 
 
+def draw_generator(seed: int) -> np.random.Generator:
+    """The generator that draws a run's task ids: seeded alike on every rank (docs/maths.md section 8)."""
+    return np.random.default_rng([seed, 0x5eed])
+
+
 @dataclass
 class TrainState:
     """Policy, optimizer, schedule, mixer, sampler and draw generator after ``step`` optimizer steps."""
@@ -113,7 +118,7 @@ class TrainState:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, optim.max_steps, optim.warmup_steps, optim.min_lr_rate))
         sampler = TaskSampler(task_sizes, seed, task_names)
-        draw_rng = np.random.default_rng([seed, 0x5eed])
+        draw_rng = draw_generator(seed)
         torch.manual_seed(seed)
         return cls(policy, optimizer, scheduler, mixer, sampler, draw_rng)
 

@@ -44,6 +44,7 @@ from torch.distributed.tensor import DTensor
 from amalab.errors import ConfigError
 from amalab.training.config import OptimConfig
 from amalab.training.distributed import World, all_reduce_gradients, all_reduce_sum, rank_slots
+from amalab.training.sampler import TaskSampler
 from amalab.training.state import TrainState
 from amalab.mixers import Mixer
 from amalab.mixers.excess import COUNT
@@ -158,6 +159,15 @@ def micro_batches(slots: np.ndarray, examples: dict[int, Any], optim: OptimConfi
     return [slots[i:i + micro] for i in range(0, len(slots), micro)]
 
 
+def draw_batch(mixer: Mixer, draw_rng: np.random.Generator, sampler: TaskSampler,
+               batch_size: int) -> tuple[np.ndarray, list[tuple[int, int]], np.ndarray]:
+    """The global batch of one step (docs/maths.md section 8): its task ids, drawn from the mixer's weights in
+    force, the (task, example index) the sampler picks for each slot, and the count of slots of each task.
+    Every rank draws the same batch from identically seeded generators and takes its own slots."""
+    task_ids = mixer.draw(draw_rng, batch_size)
+    return task_ids, sampler.take(task_ids), np.bincount(task_ids, minlength=mixer.k).astype(float)
+
+
 def baseline_losses_of(caches, tasks: np.ndarray, ids: Sequence[str]) -> np.ndarray | None:
     """s(z) of each example, from its task's cache of baseline losses (None: the mixer uses no baseline)."""
     if caches is None:
@@ -220,8 +230,7 @@ def train_step(state: TrainState, train_sets: Sequence[Sequence], example_losses
     """
     began = time.perf_counter()
     mixer, policy = TimedMixer(state.mixer), state.policy
-    task_ids = mixer.draw(state.draw_rng, optim.batch_size)
-    picks, counts = state.sampler.take(task_ids), np.bincount(task_ids, minlength=mixer.k).astype(float)
+    task_ids, picks, counts = draw_batch(mixer, state.draw_rng, state.sampler, optim.batch_size)
     slots = rank_slots(optim.batch_size, world)
     examples = {int(j): train_sets[picks[j][0]][picks[j][1]] for j in slots}  # this rank's examples
     chunks = micro_batches(slots, examples, optim, example_losses.length)
