@@ -71,10 +71,10 @@ class Checkpoint:
 
 # --- RNG states --------------------------------------------------------------------------------------
 
-def _plain(value):
+def plain_state(value):
     """numpy arrays and scalars inside a bit generator state, as JSON-ready lists and numbers."""
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain_state(v) for k, v in value.items()}
     if isinstance(value, np.ndarray):
         return {"ndarray": value.tolist(), "dtype": str(value.dtype)}
     if isinstance(value, np.generic):
@@ -82,11 +82,11 @@ def _plain(value):
     return value
 
 
-def _unplain(value):
+def unplain_state(value):
     if isinstance(value, dict):
         if set(value) == {"ndarray", "dtype"}:
             return np.array(value["ndarray"], dtype=value["dtype"])
-        return {k: _unplain(v) for k, v in value.items()}
+        return {k: unplain_state(v) for k, v in value.items()}
     return value
 
 
@@ -100,7 +100,7 @@ def capture_rng_states(generators: dict[str, np.random.Generator] | None = None)
         "numpy": {"name": name, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
                   "cached_gaussian": float(cached_gaussian)},
         "torch": torch.get_rng_state().tolist(),
-        "generators": {key: _plain(g.bit_generator.state) for key, g in (generators or {}).items()},
+        "generators": {key: plain_state(g.bit_generator.state) for key, g in (generators or {}).items()},
     }
     if torch.cuda.is_available():
         states["torch_cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
@@ -126,7 +126,7 @@ def restore_rng_states(states: dict, generators: dict[str, np.random.Generator] 
     for key, generator in (generators or {}).items():
         if key not in saved:
             raise ValueError(f"no saved RNG state for generator {key!r}; saved: {sorted(saved) or 'none'}")
-        generator.bit_generator.state = _unplain(saved[key])
+        generator.bit_generator.state = unplain_state(saved[key])
 
 
 # --- writing -----------------------------------------------------------------------------------------

@@ -22,10 +22,12 @@ micro-batch, before the backward pass.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import DPOTrainer
 
 from amalab.mixers import make_mixer
@@ -35,6 +37,7 @@ from amalab.training.distributed import World, all_reduce_sum, rank_slots
 from amalab.training.sampler import TaskSampler
 from amalab.training.state import draw_generator
 from amalab.training.step import draw_batch
+from amalab.trl.checkpoint import load_mixer_state, resume_folder, save_mixer_state
 from amalab.trl.config import AMAConfig
 from amalab.trl.forward import sequence_logps
 from amalab.trl.tasks import TaskIndex, check_supported
@@ -99,6 +102,23 @@ class AMATrainer(DPOTrainer):
         self._micro_batches: list[tuple[np.ndarray, np.ndarray | None]] = []
         self._counts, self._stats, self._updated = np.zeros(self.tasks.k), np.zeros((3, self.tasks.k)), False
         self.add_callback(_UpdateMixer(self))
+
+    # --- checkpoints ----------------------------------------------------------------------------------
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """TRL's ``train``; resuming also puts back the mixer, the samplers and the draw generator (from the
+        newest complete checkpoint with ``resume_from_checkpoint=True``: :mod:`amalab.trl.checkpoint`)."""
+        if resume_from_checkpoint:
+            folder = resume_folder(self.args.output_dir, resume_from_checkpoint)
+            load_mixer_state(folder, self.mixer, self.sampler, self.draw_rng)
+            resume_from_checkpoint = str(folder)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:  # the process that writes the Trainer's checkpoint; the marker comes last
+            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            save_mixer_state(folder, self.mixer, self.sampler, self.draw_rng)
 
     # --- the batches ---------------------------------------------------------------------------------
 
