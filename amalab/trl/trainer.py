@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import DPOTrainer
 
@@ -39,6 +39,7 @@ from amalab.training.state import draw_generator
 from amalab.training.step import draw_batch
 from amalab.trl.checkpoint import load_mixer_state, resume_folder, save_mixer_state
 from amalab.trl.config import AMAConfig
+from amalab.trl.evaluation import task_metrics
 from amalab.trl.forward import sequence_logps
 from amalab.trl.tasks import TaskIndex, check_supported
 
@@ -177,6 +178,20 @@ class AMATrainer(DPOTrainer):
             self._update()
         self._updated = False
         self._log_step(self._step_stats)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        """With a dict of held-out sets keyed by the task names: each task's loss, clipped excess, margin and
+        accuracy, and the worst task's excess (:mod:`amalab.trl.evaluation`); otherwise TRL's evaluation."""
+        datasets = self.eval_dataset if eval_dataset is None else eval_dataset
+        if not (isinstance(datasets, dict) and set(datasets) <= set(self.tasks.names)):
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        if eval_dataset is not None:  # held-out sets given here are raw: tokenized as TRL tokenizes its own
+            datasets = {name: self._prepare_dataset(data, self.processing_class, self.args, f"eval_{name}")
+                        for name, data in eval_dataset.items()}
+        metrics = task_metrics(self, datasets, metric_key_prefix)
+        Trainer.log(self, dict(metrics))  # not TRL's log, which would take the pending train metrics along
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
 
     # --- metrics -------------------------------------------------------------------------------------
 
