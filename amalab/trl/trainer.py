@@ -121,6 +121,21 @@ class AMATrainer(DPOTrainer):
             folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             save_mixer_state(folder, self.mixer, self.sampler, self.draw_rng)
 
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        """TRL's model card, with the task mixer that trained the model: its name, options, the tasks and the
+        mixer's weights and running-average weights when the card is written."""
+        super().create_model_card(model_name, dataset_name, [*(tags or []), "amalab", f"mixer-{self.args.mixer}"])
+        if not self.is_world_process_zero():
+            return
+        weights = ", ".join(f"{name} {w:.4f}" for name, w in zip(self.tasks.names, np.asarray(self.mixer.weights)))
+        average = ", ".join(f"{name} {w:.4f}" for name, w in
+                            zip(self.tasks.names, np.asarray(self.mixer.average_weights)))
+        with (Path(self.args.output_dir) / "README.md").open("a") as card:
+            card.write(f"\n## Task mixer (amalab)\n\nTrained with `AMATrainer`, mixer `{self.args.mixer}` "
+                       f"(options {self.args.mixer_options()}), on tasks {', '.join(self.tasks.names)} "
+                       f"(column `{self.args.task_column}`) after {self.state.global_step} steps.\n\n"
+                       f"- weights: {weights}\n- running-average weights: {average}\n")
+
     # --- the batches ---------------------------------------------------------------------------------
 
     def get_train_dataloader(self):

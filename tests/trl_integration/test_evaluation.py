@@ -54,3 +54,17 @@ def test_per_task_held_out_metrics_and_the_worst_excess(make_model, tokenizer, t
     assert set(metrics) == set(by_hand)
     for key, value in by_hand.items():
         assert metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+def test_the_model_card_records_the_mixer(make_model, tokenizer, tmp_path):
+    args = AMAConfig(output_dir=str(tmp_path), mixer="ama-r-sim", eta_alpha=0.5, per_device_train_batch_size=2,
+                     max_steps=2, report_to=[], use_cpu=True, bf16=False, save_strategy="no")
+    trainer = AMATrainer(model=make_model(seed=0), ref_model=make_model(seed=0), args=args,
+                         train_dataset=Dataset.from_list(task_rows("sums", 4, 0) + task_rows("facts", 4, 1)),
+                         processing_class=tokenizer)
+    trainer.train()
+    trainer.create_model_card()
+    card = (tmp_path / "README.md").read_text()
+    assert "mixer `ama-r-sim` (options {'eta_alpha': 0.5})" in card and "on tasks facts, sums" in card
+    weights = ", ".join(f"{name} {w:.4f}" for name, w in zip(["facts", "sums"], trainer.mixer.weights))
+    assert f"- weights: {weights}" in card and "mixer-ama-r-sim" in card
