@@ -13,7 +13,7 @@ from amalab.mixers import Mixer
 from amalab.objectives.preference import BATCH_LOSSES
 
 #: TRL loss types whose loss is not a mean of per-example losses (amalab.objectives.preference)
-_NOT_PER_EXAMPLE = (*BATCH_LOSSES, "sft")
+NOT_PER_EXAMPLE = (*BATCH_LOSSES, "sft")
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def check_supported(trainer, mixer: Mixer) -> None:
     if len(trainer.loss_types) != 1:
         raise ValueError(f"DPOConfig.loss_type {trainer.loss_types}: a mixture of loss types has no per-example "
                          "loss the mixer can weight; give one loss type")
-    if trainer.loss_types[0] in _NOT_PER_EXAMPLE:
+    if trainer.loss_types[0] in NOT_PER_EXAMPLE:
         raise ValueError(f"DPOConfig.loss_type {trainer.loss_types[0]!r} is a batch-level loss, not a mean of "
                          "per-example losses: the mixer cannot weight its examples")
     if getattr(trainer, "use_weighting", False):

@@ -37,6 +37,7 @@ from amalab.training.distributed import World, all_reduce_sum, rank_slots
 from amalab.training.sampler import TaskSampler
 from amalab.training.state import draw_generator
 from amalab.training.step import draw_batch
+from amalab.trl.baselines import check_baseline_record
 from amalab.trl.checkpoint import load_mixer_state, resume_folder, save_mixer_state
 from amalab.trl.config import AMAConfig
 from amalab.trl.evaluation import task_metrics
@@ -93,6 +94,7 @@ class AMATrainer(DPOTrainer):
             raise ValueError(f"AMAConfig.mixer {self.args.mixer!r}: {e}") from None
         check_supported(self, self.mixer)
         self.tasks.check_baselines(self.mixer.baseline)
+        check_baseline_record(self)  # the values were computed with this run's loss settings and reference
         self.preference_loss = PreferenceLoss(
             self.loss_types[0], self.beta, label_smoothing=self.label_smoothing,
             discopop_tau=self.args.discopop_tau, f_divergence_type=self.f_divergence_type,
