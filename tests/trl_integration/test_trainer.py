@@ -85,7 +85,7 @@ def run_trl(make_model, tokenizer, tmp_path, mixer: str, **overrides):
 
 
 def run_amalab(trainer: AMATrainer, make_model, mixer: str, options: dict, micro_batch_size: int = 3,
-               sgd_lr: float | None = None):
+               sgd_lr: float | None = None, max_grad_norm: float = 1.0):
     """amalab's train_step on the pairs TRL tokenized, grouped by the trainer's task order."""
     dataset, index = trainer.train_dataset, trainer.tasks
     pairs = [[TokenizedPair(f"r{r}", index.names[i], tuple(dataset[r]["prompt_ids"]),
@@ -114,7 +114,7 @@ def run_amalab(trainer: AMATrainer, make_model, mixer: str, options: dict, micro
                                    losses=losses)
     optim = OptimConfig(max_steps=STEPS, batch_size=6, micro_batch_size=micro_batch_size,
                         learning_rate=sgd_lr or LR, warmup_steps=0,
-                        min_lr_rate=1.0, weight_decay=0.0, max_grad_norm=1.0)
+                        min_lr_rate=1.0, weight_decay=0.0, max_grad_norm=max_grad_norm)
     amalab_mixer = make_mixer(mixer, index.k, sizes=index.sizes, **options)
     state = TrainState.fresh(make_model(seed=0), optim, amalab_mixer, index.sizes, 0, index.names)
     state.optimizer.param_groups[0]["eps"] = ADAM_EPS
@@ -158,8 +158,12 @@ def test_sequential_ama_r_updates_before_its_one_backward_pass(make_model, token
 def test_the_step_has_the_scale_of_amalabs_step_under_sgd(make_model, tokenizer, tmp_path):
     """SGD moves by the gradient itself (Adam would hide a wrong scale): the accumulated micro-batches give
     the coefficient-weighted sum over the global batch, as amalab's step."""
-    trainer, trl_record = run_trl(make_model, tokenizer, tmp_path, "ama-r-sim", optim="sgd", learning_rate=0.5)
-    policy, amalab_record = run_amalab(trainer, make_model, "ama-r-sim", {"eta_alpha": 1.0}, sgd_lr=0.5)
+    # no clipping, a small rate: clipping would normalize a wrong scale away, and a large rate drives every
+    # clipped excess to 0 within a step (a zero gradient shows no scale)
+    trainer, trl_record = run_trl(make_model, tokenizer, tmp_path, "ama-r-sim", optim="sgd", learning_rate=0.01,
+                                  max_grad_norm=0.0)
+    policy, amalab_record = run_amalab(trainer, make_model, "ama-r-sim", {"eta_alpha": 1.0}, sgd_lr=0.01,
+                                       max_grad_norm=0.0)
     assert_same_run(trainer, trl_record, policy, amalab_record)
 
 
