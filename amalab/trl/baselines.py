@@ -86,7 +86,7 @@ def loss_settings(trainer) -> dict:
 
 
 def preference_loss_of(trainer) -> PreferenceLoss:
-    """amalab's per-example loss with the trainer's settings, built as ``AMATrainer.__init__`` builds it."""
+    """amalab's per-example loss with the trainer's settings: what ``AMATrainer`` trains and scores with."""
     if len(trainer.loss_types) != 1 or trainer.loss_types[0] in NOT_PER_EXAMPLE:
         raise ValueError(f"DPOConfig.loss_type {trainer.loss_types}: baseline losses need one per-example loss type")
     return PreferenceLoss(trainer.loss_types[0], trainer.beta, label_smoothing=trainer.label_smoothing,

@@ -32,21 +32,16 @@ from trl import DPOTrainer
 
 from amalab.mixers import make_mixer
 from amalab.mixers.excess import COUNT
-from amalab.objectives.preference import PreferenceLoss
 from amalab.training.distributed import World, all_reduce_sum, rank_slots
 from amalab.training.sampler import TaskSampler
 from amalab.training.state import draw_generator
 from amalab.training.step import draw_batch
-from amalab.trl.baselines import check_baseline_record
+from amalab.trl.baselines import check_baseline_record, preference_loss_of
 from amalab.trl.checkpoint import load_mixer_state, resume_folder, save_mixer_state
 from amalab.trl.config import AMAConfig
 from amalab.trl.evaluation import task_metrics
 from amalab.trl.forward import sequence_logps
 from amalab.trl.tasks import TaskIndex, check_supported
-
-#: TRL's loss names that amalab's per-example losses name otherwise
-_LOSS_NAMES = {"sigmoid": "sigmoid"}
-
 
 class _StepCounter:
     """The Trainer's train loader: ``length`` placeholder micro-batches per epoch (the batches themselves come
@@ -95,10 +90,7 @@ class AMATrainer(DPOTrainer):
         check_supported(self, self.mixer)
         self.tasks.check_baselines(self.mixer.baseline)
         check_baseline_record(self)  # the values were computed with this run's loss settings and reference
-        self.preference_loss = PreferenceLoss(
-            self.loss_types[0], self.beta, label_smoothing=self.label_smoothing,
-            discopop_tau=self.args.discopop_tau, f_divergence_type=self.f_divergence_type,
-            f_alpha_divergence_coef=self.f_alpha_divergence_coef)
+        self.preference_loss = preference_loss_of(self)
         self.sampler = TaskSampler(self.tasks.sizes, self.args.seed, self.tasks.names)
         self.draw_rng = draw_generator(self.args.seed)
         self.loss_is_scaled_for_ga = True  # compute_loss returns the step's share already (module docstring)
