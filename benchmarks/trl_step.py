@@ -1,0 +1,296 @@
+"""AMATrainer's step against plain TRL DPOTrainer's, on the same model, LoRA adapter, pairs and batch.
+
+    PYTHONPATH=. python -m benchmarks.trl_step --models smollm2 tiny --out benchmarks/results-trl
+
+Variants (``--variants``): ``trl-dpo`` (``trl.DPOTrainer``), ``ama-ama-s`` (``amalab.trl.AMATrainer``, mixer
+``ama-s``, gamma 0.3) and ``ama-standard`` (mixer ``standard``). Each run is its own subprocess, in interleaved
+rounds (each round runs every variant once, the order reversed every other round); each run takes
+``--warmup-steps`` untimed optimizer steps, then ``--timed-steps`` timed ones. Per run the median step time;
+per round the ratio of each AMATrainer variant to that round's ``trl-dpo``; the headline is the median of the
+per-round ratios. Gate: ``--gate`` (1.02) on SmolLM2; the tiny model's ratio is reported without a gate.
+
+Both sides: the model and LoRA adapter of ``benchmarks.workload.build_model(..., lora=True)`` (r 16 on every
+projection, seeded), the PEFT reference (adapter disabled; ``precompute_ref_log_probs=False``), the same
+tokenized HH-RLHF pairs (every row exactly ``--seq-len`` tokens, TRL's tokenization bypassed for amalab's
+token ids, as in ``benchmarks.workers.trl_step``) with a synthetic ``task`` column (three task names in turn)
+and a constant ``baseline_loss`` column (the plain DPOTrainer gets the same rows; its collator ignores the
+two extra columns), ``per_device_train_batch_size`` pairs per step, AdamW, clipping at 1.0, beta 0.1, float32
+on CPU (``use_cpu=True, bf16=False``), gradient checkpointing off, ``report_to=[]``.
+
+Two times per optimizer step, from a ``TrainerCallback`` registered last (after AMATrainer's own
+``on_step_end``, which updates the mixer and logs the per-task metrics):
+  ``step_seconds``   ``on_step_begin`` -> ``on_step_end``: forward (policy + PEFT reference), loss, backward,
+                     clipping, AdamW, scheduler, and AMATrainer's mixer update and per-task metrics;
+  ``cycle_seconds``  ``on_step_end`` -> next ``on_step_end``: the above plus the Trainer's
+                     ``get_batch_samples`` (TRL: the dataloader's fetch and collation; AMATrainer: the mixer's
+                     draws and the collation of ``train_dataset[row]``) and the Trainer's per-step bookkeeping.
+The gate is taken on ``cycle_seconds`` (the whole cost of a step to a user); both ratios are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMA = "amalab-trl-step/1"
+VARIANTS = ("trl-dpo", "ama-ama-s", "ama-standard")
+TRL = "trl-dpo"
+TASKS = ("task-a", "task-b", "task-c")
+BASELINE_LOSS = 0.69  # a constant s(z) near log 2: the values change AMA-S's weights, not a step's cost
+GAMMA = 0.3
+GATE = 1.02
+GATED_MODELS = ("smollm2",)
+
+
+def parse_args(argv=None):
+    from benchmarks.shared_data import HH_HARMLESS
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.trl_step", description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["smollm2", "tiny"], choices=["smollm2", "tiny"])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every variant")
+    parser.add_argument("--warmup-steps", type=int, default=2, help="untimed optimizer steps per run (>= 1)")
+    parser.add_argument("--timed-steps", type=int, default=3, help="timed optimizer steps per run")
+    parser.add_argument("--batch-size", type=int, default=8, help="per_device_train_batch_size (pairs)")
+    parser.add_argument("--seq-len", type=int, default=128, help="max_length; every row has exactly this many")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--gate", type=float, default=GATE, help="AMATrainer / DPOTrainer ratio at most")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
+    parser.add_argument("--data", default=str(HH_HARMLESS), help="HH-RLHF jsonl.gz ('' : synthetic pairs)")
+    parser.add_argument("--in-process", action="store_true", help="no subprocesses (tests)")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results-trl"))
+    args = parser.parse_args(argv)
+    if args.warmup_steps < 1:
+        parser.error("--warmup-steps must be at least 1 (the first cycle has no previous step end)")
+    return args
+
+
+# ----------------------------------------------------------------------------------------- one run
+
+
+def run_variant(spec: dict) -> dict:
+    """One run of one variant: build, train warmup + timed steps, return the per-step times."""
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from amalab.trl import AMAConfig, AMATrainer
+    from benchmarks import workload
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+
+    class Pretokenized:
+        """TRL's dataset preparation bypassed for amalab's token ids (the same tokens on both sides)."""
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            if "prompt_ids" in dataset.column_names:
+                return dataset
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+    class PretokenizedDPO(Pretokenized, DPOTrainer):
+        pass
+
+    class PretokenizedAMA(Pretokenized, AMATrainer):
+        pass
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.began, self.last_end, self.step, self.cycle = None, None, [], []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.began = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            now = time.perf_counter()
+            self.step.append(now - self.began)
+            if self.last_end is not None:
+                self.cycle.append(now - self.last_end)
+            self.last_end = now
+
+    device = torch.device("cpu")
+    torch.manual_seed(spec["seed"])
+    model, tokenizer = workload.build_model(spec["model"], device, seed=spec["seed"], lora=True)
+    steps = spec["warmup_steps"] + spec["timed_steps"]
+    data = Path(spec["data"]) if spec.get("data") else None
+    pairs, source = workload.tokenized_pairs(tokenizer, spec["batch_size"] * steps, spec["seq_len"],
+                                             full_length=True, data=data)
+    dataset = Dataset.from_dict({
+        "prompt_ids": [list(p.prompt_ids) for p in pairs],
+        "chosen_ids": [list(p.chosen_ids) for p in pairs],
+        "rejected_ids": [list(p.rejected_ids) for p in pairs],
+        "task": [TASKS[i % len(TASKS)] for i in range(len(pairs))],
+        "baseline_loss": [BASELINE_LOSS] * len(pairs)})
+    out_dir = Path(tempfile.mkdtemp(prefix="trl-step-bench-"))
+    common = dict(
+        output_dir=str(out_dir), max_steps=steps, per_device_train_batch_size=spec["batch_size"],
+        gradient_accumulation_steps=1, learning_rate=spec["lr"], weight_decay=0.0, max_grad_norm=1.0,
+        optim="adamw_torch", lr_scheduler_type="cosine", warmup_steps=0, beta=0.1, loss_type=["sigmoid"],
+        max_length=spec["seq_len"], precompute_ref_log_probs=False, gradient_checkpointing=False,
+        bf16=False, use_cpu=True, logging_steps=10**6, save_strategy="no", eval_strategy="no", report_to=[],
+        disable_tqdm=True, dataloader_num_workers=0, seed=spec["seed"], data_seed=spec["seed"])
+    variant = spec["variant"]
+    timer = StepTimer()
+    began = time.perf_counter()
+    try:
+        if variant == TRL:
+            trainer = PretokenizedDPO(model=model, args=DPOConfig(**common), train_dataset=dataset,
+                                      processing_class=tokenizer)
+        else:
+            mixer = variant.removeprefix("ama-")
+            options = {"gamma": GAMMA} if mixer == "ama-s" else {}
+            trainer = PretokenizedAMA(model=model, args=AMAConfig(**common, mixer=mixer, **options),
+                                      train_dataset=dataset, processing_class=tokenizer)
+        trainer.add_callback(timer)  # last: after AMATrainer's mixer update and per-task metrics
+        trainer.train()
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    warm = spec["warmup_steps"]
+    step, cycle = timer.step[warm:], timer.cycle[warm - 1:]
+    return {"variant": variant, "model": spec["model"], "data": source, "steps_run": len(timer.step),
+            "step_seconds": step, "cycle_seconds": cycle,
+            "median_step_seconds": float(np.median(step)), "median_cycle_seconds": float(np.median(cycle)),
+            "tokens_per_step": 2 * spec["batch_size"] * spec["seq_len"],
+            "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "torch_threads": torch.get_num_threads(), "wall_seconds": time.perf_counter() - began}
+
+
+def _run(spec: dict, in_process: bool) -> dict:
+    if in_process:
+        return run_variant(spec)
+    with tempfile.TemporaryDirectory(prefix="trl-step-") as tmp:
+        out = Path(tmp) / "result.json"
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.trl_step", "--worker", json.dumps(spec), str(out)],
+                              cwd=REPO, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"worker exit {proc.returncode}: {proc.stderr[-3000:]}")
+        return json.loads(out.read_text())
+
+
+# ----------------------------------------------------------------------------------------- summary
+
+
+def _stats(values) -> dict:
+    values = [float(v) for v in values]
+    if not values:
+        return {"n": 0, "median": None, "min": None, "max": None}
+    return {"n": len(values), "median": float(np.median(values)), "min": min(values), "max": max(values)}
+
+
+def _load() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def summarize(model: str, runs: list[dict], gate: float) -> dict:
+    """Per variant its times; per AMATrainer variant the per-round ratios to that round's trl-dpo run."""
+    variants = {}
+    for name in {r["variant"] for r in runs}:
+        mine = [r for r in runs if r["variant"] == name]
+        ok = [r for r in mine if "error" not in r]
+        variants[name] = {
+            "step_seconds": _stats([s for r in ok for s in r["step_seconds"]]),
+            "cycle_seconds": _stats([s for r in ok for s in r["cycle_seconds"]]),
+            "errors": [r["error"] for r in mine if "error" in r],
+            "rounds": mine}
+    ratios = {}
+    for name in variants:
+        if name == TRL or TRL not in variants:
+            continue
+        per_round = {"step": [], "cycle": []}
+        for trl_run, ama_run in zip(variants[TRL]["rounds"], variants[name]["rounds"]):
+            if "error" in trl_run or "error" in ama_run:
+                continue
+            for kind in per_round:
+                per_round[kind].append(ama_run[f"median_{kind}_seconds"] / trl_run[f"median_{kind}_seconds"])
+        ratios[name] = {kind: {"per_round": values, "median": float(np.median(values)) if values else None}
+                        for kind, values in per_round.items()}
+    gated = model in GATED_MODELS
+    met = ({name: (r["cycle"]["median"] is not None and r["cycle"]["median"] <= gate)
+            for name, r in ratios.items()} if gated else None)
+    return {"variants": variants, "ratio_vs_trl": ratios,
+            "gate": {"at_most": gate if gated else None, "on": "cycle median of per-round ratios", "met": met}}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    from amalab.atomic_write import write_json_atomic
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    results = {"schema": SCHEMA, "command": "python -m benchmarks.trl_step " + " ".join(argv or sys.argv[1:]),
+               "started": datetime.datetime.now().isoformat(timespec="seconds"), "machine": _machine(),
+               "settings": {k: v for k, v in vars(args).items() if k not in ("out", "in_process")},
+               "models": {}}
+    for model in args.models:
+        runs = []
+        for round_index in range(args.rounds):
+            order = list(args.variants) if round_index % 2 == 0 else list(reversed(args.variants))
+            for variant in order:
+                spec = {"model": model, "variant": variant, "warmup_steps": args.warmup_steps,
+                        "timed_steps": args.timed_steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
+                        "lr": args.lr, "seed": args.seed, "threads": args.threads, "data": args.data}
+                load = _load()
+                try:
+                    result = _run(spec, args.in_process)
+                except Exception as e:  # recorded, the other runs go on
+                    result = {"variant": variant, "error": f"{type(e).__name__}: {e}",
+                              "traceback": traceback.format_exc()[-3000:]}
+                result.update(round=round_index, load_average_before=load, load_average_after=_load())
+                runs.append(result)
+                shown = (f"step {result['median_step_seconds']:.4f}s cycle {result['median_cycle_seconds']:.4f}s"
+                         if "error" not in result else result["error"][:200])
+                print(f"[{model}] round {round_index} {variant}: {shown} (load {load})", flush=True)
+        results["models"][model] = summarize(model, runs, args.gate)
+        write_json_atomic(out / "results.json", results)
+    results["wall_seconds"] = time.perf_counter() - started
+    results["load_average_at_end"] = _load()
+    write_json_atomic(out / "results.json", results)
+    for model, block in results["models"].items():
+        for name, r in block["ratio_vs_trl"].items():
+            print(f"[{model}] {name} / {TRL}: cycle median {r['cycle']['median']} per round "
+                  f"{[round(x, 4) for x in r['cycle']['per_round']]}; step median {r['step']['median']} "
+                  f"per round {[round(x, 4) for x in r['step']['per_round']]}", flush=True)
+        if block["gate"]["met"] is not None:
+            print(f"[{model}] gate <= {block['gate']['at_most']}: {block['gate']['met']}", flush=True)
+    return results
+
+
+def _machine() -> dict:
+    import platform
+
+    import torch
+    import transformers
+    import trl
+
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "transformers": transformers.__version__, "trl": trl.__version__,
+            "load_average_at_start": _load()}
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
+        from amalab.atomic_write import write_json_atomic
+
+        write_json_atomic(Path(sys.argv[3]), run_variant(json.loads(sys.argv[2])))
+    else:
+        main()
