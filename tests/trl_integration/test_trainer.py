@@ -3,7 +3,8 @@ constant learning rate give the same per-example losses, mixer weights and param
 
 from __future__ import annotations
 
-import copy
+import importlib.util
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,20 +30,12 @@ ADAM_EPS = 1e-6
 
 
 def multi_task_rows() -> list[dict]:
-    """Three tasks of unequal size, pairs of unequal lengths; s(z) fixed stand-in values."""
-    rows = []
-    for i in range(9):
-        rows.append({"task": "sums", "prompt": f"Human: what is {i} plus {i + 2}? Assistant:",
-                     "chosen": f" It is {2 * i + 2}.", "rejected": f" No idea, maybe {i}."})
-    for i in range(6):
-        rows.append({"task": "greetings", "prompt": f"Human: say hello to friend {i}. Assistant:",
-                     "chosen": " Hello, friend!", "rejected": " Go away."})
-    for i in range(4):
-        rows.append({"task": "facts", "prompt": "Human: is the sky blue? Assistant:" + " Think." * i,
-                     "chosen": " Yes, on a clear day.", "rejected": " It is green."})
-    for row, values in enumerate(rows):
-        values["baseline_loss"] = 0.55 + 0.02 * (row % 7)
-    return rows
+    """Three tasks of unequal size, pairs of unequal lengths, s(z) stand-ins: the pairs of the two-process
+    child script (two_process_child.py, a script the child processes run, so the one definition lives there)."""
+    spec = importlib.util.spec_from_file_location("two_process_child", Path(__file__).with_name("two_process_child.py"))
+    child = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(child)
+    return child.multi_task_rows()
 
 
 def trl_args(tmp_path, mixer: str, **overrides) -> AMAConfig:

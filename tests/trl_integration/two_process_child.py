@@ -27,7 +27,7 @@ PROCESS_GROUP_TIMEOUT = timedelta(seconds=60)
 
 
 def multi_task_rows() -> list[dict]:
-    """test_trainer.py's pairs (three tasks of unequal size, pairs of unequal lengths, s(z) stand-ins), each
+    """The pairs of the TRL integration tests (three tasks of unequal size, pairs of unequal lengths, s(z) stand-ins), each
     with its row number in ``row``."""
     rows = []
     for i in range(9):
