@@ -27,8 +27,8 @@ PROCESS_GROUP_TIMEOUT = timedelta(seconds=60)
 
 
 def multi_task_rows() -> list[dict]:
-    """The pairs of the TRL integration tests (three tasks of unequal size, pairs of unequal lengths, s(z) stand-ins), each
-    with its row number in ``row``."""
+    """The pairs of the TRL integration tests (three tasks of unequal size, pairs of unequal lengths, s(z)
+    stand-ins), each with its row number in ``row``."""
     rows = []
     for i in range(9):
         rows.append({"task": "sums", "prompt": f"Human: what is {i} plus {i + 2}? Assistant:",
