@@ -96,6 +96,7 @@ class AMATrainer(DPOTrainer):
         self.loss_is_scaled_for_ga = True  # compute_loss returns the step's share already (module docstring)
         self._micro_batches: list[tuple[np.ndarray, np.ndarray | None]] = []
         self._counts, self._stats, self._updated = np.zeros(self.tasks.k), np.zeros((3, self.tasks.k)), False
+        self._step_pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (tasks, losses, margins)
         self.add_callback(_UpdateMixer(self))
 
     # --- checkpoints ----------------------------------------------------------------------------------
@@ -173,7 +174,7 @@ class AMATrainer(DPOTrainer):
         coefficients = self.mixer.coefficients(tasks, values, baseline, self._counts)
         weighted = self.world.size * (torch.from_numpy(coefficients).to(losses) * losses).sum()
         shown = self.world.size * float(values.sum()) / self.global_batch  # logs the batch's mean loss
-        self._log_micro_batch(tasks, values, baseline, logps)
+        self._log_micro_batch(tasks, values, logps)
         loss = weighted + (shown - weighted).detach()
         return (loss, logps) if return_outputs else loss
 
@@ -204,19 +205,18 @@ class AMATrainer(DPOTrainer):
 
     # --- metrics -------------------------------------------------------------------------------------
 
-    def _log_micro_batch(self, tasks, values, baseline, logps) -> None:
-        self._pending = getattr(self, "_pending", [])
+    def _log_micro_batch(self, tasks, values, logps) -> None:
         margins = (logps.chosen - logps.ref_chosen - logps.rejected + logps.ref_rejected).detach().double()
-        self._pending.append((tasks, values, baseline, margins.cpu().numpy()))
+        self._step_pairs.append((tasks, values, margins.cpu().numpy()))
 
     def _log_step(self, stats: np.ndarray) -> None:
         """Per-task loss, clipped excess, margin and accuracy of the step (reduced over ranks), the weights."""
         k, sums = self.tasks.k, np.zeros((3, self.tasks.k))
-        for tasks, values, _, margins in getattr(self, "_pending", []):
+        for tasks, values, margins in self._step_pairs:
             for i in range(k):
                 where = tasks == i
                 sums[:, i] += [values[where].sum(), margins[where].sum(), (margins[where] > 0).sum()]
-        self._pending = []
+        self._step_pairs = []
         sums = all_reduce_sum(sums.ravel(), self.world).reshape(sums.shape)
         counts = np.maximum(stats[COUNT], 1)
         metrics = self._metrics["train"]
