@@ -121,6 +121,30 @@ def make_model(tokenizer):
     return make
 
 
+@pytest.fixture(scope="session")
+def dpo_losses_by_hand():
+    """``dpo_losses(policy, reference, pairs, pad_token_id, beta)``: -log sigmoid(beta ((pi_w - ref_w) -
+    (pi_l - ref_l))) of each pair, one pair at a time through the full logits (docs/maths.md (1))."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from amalab.llm.collate import collate_pairs
+    from amalab.llm.logprobs import full_logits_sequence_logps
+
+    @torch.no_grad()
+    def dpo_losses(policy, reference, pairs, pad_token_id: int, beta: float):
+        losses = []
+        for pair in pairs:
+            batch = collate_pairs([pair], pad_token_id)
+            pi, ref = full_logits_sequence_logps(policy.eval(), batch), full_logits_sequence_logps(reference, batch)
+            margin = beta * ((pi.chosen - ref.chosen) - (pi.rejected - ref.rejected))
+            losses.append(float(-F.logsigmoid(margin)[0]))
+        return np.array(losses)
+
+    return dpo_losses
+
+
 # --- the tiny LLM experiment, as a user writes it ---------------------------------------------------------
 
 EXPERIMENT_CONFIG = """

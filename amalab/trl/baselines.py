@@ -178,11 +178,7 @@ def _score(trainer, batch_size: int) -> np.ndarray:
             inputs = trainer._prepare_inputs(trainer.data_collator(
                 [data[r] for r in range(start, min(start + batch_size, len(data)))]))
             with torch.no_grad():
-                logps = sequence_logps(trainer, model, inputs)
-                losses = loss(logps.chosen, logps.rejected, logps.ref_chosen, logps.ref_rejected,
-                              chosen_token_counts=logps.chosen_tokens,
-                              rejected_token_counts=logps.rejected_tokens)[0]
-            values.append(losses.double().cpu().numpy())
+                values.append(sequence_logps(trainer, model, inputs).losses(loss).double().cpu().numpy())
     finally:
         model.train(was_training)
     return np.concatenate(values)

@@ -14,7 +14,7 @@ import torch
 from amalab.training.distributed import all_reduce_sum, rank_slots
 from amalab.trl.forward import sequence_logps
 
-#: per-task sums: count, loss, clipped excess, margin, correct
+#: per-task sums: count, loss, clipped excess (0 without baseline losses), margin, correct
 _COLUMNS = 5
 
 
@@ -23,18 +23,15 @@ def _task_sums(trainer, dataset, baseline_column: str) -> np.ndarray:
     rows = rank_slots(len(dataset), trainer.world)
     has_baseline = baseline_column in dataset.column_names
     for start in range(0, len(rows), size):
-        chunk = [int(r) for r in rows[start:start + size]]
-        inputs = trainer._prepare_inputs(trainer.data_collator([dataset[r] for r in chunk]))
+        examples = [dataset[int(r)] for r in rows[start:start + size]]
+        inputs = trainer._prepare_inputs(trainer.data_collator(examples))
         with torch.no_grad():
             logps = sequence_logps(trainer, trainer.model, inputs)
-            losses = trainer.preference_loss(logps.chosen, logps.rejected, logps.ref_chosen, logps.ref_rejected,
-                                             chosen_token_counts=logps.chosen_tokens,
-                                             rejected_token_counts=logps.rejected_tokens)[0]
-        values = losses.double().cpu().numpy()
-        margins = (logps.chosen - logps.ref_chosen - logps.rejected + logps.ref_rejected).double().cpu().numpy()
-        baseline = np.array([dataset[r][baseline_column] for r in chunk]) if has_baseline else None
-        excess = np.maximum(values - baseline, 0.0).sum() if has_baseline else np.nan
-        sums += [len(chunk), values.sum(), excess, margins.sum(), (margins > 0).sum()]
+            values = logps.losses(trainer.preference_loss).double().cpu().numpy()
+        margins = logps.margins().cpu().numpy()
+        baseline = np.array([e[baseline_column] for e in examples]) if has_baseline else values
+        sums += [len(examples), values.sum(), np.maximum(values - baseline, 0.0).sum(), margins.sum(),
+                 (margins > 0).sum()]
     return sums
 
 
@@ -47,11 +44,11 @@ def task_metrics(trainer, datasets: dict, prefix: str = "eval") -> dict[str, flo
         sums = np.stack([_task_sums(trainer, datasets[name], trainer.args.baseline_column) for name in datasets])
     finally:
         trainer.model.train(was_training)
-    sums = all_reduce_sum(np.nan_to_num(sums, nan=-1.0).ravel(), trainer.world).reshape(sums.shape)
+    sums = all_reduce_sum(sums.ravel(), trainer.world).reshape(sums.shape)
     metrics, excesses = {}, []
     for name, (count, loss, excess, margin, correct) in zip(datasets, sums):
         metrics[f"{prefix}_{name}_loss"] = loss / count
-        if excess >= 0:  # -1 per rank stands for "no baseline losses"
+        if trainer.args.baseline_column in datasets[name].column_names:  # the same on every rank
             metrics[f"{prefix}_{name}_excess"] = excess / count
             excesses.append(excess / count)
         metrics[f"{prefix}_{name}_margin"] = margin / count

@@ -27,6 +27,15 @@ class PairLogps(NamedTuple):
     chosen_tokens: torch.Tensor
     rejected_tokens: torch.Tensor
 
+    def losses(self, loss) -> torch.Tensor:
+        """The per-example losses of ``loss`` (a :class:`~amalab.objectives.preference.PreferenceLoss`)."""
+        return loss(self.chosen, self.rejected, self.ref_chosen, self.ref_rejected,
+                    chosen_token_counts=self.chosen_tokens, rejected_token_counts=self.rejected_tokens)[0]
+
+    def margins(self) -> torch.Tensor:
+        """The preference margins (pi_w - ref_w) - (pi_l - ref_l), detached, in float64."""
+        return (self.chosen - self.ref_chosen - self.rejected + self.ref_rejected).detach().double()
+
 
 def _summed(per_token: torch.Tensor, shift_mask: torch.Tensor, ld_alpha: float | None) -> torch.Tensor:
     """Sum over the completion; with ``ld_alpha`` (LD-DPO) the tail past the shorter completion's length is

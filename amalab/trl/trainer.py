@@ -163,9 +163,7 @@ class AMATrainer(DPOTrainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         tasks, baseline = self._micro_batches.pop(0)
         logps = sequence_logps(self, model, inputs)
-        losses = self.preference_loss(logps.chosen, logps.rejected, logps.ref_chosen, logps.ref_rejected,
-                                      chosen_token_counts=logps.chosen_tokens,
-                                      rejected_token_counts=logps.rejected_tokens)[0]
+        losses = logps.losses(self.preference_loss)
         values = losses.detach().double().cpu().numpy()
         statistics = self.mixer.statistics(tasks, values, baseline)  # ValueError on a non-finite loss
         self._stats += statistics
@@ -206,8 +204,7 @@ class AMATrainer(DPOTrainer):
     # --- metrics -------------------------------------------------------------------------------------
 
     def _log_micro_batch(self, tasks, values, logps) -> None:
-        margins = (logps.chosen - logps.ref_chosen - logps.rejected + logps.ref_rejected).detach().double()
-        self._step_pairs.append((tasks, values, margins.cpu().numpy()))
+        self._step_pairs.append((tasks, values, logps.margins().cpu().numpy()))
 
     def _log_step(self, stats: np.ndarray) -> None:
         """Per-task loss, clipped excess, margin and accuracy of the step (reduced over ranks), the weights."""

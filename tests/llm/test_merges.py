@@ -12,12 +12,9 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-from amalab.llm.collate import collate_pairs
 from amalab.llm.config import load_llm_config
 from amalab.llm.experiment import prepare
-from amalab.llm.logprobs import full_logits_sequence_logps
 from amalab.llm.stages.merges import merged_specialists
 from amalab.llm.stages.policies import trained_policy
 from amalab.llm.stages.specialists import specialist_losses
@@ -26,17 +23,6 @@ R, ALPHA = 2, 4.0
 LORA = f'[model]\nuse_lora = true\nlora = {{ r = {R}, alpha = {ALPHA}, dropout = 0.0, target_modules = ["q_proj", "v_proj"] }}\n'
 MERGES = '\n[merges]\nnames = ["task_arithmetic", "linear"]\noptions = { task_arithmetic = { scale = 0.5 } }\n'
 IN_SAMPLE = "[specialists]\ncross_fit = 1\n\n[specialists.optim]"
-
-
-@torch.no_grad()
-def dpo_losses(policy, reference, pairs, pad_token_id: int, beta: float) -> np.ndarray:
-    """-log sigmoid(beta ((pi_w - ref_w) - (pi_l - ref_l))) of each pair, by hand (docs/maths.md (1))."""
-    losses = []
-    for pair in pairs:
-        batch = collate_pairs([pair], pad_token_id)
-        pi, ref = full_logits_sequence_logps(policy.eval(), batch), full_logits_sequence_logps(reference, batch)
-        losses.append(float(-F.logsigmoid(beta * ((pi.chosen - ref.chosen) - (pi.rejected - ref.rejected)))[0]))
-    return np.array(losses)
 
 
 def dense_adapted_weights(policy) -> dict[str, torch.Tensor]:
@@ -50,7 +36,8 @@ def dense_adapted_weights(policy) -> dict[str, torch.Tensor]:
     return dense
 
 
-def test_merges_of_lora_specialists_are_task_arithmetic_on_their_dense_weights(tmp_path, experiment):
+def test_merges_of_lora_specialists_are_task_arithmetic_on_their_dense_weights(tmp_path, experiment,
+                                                                               dpo_losses_by_hand):
     config = experiment(tmp_path, names='["standard"]', extra=MERGES, **{"[model]\n": LORA, "[specialists.optim]": IN_SAMPLE})
     exp = prepare(load_llm_config(config), show_progress=False)
     losses = specialist_losses(exp)
@@ -74,7 +61,7 @@ def test_merges_of_lora_specialists_are_task_arithmetic_on_their_dense_weights(t
         excess = {}
         for i, name in enumerate(exp.task_names):
             ids = [p.id for p in exp.eval_sets[i]]
-            expected = dpo_losses(merged, exp.base_model, exp.eval_sets[i], exp.pad_token_id, beta=0.1)
+            expected = dpo_losses_by_hand(merged, exp.base_model, exp.eval_sets[i], exp.pad_token_id, beta=0.1)
             assert abs(expected.mean() - math.log(2)) > 1e-4  # not vacuous: the merge is not pi_ref
             task = record["tasks"][name]
             assert task["loss"] == pytest.approx(expected.mean(), rel=1e-5)

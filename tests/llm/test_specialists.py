@@ -10,31 +10,17 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-from amalab.llm.collate import collate_pairs
 from amalab.llm.config import load_llm_config
 from amalab.llm.experiment import prepare
-from amalab.llm.logprobs import full_logits_sequence_logps
 from amalab.llm.stages.policies import trained_policy
 from amalab.llm.stages.specialists import loss_summary, specialist_losses
 
 IN_SAMPLE = {"[specialists.optim]": "[specialists]\ncross_fit = 1\n\n[specialists.optim]"}
 
 
-@torch.no_grad()
-def dpo_losses(policy, reference, pairs, pad_token_id: int, beta: float) -> np.ndarray:
-    """-log sigmoid(beta ((pi_w - ref_w) - (pi_l - ref_l))) of each pair, by hand (docs/maths.md (1))."""
-    losses = []
-    for pair in pairs:
-        batch = collate_pairs([pair], pad_token_id)
-        pi, ref = full_logits_sequence_logps(policy.eval(), batch), full_logits_sequence_logps(reference, batch)
-        margin = beta * ((pi.chosen - ref.chosen) - (pi.rejected - ref.rejected))
-        losses.append(float(-F.logsigmoid(margin)[0]))
-    return np.array(losses)
-
-
-def test_a_specialists_cached_losses_are_its_own_per_example_losses(tmp_path, experiment):
+def test_a_specialists_cached_losses_are_its_own_per_example_losses(tmp_path, experiment,
+                                                                   dpo_losses_by_hand):
     exp = prepare(load_llm_config(experiment(tmp_path, names='["standard"]', **IN_SAMPLE)), show_progress=False)
     losses = specialist_losses(exp)
     assert losses.definition == "in-sample" and losses.evaluation is losses.in_sample
@@ -46,7 +32,7 @@ def test_a_specialists_cached_losses_are_its_own_per_example_losses(tmp_path, ex
         assert json.loads((run_dir / "final.json").read_text())["steps"] == 3  # [specialists.optim] max_steps
         specialist = trained_policy(exp, run_dir, exp.config.seed)
         train, held_out = exp.train_sets[i], exp.eval_sets[i]
-        expected = dpo_losses(specialist, exp.base_model, train + held_out, exp.pad_token_id, beta=0.1)
+        expected = dpo_losses_by_hand(specialist, exp.base_model, train + held_out, exp.pad_token_id, beta=0.1)
         cache = losses.in_sample[i]
         assert sorted(cache.ids) == sorted(p.id for p in train + held_out)  # its own task's pairs, no other
         np.testing.assert_allclose(cache.get("loss", [p.id for p in train + held_out]), expected,
