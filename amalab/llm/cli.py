@@ -15,7 +15,7 @@ def run_llm_command(stage: str, config_path: str, show_progress: bool = True, ou
     config = load_llm_config(config_path)
     if out:
         config = dataclasses.replace(config, out=out)
-    world = init_world(resolve_device(config.device))
+    world = init_world(resolve_device(config.device), config.ddp_timeout)
     try:
         if stage == "specialists":
             pipeline.run_all(config, ("specialists",), world, show_progress)

@@ -24,7 +24,7 @@ from amalab.training.cache import ValueCache
 from amalab.training.checkpoint import load_latest
 from amalab.llm.collate import collate_pairs, padded_length
 from amalab.training.config import OptimConfig
-from amalab.training.distributed import World, is_sharded
+from amalab.training.distributed import World, decide_on_rank0, is_sharded
 from amalab.llm.logprobs import policy_logps
 from amalab.llm.evaluate import evaluate
 from amalab.objectives.preference import PreferenceLoss
@@ -89,19 +89,22 @@ def run_training(model, run: TrainingRun, device: torch.device, world: World = W
     """Train ``model`` in place for ``run.optim.max_steps`` steps (resuming if checkpointed); return the final
     eval.
 
-    A run that finished earlier is not rerun: ``model`` gets the parameters of its last checkpoint.
+    A run that finished earlier is not rerun: ``model`` gets the parameters of its last checkpoint. Under
+    several ranks, rank 0's run folder decides whether the run finished and where it resumes
+    (docs/distributed.md, "Decisions every rank shares").
     ``stop_after``: stop (with a checkpoint) after this many steps, as an interruption would (tests).
     ``write_checkpoint`` (every rank calls it), ``log`` and ``autocast`` default to the run folder's checkpoints,
     its ``metrics.jsonl`` and :func:`~amalab.llm.precision.autocast_context` of ``device``.
     """
     optim = run.optim
     check_micro_batches(run.mixer, optim, world, is_sharded(model), run.name)
-    if world.is_main:
-        check_run_dir(run.run_dir, run.description)
+    check_run_dir(run.run_dir, run.description, world)
     final_path = run.run_dir / "final.json"
-    if final_path.is_file():
-        load_trainable_state(model, load_latest(run.run_dir).model_state)
-        return json.loads(final_path.read_text())
+    # one decision for every rank: a rank that saw no final.json would train while the others had returned
+    finished = decide_on_rank0(world, lambda: _finished(final_path))
+    if finished is not None:
+        load_trainable_state(model, load_latest(run.run_dir, world=world).model_state)
+        return finished
     log = log or metrics_logger(run.run_dir, optim, run.task_names, world)
     autocast = autocast or (lambda: autocast_context(device))
     state = TrainState.fresh(model, optim, run.mixer, [len(s) for s in run.train_sets], run.seed, run.task_names)
@@ -125,6 +128,10 @@ def run_training(model, run: TrainingRun, device: torch.device, world: World = W
     result = run_eval(optim.max_steps)
     result.update(steps=optim.max_steps, average_weights=np.asarray(run.mixer.average_weights).tolist(),
                   weights=np.asarray(run.mixer.weights).tolist())
-    if world.is_main:
-        write_json_atomic(final_path, result, indent=1)
+    decide_on_rank0(world, lambda: write_json_atomic(final_path, result, indent=1))
     return result
+
+
+def _finished(final_path: Path) -> dict | None:
+    """A finished run's final metrics (its final.json), None while it has not finished."""
+    return json.loads(final_path.read_text()) if final_path.is_file() else None

@@ -18,7 +18,8 @@ the folder and its parent fsynced); the ``latest`` pointer is replaced after tha
 point therefore leaves the previous checkpoint and pointer intact, and no half-written folder ever carries a
 ``step-`` name. Only one process (rank 0) may write a run's checkpoints. Loading maps every tensor to the CPU
 unless told otherwise, whatever device saved it; ``torch.load`` runs with ``weights_only``, so loading never
-runs code stored in a checkpoint.
+runs code stored in a checkpoint. Under several ranks, rank 0 names the checkpoint every rank loads
+(:func:`load_latest`; docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from amalab.atomic_write import atomic_folder, remove_leftovers, write_text_atomic
+from amalab.errors import ConfigError
+from amalab.training.distributed import World, decide_on_rank0, on_every_rank
 from amalab.training.tensor_identity import tied_aliases
 
 CHECKPOINT_DIR = "checkpoints"
@@ -303,10 +306,36 @@ def latest_checkpoint_path(run_dir: str | Path) -> Path | None:
     return complete[-1][1] if complete else None
 
 
-def load_latest(run_dir: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint | None:
-    """The newest complete checkpoint of the run, or None if it has none yet."""
-    path = latest_checkpoint_path(run_dir)
-    return None if path is None else load_checkpoint(path, map_location)
+def load_latest(run_dir: str | Path, map_location: str | torch.device = "cpu", *,
+                world: World = World()) -> Checkpoint | None:
+    """The newest complete checkpoint of the run, or None if it has none yet.
+
+    Under several ranks, the newest as rank 0 sees it: rank 0 names it and every rank loads that one, so
+    that all continue from the same step; a rank that cannot makes every rank raise its error
+    (docs/distributed.md).
+    """
+    # the name, not the path: each rank reads its own run_dir (a shared folder may be mounted elsewhere)
+    name = decide_on_rank0(world, lambda: _name_or_none(latest_checkpoint_path(run_dir)))
+    if name is None:
+        return None
+    path = Path(run_dir) / CHECKPOINT_DIR / name
+    return on_every_rank(world, lambda: _load_named(path, map_location, world))
+
+
+def _name_or_none(path: Path | None) -> str | None:
+    return None if path is None else path.name
+
+
+def _load_named(path: Path, map_location: str | torch.device, world: World) -> Checkpoint:
+    """Checkpoint ``path``, which rank 0 named; a rank other than 0 that lacks it says why that matters."""
+    try:
+        return load_checkpoint(path, map_location)
+    except FileNotFoundError as e:
+        if world.is_main:
+            raise
+        raise ConfigError(f"rank {world.rank} does not see the checkpoint rank 0 continues from ({e}): every "
+                          "rank must see the run folder rank 0 writes (put `out` on a filesystem they share)"
+                          ) from None
 
 
 __all__ = [

@@ -17,11 +17,19 @@ Parameters, two ways (``[model] fsdp``):
   (with plain SUM collectives, which gloo needs), so the gradient is the same sum as in the replicated case.
 Checkpoints hold full (unsharded) tensors either way (:mod:`amalab.training.state`), so a run saved on W
 ranks, sharded or not, continues on any number of ranks, sharded or not.
+
+Decisions every rank must share (is this run finished, which checkpoint to continue from, may this folder
+be continued) are taken once, by :func:`decide_on_rank0`, or checked on every rank by :func:`on_every_rank`;
+either way an error raises the same error on every rank at once, never on one rank while the others wait in
+a collective. What still waits (a rank that died) fails after the process group's timeout (``ddp_timeout``).
+docs/distributed.md, "Decisions every rank shares".
 """
 
 from __future__ import annotations
 
+import datetime
 import os
+import pickle
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +40,10 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from amalab.training.tensor_identity import state_digest
+
+#: seconds a collective waits for the other ranks before it fails (the config's ``ddp_timeout``): gloo's
+#: default, and transformers' ``ddp_timeout``; nccl's own default is 10 minutes
+PROCESS_GROUP_TIMEOUT_S = 1800.0
 
 
 @dataclass(frozen=True)
@@ -49,14 +61,19 @@ class World:
         return self.size > 1
 
 
-def init_world(device: torch.device) -> World:
-    """Join the process group ``torchrun`` describes (nccl on CUDA, gloo otherwise), or stay single."""
+def init_world(device: torch.device, timeout_s: float = PROCESS_GROUP_TIMEOUT_S) -> World:
+    """Join the process group ``torchrun`` describes (nccl on CUDA, gloo otherwise), or stay single.
+
+    ``timeout_s``: how long a collective waits for the other ranks before it fails (docs/distributed.md), so
+    that a rank that stopped alone ends the run rather than holding the others for the backend's default.
+    """
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return World()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout_s))
     return World(rank, size, local_rank)
 
 
@@ -100,6 +117,73 @@ def barrier(world: World) -> None:
 def any_rank(flag: bool, world: World) -> bool:
     """True on every rank if ``flag`` is true on any rank (one all-reduce)."""
     return bool(all_reduce_sum(np.array([float(flag)]), world)[0] > 0)
+
+
+# --- decisions every rank shares (docs/distributed.md) ---------------------------------------------------
+
+def _portable(error: Exception) -> Exception:
+    """``error`` if a copy of it can travel to the other ranks (pickled and rebuilt), else a RuntimeError
+    with its type and text: every rank then raises an error of the same type and message."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:  # an exception whose constructor cannot be called again from its args
+        return RuntimeError(f"{type(error).__name__}: {error}")
+
+
+def _raise_own(error: Exception, portable: Exception):
+    """On the rank where ``error`` happened: raise the error the other ranks raise, keeping its traceback."""
+    if portable is error:
+        raise error
+    raise portable from error
+
+
+def decide_on_rank0(world: World, fn: Callable[[], Any]) -> Any:
+    """Rank 0's ``fn()`` on every rank: rank 0 alone runs it and broadcasts its result (which must pickle)
+    or its error, which every rank then raises. One process: ``fn()``.
+
+    For what every rank must decide alike from files only rank 0 is sure to see (it writes them), and for
+    rank 0's writes whose failure must stop every rank at once (docs/distributed.md).
+    """
+    if not world.distributed:
+        return fn()
+    message, own = [None], None
+    if world.is_main:
+        try:
+            message[0] = (True, fn())
+        except Exception as e:
+            own, message[0] = e, (False, _portable(e))
+    dist.broadcast_object_list(message, src=0)
+    ok, value = message[0]
+    if ok:
+        return value
+    if own is not None:
+        _raise_own(own, value)
+    raise value from None
+
+
+def on_every_rank(world: World, fn: Callable[[], Any]) -> Any:
+    """``fn()`` on every rank, returning this rank's result; if it raises on any rank, every rank raises the
+    error of the lowest such rank (one all-gather). One process: ``fn()``.
+
+    For what every rank must do from its own files (read a checkpoint rank 0 named): a rank that cannot
+    stops every rank with its error instead of leaving them in the next collective (docs/distributed.md).
+    """
+    if not world.distributed:
+        return fn()
+    result, own, portable = None, None, None
+    try:
+        result = fn()
+    except Exception as e:
+        own, portable = e, _portable(e)
+    errors = [None] * world.size
+    dist.all_gather_object(errors, portable)
+    failed = [rank for rank, error in enumerate(errors) if error is not None]
+    if not failed:
+        return result
+    if failed[0] == world.rank:
+        _raise_own(own, portable)
+    raise errors[failed[0]] from None
 
 
 def all_reduce_gradients(params: list[torch.Tensor], world: World) -> None:

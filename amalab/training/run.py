@@ -7,7 +7,9 @@ A run folder holds ``run.json`` (what the run is: :func:`check_run_dir`), ``metr
 per record, the source of truth; :func:`metrics_logger`) and ``checkpoints/`` (:func:`checkpoint_writer`).
 A run interrupted anywhere resumes from its last checkpoint (:func:`resume`) and continues exactly as if it
 had not stopped: every RNG, the sampler and the mixer are in the checkpoint, and the metric lines logged
-after it are dropped. Every file is written atomically (:mod:`amalab.atomic_write`).
+after it are dropped. Every file is written atomically (:mod:`amalab.atomic_write`). Under several ranks,
+what decides how a run goes on is shared: a refusal or a failed write on one rank stops every rank at once
+(docs/distributed.md, "Decisions every rank shares").
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from amalab.atomic_write import write_json_atomic, write_text_atomic
 from amalab.errors import ConfigError
 from amalab.training.checkpoint import load_latest, save_checkpoint
 from amalab.training.config import OptimConfig
-from amalab.training.distributed import World, check_ranks_agree
+from amalab.training.distributed import World, check_ranks_agree, decide_on_rank0, on_every_rank
 from amalab.training.state import TrainState
 from amalab.training.step import ExampleLosses, train_step
 from amalab.training.tracking import trackers
@@ -33,17 +35,29 @@ class TrainingDiverged(RuntimeError):
     """A non-finite loss or gradient: the run stops, its last good checkpoint stays."""
 
 
-def check_run_dir(run_dir: Path, description: dict) -> None:
-    """Refuse to continue a run folder that was started with other settings; a new one records them."""
-    path = Path(run_dir) / "run.json"
+def check_run_dir(run_dir: Path, description: dict, world: World = World()) -> None:
+    """Refuse to continue a run folder that was started with other settings; a new one records them.
+
+    Every rank checks the folder it sees and a refusal on any rank is raised on every rank: a rank that saw
+    another run's files (no shared filesystem) would continue from them. Rank 0 alone records run.json.
+    """
     described = json.loads(json.dumps(description, default=str))
+    where = f"{run_dir}" if world.is_main else f"{run_dir} (as rank {world.rank} sees it)"
+    on_every_rank(world, lambda: _refuse_other_settings(Path(run_dir) / "run.json", described, where))
+    decide_on_rank0(world, lambda: _record(Path(run_dir) / "run.json", described))
+
+
+def _refuse_other_settings(path: Path, described: dict, where: str) -> None:
     if path.is_file():
         found = json.loads(path.read_text())
         if found != described:
             keys = sorted(k for k in set(found) | set(described) if found.get(k) != described.get(k))
-            raise ConfigError(f"{run_dir}: this run was started with other settings (differs in "
+            raise ConfigError(f"{where}: this run was started with other settings (differs in "
                               f"{', '.join(keys)}); delete the folder or use another `out`")
-    else:
+
+
+def _record(path: Path, described: dict) -> None:
+    if not path.is_file():
         write_json_atomic(path, described, indent=1)
 
 
@@ -63,12 +77,12 @@ def _metrics_up_to(path: Path, step: int) -> None:
 
 
 def checkpoint_writer(run_dir: Path, keep_last: int, world: World) -> Callable[[TrainState], None]:
-    """``write(state)``: check the ranks agree on the mixer, gather the state (a collective), rank 0 saves."""
+    """``write(state)``: check the ranks agree on the mixer, gather the state (a collective), rank 0 saves; a
+    save that fails (a full disk) stops every rank with its error."""
     def write(state: TrainState) -> None:
         check_ranks_agree(state.mixer.state_dict(), world)
         parts = state.state_dict()
-        if world.is_main:
-            save_checkpoint(run_dir, **parts, keep_last=keep_last)
+        decide_on_rank0(world, lambda: save_checkpoint(run_dir, **parts, keep_last=keep_last))
 
     return write
 
@@ -104,14 +118,17 @@ def training_tokens(run_dir: Path) -> int:
 
 
 def resume(state: TrainState, run_dir: Path, name: str, world: World, show_progress: bool) -> None:
-    """Put the run folder's last checkpoint into ``state`` (if there is one) and drop the metric lines past it."""
-    checkpoint = load_latest(run_dir)
+    """Put the run folder's last checkpoint into ``state`` (if there is one); drop the metric lines past it.
+
+    Every rank loads the checkpoint rank 0 names (:func:`~amalab.training.checkpoint.load_latest`), so all
+    continue from one step; rank 0 trims metrics.jsonl, and its failure stops every rank.
+    """
+    checkpoint = load_latest(run_dir, world=world)
     if checkpoint is not None:
         state.load_state_dict(checkpoint.state_dict())
         if show_progress and world.is_main:
             print(f"{name}: resuming from step {state.step} ({checkpoint.path})")
-    if world.is_main:
-        _metrics_up_to(Path(run_dir) / "metrics.jsonl", state.step)
+    decide_on_rank0(world, lambda: _metrics_up_to(Path(run_dir) / "metrics.jsonl", state.step))
 
 
 def train_steps(state: TrainState, train_sets: Sequence[Sequence], example_losses: ExampleLosses,

@@ -22,6 +22,7 @@ from amalab.llm.stages.scoring import SpecialistLosses, loss_cache
 from amalab.llm.train import TrainingRun
 from amalab.mixers import make_mixer
 from amalab.training.cache import ValueCache, data_hash
+from amalab.training.distributed import decide_on_rank0, on_every_rank
 
 
 def specialist_run(experiment: Experiment, task: int, fold: int | None = None) -> TrainingRun:
@@ -45,7 +46,8 @@ def specialist_run(experiment: Experiment, task: int, fold: int | None = None) -
 
 
 def _trained_specialist(experiment: Experiment, run: TrainingRun, allow_training: bool) -> torch.nn.Module:
-    if not allow_training and not (run.run_dir / "final.json").is_file():
+    # rank 0's folder decides for every rank (docs/distributed.md): one refusing alone leaves the rest waiting
+    if not allow_training and not decide_on_rank0(experiment.world, (run.run_dir / "final.json").is_file):
         raise ConfigError(f"{run.name} is not trained yet ({run.run_dir}): run `amalab llm specialists "
                           f"{experiment.config.source_path}` first, or `amalab llm run`")
     model, final = train_policy(experiment, run)
@@ -54,8 +56,10 @@ def _trained_specialist(experiment: Experiment, run: TrainingRun, allow_training
 
 
 def _load_given_specialist(experiment: Experiment, path: Path) -> torch.nn.Module:
-    if (path / "config.json").is_file():
-        return load_model(path, device=experiment.device)
+    """A model folder, or a run folder's last checkpoint: rank 0 tells which, and a rank that cannot load it
+    stops every rank (docs/distributed.md)."""
+    if decide_on_rank0(experiment.world, (path / "config.json").is_file):
+        return on_every_rank(experiment.world, lambda: load_model(path, device=experiment.device))
     model = trained_policy(experiment, path, experiment.config.seed)
     if model is None:
         raise ConfigError(f"specialists.load: {path} is neither a model folder (config.json) nor a run folder "

@@ -1,0 +1,196 @@
+"""Decisions every rank shares (docs/distributed.md, "Decisions every rank shares"): 2 gloo processes whose
+run folders differ, or where one rank refuses or fails, both end at once with the same one-line error, never
+one rank waiting in a collective for the process group's timeout.
+
+Each scenario is its own fork of 2 processes (a regression leaves the ranks' collectives out of step, which
+must not spill into the next scenario). The process group gets a short timeout, ``TIMEOUT_S``, through
+:func:`~amalab.training.distributed.init_world`, so a regression fails the test after it instead of hanging
+CI; with the shared decisions every rank is done in about a second, well under it.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from amalab.config import load_section
+from amalab.errors import ConfigError
+from amalab.llm.config import LLMConfig
+from amalab.llm.train import run_training
+from amalab.training import distributed
+from amalab.training import run as training_run
+from amalab.training.distributed import barrier, close_world, decide_on_rank0, init_world, on_every_rank
+
+CPU = torch.device("cpu")
+TIMEOUT_S = 30  # the process group's timeout in these tests: a hang fails after it
+PROMPT_S = 10  # each rank must end within this (about 1 s with shared decisions)
+STEPS = 2
+FOREIGN = {"mixer": "another run's", "optim": {}}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fresh_policy(setup):
+    model = copy.deepcopy(setup["base"])
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def train_run(rank, world, root, setup, make_run):
+    """The same run on every rank, each in its own folder ``root/rank<r>/run`` (no shared filesystem)."""
+    run = make_run(setup, root / f"rank{rank}", "ama-s", "run", max_steps=STEPS)
+    run_training(fresh_policy(setup), run, CPU, world, show_progress=False)
+
+
+def cannot_save(rank, world, root, setup, make_run):
+    """Rank 0's disk is full when it saves the checkpoint."""
+    if rank == 0:
+        def full(*args, **kwargs):
+            raise OSError(28, "No space left on device")
+
+        training_run.save_checkpoint = full  # this forked process only
+    train_run(rank, world, root, setup, make_run)
+
+
+def rank0_decides(rank, world, root, setup, make_run):
+    """Every rank gets rank 0's result; then rank 0's error is raised on every rank."""
+    assert decide_on_rank0(world, lambda: f"rank {rank}'s answer") == "rank 0's answer"
+    decide_on_rank0(world, lambda: 1 / 0)
+
+
+def rank1_fails_alone(rank, world, root, setup, make_run):
+    def read():
+        if rank == 1:
+            raise ConfigError("rank 1 cannot read its file")
+        return 0
+
+    on_every_rank(world, read)
+
+
+#: scenario -> (what each rank does, what rank 0's and rank 1's folders hold, a phrase of the expected error)
+SCENARIOS = {
+    "rank 0 refuses a foreign run.json": (train_run, ("foreign", None), "started with other settings"),
+    "rank 1 sees a foreign run.json": (train_run, (None, "foreign"), "(as rank 1 sees it): this run was started"),
+    "rank 1 lacks the checkpoint rank 0 resumes from": (train_run, ("stopped", "run.json of stopped"),
+                                                        "rank 1 does not see the checkpoint"),
+    "rank 1 lacks the finished run of rank 0": (train_run, ("finished", "run.json of finished"),
+                                                "rank 1 does not see the checkpoint"),
+    "rank 0 cannot save a checkpoint": (cannot_save, (None, None), "OSError: [Errno 28] No space left"),
+    "decide_on_rank0 raises rank 0's error everywhere": (rank0_decides, (None, None), "ZeroDivisionError"),
+    "on_every_rank raises rank 1's error everywhere": (rank1_fails_alone, (None, None), "rank 1 cannot read"),
+}
+
+
+def _worker(rank: int, port: int, scenario: str, root: str, setup: dict, make_run) -> None:
+    """Rank ``rank`` of 2: join through init_world with the short timeout, run the scenario, write what it
+    raised (one line) and how long it took to ``root/rank<r>.json``."""
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    world = init_world(CPU, timeout_s=TIMEOUT_S)
+    barrier(world)  # both ranks start the clock together
+    start, error = time.monotonic(), None
+    try:
+        SCENARIOS[scenario][0](rank, world, Path(root), setup, make_run)
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"
+    seconds = time.monotonic() - start
+    (Path(root) / f"rank{rank}.json").write_text(json.dumps({"error": error, "seconds": seconds}))
+    close_world(world)
+
+
+@pytest.fixture(scope="module")
+def runs(setup, tmp_path_factory, make_run):
+    """Run folders made here by one process: a run stopped after 1 of its 2 steps, and a finished one."""
+    made = tmp_path_factory.mktemp("made")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_training(fresh_policy(setup), make_run(setup, made / "stopped", "ama-s", "run", max_steps=STEPS),
+                     CPU, show_progress=False, stop_after=1)
+        run_training(fresh_policy(setup), make_run(setup, made / "finished", "ama-s", "run", max_steps=STEPS),
+                     CPU, show_progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return {"stopped": made / "stopped" / "run", "finished": made / "finished" / "run"}
+
+
+def fill(folder: Path, holds: str | None, runs: dict) -> None:
+    """Make ``folder`` a run folder holding ``holds``: nothing, a foreign run.json, a made run or its run.json."""
+    if holds is None:
+        return
+    if holds == "foreign":
+        folder.mkdir(parents=True)
+        (folder / "run.json").write_text(json.dumps(FOREIGN))
+    elif holds.startswith("run.json of "):
+        folder.mkdir(parents=True)
+        shutil.copy(runs[holds.removeprefix("run.json of ")] / "run.json", folder / "run.json")
+    else:
+        shutil.copytree(runs[holds], folder)
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_both_ranks_end_at_once_with_the_same_error(scenario, setup, runs, make_run, tmp_path):
+    import torch.multiprocessing as mp
+
+    _, holds, phrase = SCENARIOS[scenario]
+    for rank, what in enumerate(holds):
+        fill(tmp_path / f"rank{rank}" / "run", what, runs)
+    # fork: the children inherit the imported modules and the setup (each uses one thread)
+    start = time.monotonic()
+    context = mp.start_processes(_worker, args=(free_port(), scenario, str(tmp_path), setup, make_run),
+                                 nprocs=2, join=False, start_method="fork")
+    deadline = start + TIMEOUT_S + 60
+    while not context.join(timeout=2):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{scenario}: the 2 processes did not end in {TIMEOUT_S + 60} s")
+    wall = time.monotonic() - start
+    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    errors = [r["error"] for r in results]
+    assert errors[0] is not None and errors[0] == errors[1], errors
+    assert "\n" not in errors[0] and phrase in errors[0], errors[0]
+    assert max(r["seconds"] for r in results) < PROMPT_S, results
+    assert wall < TIMEOUT_S, wall
+
+
+def test_init_world_passes_the_timeout(monkeypatch):
+    calls = []
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend, **kw: calls.append((backend, kw)))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert init_world(CPU, timeout_s=12).rank == 1
+    init_world(CPU)
+    assert calls == [("gloo", {"timeout": datetime.timedelta(seconds=12)}),
+                     ("gloo", {"timeout": datetime.timedelta(seconds=1800)})]
+
+
+def test_one_process_decides_alone():
+    world = distributed.World()
+    assert decide_on_rank0(world, lambda: 3) == 3 and on_every_rank(world, lambda: 4) == 4
+    with pytest.raises(ZeroDivisionError):
+        decide_on_rank0(world, lambda: 1 / 0)
+
+
+def test_ddp_timeout_is_a_positive_number_of_seconds():
+    assert load_section(LLMConfig, {}, "config.toml").ddp_timeout == 1800
+    assert load_section(LLMConfig, {"ddp_timeout": 60}, "config.toml").ddp_timeout == 60.0
+    for bad in (0, -1, float("inf")):
+        with pytest.raises(ConfigError, match="ddp_timeout"):
+            load_section(LLMConfig, {"ddp_timeout": bad}, "config.toml")
