@@ -29,7 +29,6 @@ from amalab.llm.tokenize import TokenizationConfig
 from amalab.mixers import make_mixer
 from amalab.mixers.methods import LOSS_BASELINES, MethodsConfig, method_mixer_and_loss
 from amalab.training.config import MergesConfig, OptimConfig
-from amalab.training.step import check_sequential_update
 
 DEVICES = ("auto", "cpu", "cuda")
 #: [model] autocast: "auto" = bf16 on CUDA, none on CPU; "bf16" = bf16 on CPU and CUDA; "none" = float32
@@ -160,6 +159,9 @@ class LLMConfig:
     out: str = "runs/llm"
     seed: int = 0
     device: str = "auto"
+    #: under torchrun, seconds a rank waits in a collective for the others before the run fails
+    #: (transformers' ddp_timeout, with its default): docs/distributed.md
+    ddp_timeout: float = 1800.0
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     #: the [loss] table: a loss_type of amalab.objectives.preference.PREFERENCE_LOSSES, beta, and TRL's loss options
@@ -181,6 +183,8 @@ class LLMConfig:
     def check(self) -> None:
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}; got {self.device!r}")
+        if not 0 < self.ddp_timeout < float("inf"):
+            raise ValueError(f"ddp_timeout: expected a number of seconds > 0, got {self.ddp_timeout!r}")
 
 
 def load_llm_config(path: str | Path) -> LLMConfig:
@@ -231,5 +235,8 @@ def _check_method(path: Path, config: LLMConfig, name: str, earlier: list[str]) 
     if mixer.baseline == "standard" and "standard" not in earlier:
         raise ConfigError(f"{path}: [methods] names: {name} measures excess over the standard generalist: "
                           "list 'standard' before it")
-    check_sequential_update(mixer, config.train.micro_batch_size, config.train.batch_size,
-                            f"{path}: [methods] {name}")
+    # Sequential AMA-R refuses gradient accumulation, i.e. micro_batch_size < the examples of one rank,
+    # batch_size / world_size: that needs the world size, which only the launch knows (torchrun), so
+    # amalab.llm.stages.generalists.check_generalist_batches refuses it once the world is known. Comparing
+    # with the global batch_size here refused micro_batch_size = batch_size / world_size (one micro-batch a
+    # rank).

@@ -8,6 +8,7 @@ copy of the config and the tokenizer, and builds or reuses the reference cache, 
 
 from __future__ import annotations
 
+import copy
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,11 @@ TOKENIZER_DIR = "tokenizer"
 @dataclass(frozen=True)
 class Experiment:
     """What every stage shares: the config, where it runs, the base model (pi_ref) and its tokenizer, the
-    tokenized tasks, and the reference cache (pi_ref's log-probs of every pair) with its manifest."""
+    tokenized tasks, and the reference cache (pi_ref's log-probs of every pair) with its manifest.
+
+    ``base_model`` stays on the CPU: its log-probs are cached, so the compute device holds only the policies
+    (each a copy made on the CPU and then moved, :meth:`on_device`), not a second model for the whole run.
+    """
 
     config: LLMConfig
     device: torch.device
@@ -61,6 +66,10 @@ class Experiment:
     @property
     def pad_token_id(self) -> int:
         return int(self.tokenizer.pad_token_id)
+
+    def on_device(self, model: torch.nn.Module | None = None) -> torch.nn.Module:
+        """A copy of ``model`` (default: the base model) on the compute device; the original stays put."""
+        return copy.deepcopy(self.base_model if model is None else model).to(self.device)
 
     @property
     def autocast(self):
@@ -134,7 +143,7 @@ def prepare(config: LLMConfig, world: World = World(), show_progress: bool = Tru
     tasks = load_tasks(config.tasks, base_dir=config.base_dir)
     corpus = [text for t in tasks for p in t.train + t.eval for text in (p.prompt, p.chosen, p.rejected)]
     tokenizer = _load_tokenizer(config, corpus)
-    base = base_model(config, tokenizer, device)
+    base = base_model(config, tokenizer, torch.device("cpu"))  # the class docstring says why the CPU
     base.eval()
     for p in base.parameters():
         p.requires_grad_(False)
@@ -150,7 +159,7 @@ def prepare(config: LLMConfig, world: World = World(), show_progress: bool = Tru
     autocast = functools.partial(autocast_context, device, config.model.autocast)
     reference = progress.cached(
         out / "caches" / "reference", manifest, "reference log-probs", len(unique),
-        lambda bar: pair_logps(base, unique, int(tokenizer.pad_token_id), config.train.per_device_eval_batch_size,
-                               device, world, bar, autocast))
+        lambda bar: pair_logps(copy.deepcopy(base).to(device), unique, int(tokenizer.pad_token_id),
+                               config.train.per_device_eval_batch_size, device, world, bar, autocast))
     return Experiment(config, device, world, tokenizer, base, tasks, train_sets, eval_sets, reference, manifest,
                       progress)

@@ -13,8 +13,8 @@ from typing import Any
 
 from amalab.errors import ConfigError
 from amalab.training.distributed import is_sharded
-from amalab.training.state import trainable_state
-from amalab.training.tensor_identity import state_digest
+from amalab.training.state import trainable_tensors
+from amalab.training.tensor_identity import state_digest, streamed_digest
 
 #: config keys that say where or how a model was loaded, not what it computes: left out of fingerprints
 _VOLATILE_CONFIG_KEYS = frozenset(
@@ -51,11 +51,13 @@ def model_fingerprint(model) -> str:
 
 
 def policy_fingerprint(model) -> str:
-    """:func:`model_fingerprint` of a policy; of a sharded one (FSDP), the digest of its gathered trainable
-    tensors (every rank gets the same; gathering is a collective)."""
+    """:func:`model_fingerprint` of a policy; of a sharded one (FSDP), the digest of its trainable tensors,
+    each gathered whole in turn (every rank gets the same; gathering is a collective), so no rank holds more
+    than one whole tensor beside its shards; equal to the digest of ``trainable_state`` gathered at once."""
     if not is_sharded(model):
         return model_fingerprint(model)
-    return state_digest(trainable_state(model), prefix="sharded policy, trainable tensors:")
+    names, aliases, whole = trainable_tensors(model)
+    return streamed_digest(names, aliases, whole, prefix="sharded policy, trainable tensors:")
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -23,22 +23,27 @@ def _lora_layers(peft_model, adapter: str):
     return base_model, layers
 
 
-def lora_delta_state_dict(peft_model, adapter: str = "default") -> dict[str, torch.Tensor]:
+def lora_delta_state_dict(peft_model, adapter: str = "default", device: torch.device | str = "cpu",
+                          ) -> dict[str, torch.Tensor]:
     """The dense weight delta of every LoRA-adapted module, B A * scaling in float32 (PEFT's
-    ``get_delta_weight``, which also transposes fan-in-fan-out layers), keyed by the plain model's name
-    of the adapted weight (``model.layers.0.self_attn.q_proj.weight``)."""
+    ``get_delta_weight``, which also transposes fan-in-fan-out layers), on ``device``, keyed by the plain
+    model's name of the adapted weight (``model.layers.0.self_attn.q_proj.weight``)."""
     _, layers = _lora_layers(peft_model, adapter)
     with torch.no_grad():
-        return {f"{name}.weight": layer.get_delta_weight(adapter).float() for name, layer in layers.items()}
+        return {f"{name}.weight": layer.get_delta_weight(adapter).float().to(device) for name, layer in layers.items()}
 
 
 def lora_dense_state_dict(peft_model, adapter: str = "default", *, with_delta: bool = True,
-                          ) -> dict[str, torch.Tensor]:
-    """The state dict of the plain model, with the adapter folded in (``with_delta``) or left out (the base,
-    theta_0); names as in the model without peft. The model itself is not changed (unlike peft's
-    ``merge_and_unload``)."""
-    base_model, layers = _lora_layers(peft_model, adapter)
-    deltas = lora_delta_state_dict(peft_model, adapter) if with_delta else {}
+                          device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """The state dict of the plain model in float32 on ``device``, with the adapter folded in (``with_delta``)
+    or left out (the base, theta_0); names as in the model without peft. The model itself is not changed
+    (unlike peft's ``merge_and_unload``).
+
+    Every tensor is moved, whatever device the model is on: the merges compute specialist minus base, and a
+    specialist trained on the GPU must meet the base's state on one device (the CPU by default).
+    """
+    base_model, _ = _lora_layers(peft_model, adapter)
+    deltas = lora_delta_state_dict(peft_model, adapter, device) if with_delta else {}
     state = base_model.state_dict()
     alias = tied_aliases(state)
     dense: dict[str, torch.Tensor] = {}
@@ -52,6 +57,6 @@ def lora_dense_state_dict(peft_model, adapter: str = "default", *, with_delta: b
         if name in alias:  # tied weights stay one tensor (merge_state_dicts then merges them once)
             dense[plain] = dense[plain_of[alias[name]]]
             continue
-        value = tensor.detach().float() if tensor.is_floating_point() else tensor.detach()
+        value = (tensor.detach().float() if tensor.is_floating_point() else tensor.detach()).to(device)
         dense[plain] = value + deltas[plain] if plain in deltas else value.clone()
     return dense

@@ -14,6 +14,7 @@ number of ranks, sharded or not. Only the trained parameters are stored (with Lo
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +22,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
+from torch.distributed.tensor import DTensor
 
 from amalab.errors import ConfigError
 from amalab.training.checkpoint import capture_rng_states, restore_rng_states
@@ -77,6 +79,24 @@ def trainable_state(policy: torch.nn.Module, every_rank: bool = True) -> dict[st
     state = get_model_state_dict(policy, options=_FOR_EVERY_RANK if every_rank else _FOR_RANK_0)
     trained = _trained_names(policy)  # the state dict holds buffers too, which no step changes
     return _tie_like({name: tensor.detach().cpu() for name, tensor in state.items() if name in trained}, policy)
+
+
+def trainable_tensors(policy: torch.nn.Module) -> tuple[list[str], dict[str, str], Callable[[str], torch.Tensor]]:
+    """(the trained parameters' names, tied name -> the first of its names in sorted order, ``whole(name)``):
+    the names and ties of :func:`trainable_state`, and one whole CPU tensor at a time. ``whole`` gathers a
+    sharded (DTensor) parameter, a collective: every rank asks for the same names in the same order."""
+    policy = unwrap(policy)
+    params = dict(policy.named_parameters(remove_duplicate=False))
+    names = sorted(name for name, p in params.items() if p.requires_grad)
+    first: dict[int, str] = {}
+    aliases = {name: first.setdefault(id(params[name]), name) for name in names}
+    aliases = {name: kept for name, kept in aliases.items() if kept != name}
+
+    def whole(name: str) -> torch.Tensor:
+        tensor = params[name].detach()
+        return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).cpu()
+
+    return names, aliases, whole
 
 
 def load_trainable_state(policy: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:

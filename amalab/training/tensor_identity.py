@@ -9,7 +9,7 @@ cache keys, model fingerprints and the check that every rank holds the same mixe
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -54,12 +54,20 @@ def state_digest(state: Mapping[str, torch.Tensor | np.ndarray], prefix: str = "
     """
     # aliases by sorted name, so the digest does not depend on the order of ``state``
     aliases = tied_aliases({name: state[name] for name in sorted(state) if isinstance(state[name], torch.Tensor)})
+    return streamed_digest(state, aliases, state.__getitem__, prefix)
+
+
+def streamed_digest(names: Iterable[str], aliases: Mapping[str, str],
+                    value_of: Callable[[str], torch.Tensor | np.ndarray], prefix: str = "") -> str:
+    """:func:`state_digest` of the state whose tensor ``name`` is ``value_of(name)``, asked for one name at a
+    time in sorted order, never for an alias: a caller that gathers each tensor (a sharded model) holds one
+    whole tensor at a time, not the whole model."""
     digest = hashlib.sha256(prefix.encode())
-    for name in sorted(state):
+    for name in sorted(names):
         if name in aliases:
             digest.update(f"{name}|alias of {aliases[name]}".encode())
             continue
-        dtype, shape, data = _as_bytes(state[name])
+        dtype, shape, data = _as_bytes(value_of(name))
         digest.update(f"{name}|{dtype}|{shape}".encode())
         digest.update(data)
     return digest.hexdigest()

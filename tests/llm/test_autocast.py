@@ -17,7 +17,7 @@ import torch
 from amalab.cli import main
 from amalab.errors import ConfigError
 from amalab.llm.collate import collate_pairs
-from amalab.llm.logprobs import backbone_and_head, sequence_logps
+from amalab.llm.logprobs import backbone_and_head, head_chunks, sequence_logps
 from amalab.llm.precision import autocast_context, autocast_dtype, autocast_manifest
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -61,7 +61,8 @@ def test_bf16_log_probs_are_close_to_float32_and_the_head_stays_float32(make_mod
         with autocast_context(CPU, "bf16"):
             bf16 = sequence_logps(model, batch)
     assert layer_dtypes == [torch.float32, torch.bfloat16]  # the autocast reached the decoder layers
-    assert seen == [(False, torch.float32, torch.float32)] * 2  # the head and its log-softmax: float32
+    chunks = len(head_chunks(int(batch.completion_mask.sum())))
+    assert seen == [(False, torch.float32, torch.float32)] * 2 * chunks  # the head and its log-softmax: float32
     assert bf16.chosen.dtype is torch.float64 and all(p.dtype is torch.float32 for p in model.parameters())
     for name in ("chosen", "rejected"):
         difference = (getattr(bf16, name) - getattr(reference, name)).abs()

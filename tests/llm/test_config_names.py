@@ -132,3 +132,51 @@ def test_the_table_lists_every_optimizer_and_loss_key():
 def test_the_diagnostic_suites_loss_table_takes_loss_type():
     control = pytest.importorskip("amalab.control.config")
     assert load_section(control.LossConfig, {"loss_type": "ipo"}, "config.toml", "loss").loss_type == "ipo"
+
+
+# --- sequential AMA-R and micro-batches: refused only as real accumulation, once the world size is known
+
+def amar_config(experiment, tmp_path: Path, micro: int, batch: int = 4, names: str = '["ama-r"]') -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    return experiment(tmp_path, names=names, batch=str(batch),
+                      **{"save_steps = 2\n": f"save_steps = 2\nmicro_batch_size = {micro}\n"})
+
+
+def test_sequential_amar_takes_one_micro_batch_a_rank(tmp_path, experiment):
+    """micro_batch_size = batch_size / world size is one micro-batch on each rank, not accumulation: the
+    config loads (it was refused at load, compared with the global batch) and two ranks take it; one process,
+    whose share is the whole batch of 4, refuses it in one line naming the setting, as does every rank of four
+    when a batch of 6 gives ranks 0 and 1 two examples and micro-batches of one (also the ranks holding one
+    example, so that no rank is left alone in a collective)."""
+    from amalab.llm.stages.generalists import check_generalist_batches
+    from amalab.training.distributed import World
+
+    config = load_llm_config(amar_config(experiment, tmp_path, micro=2))
+    assert (config.train.micro_batch_size, config.train.batch_size) == (2, 4)
+    for rank in (0, 1):
+        check_generalist_batches(config, World(rank, 2))
+    check_generalist_batches(config, World(0, 4))
+    with pytest.raises(ConfigError) as refused:
+        check_generalist_batches(config, World())
+    message = str(refused.value)
+    assert message.startswith(f"{config.source_path}: [train] micro_batch_size = 2 is under the 4 examples "
+                              "a rank")
+    assert "[methods] ama-r" in message and "ama-r-sim" in message and "\n" not in message
+    six = load_llm_config(amar_config(experiment, tmp_path / "six", micro=1, batch=6))
+    for rank in range(4):  # ranks 0 and 1 hold 2 examples, ranks 2 and 3 one: all four refuse
+        with pytest.raises(ConfigError, match=r"micro_batch_size = 1 is under the 2 examples a rank "
+                                              r"\(batch_size 6 over 4 processes\)"):
+            check_generalist_batches(six, World(rank, 4))
+    # what is not sequential AMA-R, or not a split, is never refused
+    check_generalist_batches(load_llm_config(amar_config(experiment, tmp_path / "sim", micro=1,
+                                                         names='["ama-r-sim", "ama-s"]')), World())
+    check_generalist_batches(load_llm_config(amar_config(experiment, tmp_path / "zero", micro=0)), World())
+
+
+def test_one_process_refuses_sequential_amar_accumulation_before_any_generalist(tmp_path, capsys, experiment):
+    config = amar_config(experiment, tmp_path, micro=2)
+    assert main(["llm", "run", str(config), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "[train] micro_batch_size = 2 is under the 4 examples a rank" in err, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "run" / "generalists").exists()

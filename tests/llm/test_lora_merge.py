@@ -50,3 +50,20 @@ def test_lora_dense_state_equals_peft_merge_and_unload(make_model):
     assert changed == set(deltas)
     with pytest.raises(ConfigError, match="no LoRA adapter 'other'"):
         lora_delta_state_dict(model, "other")
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_dense_state_is_on_the_merge_device_whatever_the_model_is_on(make_model, lora):
+    """A specialist trained on a GPU meets the base's dense state on one device: every tensor of
+    ``dense_state`` is moved there. Here the model is on the CPU and the merge device is ``meta`` (a CPU
+    build has no second real device): a tensor left where the model lives shows up as a CPU tensor."""
+    from amalab.llm.stages.merges import dense_state
+
+    model = lora_specialist(make_model, 1) if lora else make_model(seed=0)
+    dense = dense_state(model, device="meta")
+    assert {t.device.type for t in dense.values()} == {"meta"}
+    assert {t.dtype for t in dense.values() if t.is_floating_point()} == {torch.float32}
+    base = dense_state(make_model(seed=0), device="meta")
+    for method in ("linear", "task_arithmetic", "ties"):  # shapes and devices only: meta tensors hold no data
+        merged = merge_state_dicts(base, [dense, dense], method, density=0.5)
+        assert {t.device.type for t in merged.values()} == {"meta"}

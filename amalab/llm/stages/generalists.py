@@ -6,6 +6,7 @@ against its baseline losses (``OUT/generalists/<method>/seed<s>/``), and the bas
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -18,9 +19,12 @@ from amalab.llm.generation_scores import add_generation
 from amalab.llm.stages.policies import described, train_policy, trained_policy
 from amalab.llm.stages.scoring import SpecialistLosses, loss_cache, scored
 from amalab.llm.train import TrainingRun
+from amalab.mixers import make_mixer
 from amalab.mixers.methods import baseline_losses, make_method, method_mixer_and_loss
 from amalab.training.cache import ValueCache
+from amalab.training.distributed import World
 from amalab.training.run import check_run_dir, training_tokens
+from amalab.training.step import check_sequential_update
 
 
 def generalist_runs(config: LLMConfig, out: Path) -> Iterator[tuple[str, str, bool, int, Path]]:
@@ -28,6 +32,31 @@ def generalist_runs(config: LLMConfig, out: Path) -> Iterator[tuple[str, str, bo
     for label, method, in_sample in config.methods.runs():
         for s in range(config.methods.seeds_of(method)):
             yield label, method, in_sample, s, out / "generalists" / label / f"seed{s}"
+
+
+def check_generalist_batches(config: LLMConfig, world: World) -> None:
+    """Refuse (ConfigError, one line) a method that cannot train in ``[train] micro_batch_size`` on ``world``.
+
+    Sequential AMA-R updates its weights from the whole batch before any backward pass, so each rank's share
+    of the batch must go through one forward pass: micro_batch_size 0, or at least the largest share,
+    ceil(batch_size / world size) (:func:`~amalab.training.distributed.rank_slots`). micro_batch_size =
+    batch_size / world size is one micro-batch a rank, not accumulation. The world size is known only here,
+    not when the config loads. Decided on the largest share, not this rank's, so that every rank refuses
+    together (a rank refusing alone would leave the others waiting in a collective).
+    """
+    micro, batch = config.train.micro_batch_size, config.train.batch_size
+    per_rank = math.ceil(batch / world.size)
+    if not 0 < micro < per_rank:
+        return
+    k = len(config.tasks)
+    for name in config.methods.names:
+        mixer = make_mixer(method_mixer_and_loss(name, config.loss.loss_type)[0], k, sizes=[1] * k,
+                           **config.methods.options.get(name, {}))
+        processes = f"{world.size} process{'es' if world.size > 1 else ''}"
+        check_sequential_update(mixer, micro, per_rank,
+                                f"{config.source_path or 'config'}: [train] micro_batch_size = {micro} is "
+                                f"under the {per_rank} examples a rank (batch_size {batch} over {processes}): "
+                                f"[methods] {name}")
 
 
 def generalist_run(experiment: Experiment, label: str, method: str, s: int, run_dir: Path, losses: SpecialistLosses,
@@ -65,6 +94,7 @@ def _standard_cache(experiment: Experiment, model, run_dir: Path) -> ValueCache:
 def generalists(experiment: Experiment, losses: SpecialistLosses) -> list[dict]:
     """Train every method of the config with its seeds; return one record per run. A run finished earlier
     whose held-out metrics were scored against other specialist losses is evaluated again."""
+    check_generalist_batches(experiment.config, experiment.world)
     records, standard_cache = [], None
     for label, method, in_sample, s, run_dir in generalist_runs(experiment.config, experiment.out):
         run = generalist_run(experiment, label, method, s, run_dir, losses, standard_cache, in_sample)
@@ -121,7 +151,7 @@ def base_record(experiment: Experiment, losses: SpecialistLosses, fresh: bool = 
     final = json.loads(path.read_text()) if path.is_file() and not fresh else {}
     if final.get("specialist_losses") != losses.stamp():
         run_dir.mkdir(parents=True, exist_ok=True)
-        final = scored(experiment, experiment.base_model, losses, run_dir, {})
+        final = scored(experiment, experiment.on_device(), losses, run_dir, {})
         for metrics in final["tasks"].values():  # pi_ref against itself: every margin is 0 up to rounding
             metrics.pop("accuracy", None), metrics.pop("margin", None)
         _write(experiment, path, final)

@@ -8,7 +8,6 @@ adapter, :func:`amalab.llm.lora_merge.lora_dense_state_dict`) are merged with th
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -21,14 +20,20 @@ from amalab.llm.stages.policies import trained_policy
 from amalab.llm.stages.scoring import SpecialistLosses, scored
 from amalab.llm.lora_merge import lora_dense_state_dict
 from amalab.training.merge import RANDOM_METHODS, merge_state_dicts
+from amalab.training.distributed import decide_on_rank0
 from amalab.training.run import training_tokens
+from amalab.training.tensor_identity import tied_aliases
 
 
-def dense_state(model) -> dict[str, torch.Tensor]:
-    """The plain model's float32 state dict, with a LoRA adapter folded in."""
+def dense_state(model, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """The plain model's float32 state dict on ``device`` (where the merges compute), with a LoRA adapter
+    folded in; a tied weight stays one tensor."""
     if getattr(model, "peft_config", None):
-        return lora_dense_state_dict(model)
-    return {n: t.detach().float().cpu() for n, t in model.state_dict().items()}
+        return lora_dense_state_dict(model, device=device)
+    state = model.state_dict()
+    alias = tied_aliases(state)
+    moved = {n: t.detach().float().to(device) for n, t in state.items() if n not in alias}
+    return {n: moved[alias.get(n, n)] for n in state}
 
 
 def specialist_states(experiment: Experiment) -> list[dict[str, torch.Tensor]]:
@@ -46,8 +51,13 @@ def specialist_states(experiment: Experiment) -> list[dict[str, torch.Tensor]]:
 
 
 def specialists_compute(experiment: Experiment) -> dict:
-    """What a merge cost to train: the optimizer steps and training tokens of the specialists it merges."""
+    """What a merge cost to train: the optimizer steps and training tokens of the specialists it merges, as
+    rank 0's files say (a rank without them would fail alone: docs/distributed.md)."""
     runs = [experiment.out / "specialists" / name for name in experiment.task_names]
+    return decide_on_rank0(experiment.world, lambda: _compute(runs))
+
+
+def _compute(runs: list[Path]) -> dict:
     steps = sum(json.loads((run / "final.json").read_text()).get("steps", 0) for run in runs)
     return {"steps": steps, "tokens": sum(training_tokens(run) for run in runs)}
 
@@ -55,14 +65,19 @@ def specialists_compute(experiment: Experiment) -> dict:
 def _evaluated_merge(experiment: Experiment, losses: SpecialistLosses, merged: dict[str, torch.Tensor],
                      run_dir: Path, options: dict, made_of: dict) -> dict:
     """The base model holding the ``merged`` weights, scored like a generalist; final.json written."""
-    model = copy.deepcopy(experiment.base_model)
-    model.load_state_dict(merged)
+    model = experiment.on_device()
+    model.load_state_dict(merged)  # copies the CPU tensors onto the model's device
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "generation.json").unlink(missing_ok=True)  # another model: its generations differ
     final = {**scored(experiment, model, losses, run_dir, {}), "options": options, "merged": made_of}
-    if experiment.world.is_main:
-        write_json_atomic(run_dir / "final.json", final, indent=1)
+    # rank 0 writes; its failure stops every rank rather than one
+    decide_on_rank0(experiment.world, lambda: write_json_atomic(run_dir / "final.json", final, indent=1))
     return final
+
+
+def _kept(final_path: Path, fresh: bool) -> dict:
+    """The merge's final.json as evaluated earlier ({} when there is none, or when ``fresh``)."""
+    return json.loads(final_path.read_text()) if final_path.is_file() and not fresh else {}
 
 
 def merged_specialists(experiment: Experiment, losses: SpecialistLosses, fresh: bool = False) -> list[dict]:
@@ -79,7 +94,8 @@ def merged_specialists(experiment: Experiment, losses: SpecialistLosses, fresh: 
             run_dir = experiment.out / "merges" / method / f"seed{s}"
             final_path = run_dir / "final.json"
             made_of = {"options": options, "specialists": losses.stamp(in_sample=True)["fingerprint"]}
-            final = json.loads(final_path.read_text()) if final_path.is_file() and not fresh else {}
+            # rank 0's final.json decides for every rank whether to merge again (docs/distributed.md)
+            final = decide_on_rank0(experiment.world, lambda: _kept(final_path, fresh))
             if final.get("merged") != made_of or final.get("specialist_losses") != losses.stamp():
                 states = specialist_states(experiment) if states is None else states
                 merged = merge_state_dicts(base, states, method, seed=config.seed + s, **options)

@@ -23,6 +23,7 @@ def new_policy(experiment: Experiment, seed: int) -> torch.nn.Module:
     is sharded over the ranks (:func:`amalab.llm.logprobs.shard_causal_lm`).
     """
     settings = experiment.config.model
+    # copied and given its adapter on the CPU (where the base lives), then moved: one model on the device
     model = trainable(copy.deepcopy(experiment.base_model), settings, seed).to(experiment.device)
     if settings.torch_compile:
         compile_layers(model)
@@ -49,8 +50,9 @@ def train_policy(experiment: Experiment, run: TrainingRun) -> tuple[torch.nn.Mod
 
 
 def trained_policy(experiment: Experiment, run_dir: Path, seed: int) -> torch.nn.Module | None:
-    """A fresh policy holding the trained parameters of ``run_dir``'s last checkpoint; None without one."""
-    checkpoint = load_latest(run_dir)
+    """A fresh policy holding the trained parameters of ``run_dir``'s last checkpoint; None without one (rank
+    0's checkpoint, loaded by every rank: docs/distributed.md)."""
+    checkpoint = load_latest(run_dir, world=experiment.world)
     if checkpoint is None:
         return None
     model = new_policy(experiment, seed)
