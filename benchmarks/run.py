@@ -45,7 +45,7 @@ MICRO_BATCH = 2  # pairs per forward in the length-grouping variants (gradient a
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["tiny", "smollm2"], choices=["tiny", "smollm2"])
+    parser.add_argument("--models", nargs="+", default=["tiny", "smollm2"], choices=["tiny", "smollm2", "smollm2-shape"])
     parser.add_argument("--parts", nargs="+", default=["step", "features", "cache", "memory"],
                         choices=["step", "features", "cache", "memory", "logprob_error"])
     parser.add_argument("--lora", action="store_true",

