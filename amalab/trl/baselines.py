@@ -32,7 +32,9 @@ the description are kept), so it travels with ``Dataset.save_to_disk``/``load_fr
 cross-fitting; ``"*"`` for a generalist); ``reference`` (:func:`reference_fingerprint`); ``folds`` (null or
 ``{"k", "seed", "ids"}``); ``settings`` (loss_type, beta, label_smoothing, f_divergence_type,
 f_alpha_divergence_coef, ld_alpha, discopop_tau, max_length, truncation_mode); ``values`` (sha256 of the
-column as float64, in row order).
+column as float64, in row order); ``dropped_by_trl`` (the pairs TRL's preparation drops with these
+settings, a completion truncated away: their value is NaN, left out of the digest, and the trainer, which
+drops them too, never reads it).
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ RECORD_VERSION = 1
 #: the mixers' baseline kinds (amalab.mixers) -> the record kinds that measure it
 _KINDS = {"specialist": ("specialists", "cross-fit"), "standard": ("generalist",)}
 #: a record setting -> the config field that sets it
-_SETTING_FIELDS = {"loss_type": "loss_type", "beta": "beta", "label_smoothing": "label_smoothing",
+SETTING_FIELDS = {"loss_type": "loss_type", "beta": "beta", "label_smoothing": "label_smoothing",
                    "f_divergence_type": "f_divergence_type", "f_alpha_divergence_coef": "f_alpha_divergence_coef",
                    "ld_alpha": "ld_alpha", "discopop_tau": "discopop_tau", "max_length": "max_length",
                    "truncation_mode": "truncation_mode"}
@@ -112,8 +114,10 @@ def reference_fingerprint(trainer) -> str:
 
 
 def values_digest(values) -> str:
-    """sha256 of the baseline column as float64, in row order."""
-    return hashlib.sha256(np.asarray(values, dtype=np.float64).tobytes()).hexdigest()
+    """sha256 of the baseline column as float64, in row order, without the rows TRL drops (NaN here: see
+    :func:`add_baseline_losses`), which the trainer never sees."""
+    values = np.asarray(values, dtype=np.float64)
+    return hashlib.sha256(values[~np.isnan(values)].tobytes()).hexdigest()
 
 
 # --- the folds ----------------------------------------------------------------------------------------
@@ -158,13 +162,17 @@ def _load(model, args):
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 
+#: the column that carries each pair's position through TRL's preparation, which may drop pairs
+_POSITION = "__amalab_position__"
+
+
 def _scorer(model, args, ref_model, processing_class, rows: Dataset) -> DPOTrainer:
     """A plain TRL DPOTrainer on ``rows``: its tokenized dataset, collator and forward score them."""
     if ref_model is None and not is_peft_model(model):
         raise ValueError("add_baseline_losses: give ref_model (the generalist's reference): without it a full "
                          "model would be its own reference")
-    return DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=rows,
-                      processing_class=processing_class)
+    return DPOTrainer(model=model, ref_model=ref_model, args=args, processing_class=processing_class,
+                      train_dataset=rows.add_column(_POSITION, list(range(len(rows)))))
 
 
 def _score(trainer, batch_size: int) -> np.ndarray:
@@ -219,11 +227,16 @@ def add_baseline_losses(dataset: Dataset, specialists, args, *, processing_class
             if key is not None:
                 reference_of[key] = fingerprint
         references.add(reference_of[key] if key is not None else fingerprint)
-        values[rows] = _score(trainer, batch_size)
+        # TRL drops the pairs whose completion its truncation leaves empty; they stay NaN here, as the
+        # generalist's own preparation (same settings: the record checks them) drops them too
+        kept = np.asarray(trainer.train_dataset[_POSITION], dtype=int)
+        values[np.asarray(rows)[kept]] = _score(trainer, batch_size)
+        dropped[0] += len(rows) - len(kept)
         settings.update(loss_settings(trainer))
         return model_fingerprint(trainer.accelerator.unwrap_model(trainer.model))
 
     settings: dict = {}
+    dropped = [0]
     fold_record = None
     if folds is not None and folds != 1:
         if not callable(specialists) or isinstance(specialists, torch.nn.Module):
@@ -257,7 +270,7 @@ def add_baseline_losses(dataset: Dataset, specialists, args, *, processing_class
                          "(PEFT models on different bases?): give ref_model")
     record = {"version": RECORD_VERSION, "column": column, "task_column": args_view.task_column, "kind": kind,
               "tasks": index.names, "models": models, "reference": references.pop(), "folds": fold_record,
-              "settings": settings, "values": values_digest(values)}
+              "settings": settings, "values": values_digest(values), "dropped_by_trl": dropped[0]}
     out = raw.add_column(column, values.tolist())
     # add_column gives the new dataset its own copy of the info: the input's description is left alone
     out.info.description = _with_record(out.info.description, record)
@@ -317,7 +330,7 @@ def check_baseline_record(trainer) -> None:
     if record["kind"] != "generalist" and list(record["tasks"]) != list(trainer.tasks.names):
         raise ValueError(f"{prefix}: tasks {record['tasks']}, the trainer's are {trainer.tasks.names}; {redo}")
     ours = loss_settings(trainer)
-    for name, field in _SETTING_FIELDS.items():
+    for name, field in SETTING_FIELDS.items():
         if record["settings"].get(name) != ours[name]:
             raise ValueError(f"{prefix}: {name} was {record['settings'].get(name)!r}, the trainer's is "
                              f"{ours[name]!r} (DPOConfig.{field}); {redo}")

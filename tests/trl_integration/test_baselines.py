@@ -184,3 +184,22 @@ def test_a_full_model_without_ref_model_is_refused(trained, tokenizer, tmp_path)
     with pytest.raises(ValueError, match="give ref_model"):
         add_baseline_losses(trained["data"], trained["specialists"]["sums"], ama_args(tmp_path),
                             processing_class=tokenizer)
+
+
+def test_a_pair_trl_drops_is_left_out_of_the_values_and_their_record(trained, tokenizer):
+    """TRL drops a pair whose completion its truncation leaves empty (a prompt of max_length tokens or more);
+    its s(z) is NaN and out of the record's digest, and AMATrainer, which drops the same pair, accepts the
+    record and sees only finite values."""
+    long_prompt = {"task": "sums", "prompt": "Human: " + "what is one plus one? " * 40 + "Assistant:",
+                   "chosen": " Two.", "rejected": " Three."}
+    data = Dataset.from_list(rows()[:7] + [long_prompt] + rows()[7:])
+    args = ama_args(trained["tmp"], max_length=48)
+    scored = add_baseline_losses(data, trained["specialists"], args, ref_model=trained["reference"],
+                                 processing_class=tokenizer)
+    values = np.array(scored["baseline_loss"])
+    assert np.isnan(values[7]) and np.isfinite(np.delete(values, 7)).all()
+    assert read_baseline_record(scored)["dropped_by_trl"] == 1
+    trainer = AMATrainer(model=model(tokenizer, 0), ref_model=trained["reference"], args=args,
+                         train_dataset=scored, processing_class=tokenizer)  # the record check passes
+    assert len(trainer.train_dataset) == len(data) - 1
+    assert np.isfinite(trainer.tasks.baseline).all()
