@@ -110,7 +110,7 @@ def _check_base(run: RunFolder, base, tokenizer) -> None:
 def merged_policy(run: RunFolder):
     """(the run's policy at its last checkpoint with any LoRA adapter merged in, on the CPU; the tokenizer;
     the checkpoint)."""
-    checkpoint = load_latest(run.path)
+    checkpoint = load_latest(run.path, weights_only=True)  # an export never needs the optimizer state
     if checkpoint is None:
         raise ConfigError(f"{run.path}: no checkpoint to export yet")
     if not (run.experiment / TOKENIZER_DIR).is_dir():

@@ -103,7 +103,8 @@ def run_training(model, run: TrainingRun, device: torch.device, world: World = W
     # one decision for every rank: a rank that saw no final.json would train while the others had returned
     finished = decide_on_rank0(world, lambda: _finished(final_path))
     if finished is not None:
-        load_trainable_state(model, load_latest(run.run_dir, world=world).model_state)
+        # the weights alone: a finished run is evaluated or merged, never resumed
+        load_trainable_state(model, load_latest(run.run_dir, world=world, weights_only=True).model_state)
         return finished
     log = log or metrics_logger(run.run_dir, optim, run.task_names, world)
     autocast = autocast or (lambda: autocast_context(device))

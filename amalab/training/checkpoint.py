@@ -20,16 +20,26 @@ point therefore leaves the previous checkpoint and pointer intact, and no half-w
 unless told otherwise, whatever device saved it; ``torch.load`` runs with ``weights_only``, so loading never
 runs code stored in a checkpoint. Under several ranks, rank 0 names the checkpoint every rank loads
 (:func:`load_latest`; docs/distributed.md).
+
+What needs only the trained weights (a finished run's policy, evaluation, merges, export) loads with
+``weights_only=True``: state.json and model.safetensors alone, never the optimizer state (as large as the
+weights twice over) nor the other parts. On the CPU the model tensors are memory-mapped (safetensors maps the
+file; a page is read when first touched), so a rank that copies out only its shard of a sharded parameter
+reads only that shard (:func:`amalab.training.state.load_trainable_state`).
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import re
 import shutil
+import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -64,9 +74,13 @@ class Checkpoint:
     mixer_state: dict[str, np.ndarray] | None = None
     sampler_state: dict | None = None
     rng_states: dict | None = None
+    #: loaded with ``weights_only``: the model state alone, which cannot resume a run
+    weights_only: bool = False
 
     def state_dict(self) -> dict:
         """The parts under the names :meth:`~amalab.training.state.TrainState.load_state_dict` reads."""
+        if self.weights_only:
+            raise ValueError(f"{self.path}: loaded with weights_only, which cannot resume a run: load it all")
         return {"step": self.step, "model_state": self.model_state, "optimizer_state": self.optimizer_state,
                 "scheduler_state": self.scheduler_state, "mixer_state": self.mixer_state,
                 "sampler_state": self.sampler_state, "rng_states": self.rng_states}
@@ -258,9 +272,38 @@ def _prune(root: Path, current: int, keep_last: int | None) -> None:
 
 # --- reading -----------------------------------------------------------------------------------------
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
-    """Read one checkpoint folder; tensors go to ``map_location`` (the CPU by default)."""
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *,
+                    weights_only: bool = False) -> Checkpoint:
+    """Read one checkpoint folder; tensors go to ``map_location`` (the CPU by default, memory-mapped there).
+
+    ``weights_only``: read state.json and the model's tensors alone; the optimizer, scheduler, mixer, sampler
+    and RNG files are never opened (those parts are None) and the checkpoint cannot resume a run. A part
+    state.json lists that is missing or unreadable is a ConfigError naming it.
+    """
     path = Path(path)
+    state = _read_state(path)
+    model_state = _model_state(path, state, map_location)
+    if weights_only:
+        return Checkpoint(path=path, step=state["step"], model_state=model_state, weights_only=True)
+    files = set(state["files"])
+
+    def part(name, read):
+        return _read_part(path, name, read) if name in files else None
+
+    def torch_file(file):
+        # torch's weights_only (unrelated to ours): loading a checkpoint must never run code stored in it
+        return torch.load(file, map_location=map_location, weights_only=True)
+
+    # keyword arguments are read in order: the optimizer first, the part a resume cannot do without
+    return Checkpoint(path=path, step=state["step"], model_state=model_state,
+                      optimizer_state=part("optimizer.pt", torch_file),
+                      scheduler_state=part("scheduler.pt", torch_file),
+                      mixer_state=part("mixer.npz", _read_npz), sampler_state=part("sampler.json", _read_json),
+                      rng_states=part("rng.json", _read_json))
+
+
+def _read_state(path: Path) -> dict:
+    """The checkpoint's state.json (FileNotFoundError: not a complete checkpoint)."""
     state_path = path / STATE_FILE
     if not state_path.is_file():
         raise FileNotFoundError(f"{path}: not a complete checkpoint (no {STATE_FILE})")
@@ -268,29 +311,40 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if state.get("format") != FORMAT_VERSION:
         raise ValueError(f"{state_path}: checkpoint format {state.get('format')!r}, "
                          f"this code reads {FORMAT_VERSION}")
+    return state
+
+
+def _model_state(path: Path, state: dict, map_location: str | torch.device) -> dict[str, torch.Tensor]:
+    """The model's tensors under every saved name. On the CPU safetensors memory-maps the file: nothing is
+    read until a tensor's pages are touched, and a slice reads only its own."""
     tensors = load_file(str(path / "model.safetensors"), device=str(map_location))
     for alias, target in state["model_aliases"].items():
         tensors[alias] = tensors[target]  # tied weights come back as one tensor, as they were saved
-    model_state = {key: tensors[key] for key in state["model_keys"]}
-    files = set(state["files"])
+    return {key: tensors[key] for key in state["model_keys"]}
 
-    def torch_part(name):
-        if name not in files:
-            return None
-        # weights_only: loading a checkpoint must never run code stored in it
-        return torch.load(path / name, map_location=map_location, weights_only=True)
 
-    def json_part(name):
-        return json.loads((path / name).read_text(encoding="utf-8")) if name in files else None
+_NO_RESUME = "the checkpoint cannot resume a run (its weights still load, for evaluation or export)"
 
-    mixer_state = None
-    if "mixer.npz" in files:
-        with np.load(path / "mixer.npz", allow_pickle=False) as npz:
-            mixer_state = {key: npz[key] for key in npz.files}
-    return Checkpoint(path=path, step=state["step"], model_state=model_state,
-                      optimizer_state=torch_part("optimizer.pt"), scheduler_state=torch_part("scheduler.pt"),
-                      mixer_state=mixer_state, sampler_state=json_part("sampler.json"),
-                      rng_states=json_part("rng.json"))
+
+def _read_part(path: Path, name: str, read: Callable[[Path], Any]) -> Any:
+    """``read(file)`` of part ``name``, which state.json lists; ConfigError if it is missing or unreadable."""
+    file = path / name
+    if not file.is_file():
+        raise ConfigError(f"{path}: {name} is missing (state.json lists it): {_NO_RESUME}")
+    try:
+        return read(file)
+    except (ValueError, RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        # not the error's text: torch's suggests loading without weights_only, which may run code in the file
+        raise ConfigError(f"{file}: unreadable ({type(e).__name__}): {_NO_RESUME}") from None
+
+
+def _read_npz(file: Path) -> dict[str, np.ndarray]:
+    with np.load(file, allow_pickle=False) as npz:
+        return {key: npz[key] for key in npz.files}
+
+
+def _read_json(file: Path):
+    return json.loads(file.read_text(encoding="utf-8"))
 
 
 def latest_checkpoint_path(run_dir: str | Path) -> Path | None:
@@ -307,8 +361,9 @@ def latest_checkpoint_path(run_dir: str | Path) -> Path | None:
 
 
 def load_latest(run_dir: str | Path, map_location: str | torch.device = "cpu", *,
-                world: World = World()) -> Checkpoint | None:
-    """The newest complete checkpoint of the run, or None if it has none yet.
+                world: World = World(), weights_only: bool = False) -> Checkpoint | None:
+    """The newest complete checkpoint of the run, or None if it has none yet; ``weights_only``: its model
+    state alone (:func:`load_checkpoint`), for what evaluates or exports a run, never resumes it.
 
     Under several ranks, the newest as rank 0 sees it: rank 0 names it and every rank loads that one, so
     that all continue from the same step; a rank that cannot makes every rank raise its error
@@ -319,17 +374,17 @@ def load_latest(run_dir: str | Path, map_location: str | torch.device = "cpu", *
     if name is None:
         return None
     path = Path(run_dir) / CHECKPOINT_DIR / name
-    return on_every_rank(world, lambda: _load_named(path, map_location, world))
+    return on_every_rank(world, lambda: _load_named(path, map_location, world, weights_only))
 
 
 def _name_or_none(path: Path | None) -> str | None:
     return None if path is None else path.name
 
 
-def _load_named(path: Path, map_location: str | torch.device, world: World) -> Checkpoint:
+def _load_named(path: Path, map_location: str | torch.device, world: World, weights_only: bool) -> Checkpoint:
     """Checkpoint ``path``, which rank 0 named; a rank other than 0 that lacks it says why that matters."""
     try:
-        return load_checkpoint(path, map_location)
+        return load_checkpoint(path, map_location, weights_only=weights_only)
     except FileNotFoundError as e:
         if world.is_main:
             raise

@@ -7,7 +7,8 @@ the generator that draws the batch's task ids; :meth:`TrainState.state_dict` is 
 
 Policy and optimizer states go through ``torch.distributed.checkpoint.state_dict``, which handles plain and
 FSDP2-sharded modules alike: saved as full (unsharded) CPU tensors under the policy's own parameter names, and
-cut back to each rank's shard on load. A run saved on W ranks, sharded or not, therefore continues on any
+cut back to each rank's shard on load (each rank copies in only its part of the model's tensors:
+:func:`load_trainable_state`). A run saved on W ranks, sharded or not, therefore continues on any
 number of ranks, sharded or not. Only the trained parameters are stored (with LoRA, only the adapter).
 """
 
@@ -23,6 +24,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor
+# private, but what torch's own loading of sharded state dicts uses; no public equivalent
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from amalab.errors import ConfigError
 from amalab.training.checkpoint import capture_rng_states, restore_rng_states
@@ -100,13 +103,37 @@ def trainable_tensors(policy: torch.nn.Module) -> tuple[list[str], dict[str, str
 
 
 def load_trainable_state(policy: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Put full tensors (a checkpoint's) into the trained parameters; each rank keeps its shard under FSDP2."""
+    """Put full tensors (a checkpoint's) into the trained parameters; each rank keeps its shard under FSDP2.
+
+    A sharded (DTensor) parameter gets only this rank's part of its full tensor, sliced on the CPU (from the
+    memory-mapped checkpoint, so only that part is read) and copied into the local shard: no rank moves a
+    whole tensor to its device, and no collective runs. ``set_model_state_dict`` would move each full tensor
+    to the device on every rank before cutting it. The other parameters go through ``set_model_state_dict``.
+    """
     policy = unwrap(policy)
     expected = _trained_names(policy)
     if set(state) != expected:
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         raise ConfigError(f"checkpoint does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    set_model_state_dict(policy, dict(state), options=_FROM_FULL)
+    params = dict(policy.named_parameters(remove_duplicate=False))
+    sharded = {name for name in state if isinstance(params[name], DTensor)}
+    for name in sorted(sharded):
+        _copy_shard(name, params[name], state[name])
+    rest = {name: tensor for name, tensor in state.items() if name not in sharded}
+    if rest:
+        set_model_state_dict(policy, rest, options=_FROM_FULL)
+
+
+@torch.no_grad()
+def _copy_shard(name: str, param: DTensor, full: torch.Tensor) -> None:
+    """Copy this rank's part of the full tensor ``full`` into the sharded parameter ``param``."""
+    if tuple(full.shape) != tuple(param.shape):
+        raise ConfigError(f"checkpoint does not fit the model: {name} has shape {tuple(full.shape)}, the "
+                          f"model's is {tuple(param.shape)}")
+    # the offsets of this rank's part, as torch computes them to load a sharded state dict
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    part = full[tuple(slice(start, start + size) for size, start in zip(shape, offset))]
+    param.detach().to_local().copy_(part)
 
 
 def draw_generator(seed: int) -> np.random.Generator:

@@ -18,9 +18,12 @@ sequence log-probs, per-example losses), so the same step trains any policy with
 Each backward pass weights the losses by the mixer's coefficients, ``(coefficients * losses).sum()``, so the
 gradient is the coefficient-weighted *sum* over the global batch: each rank backpropagates its share and the
 gradients are summed over ranks. W ranks, A micro-batches or one big batch give the same update up to float
-rounding. Sequential AMA-R (``mixer.update_first``: theta steps with alpha_{t+1}) needs the whole statistics
-before its first backward pass, so it keeps each micro-batch's graph until the update and needs one
-micro-batch per rank (:func:`check_sequential_update`); ``ama-r-sim`` is the variant for accumulation.
+rounding. Under FSDP2 every backward pass reduce-scatters its gradients into each rank's shard, where the
+micro-batches' shards add up: a rank never holds a whole gradient of a sharded parameter (one collective per
+micro-batch instead of one per step, the price of FSDP's memory saving). Sequential AMA-R
+(``mixer.update_first``: theta steps with alpha_{t+1}) needs the whole statistics before its first backward
+pass, so it keeps each micro-batch's graph until the update and needs one micro-batch per rank
+(:func:`check_sequential_update`); ``ama-r-sim`` is the variant for accumulation.
 
 A non-finite loss or gradient norm on any rank abandons the step on every rank: each rank still finishes the
 step's collectives (under FSDP2 a forward or backward pass is one), the all-reduce carries a divergence flag,
@@ -235,9 +238,11 @@ def train_step(state: TrainState, train_sets: Sequence[Sequence], example_losses
     examples = {int(j): train_sets[picks[j][0]][picks[j][1]] for j in slots}  # this rank's examples
     chunks = micro_batches(slots, examples, optim, example_losses.length)
     forward, waiting = _Forward(mixer.k), []
-    for c, chunk in enumerate(chunks):
-        if isinstance(policy, FSDPModule):  # reduce-scatter gradients once, after the last backward pass
-            policy.set_requires_gradient_sync(c == len(chunks) - 1 or mixer.update_first)
+    if isinstance(policy, FSDPModule):
+        # reduce-scatter after every backward pass: without sync, FSDP2 would keep a full-size unsharded
+        # gradient of every parameter on every rank until the last micro-batch (module docstring)
+        policy.set_requires_gradient_sync(True)
+    for chunk in chunks:
         part = forward.run(state, mixer, example_losses.collate([examples[int(j)] for j in chunk]), example_losses,
                            task_ids[chunk], baseline_caches, autocast)
         waiting.append(part)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from amalab.errors import ConfigError
 from amalab.training import checkpoint as ckpt
 from amalab.training.checkpoint import (
     capture_rng_states, list_checkpoints, load_checkpoint, load_latest, restore_rng_states, save_checkpoint,
@@ -93,6 +94,23 @@ def test_round_trip_is_bitwise_exact(tmp_path):
     # tied weights are stored once and come back as one tensor
     assert loaded.model_state["head.weight"] is loaded.model_state["embed.weight"]
     assert (folder / "model.safetensors").is_file()
+
+
+def test_a_weights_only_load_is_the_model_state_alone(tmp_path):
+    """The same checkpoint format read for its weights alone: the full load's model state, tied weights one
+    tensor, no other part, and optimizer.pt never opened (deleted here: the full load names it)."""
+    model, optimizer, scheduler = make_training()
+    train_a_little(model, optimizer, scheduler)
+    folder = save_example(tmp_path, 7, model, optimizer, scheduler)
+    (folder / "optimizer.pt").unlink()
+    loaded = load_latest(tmp_path, weights_only=True)
+    assert loaded.step == 7 and loaded.path == folder and loaded.weights_only
+    assert_same(loaded.model_state, model.state_dict())
+    assert loaded.model_state["head.weight"] is loaded.model_state["embed.weight"]
+    assert (loaded.optimizer_state, loaded.scheduler_state, loaded.mixer_state, loaded.sampler_state,
+            loaded.rng_states) == (None,) * 5
+    with pytest.raises(ConfigError, match="optimizer.pt is missing .*cannot resume a run"):
+        load_latest(tmp_path)
 
 
 def test_resumed_training_continues_exactly(tmp_path):
