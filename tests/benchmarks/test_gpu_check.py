@@ -136,3 +136,13 @@ def test_h200_peaks_are_the_data_sheets_dense_bf16_rates():
     # NVIDIA's H200 data sheet: 1,979 (SXM) and 1,671 (NVL) bf16 TFLOP/s with 2:4 sparsity, half that dense
     assert peak_tflops_for("NVIDIA H200", "bf16") == pytest.approx(1979 / 2, abs=1)
     assert peak_tflops_for("NVIDIA H200 NVL", "bf16") == pytest.approx(1671 / 2, abs=1)
+
+
+def test_the_cuda_plans_limits_sum_to_the_default_budget():
+    """Every part of the CUDA plan has its own limit, and together they fit the default budget (a lent GPU has
+    minutes in all): a part added without shrinking the others fails here."""
+    from benchmarks.gpu_check import BUDGET_S, KINDS, cuda_plan
+
+    plan = cuda_plan(data="")
+    assert {check.kind for check in plan} == set(KINDS)
+    assert sum(check.cap_s for check in plan) <= BUDGET_S <= 300
