@@ -171,8 +171,16 @@ def _scorer(model, args, ref_model, processing_class, rows: Dataset) -> DPOTrain
     if ref_model is None and not is_peft_model(model):
         raise ValueError("add_baseline_losses: give ref_model (the generalist's reference): without it a full "
                          "model would be its own reference")
-    return DPOTrainer(model=model, ref_model=ref_model, args=args, processing_class=processing_class,
-                      train_dataset=rows.add_column(_POSITION, list(range(len(rows)))))
+    had_ref_adapter = is_peft_model(model) and "ref" in model.peft_config
+    trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, processing_class=processing_class,
+                         train_dataset=rows.add_column(_POSITION, list(range(len(rows)))))
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    if ref_model is None and is_peft_model(unwrapped) and "ref" in unwrapped.peft_config and not had_ref_adapter:
+        # TRL copies a model's trained adapter into a frozen "ref" adapter and uses that as the reference, which
+        # makes a specialist its own reference (every loss log 2). The generalist's reference is the base
+        # with the adapter disabled, so the copy goes and TRL falls back to disabling the adapter.
+        unwrapped.delete_adapter("ref")
+    return trainer
 
 
 def _score(trainer, batch_size: int) -> np.ndarray:

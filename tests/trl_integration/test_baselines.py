@@ -203,3 +203,36 @@ def test_a_pair_trl_drops_is_left_out_of_the_values_and_their_record(trained, to
                          train_dataset=scored, processing_class=tokenizer)  # the record check passes
     assert len(trainer.train_dataset) == len(data) - 1
     assert np.isfinite(trainer.tasks.baseline).all()
+
+
+def test_lora_specialists_are_scored_against_the_base_as_the_generalists_reference(tokenizer, tmp_path):
+    """A LoRA specialist without ref_model: TRL would copy its trained adapter into a "ref" adapter and make
+    it its own reference (every loss log 2); s(z) is measured against the base with the adapter disabled,
+    the reference of a LoRA generalist trained from a fresh adapter, so AMATrainer accepts the record, and
+    the values equal the specialist's losses against the plain base model as ref_model."""
+    import copy
+
+    from peft import LoraConfig
+
+    lora = LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    data, base = Dataset.from_list(rows()), model(tokenizer, 0)
+    specialists = {}
+    for name in ("greetings", "sums"):
+        args = DPOConfig(output_dir=str(tmp_path / name), beta=BETA, per_device_train_batch_size=2, max_steps=3,
+                         learning_rate=5e-2, report_to=[], use_cpu=True, bf16=False, save_strategy="no",
+                         logging_strategy="no", seed=0)
+        trainer = DPOTrainer(model=copy.deepcopy(base), args=args, peft_config=lora, processing_class=tokenizer,
+                             train_dataset=data.filter(lambda r, n=name: r["task"] == n).remove_columns(["task"]))
+        trainer.train()
+        specialists[name] = trainer.model
+    scored = add_baseline_losses(data, specialists, ama_args(tmp_path), processing_class=tokenizer)
+    values = np.array(scored["baseline_loss"])
+    assert np.abs(values - np.log(2)).max() > 1e-3  # not each specialist against itself
+    AMATrainer(model=copy.deepcopy(base), args=ama_args(tmp_path), peft_config=lora, train_dataset=scored,
+               processing_class=tokenizer)  # the record's reference is the LoRA generalist's
+    for name, specialist in specialists.items():
+        trainer = AMATrainer(model=specialist, ref_model=copy.deepcopy(base), args=ama_args(tmp_path),
+                             train_dataset=data.add_column("baseline_loss", [0.0] * len(data)),
+                             processing_class=tokenizer)
+        where = [r for r in range(len(data)) if data[r]["task"] == name]
+        np.testing.assert_allclose(amatrainer_losses(trainer, where), values[where], rtol=1e-5, atol=1e-6)
