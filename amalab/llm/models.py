@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from amalab.errors import ConfigError
-from amalab.llm.config import LoraConfig, ModelConfig
+from amalab.llm.config import ATTN_IMPLEMENTATIONS, FROZEN_DTYPES, LoraConfig, ModelConfig
 from amalab.llm.logprobs import backbone_and_head
 from amalab.llm.precision import resolve_device, resolve_dtype
 
@@ -23,6 +23,46 @@ from amalab.llm.precision import resolve_device, resolve_dtype
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 _LORA_KEYS = frozenset(field.name for field in dataclasses.fields(LoraConfig))
+
+#: the [model] keys that change what a model computes from the same weights (attention kernel) or the weights
+#: themselves (the frozen base's dtype), each with its default: what manifests written before them assume
+MODEL_SETTINGS = {"attn_implementation": ATTN_IMPLEMENTATIONS[0], "frozen_dtype": FROZEN_DTYPES[0]}
+
+
+def settings_manifest(settings: ModelConfig) -> dict[str, str]:
+    """What a cache manifest or ``run.json`` records of :data:`MODEL_SETTINGS`: each value other than its
+    default, so a cache made with other settings is refused (:func:`amalab.training.cache.has_cache`) while
+    caches made before these keys existed (sdpa, float32: what transformers and amalab did) stay valid, as
+    :func:`amalab.llm.precision.autocast_manifest` does for the autocast."""
+    return {key: getattr(settings, key) for key, default in MODEL_SETTINGS.items()
+            if getattr(settings, key) != default}
+
+
+def check_attention(attn_implementation: str) -> None:
+    """One-line ConfigError naming ``[model] attn_implementation`` unless transformers can run it here:
+    ``flash_attention_2`` needs the flash-attn package and a CUDA GPU (transformers'
+    ``is_flash_attn_2_available``; https://huggingface.co/docs/transformers/attention_interface)."""
+    if attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise ConfigError(f"[model] attn_implementation: {attn_implementation!r} is not one of "
+                          f"{', '.join(map(repr, ATTN_IMPLEMENTATIONS))}")
+    if attn_implementation == "flash_attention_2":
+        from transformers.utils import is_flash_attn_2_available
+
+        if not is_flash_attn_2_available():
+            raise ConfigError("[model] attn_implementation: 'flash_attention_2' needs a CUDA GPU and the "
+                              "flash-attn package (pip install flash-attn); 'sdpa' needs neither")
+
+
+def cast_frozen(model: torch.nn.Module, dtype: str) -> torch.nn.Module:
+    """``model`` with its frozen parameters (``requires_grad`` false) cast to ``dtype`` (a FROZEN_DTYPES name) in
+    place; trainable parameters keep theirs, and so do buffers (the rotary frequencies stay float32)."""
+    if dtype not in FROZEN_DTYPES:
+        raise ConfigError(f"[model] frozen_dtype: {dtype!r} is not one of {', '.join(map(repr, FROZEN_DTYPES))}")
+    target = getattr(torch, dtype)
+    for p in model.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(target)  # as peft casts adapter weights: the Parameter (and its ties) stay
+    return model
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -83,8 +123,10 @@ def load_model(
     device: str | torch.device = "auto",
     gradient_checkpointing: bool = False,
     lora: dict[str, Any] | None = None,
+    attn_implementation: str = "sdpa",
 ):
-    """A causal LM from a hub id, a local folder or a GGUF file, on ``device``, optionally with LoRA.
+    """A causal LM from a hub id, a local folder or a GGUF file, on ``device``, optionally with LoRA, its
+    attention computed by ``attn_implementation`` (transformers' name: :func:`check_attention`).
 
     ``name_or_path`` may be the ``.gguf`` file itself, or a folder / hub id with ``gguf_file`` naming the file
     in it. transformers dequantizes GGUF weights to plain float tensors on load; we then drop its GGUF
@@ -95,8 +137,9 @@ def load_model(
 
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype)
+    check_attention(attn_implementation)
     source, gguf_name = _split_gguf(name_or_path, gguf_file)
-    kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "attn_implementation": attn_implementation}
     if gguf_name is not None:
         kwargs["gguf_file"] = gguf_name
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
@@ -177,7 +220,8 @@ def decoder_layers(model) -> torch.nn.ModuleList:
 def compile_layers(model: torch.nn.Module, **options) -> None:
     """``torch.compile`` each decoder layer in place (names and checkpoints unchanged; composes with FSDP2).
 
-    ``options`` go to ``torch.compile`` (e.g. ``backend="aot_eager"``, which skips code generation).
+    ``options`` go to ``torch.compile`` (e.g. ``backend="aot_eager"``, which skips code generation);
+    ``dynamic`` defaults to True: one graph for every batch size and sequence length.
 
     Layers rather than the whole backbone: the layers are identical, so one compiled graph serves them all,
     and the backbone's mask building and our head-at-completions indexing stay eager.
@@ -186,16 +230,28 @@ def compile_layers(model: torch.nn.Module, **options) -> None:
         layers = decoder_layers(model)
     except ConfigError as error:
         raise ConfigError(f"[model] torch_compile: {error}") from None
+    # Batches vary in length (each is padded to its longest pair) and in size (the last batch, evaluation's
+    # batch size). A static first graph is compiled again at the first new length and at the first new batch
+    # size before dynamo marks those dimensions dynamic; dynamic=True traces them symbolically from the first
+    # call. Padding lengths up to buckets instead would add compute at every step and still see every batch
+    # size. Duck sizing: a first batch whose length equals another dimension still costs one recompile
+    # (tests/llm/test_compile_lengths.py).
+    options = {"dynamic": True, **options}
     for layer in layers:
         layer.compile(**options)
 
 
 def trainable(model: torch.nn.Module, settings: ModelConfig, seed: int) -> torch.nn.Module:
     """``model`` made a policy as ``[model]`` says: all weights trainable, or frozen under a LoRA adapter
-    initialized from ``seed``; gradient checkpointing if asked."""
+    initialized from ``seed``, the frozen weights in ``frozen_dtype`` (bf16: PEFT's usual set-up, the adapter
+    float32: https://huggingface.co/docs/peft/developer_guides/troubleshooting#dtype-related-issues); gradient
+    checkpointing if asked."""
     lora = settings.lora if settings.use_lora else None
     for p in model.parameters():  # the base is frozen (it is pi_ref); peft freezes all but the adapter
         p.requires_grad_(lora is None)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return prepare_model(model, gradient_checkpointing=settings.gradient_checkpointing, lora=lora)
+        model = prepare_model(model, gradient_checkpointing=settings.gradient_checkpointing, lora=lora)
+    # cast after the adapter is made: it is initialized in float32 as over a float32 base (the same adapter for
+    # the same seed whatever frozen_dtype), and stays float32
+    return cast_frozen(model, settings.frozen_dtype)

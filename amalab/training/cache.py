@@ -24,7 +24,7 @@ import numpy as np
 
 from amalab.atomic_write import atomic_folder
 from amalab.errors import ConfigError
-from amalab.training.distributed import World, any_rank, barrier
+from amalab.training.distributed import World, any_rank, decide_on_rank0, on_every_rank
 
 
 class CacheMismatch(ConfigError):
@@ -111,16 +111,18 @@ def cached(folder: Path, manifest: dict, build: Callable[[], ValueCache], log=pr
     """Load the cache in ``folder`` if it matches ``manifest``, else build it with ``build()`` and save it.
 
     Under several ranks: every rank builds (``build`` is then sharded, a collective) unless every rank finds
-    the cache; rank 0 writes, and no rank returns before the folder is complete.
+    the cache; rank 0 writes, and no rank returns before the folder is complete. A cache one rank cannot use
+    (computed from something else, unreadable) and rank 0's failure to save stop every rank with that error
+    (docs/distributed.md, "Decisions every rank shares").
     """
-    cache = load_cache(folder, manifest)
+    # each rank reads its own disk: one rank's CacheMismatch raised alone would leave the others in any_rank
+    cache = on_every_rank(world, lambda: load_cache(folder, manifest))
     if not any_rank(cache is None, world):
         log(f"reusing {folder} ({len(cache)} examples)")
         return cache
     cache = build()
-    if world.is_main:
-        save_cache(folder, manifest, cache)
-    barrier(world)  # no rank reads the folder before it is complete
+    # rank 0 writes; the others wait in its broadcast, so none reads the folder before it is complete
+    decide_on_rank0(world, lambda: save_cache(folder, manifest, cache))
     return cache
 
 

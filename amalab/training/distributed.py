@@ -30,16 +30,38 @@ from __future__ import annotations
 import datetime
 import os
 import pickle
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from torch.distributed.fsdp import FSDPModule, fully_shard
 
-from amalab.training.tensor_identity import state_digest
+#: the oldest torch with every FSDP2, DTensor and distributed-checkpoint call amalab makes: the newest of
+#: them, FSDPModule.set_force_sum_reduction_for_comms (and set_gradient_divide_factor, renamed in the same
+#: change, pytorch PR #155915), first shipped in torch 2.8; pyproject.toml's floor is the same
+#: (tests/test_dependencies.py)
+MIN_TORCH = (2, 8)
+
+
+def check_torch_version(version: str | None = None) -> None:
+    """Refuse, in one line, a torch older than :data:`MIN_TORCH` (``version``: the installed torch's)."""
+    version = torch.__version__ if version is None else str(version)
+    found = re.match(r"(\d+)\.(\d+)", version)
+    if found and tuple(map(int, found.groups())) < MIN_TORCH:
+        needed = ".".join(map(str, MIN_TORCH))
+        raise ImportError(f"amalab.training.distributed needs torch>={needed} (FSDP2's "
+                          f"set_force_sum_reduction_for_comms); found torch {version}: upgrade torch")
+
+
+# before torch.distributed.fsdp, whose names an older torch lacks: this line rather than their ImportError
+check_torch_version()
+
+import torch.distributed as dist  # noqa: E402
+from torch.distributed.fsdp import FSDPModule, fully_shard  # noqa: E402
+
+from amalab.training.tensor_identity import state_digest  # noqa: E402
 
 #: seconds a collective waits for the other ranks before it fails (the config's ``ddp_timeout``): gloo's
 #: default, and transformers' ``ddp_timeout``; nccl's own default is 10 minutes

@@ -22,7 +22,7 @@ from amalab.llm.train import TrainingRun
 from amalab.mixers import make_mixer
 from amalab.mixers.methods import baseline_losses, make_method, method_mixer_and_loss
 from amalab.training.cache import ValueCache
-from amalab.training.distributed import World
+from amalab.training.distributed import World, decide_on_rank0
 from amalab.training.run import check_run_dir, training_tokens
 from amalab.training.step import check_sequential_update
 
@@ -93,12 +93,14 @@ def _standard_cache(experiment: Experiment, model, run_dir: Path) -> ValueCache:
 
 def generalists(experiment: Experiment, losses: SpecialistLosses) -> list[dict]:
     """Train every method of the config with its seeds; return one record per run. A run finished earlier
-    whose held-out metrics were scored against other specialist losses is evaluated again."""
+    whose held-out metrics were scored against other specialist losses is evaluated again. Whether it finished
+    earlier is rank 0's to say (docs/distributed.md, "Decisions every rank shares")."""
     check_generalist_batches(experiment.config, experiment.world)
     records, standard_cache = [], None
     for label, method, in_sample, s, run_dir in generalist_runs(experiment.config, experiment.out):
         run = generalist_run(experiment, label, method, s, run_dir, losses, standard_cache, in_sample)
-        fresh = not (run_dir / "final.json").is_file()
+        # one answer for every rank: a rank that saw a final.json alone would score while the others stamp
+        fresh = not decide_on_rank0(experiment.world, (run_dir / "final.json").is_file)
         model, final = train_policy(experiment, run)
         if method == "standard" and standard_cache is None:
             standard_cache = _standard_cache(experiment, model, run_dir)
@@ -116,28 +118,38 @@ def generalists(experiment: Experiment, losses: SpecialistLosses) -> list[dict]:
 
 
 def _write(experiment: Experiment, path: Path, final: dict) -> None:
-    if experiment.world.is_main:
-        write_json_atomic(path, final, indent=1)
+    """Rank 0 writes ``final``; its failure stops every rank rather than one."""
+    decide_on_rank0(experiment.world, lambda: write_json_atomic(path, final, indent=1))
 
 
 def _record(experiment: Experiment, label: str, s: int, run_dir: Path, final: dict) -> dict:
-    """A summary record: the run's final metrics, its folder, and its optimizer steps and training tokens."""
+    """A summary record: the run's final metrics, its folder, and its optimizer steps and training tokens (as
+    rank 0's metrics.jsonl counts them: every rank's record is the same)."""
+    tokens = decide_on_rank0(experiment.world, lambda: training_tokens(run_dir))
     return {"method": label, "seed": s, "run_dir": run_dir.relative_to(experiment.out).as_posix(), **final,
-            "steps": final.get("steps", 0), "tokens": training_tokens(run_dir)}
+            "steps": final.get("steps", 0), "tokens": tokens}
+
+
+def _final(path: Path) -> dict | None:
+    """A run's final.json, None where there is none."""
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def reevaluated_generalists(experiment: Experiment, losses: SpecialistLosses) -> list[dict]:
     """Every finished generalist evaluated again from its last checkpoint (final.json rewritten); a run
-    trained with other settings (other baseline losses among them) is refused, as training refuses it."""
-    config, records = experiment.config, []
+    trained with other settings (other baseline losses among them) is refused, as training refuses it.
+    Rank 0's final.json says which runs finished, and a refusal on any rank stops every rank."""
+    config, records, world = experiment.config, [], experiment.world
     for label, method, in_sample, s, run_dir in generalist_runs(config, experiment.out):
-        if not (run_dir / "final.json").is_file():
+        # rank 0's files decide for every rank: a rank skipping alone would leave the others in a collective
+        final = decide_on_rank0(world, lambda: _final(run_dir / "final.json"))
+        if final is None:
             experiment.progress.say(f"{label} seed {s}: not finished ({run_dir}); skipped")
             continue
         run = generalist_run(experiment, label, method, s, run_dir, losses, None, in_sample)
-        check_run_dir(run.run_dir, run.description)
+        check_run_dir(run.run_dir, run.description, world)
         model = trained_policy(experiment, run_dir, config.seed + s)
-        final = scored(experiment, model, losses, run_dir, json.loads((run_dir / "final.json").read_text()))
+        final = scored(experiment, model, losses, run_dir, final)
         _write(experiment, run_dir / "final.json", final)
         records.append(_record(experiment, label, s, run_dir, final))
     return records
@@ -148,7 +160,8 @@ def base_record(experiment: Experiment, losses: SpecialistLosses, fresh: bool = 
     generation success is where every method starts. Kept unless ``fresh`` or scored against other losses."""
     run_dir = experiment.out / "base"
     path = run_dir / "final.json"
-    final = json.loads(path.read_text()) if path.is_file() and not fresh else {}
+    # rank 0's final.json decides for every rank whether to score again (docs/distributed.md)
+    final = {} if fresh else decide_on_rank0(experiment.world, lambda: _final(path)) or {}
     if final.get("specialist_losses") != losses.stamp():
         run_dir.mkdir(parents=True, exist_ok=True)
         final = scored(experiment, experiment.on_device(), losses, run_dir, {})
