@@ -33,6 +33,10 @@ from amalab.training.config import MergesConfig, OptimConfig
 DEVICES = ("auto", "cpu", "cuda")
 #: [model] autocast: "auto" = bf16 on CUDA, none on CPU; "bf16" = bf16 on CPU and CUDA; "none" = float32
 AUTOCAST_SETTINGS = ("auto", "bf16", "none")
+#: [model] attn_implementation: transformers' ``attn_implementation`` values amalab supports (default first)
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+#: [model] frozen_dtype: the dtype of the frozen base weights under LoRA (default first)
+FROZEN_DTYPES = ("float32", "bfloat16")
 
 
 def check_autocast(setting: str) -> None:
@@ -105,11 +109,30 @@ class ModelConfig:
     torch_compile: bool = False
     #: the forward's autocast (AUTOCAST_SETTINGS; amalab.llm.precision.autocast_context); parameters stay float32
     autocast: str = "auto"
+    #: the attention kernel (ATTN_IMPLEMENTATIONS), transformers' ``attn_implementation``
+    attn_implementation: str = "sdpa"
+    #: the dtype of the frozen base weights under LoRA (FROZEN_DTYPES); the adapter stays float32
+    frozen_dtype: str = "float32"
 
     def check(self) -> None:
         if not self.name:
             raise ValueError("name: give a hub id, a local folder, 'smollm2' or 'tiny'")
         check_autocast(self.autocast)
+        self._check_choice("attn_implementation", ATTN_IMPLEMENTATIONS)
+        self._check_choice("frozen_dtype", FROZEN_DTYPES)
+        if self.frozen_dtype != "float32" and not self.use_lora:
+            raise ValueError(f"frozen_dtype: {self.frozen_dtype!r} needs use_lora = true (full fine-tuning "
+                             "trains every weight: none is frozen)")
+        # flash-attn kernels take bf16/fp16 only; transformers casts float32 inputs to the q_proj weights' dtype
+        if self.attn_implementation == "flash_attention_2" and self.autocast == "none" \
+                and self.frozen_dtype == "float32":
+            raise ValueError("attn_implementation: 'flash_attention_2' computes in bf16 only; with autocast = "
+                             "'none' set frozen_dtype = 'bfloat16' (LoRA), or autocast = 'auto'")
+
+    def _check_choice(self, key: str, choices: tuple[str, ...]) -> None:
+        value = getattr(self, key)
+        if value not in choices:
+            raise ValueError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
 
 
 @dataclass(frozen=True)
@@ -212,6 +235,10 @@ def load_llm_config(path: str | Path) -> LLMConfig:
     if config.merges.names and config.model.fsdp:
         raise ConfigError(f"{path}: [merges] needs the specialists' full weights on one process; it does not "
                           "combine with [model] fsdp = true yet")
+    if config.merges.names and config.model.frozen_dtype != "float32":
+        # a specialist minus the float32 base would hold the base's bf16 rounding beside the adapter's delta
+        raise ConfigError(f"{path}: [merges] merges float32 weights; it does not combine with [model] "
+                          f"frozen_dtype = {config.model.frozen_dtype!r} yet")
     for index, name in enumerate(config.methods.names):
         _check_method(path, config, name, config.methods.names[:index])
     return config

@@ -22,7 +22,9 @@ from amalab.llm.data.tasks import TaskData, load_tasks
 from amalab.llm.evaluate import pair_logps
 from amalab.llm.fingerprint import model_fingerprint, tokenizer_fingerprint
 from amalab.llm.logprobs import SUM_DTYPE
-from amalab.llm.models import load_model, load_tokenizer, smollm2_gguf_path
+from amalab.llm.models import (
+    cast_frozen, check_attention, load_model, load_tokenizer, settings_manifest, smollm2_gguf_path,
+)
 from amalab.llm.precision import autocast_context, autocast_manifest, resolve_device
 from amalab.llm.progress import Progress
 from amalab.llm.tiny import tiny_llama, tiny_tokenizer
@@ -68,8 +70,11 @@ class Experiment:
         return int(self.tokenizer.pad_token_id)
 
     def on_device(self, model: torch.nn.Module | None = None) -> torch.nn.Module:
-        """A copy of ``model`` (default: the base model) on the compute device; the original stays put."""
-        return copy.deepcopy(self.base_model if model is None else model).to(self.device)
+        """A copy of ``model`` on the compute device; the original stays put. By default the base model, pi_ref
+        as the reference cache scored it: its frozen weights in ``[model] frozen_dtype``."""
+        if model is not None:
+            return copy.deepcopy(model).to(self.device)
+        return cast_frozen(copy.deepcopy(self.base_model), self.config.model.frozen_dtype).to(self.device)
 
     @property
     def autocast(self):
@@ -78,18 +83,22 @@ class Experiment:
 
 
 def base_model(config: LLMConfig, tokenizer, device: torch.device) -> torch.nn.Module:
-    """The base model (pi_ref) of ``config``; the tiny Llama is built over ``tokenizer``'s vocabulary."""
+    """The base model (pi_ref) of ``config``, with ``[model] attn_implementation``; the tiny Llama is built over
+    ``tokenizer``'s vocabulary."""
     m = config.model
     if m.name == "tiny":
+        check_attention(m.attn_implementation)
         model = tiny_llama(len(tokenizer), hidden_size=m.tiny.hidden_size, num_layers=m.tiny.num_hidden_layers,
                            num_heads=m.tiny.num_attention_heads, num_kv_heads=m.tiny.num_key_value_heads,
                            intermediate_size=m.tiny.intermediate_size, seed=m.tiny.seed,
                            max_position_embeddings=max(512, config.tokenize.max_length),
-                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                           attn_implementation=m.attn_implementation)
         return model.to(device)
     if m.name == "smollm2":
-        return load_model(smollm2_gguf_path(), device=device)
-    return load_model(m.name, gguf_file=m.gguf_file or None, device=device)
+        return load_model(smollm2_gguf_path(), device=device, attn_implementation=m.attn_implementation)
+    return load_model(m.name, gguf_file=m.gguf_file or None, device=device,
+                      attn_implementation=m.attn_implementation)
 
 
 def _load_tokenizer(config: LLMConfig, corpus: list[str]):
@@ -155,11 +164,15 @@ def prepare(config: LLMConfig, world: World = World(), show_progress: bool = Tru
     manifest = {
         "kind": "reference log-probs", "model": model_fingerprint(base), "tokenizer": tokenizer_fingerprint(tokenizer),
         "tokenization": config.tokenize.to_dict(), "data": data_hash(sorted(p.id for p in unique)),
-        "sum_dtype": str(SUM_DTYPE), **autocast_manifest(device, config.model.autocast)}
+        "sum_dtype": str(SUM_DTYPE), **autocast_manifest(device, config.model.autocast),
+        **settings_manifest(config.model)}
     autocast = functools.partial(autocast_context, device, config.model.autocast)
+    # pi_ref in frozen_dtype, as the policy's frozen base is (models.trainable): a fresh adapter computes
+    # exactly the reference log-probs
     reference = progress.cached(
         out / "caches" / "reference", manifest, "reference log-probs", len(unique),
-        lambda bar: pair_logps(copy.deepcopy(base).to(device), unique, int(tokenizer.pad_token_id),
-                               config.train.per_device_eval_batch_size, device, world, bar, autocast))
+        lambda bar: pair_logps(cast_frozen(copy.deepcopy(base), config.model.frozen_dtype).to(device), unique,
+                               int(tokenizer.pad_token_id), config.train.per_device_eval_batch_size, device,
+                               world, bar, autocast))
     return Experiment(config, device, world, tokenizer, base, tasks, train_sets, eval_sets, reference, manifest,
                       progress)

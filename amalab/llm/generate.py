@@ -9,6 +9,11 @@ ids: SmolLM2's pad is its eos), and decoded greedily by transformers' ``generate
 eos. Prompts are batched in order of length, so a batch holds little padding; the result is in input
 order.
 
+Ranks (replicated under torchrun): :func:`evaluate_generation` gives rank r of W the prompts r, r + W, ...
+(as :func:`amalab.training.distributed.rank_slots` shares a batch), and one ``all_gather_object`` brings
+every rank every response, in prompt order, so every rank scores all of them alike. A policy sharded with
+FSDP2 is not generated from here (:mod:`amalab.llm.generation_scores` says why and marks the summary).
+
 Scoring: the verifier spec of a generated prompt is parsed back from its text
 (:func:`amalab.llm.data.synthetic.verifier.spec_of`), so held-out :class:`PreferencePair` objects are all it
 needs.
@@ -20,11 +25,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
 from amalab.errors import ConfigError
 from amalab.llm.data.pairs import PreferencePair
 from amalab.llm.data.synthetic.verifier import spec_of, verify
 from amalab.llm.precision import autocast_context
+from amalab.training.distributed import World, on_every_rank
 
 
 def _check_positive(name: str, value) -> None:
@@ -132,15 +139,33 @@ def score_responses(pairs: Sequence[PreferencePair], responses: Sequence[str]) -
     return GenerationReport({task: successes[task] / count[task] for task in count}, count, records)
 
 
+def gathered_in_order(share: list, n: int, world: World) -> list:
+    """The ``n`` items of every rank's ``share`` (rank r holds items r, r + W, ...), on every rank in item
+    order: one ``all_gather_object`` (https://pytorch.org/docs/stable/distributed.html); one process: ``share``."""
+    if not world.distributed:
+        return list(share)
+    shares: list = [None] * world.size
+    dist.all_gather_object(shares, list(share))
+    items: list = [None] * n
+    for rank, items_of_rank in enumerate(shares):
+        items[rank::world.size] = items_of_rank  # a share of the wrong length raises here, on every rank
+    return items
+
+
 def evaluate_generation(model, tokenizer, pairs: Sequence[PreferencePair], *, max_new_tokens: int = 64,
                         batch_size: int = 8, max_prompt_length: int | None = None,
-                        device: torch.device | str | None = None, autocast=None) -> GenerationReport:
-    """Greedy-decode the prompts of ``pairs`` (held-out pairs of verifiable tasks) and score them."""
-    responses = greedy_generate(model, tokenizer, [p.prompt for p in pairs], max_new_tokens=max_new_tokens,
-                                batch_size=batch_size, max_prompt_length=max_prompt_length, device=device,
-                                autocast=autocast)
-    return score_responses(pairs, responses)
+                        device: torch.device | str | None = None, autocast=None,
+                        world: World = World()) -> GenerationReport:
+    """Greedy-decode the prompts of ``pairs`` (held-out pairs of verifiable tasks) and score them; under
+    several replicated ranks each decodes its share of the prompts (module docstring) and every rank gets
+    the same report. Every rank must call it with the same ``pairs``."""
+    prompts = [p.prompt for p in pairs]
+    # on_every_rank: a rank whose share fails (a prompt of no token) stops every rank, none waits in the gather
+    share = on_every_rank(world, lambda: greedy_generate(
+        model, tokenizer, prompts[world.rank::world.size], max_new_tokens=max_new_tokens, batch_size=batch_size,
+        max_prompt_length=max_prompt_length, device=device, autocast=autocast))
+    return score_responses(pairs, gathered_in_order(share, len(prompts), world))
 
 
-__all__ = ["GenerationReport", "cut_at_eos", "evaluate_generation", "greedy_generate", "left_pad",
-           "score_responses"]
+__all__ = ["GenerationReport", "cut_at_eos", "evaluate_generation", "gathered_in_order", "greedy_generate",
+           "left_pad", "score_responses"]

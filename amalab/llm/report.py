@@ -22,6 +22,9 @@ from amalab.stats import spread
 
 #: the per-task metrics of summary.csv, in its column order
 CSV_METRICS = ("loss", "excess", "accuracy", "margin", "success")
+#: a run's record (and its method's summary) naming the generated tasks whose generation was skipped, and why
+#: (amalab.llm.generation_scores: not under [model] fsdp): their success column says so instead of a number
+SKIPPED_GENERATION = "generation_skipped"
 
 
 def summarize(task_names: list[str], records: list[dict]) -> dict:
@@ -47,6 +50,9 @@ def summarize(task_names: list[str], records: list[dict]) -> dict:
             "tasks": {n: {m: spread(v) for m, v in metrics.items() if m != "n"}
                       for n, metrics in entry["tasks"].items()},
         }
+        skipped = sorted({t for r in runs for t in r.get(SKIPPED_GENERATION, {}).get("tasks", [])})
+        if skipped:
+            summary["methods"][method][SKIPPED_GENERATION] = skipped
         if all("average_weights" in r for r in runs):  # the mixer's running average of its task weights
             summary["methods"][method]["average_weights"] = {
                 n: spread([r["average_weights"][i] for r in runs]) for i, n in enumerate(task_names)}
@@ -63,24 +69,39 @@ def write_summary(out: Path, summary: dict) -> None:
     w.writerow(["method", "seed", "task", *CSV_METRICS, "worst_excess", "run_dir"])
     for r in summary["runs"]:
         for n in summary["tasks"]:
-            t = r["tasks"].get(n, {})
-            w.writerow([r["method"], r["seed"], n] + [t.get(m, "") for m in CSV_METRICS]
+            w.writerow([r["method"], r["seed"], n] + [_csv_metric(r, n, m) for m in CSV_METRICS]
                        + [r.get("worst_excess", ""), r.get("run_dir", "")])
     write_text_atomic(out / "summary.csv", rows.getvalue())
+
+
+def _csv_metric(record: dict, task: str, metric: str):
+    """A run's ``metric`` of ``task`` in summary.csv; a skipped generation's success says why it is missing."""
+    skipped = record.get(SKIPPED_GENERATION, {})
+    if metric == "success" and task in skipped.get("tasks", ()):
+        return f"skipped: {skipped['reason']}"
+    return record["tasks"].get(task, {}).get(metric, "")
 
 
 def _summary_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
     """The summary table's header and rows: per method, seeds, steps, tokens, worst-task excess, per-task
     excess and accuracy, and the generation success of the verifiable tasks; mean (std) over seeds."""
     names = summary["tasks"]
-    generated = [n for n in names if any("success" in m["tasks"][n] for m in summary["methods"].values())]
+    generated = [n for n in names if any("success" in m["tasks"][n] or n in m.get(SKIPPED_GENERATION, ())
+                                         for m in summary["methods"].values())]
     header = (["method", "seeds", "steps", "tokens", "worst excess"] + [f"{n} excess" for n in names]
               + [f"{n} acc" for n in names] + [f"{n} success" for n in generated])
     rows = [[method, str(m["seeds"]), str(m.get("steps", "")), str(m.get("tokens", "")), _fmt(m, "worst_excess")]
             + [_fmt(m["tasks"][n], "excess") for n in names] + [_fmt(m["tasks"][n], "accuracy") for n in names]
-            + [_fmt(m["tasks"][n], "success") for n in generated]
+            + [_success(m, n) for n in generated]
             for method, m in summary["methods"].items()]
     return header, rows
+
+
+def _success(method: dict, task: str) -> str:
+    """The success cell of a method's row: "skipped" where its generation was (under [model] fsdp)."""
+    if "success" not in method["tasks"][task] and task in method.get(SKIPPED_GENERATION, ()):
+        return "skipped (fsdp)"
+    return _fmt(method["tasks"][task], "success")
 
 
 def _fmt(entry: dict, metric: str) -> str:

@@ -72,8 +72,10 @@ def tiny_llama(
     seed: int = 0,
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
+    attn_implementation: str = "sdpa",
 ):
-    """A randomly initialized ``LlamaForCausalLM`` from a ``LlamaConfig``: the same weights for the same seed.
+    """A randomly initialized ``LlamaForCausalLM`` from a ``LlamaConfig``: the same weights for the same seed,
+    its attention computed by ``attn_implementation`` (transformers' name, given to the config).
 
     Initialized under a forked torch RNG, so building a model neither reads nor advances the caller's RNG.
     """
@@ -91,6 +93,7 @@ def tiny_llama(
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
         bos_token_id=None,
+        attn_implementation=attn_implementation,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

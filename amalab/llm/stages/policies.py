@@ -10,14 +10,15 @@ import torch
 
 from amalab.llm.experiment import Experiment
 from amalab.llm.logprobs import shard_causal_lm
-from amalab.llm.models import compile_layers, decoder_layers, trainable
+from amalab.llm.models import MODEL_SETTINGS, compile_layers, decoder_layers, trainable
 from amalab.llm.train import TrainingRun, run_training
 from amalab.training.checkpoint import load_latest
 from amalab.training.state import load_trainable_state
 
 
 def new_policy(experiment: Experiment, seed: int) -> torch.nn.Module:
-    """A fresh trainable copy of the base model (with a LoRA adapter initialized from ``seed`` if asked).
+    """A fresh trainable copy of the base model (with a LoRA adapter initialized from ``seed`` if asked, its frozen
+    base in ``[model] frozen_dtype``: :func:`amalab.llm.models.trainable`).
 
     With ``[model] torch_compile`` each decoder layer is compiled; with ``[model] fsdp`` under torchrun the copy
     is sharded over the ranks (:func:`amalab.llm.logprobs.shard_causal_lm`).
@@ -38,6 +39,11 @@ def described(run: TrainingRun, mixer: dict, reference_manifest: dict) -> Traini
     optim = {k: v for k, v in asdict(run.optim).items() if k != "report_to"}
     run.description = {"name": run.name, "mixer": mixer, "seed": run.seed, "optim": optim,
                        "loss": asdict(run.loss), "reference": reference_manifest}
+    # the policy, not only pi_ref, is built with [model] attn_implementation and frozen_dtype: its own entry,
+    # the values the reference manifest records (those other than the defaults: run.json of older runs holds)
+    model = {key: reference_manifest[key] for key in MODEL_SETTINGS if key in reference_manifest}
+    if model:
+        run.description["model"] = model
     return run
 
 
@@ -51,8 +57,9 @@ def train_policy(experiment: Experiment, run: TrainingRun) -> tuple[torch.nn.Mod
 
 def trained_policy(experiment: Experiment, run_dir: Path, seed: int) -> torch.nn.Module | None:
     """A fresh policy holding the trained parameters of ``run_dir``'s last checkpoint; None without one (rank
-    0's checkpoint, loaded by every rank: docs/distributed.md)."""
-    checkpoint = load_latest(run_dir, world=experiment.world)
+    0's checkpoint, loaded by every rank: docs/distributed.md). Its weights alone are read, never the
+    optimizer state; under FSDP2 each rank copies in only its shards."""
+    checkpoint = load_latest(run_dir, world=experiment.world, weights_only=True)
     if checkpoint is None:
         return None
     model = new_policy(experiment, seed)

@@ -13,6 +13,7 @@ import numpy as np
 from amalab.llm.evaluate import evaluate, pair_logps, pair_losses
 from amalab.llm.experiment import Experiment
 from amalab.llm.generation_scores import add_generation
+from amalab.llm.models import settings_manifest
 from amalab.llm.precision import autocast_manifest
 from amalab.llm.tokenize import TokenizedPair
 from amalab.training.cache import ValueCache, data_hash
@@ -63,7 +64,8 @@ def loss_cache(experiment: Experiment, model, pairs: list[TokenizedPair], folder
         return ValueCache(ids, {"loss": losses})
 
     manifest = {**manifest, "reference": experiment.reference_manifest["model"], "loss": asdict(config.loss),
-                **autocast_manifest(experiment.device, config.model.autocast), "data": data_hash(sorted(ids))}
+                **autocast_manifest(experiment.device, config.model.autocast), **settings_manifest(config.model),
+                "data": data_hash(sorted(ids))}
     return experiment.progress.cached(folder, manifest, what, len(unique), build)
 
 
