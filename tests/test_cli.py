@@ -224,8 +224,8 @@ def test_readme_names_the_shipped_config_and_the_test_command():
     # CI runs the README's test command: the same installs (torch pinned first), then pytest
     steps = [step.strip() for step in test_command.split("&&")]
     assert steps[0] == "pip install torch==2.13.0" and "torch==2.13.0" in ci
-    assert steps[1] == 'pip install -e ".[llm,test,mujoco,trl]"' and '-e ".[llm,test,mujoco,trl]"' in ci
-    assert ci.index("torch==2.13.0") < ci.index('-e ".[llm,test,mujoco,trl]"') < ci.index("pytest")
+    assert steps[1] == 'pip install -e ".[llm,test,mujoco,trl,cluster]"' and '-e ".[llm,test,mujoco,trl,cluster]"' in ci
+    assert ci.index("torch==2.13.0") < ci.index('-e ".[llm,test,mujoco,trl,cluster]"') < ci.index("pytest")
     assert "torch" not in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
 
 
@@ -359,7 +359,7 @@ def _start_and_wait_for_a_checkpoint(tmp_path):
         time.sleep(0.1)
     workers = _children(proc.pid)
     return proc, out, {w for w in workers if "amalab" in Path(f"/proc/{w}/cmdline").read_text(errors="replace")
-                       or "multiprocessing" in Path(f"/proc/{w}/cmdline").read_text(errors="replace")}
+                       or "loky" in Path(f"/proc/{w}/cmdline").read_text(errors="replace")}
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")

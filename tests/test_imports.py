@@ -24,13 +24,15 @@ LAZY_ALLOWED = {("amalab.cli", "amalab.llm"), ("amalab.cli", "amalab.control")}
 
 #: package -> the amalab packages it may import (besides itself); a module outside every package listed
 #: (amalab.cli, amalab.__main__) may import anything
-_BASE = {"amalab", "amalab.errors", "amalab.config", "amalab.atomic_write", "amalab.stats", "amalab.markdown"}
+_BASE = {"amalab", "amalab.errors", "amalab.config", "amalab.atomic_write", "amalab.stats", "amalab.markdown",
+         "amalab.runner"}
 LAYERS = {
     "amalab.errors": set(),
     "amalab.atomic_write": set(),
     "amalab.stats": set(),
     "amalab.markdown": set(),
     "amalab.config": {"amalab.errors"},
+    "amalab.runner": {"amalab.errors"},
     "amalab.mixers": _BASE,
     "amalab.objectives": _BASE | {"amalab.mixers"},
     "amalab.training": _BASE | {"amalab.mixers", "amalab.objectives"},

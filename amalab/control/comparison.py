@@ -1,12 +1,14 @@
 """One point of the diagnostic run: on one dataset, the specialists, every method and every merge, for each
 seed (docs/maths.md section 7). Each seed's generalists and merges use that seed's specialists: their
 cached losses s(z) for AMA, their parameters for the merges. DoReMi-style measures the excess over the
-seed's ``standard`` generalist, so ``standard`` trains first.
+seed's ``standard`` generalist, so ``standard`` trains first. Seeds are independent (each training seeds
+itself), so :mod:`amalab.control.diagnose` runs each (point, seed) as a job of :mod:`amalab.runner`.
 """
 
 from __future__ import annotations
 
-from amalab.control.run import Point, Run
+from amalab.control.config import DiagnoseConfig
+from amalab.control.run import Point, Run, workspace
 from amalab.control.training import (segment_pair_example_losses, segment_pair_losses, segment_pair_values,
                                      train_policy)
 from amalab.mixers import make_mixer
@@ -23,51 +25,78 @@ def _loss_caches(policies, data, reference, loss) -> list[ValueCache]:
             for policy, d in zip(policies, data)]
 
 
-def compare(run: Run, point: Point) -> list[dict]:
-    """Every record of ``point``: the reference's, and per seed the specialists', methods' and merges'."""
-    c, folder, k = run.config, run.models / point.folder, len(run.config.tasks)
+def _point_inputs(run: Run, point: Point) -> tuple:
+    """The point's datasets, reference (trained or read from disk), its cached log-probs, and the records'
+    common fields."""
     data = run.datasets(point)
     reference = run.reference(point, data)
     pairs = [p for d in data for p in d.train + d.held_out]
     reference_logps = ValueCache([p.id for p in pairs], segment_pair_values(reference, pairs))
-    about = {"counts": [d.counts for d in data]}
-    records = [run.record(folder / "records" / "reference.json", reference, data, reference_logps, point.loss,
-                          {**about, "kind": "reference", "method": "reference", "seed": 0})]
-    sizes = [len(d.train) for d in data]
-    bar = run.progress(point.seeds, point.name)
-    for seed in range(point.seeds):
-        train_seed = c.seed + seed
+    return data, reference, reference_logps, {"counts": [d.counts for d in data]}
 
-        def train(name, optim, train_sets, mixer, baselines, loss_name):
-            options = point.loss.options if loss_name == point.loss.loss_type else {}  # sft takes none
-            losses = segment_pair_example_losses(loss_name, point.loss.beta, reference_logps, options)
-            return run.trained(folder / "models" / f"{name}-{seed}.pt", reference, lambda policy: train_policy(
-                policy, train_sets, losses, mixer, baselines, optim, train_seed, name))
 
-        def evaluate(policy, kind, name):
-            return run.record(folder / "records" / f"{name}-{seed}.json", policy, data, reference_logps, point.loss,
-                              {**about, "kind": kind, "method": name, "seed": seed})
+def reference_records(run: Run, point: Point) -> list[dict]:
+    """The reference's record of ``point`` (a list of one)."""
+    data, reference, reference_logps, about = _point_inputs(run, point)
+    return [run.record(run.models / point.folder / "records" / "reference.json", reference, data, reference_logps,
+                       point.loss, {**about, "kind": "reference", "method": "reference", "seed": 0})]
 
-        specialists = []
-        for i, task in enumerate(c.tasks):
-            specialists.append(train(f"specialist-{task.name}", c.specialists, [data[i].train],
-                                     make_mixer("uniform", 1), None, point.loss.loss_type))
-            records.append(evaluate(specialists[-1], "specialist", f"specialist-{task.name}"))
-        specialist_losses, generalists = _loss_caches(specialists, data, reference_logps, point.loss), {}
-        for name in point.methods:
-            mixer, loss_name = make_method(name, k, sizes, c.methods.options.get(name, {}), point.loss.loss_type)
-            # the mixer's baseline s(z): the specialists' losses, the standard generalist's (it trains first), none
-            baselines = baseline_losses(mixer, specialist=lambda: specialist_losses, standard=lambda: _loss_caches(
-                [generalists["standard"]] * k, data, reference_logps, point.loss))
-            generalists[name] = train(name, c.train, [d.train for d in data], mixer, baselines, loss_name)
-            records.append(evaluate(generalists[name], "method", name))
-        base = reference.state_dict()
-        for name in point.merges:
-            merged = run.new_policy(c.seed)
-            merged.load_state_dict(merge_state_dicts(base, [s.state_dict() for s in specialists], name,
-                                                     seed=train_seed, **c.merges.options.get(name, {})))
-            records.append(evaluate(merged, "merge", name))
-        bar.update(1)
-    bar.close()
+
+def seed_records(run: Run, point: Point, seed: int) -> list[dict]:
+    """Seed ``seed``'s records of ``point``: each specialist's, then each method's and merge's, in order."""
+    c, folder, k = run.config, run.models / point.folder, len(run.config.tasks)
+    data, reference, reference_logps, about = _point_inputs(run, point)
+    sizes, train_seed, records = [len(d.train) for d in data], c.seed + seed, []
+
+    def train(name, optim, train_sets, mixer, baselines, loss_name):
+        options = point.loss.options if loss_name == point.loss.loss_type else {}  # sft takes none
+        losses = segment_pair_example_losses(loss_name, point.loss.beta, reference_logps, options)
+        return run.trained(folder / "models" / f"{name}-{seed}.pt", reference, lambda policy: train_policy(
+            policy, train_sets, losses, mixer, baselines, optim, train_seed, name))
+
+    def evaluate(policy, kind, name):
+        return run.record(folder / "records" / f"{name}-{seed}.json", policy, data, reference_logps, point.loss,
+                          {**about, "kind": kind, "method": name, "seed": seed})
+
+    specialists = []
+    for i, task in enumerate(c.tasks):
+        specialists.append(train(f"specialist-{task.name}", c.specialists, [data[i].train],
+                                 make_mixer("uniform", 1), None, point.loss.loss_type))
+        records.append(evaluate(specialists[-1], "specialist", f"specialist-{task.name}"))
+    specialist_losses, generalists = _loss_caches(specialists, data, reference_logps, point.loss), {}
+    for name in point.methods:
+        mixer, loss_name = make_method(name, k, sizes, c.methods.options.get(name, {}), point.loss.loss_type)
+        # the mixer's baseline s(z): the specialists' losses, the standard generalist's (it trains first), none
+        baselines = baseline_losses(mixer, specialist=lambda: specialist_losses, standard=lambda: _loss_caches(
+            [generalists["standard"]] * k, data, reference_logps, point.loss))
+        generalists[name] = train(name, c.train, [d.train for d in data], mixer, baselines, loss_name)
+        records.append(evaluate(generalists[name], "method", name))
+    base = reference.state_dict()
+    for name in point.merges:
+        merged = run.new_policy(c.seed)
+        merged.load_state_dict(merge_state_dicts(base, [s.state_dict() for s in specialists], name,
+                                                 seed=train_seed, **c.merges.options.get(name, {})))
+        records.append(evaluate(merged, "merge", name))
     return records
 
+
+def compare(run: Run, point: Point) -> list[dict]:
+    """Every record of ``point``, in this process: the reference's, then each seed's (:func:`seed_records`)."""
+    return reference_records(run, point) + [r for seed in range(point.seeds) for r in seed_records(run, point, seed)]
+
+
+# The jobs of amalab.control.diagnose: module-level functions of the config (the runner pickles them to its
+# workers), each on this process's workspace.
+
+def reference_job(config: DiagnoseConfig, point: Point) -> None:
+    """Train (or find on disk) the reference of ``point``'s dataset."""
+    run = workspace(config)
+    run.reference(point, run.datasets(point))
+
+
+def reference_record_job(config: DiagnoseConfig, point: Point) -> list[dict]:
+    return reference_records(workspace(config), point)
+
+
+def seed_job(config: DiagnoseConfig, point: Point, seed: int) -> list[dict]:
+    return seed_records(workspace(config), point, seed)

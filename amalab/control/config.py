@@ -16,6 +16,7 @@ from amalab.errors import ConfigError
 from amalab.mixers.methods import MethodsConfig
 from amalab.training.config import MergesConfig, OptimConfig
 from amalab.objectives.preference import PREFERENCE_LOSSES
+from amalab.runner import check_backend
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,22 @@ class SweepsConfig:
 
 
 @dataclass(frozen=True)
+class RunConfig:
+    """How the independent trainings run (:mod:`amalab.runner`; the results do not depend on it):
+    ``workers`` at once (0: one per core; 1: in this process, one after another) through ``backend``:
+    "loky", processes on this machine; "dask" or "ray", a cluster whose address is ``scheduler``."""
+
+    workers: int = 0
+    backend: str = "loky"
+    scheduler: str = ""
+
+    def check(self) -> None:
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0 (0: one per core), got {self.workers}")
+        check_backend(self.backend, self.scheduler)
+
+
+@dataclass(frozen=True)
 class _TopLevel:
     """The config's keys outside any table."""
 
@@ -106,6 +123,7 @@ class _TopLevel:
     seed: int = 0
     environment: str = "HalfCheetah-v5"
     simulators: int = 16
+    #: torch threads of each job (each worker runs one job at a time: workers x threads should fit the cores)
     threads: int = 1
 
     def check(self) -> None:
@@ -129,6 +147,7 @@ class DiagnoseConfig(_TopLevel):
     merges: MergesConfig = field(default_factory=MergesConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     sweeps: SweepsConfig = field(default_factory=SweepsConfig)
+    run: RunConfig = field(default_factory=RunConfig)
 
 
 def load_diagnose_config(path: str | Path) -> DiagnoseConfig:
@@ -151,4 +170,4 @@ def load_diagnose_config(path: str | Path) -> DiagnoseConfig:
 _TABLES = {"behaviour": BehaviourConfig, "pool": PoolConfig, "data": DataConfig, "teacher": TeacherConfig,
            "policy": PolicyConfig, "loss": LossConfig, "reference": OptimConfig, "specialists": OptimConfig,
            "train": OptimConfig, "methods": MethodsConfig, "merges": MergesConfig,
-           "evaluation": EvaluationConfig, "sweeps": SweepsConfig}
+           "evaluation": EvaluationConfig, "sweeps": SweepsConfig, "run": RunConfig}

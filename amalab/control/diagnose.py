@@ -8,6 +8,10 @@ per dataset), ``<dataset and loss>/models`` (the trained policies) and ``<datase
 JSON per evaluated model and seed). An interrupted run
 resumes: a record or model on disk is never recomputed, and every file is written atomically.
 
+The references (one per dataset), then the reference records and the seeds of every point, are jobs of
+:mod:`amalab.runner`, run as ``[run]`` says (in this process, over worker processes or on a Dask cluster):
+each job trains with its own seeds, so the summary does not depend on the number of workers or their order.
+
 The points and the run's workspace are :mod:`amalab.control.run`; one point's models and records,
 :mod:`amalab.control.comparison`; the numbers and tables, :mod:`amalab.control.summary`.
 """
@@ -15,26 +19,33 @@ The points and the run's workspace are :mod:`amalab.control.run`; one point's mo
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from amalab.atomic_write import write_json_atomic, write_text_atomic
-from amalab.control.comparison import compare
+from amalab.control.comparison import reference_job, reference_record_job, seed_job
 from amalab.control.config import DiagnoseConfig
 from amalab.control.figures import per_task_figure, sweep_figure
-from amalab.control.run import Run, run_points
+from amalab.control.run import Point, Run, run_points, use_workspace
 from amalab.control.summary import summarize_point, tables
+from amalab.runner import Job, run_jobs
 
 
 def diagnose(config: DiagnoseConfig, show_progress: bool = True) -> dict:
     """Run (or resume) every point; write ``summary.json``, the tables and the figures into ``out`` and, if
     the config names one, into ``figures``. Returns the summary."""
     began = time.perf_counter()
-    run = Run(config, show_progress)
+    run = Run(config, show_progress)  # the behaviour policies and pools, on disk before any job reads them
+    use_workspace(run)
     points = run_points(config)
+    _run(config, reference_jobs(config, points), show_progress, "references")
+    jobs, where = record_jobs(config, points)
+    outputs = _run(config, jobs, show_progress, "trainings")
+    records = [point_records(point, outputs, where) for point in points]
     names = [t.name for t in config.tasks]
-    summary = {"main": summarize_point(compare(run, points[0]), names)}  # the scale of every sweep point
-    for point in points[1:]:
-        summary[point.name] = summarize_point(compare(run, point), names, summary["main"])
+    summary = {"main": summarize_point(records[0], names)}  # the scale of every sweep point
+    for point, found in zip(points[1:], records[1:]):
+        summary[point.name] = summarize_point(found, names, summary["main"])
     text = tables(summary, points, names)
     for folder in {Path(config.out), *([Path(config.figures)] if config.figures else [])}:
         write_json_atomic(folder / "summary.json", summary, indent=1)
@@ -46,3 +57,57 @@ def diagnose(config: DiagnoseConfig, show_progress: bool = True) -> dict:
     run.log(f"finished in {time.perf_counter() - began:.0f} s; wrote {config.out}"
             + (f" and {config.figures}" if config.figures else ""))
     return summary
+
+
+def _run(config: DiagnoseConfig, jobs: list[Job], show_progress: bool, desc: str) -> list:
+    """The jobs' outputs; each job saves its models and records itself, so an interrupted run resumes."""
+    return run_jobs(jobs, config.run.workers or None, config.run.backend, config.run.scheduler,
+                    show_progress=show_progress, desc=desc)
+
+
+def reference_jobs(config: DiagnoseConfig, points: list[Point]) -> list[Job]:
+    """One job per dataset: its reference, which the points on that dataset (differing in the loss) share."""
+    first = {}
+    for point in points:
+        first.setdefault(point.dataset, point)
+    return [Job(f"reference {dataset}", reference_job, {"config": config, "point": point},
+                config.reference.max_steps) for dataset, point in first.items()]
+
+
+def record_jobs(config: DiagnoseConfig, points: list[Point]) -> tuple[list[Job], dict]:
+    """Per folder, a job for the reference's record and one per seed; and where each (folder, seed or None)
+    job lies. Points that share a folder (a sweep value equal to the main settings) share its jobs, which
+    train every method and merge any of those points lists, so no model trains twice at once."""
+    shared = {}
+    for point in points:
+        other = shared.get(point.folder, point)
+        shared[point.folder] = replace(other, methods=_union(other.methods, point.methods),
+                                       merges=_union(other.merges, point.merges), seeds=max(other.seeds, point.seeds))
+    jobs, where = [], {}
+    for folder, point in shared.items():
+        where[folder, None] = len(jobs)
+        jobs.append(Job(f"{folder}/reference", reference_record_job, {"config": config, "point": point}))
+        steps = len(config.tasks) * config.specialists.max_steps + len(point.methods) * config.train.max_steps
+        for seed in range(point.seeds):
+            where[folder, seed] = len(jobs)
+            jobs.append(Job(f"{folder}/seed-{seed}", seed_job, {"config": config, "point": point, "seed": seed},
+                            steps + len(point.merges)))
+    return jobs, where
+
+
+def _union(first: list[str], second: list[str]) -> list[str]:
+    """``first``, then the names of ``second`` it lacks (each list's own order is kept: standard stays
+    before doremi)."""
+    return first + [name for name in second if name not in first]
+
+
+def point_records(point: Point, outputs: list, where: dict) -> list[dict]:
+    """``point``'s records, in its order: the reference's, then per seed the specialists', its methods' and
+    its merges' (a shared job may hold more)."""
+    records = list(outputs[where[point.folder, None]])
+    for seed in range(point.seeds):
+        seed_outputs = outputs[where[point.folder, seed]]
+        by_method = {r["method"]: r for r in seed_outputs}
+        names = [r["method"] for r in seed_outputs if r["kind"] == "specialist"] + point.methods + point.merges
+        records += [by_method[name] for name in names]
+    return records

@@ -102,9 +102,6 @@ class Run:
         self.models = self.out / "models" / settings_key(config)
         self.pools = [self._pool(i) for i in range(len(config.tasks))]
 
-    def progress(self, total: int, name: str) -> tqdm:
-        return tqdm(total=total, desc=name, unit="seed", disable=not self.show_progress, dynamic_ncols=True)
-
     def log(self, message: str) -> None:
         if self.show_progress:
             tqdm.write(message)
@@ -167,3 +164,23 @@ class Run:
                                                    ).tolist(), "held_out_loss": held_out}
         write_json_atomic(path, record, indent=1)
         return record
+
+
+_WORKSPACES: dict[str, Run] = {}  # this process's Run, by the repr of its config: one at a time
+
+
+def workspace(config: DiagnoseConfig) -> Run:
+    """This process's :class:`Run` for ``config``, made at a worker's first job (its own simulators, the pools
+    read from the cache the parent filled), with torch set to the config's threads for the job (a worker of
+    :mod:`amalab.runner` starts each job on one)."""
+    key = repr(config)
+    if key not in _WORKSPACES:
+        use_workspace(Run(config, show_progress=False))
+    torch.set_num_threads(config.threads)
+    return _WORKSPACES[key]
+
+
+def use_workspace(run: Run) -> None:
+    """Make ``run`` this process's workspace for its config (the parent's, for jobs run in this process)."""
+    _WORKSPACES.clear()  # a Run holds simulators and pools: keep only the current one
+    _WORKSPACES[repr(run.config)] = run

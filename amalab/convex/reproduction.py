@@ -1,24 +1,23 @@
 """The convex rate reproduction: solve the problems, run every job, assemble and write the results.
 
-Three experiments, each a set of independent jobs spread over worker processes (docs/maths.md section 6):
+Three experiments, each a set of independent jobs spread over worker processes by the project's job
+runner, :mod:`amalab.runner` (docs/maths.md section 6):
   rates       the primal gap of theta_bar against the cvxpy OPT for T = 2^8 ... 2^18, per loss and
               algorithm, with its bound, and the duality gap of deterministic runs;
   worst_task  worst-task excess of AMA against the baselines on an imbalanced, conflicting problem;
   exp3        EXP3's regret on adversarial gain sequences against its bound.
-The config lives in :mod:`amalab.convex.config`, the jobs in :mod:`amalab.convex.jobs`, the worker
-pool in :mod:`amalab.convex.worker_pool`, the record in :mod:`amalab.convex.record` and the files in
-:mod:`amalab.convex.results_io`.
+The config lives in :mod:`amalab.convex.config`, the jobs in :mod:`amalab.convex.jobs`, the record in
+:mod:`amalab.convex.record` and the files in :mod:`amalab.convex.results_io`. Each job draws from its own
+seeded generator (:func:`amalab.convex.jobs.job_rng`), so the results do not depend on the workers.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 
-from amalab.convex import worker_pool
 from amalab.convex.algorithms import train_algorithm
 from amalab.convex.config import ReproductionConfig
 from amalab.convex.exp3_regret import exp3_regret
@@ -26,6 +25,7 @@ from amalab.convex.jobs import Checkpoints, exp3_job, job_description, numerics_
 from amalab.convex.optimum import solve
 from amalab.convex.problems import make_problem
 from amalab.convex.record import build_record
+from amalab.runner import Job, run_jobs
 
 
 def plan_jobs(config: ReproductionConfig, solved: dict, worst_solved) -> tuple[list[tuple], list[tuple]]:
@@ -89,7 +89,7 @@ def run_reproduction(config: ReproductionConfig, show_progress: bool = True,
     jobs, names = plan_jobs(config, solved, worst_solved)
     done, save = ({}, None) if checkpoint_dir is None else _resumable(names, jobs, checkpoint_dir, show_progress)
     compile_kernels(worst_solved)
-    workers = config.workers or os.cpu_count() or 1
-    outputs = worker_pool.run_jobs(jobs, min(workers, len(jobs)), show_progress, done, save,
-                                   names=["/".join(name) for name in names])
+    runner_jobs = [Job("/".join(name), fn, kwargs, steps) for name, (fn, kwargs, steps) in zip(names, jobs)]
+    outputs = run_jobs(runner_jobs, config.workers or None, on_done=save, done=done, show_progress=show_progress,
+                       desc="convex rates")
     return build_record(config, solved, worst_solved, names, outputs, time.perf_counter() - start)
