@@ -6,14 +6,19 @@ the helper (a function, a class).
   repository, from ``$AMALAB_SHARED_DATA`` when set, else from ``../shared/data`` beside the repository
   checkout. A test that needs them skips cleanly without them.
 * The tiny offline LLM (tests/llm, tests/training, tests/objectives): ``tokenizer``, ``preference_pairs``,
-  ``tokenized_pairs`` and ``make_model`` (a factory of seeded tiny Llamas).
+  ``tokenized_pairs``, ``make_model`` (a factory of seeded tiny Llamas) and ``peaked_llama(tokenizer)`` (a
+  tiny Llama whose greedy choices are clear-cut, for generation).
 * ``experiment``: writes the tiny two-task LLM experiment (the test-sized twin of experiments/llm_tiny) into
   a folder and returns its config path: ``experiment(tmp_path, names='["standard"]', **replace)``;
   ``experiment_tables`` holds tables to add to it (a generated task, the merges).
 * ``setup`` (per module): a tiny Llama (pi_ref), two small tokenized tasks, their reference log-probs and a
   "specialist" cache; ``make_run(setup, tmp_path, mixer_name, name, **optim)`` builds a ``TrainingRun`` on
   it, ``train(setup, run)`` trains a fresh copy of the base model, ``recording_adamw`` is an AdamW that
-  keeps every step's gradients.
+  keeps every step's gradients; ``fresh_policy(setup)`` is a trainable copy of the base model;
+  ``with one_thread(): ...`` runs a block with torch on one CPU thread.
+* Several processes on one machine: ``free_port()`` (a free local TCP port for a process group's rendezvous)
+  and ``fork_ranks(worker, *args, timeout_s=...)`` (forked ranks of a gloo process group, joined within a
+  deadline).
 
 torch and amalab.llm are imported inside the fixtures, so the folders that need neither (convex, mixers)
 collect without the llm extra.
@@ -21,8 +26,11 @@ collect without the llm extra.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -119,6 +127,31 @@ def make_model(tokenizer):
                           pad_token_id=tokenizer.pad_token_id, **kwargs)
 
     return make
+
+
+def _peaked_llama(tokenizer):
+    """A tiny random Llama (seed 3) with larger weights (every matrix redrawn from a seeded normal, scale
+    0.3), in eval mode: sharper next-token distributions, so argmax is decided by clear margins and the
+    numerical noise of padding or batching cannot flip a greedy generation."""
+    import torch
+
+    from amalab.llm.tiny import tiny_llama
+
+    model = tiny_llama(len(tokenizer), seed=3, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(0)
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def peaked_llama():
+    """``peaked_llama(tokenizer) -> model``: a tiny Llama with clear argmax margins
+    (:func:`_peaked_llama`)."""
+    return _peaked_llama
 
 
 @pytest.fixture(scope="session")
@@ -325,17 +358,24 @@ def _make_run(setup, tmp_path, mixer_name="ama-s", name="run", **optim):
                        description={"mixer": mixer_name, "optim": settings})
 
 
-def _train(setup, run):
-    """Train a fresh copy of the base model on the CPU; returns (model, final record)."""
+def _fresh_policy(setup):
+    """A deep copy of ``setup["base"]`` with every parameter trainable: each run starts from the same base
+    model and never changes the module-scoped original."""
     import copy
-
-    import torch
-
-    from amalab.llm.train import run_training
 
     model = copy.deepcopy(setup["base"])
     for p in model.parameters():
         p.requires_grad_(True)
+    return model
+
+
+def _train(setup, run):
+    """Train a fresh copy of the base model on the CPU; returns (model, final record)."""
+    import torch
+
+    from amalab.llm.train import run_training
+
+    model = _fresh_policy(setup)
     final = run_training(model, run, torch.device("cpu"), show_progress=False)
     return model, final
 
@@ -351,6 +391,36 @@ def setup():
 def make_run():
     """``make_run(setup, tmp_path, mixer_name="ama-s", name="run", **optim) -> TrainingRun``."""
     return _make_run
+
+
+@pytest.fixture(scope="session")
+def fresh_policy():
+    """``fresh_policy(setup) -> model``: a trainable deep copy of ``setup["base"]``. A forked rank gets it as
+    an argument of its worker (the fork hands it over as it is)."""
+    return _fresh_policy
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """torch on one CPU thread inside the block, its previous thread count given back after (an error
+    included). The single-process side of a comparison with forked or torchrun ranks, which each use one
+    thread, then does the same computations; and the tiny models gain nothing from more threads, which on a
+    busy machine's cores make them many times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def one_thread():
+    """``with one_thread(): ...``: torch on one CPU thread in the block, then as before
+    (:func:`_one_thread`)."""
+    return _one_thread
 
 
 @pytest.fixture(scope="session")
@@ -373,3 +443,53 @@ def recording_adamw():
             return super().step(closure)
 
     return RecordingAdamW
+
+
+# --- several processes on one machine -----------------------------------------------------------------------
+
+def _free_port() -> int:
+    """A TCP port of 127.0.0.1 free now (the OS picks it), for a process group's rendezvous: a fixed port
+    would clash with another test run, or a lingering one, on the same machine."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fork_ranks(worker, *args, timeout_s: float, nprocs: int = 2, poll_s: float = 2,
+                what: str = "the 2 processes") -> None:
+    """Run ``worker(rank, port, *args)`` in ``nprocs`` forked processes (ranks 0, 1, ...; ``port`` a free
+    local port for their rendezvous) and wait for all of them; a rank that raises fails the test with its
+    traceback.
+
+    Fork, not spawn: the children inherit the imported modules (spawn re-imports torch and transformers in
+    each child, most of the time of these tests) and the arguments as they are, fixtures' values (functions,
+    classes) included, unpickled. Each worker should use one thread (``torch.set_num_threads(1)``), which
+    makes the fork after the parent's OpenMP use safe.
+
+    The deadline turns a hang into a failure: a regression that leaves one rank waiting in a collective the
+    other never joins fails the test after ``timeout_s`` seconds, its processes killed, instead of hanging
+    CI. Set it above the process group's own timeout, so that the ranks normally fail first with their error.
+    """
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(worker, args=(_free_port(), *args), nprocs=nprocs, join=False,
+                                 start_method="fork")
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=poll_s):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{what} did not end in {timeout_s} s (a rank left waiting in a collective?)")
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """``free_port() -> int``: a TCP port of 127.0.0.1 free now (torchrun's ``--master_port``)."""
+    return _free_port
+
+
+@pytest.fixture(scope="session")
+def fork_ranks():
+    """``fork_ranks(worker, *args, timeout_s, nprocs=2, poll_s=2, what="the 2 processes")``: ``worker(rank,
+    port, *args)`` in forked ranks, joined within ``timeout_s`` (:func:`_fork_ranks`)."""
+    return _fork_ranks

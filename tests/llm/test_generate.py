@@ -12,7 +12,6 @@ from amalab.llm.data.synthetic.generator import GeneratorKnobs, generate_task
 from amalab.llm.generate import (
     cut_at_eos, evaluate_generation, greedy_generate, left_pad, score_responses,
 )
-from amalab.llm.tiny import tiny_llama
 
 PROMPTS = ["\n\nHuman: What is 37 + 48?\n\nAssistant:", "\n\nHuman: Hi\n\nAssistant:",
            "\n\nHuman: Describe cats. Write in lowercase letters only. Use at most 9 words.\n\nAssistant:",
@@ -34,17 +33,10 @@ def reference_greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> list
 
 
 @pytest.fixture(scope="module")
-def peaked_model(tokenizer):
+def peaked_model(tokenizer, peaked_llama):
     """A tiny random Llama with larger weights: sharper next-token distributions, so argmax is decided by
-    clear margins and numerical noise of padding cannot flip it."""
-    model = tiny_llama(len(tokenizer), seed=3, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id)
-    with torch.no_grad():
-        generator = torch.Generator().manual_seed(0)
-        for parameter in model.parameters():
-            if parameter.dim() == 2:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
-    return model.eval()
+    clear margins and numerical noise of padding cannot flip it (the conftest's ``peaked_llama``)."""
+    return peaked_llama(tokenizer)
 
 
 @pytest.fixture(scope="module")

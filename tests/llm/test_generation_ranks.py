@@ -15,8 +15,6 @@ import copy
 import io
 import json
 import os
-import socket
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,18 +28,12 @@ from amalab.llm.generation_scores import add_generation
 from amalab.llm.logprobs import shard_causal_lm
 from amalab.llm.models import decoder_layers
 from amalab.llm.report import summarize, summary_table, write_summary
-from amalab.llm.tiny import tiny_llama, tiny_tokenizer
+from amalab.llm.tiny import tiny_tokenizer
 from amalab.training.distributed import World, barrier, close_world, init_world
 
 CPU = torch.device("cpu")
 TIMEOUT_S = 30  # the process group's timeout: a rank left in a collective fails after it
 MAX_PROMPT_LENGTH = 64
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Scripted(torch.nn.Module):
@@ -74,26 +66,21 @@ def counted(model):
     return model
 
 
-def make_setup() -> dict:
+def make_setup(peaked_llama) -> dict:
     """Two generated tasks (7 and 1 held-out prompts: rank 1 gets no prompt of the second), a tiny Llama with
-    clear argmax margins (as tests/llm/test_generate.py), and a scripted policy answering 5 of 8 correctly."""
+    clear argmax margins (``peaked_llama``: the conftest fixture, as tests/llm/test_generate.py), and a
+    scripted policy answering 5 of 8 correctly."""
     tokenizer = tiny_tokenizer()
     tasks = [generate_task(GeneratorKnobs("arithmetic", n=7, seed=1)), generate_task(GeneratorKnobs("format", n=1,
                                                                                                     seed=1))]
     tasks = [SimpleNamespace(name=t.pairs[0].task, eval=t.pairs) for t in tasks]
-    model = tiny_llama(len(tokenizer), seed=3, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id)
-    with torch.no_grad():
-        generator = torch.Generator().manual_seed(0)
-        for parameter in model.parameters():
-            if parameter.dim() == 2:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    model = peaked_llama(tokenizer)
     answers = {}
     for t in tasks:
         for i, pair in enumerate(t.eval):
             key = tuple(tokenizer(pair.prompt, add_special_tokens=True)["input_ids"][-MAX_PROMPT_LENGTH:])
             answers[key] = pair.chosen if i % 3 != 1 else pair.rejected  # prompts 1 and 4 answered wrongly
-    return dict(tokenizer=tokenizer, tasks=tasks, model=model.eval(), answers=answers)
+    return dict(tokenizer=tokenizer, tasks=tasks, model=model, answers=answers)
 
 
 def fake_experiment(setup: dict, world: World, out: Path) -> SimpleNamespace:
@@ -142,40 +129,30 @@ def _worker(rank: int, port: int, scenario: str, root: str, setup: dict) -> None
     close_world(world)
 
 
-def two_ranks(scenario: str, root: Path, setup: dict) -> list[dict]:
-    """Each rank's result of ``scenario`` in 2 forked gloo processes."""
-    import torch.multiprocessing as mp
-
-    context = mp.start_processes(_worker, args=(free_port(), scenario, str(root), setup), nprocs=2, join=False,
-                                 start_method="fork")
-    deadline = time.monotonic() + TIMEOUT_S + 60
-    while not context.join(timeout=2):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"{scenario}: the 2 processes did not end in {TIMEOUT_S + 60} s")
+def two_ranks(scenario: str, root: Path, setup: dict, fork_ranks) -> list[dict]:
+    """Each rank's result of ``scenario`` in 2 forked gloo processes (``fork_ranks``: the conftest
+    fixture)."""
+    fork_ranks(_worker, scenario, str(root), setup, timeout_s=TIMEOUT_S + 60,
+               what=f"{scenario}: the 2 processes")
     results = [json.loads((root / f"rank{rank}.json").read_text()) for rank in range(2)]
     assert all("error" not in r for r in results), results
     return results
 
 
 @pytest.fixture(scope="module")
-def setup():
-    return make_setup()
+def setup(peaked_llama):
+    return make_setup(peaked_llama)
 
 
-def test_replicated_ranks_share_the_prompts_and_get_what_one_process_gets(setup, tmp_path):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+def test_replicated_ranks_share_the_prompts_and_get_what_one_process_gets(setup, fork_ranks, one_thread,
+                                                                           tmp_path):
+    with one_thread():
         alone = generations(setup, World(), tmp_path / "alone")
-    finally:
-        torch.set_num_threads(threads)
     assert alone["llama_rows"] == 7 and alone["scripted_rows"] == 8
     assert len(set(alone["responses"])) > 1  # distinct generations: an order mix-up would show
     success = alone["final"]["tasks"]
     assert success == {"generated-arithmetic": {"success": 5 / 7}, "generated-format": {"success": 1.0}}
-    ranks = two_ranks("generations", tmp_path, setup)
+    ranks = two_ranks("generations", tmp_path, setup, fork_ranks)
     for rank, result in enumerate(ranks):
         assert result["responses"] == alone["responses"], rank  # every rank has every generation, in order
         assert result["final"] == alone["final"], rank
@@ -185,8 +162,8 @@ def test_replicated_ranks_share_the_prompts_and_get_what_one_process_gets(setup,
         "generated-arithmetic": 5 / 7, "generated-format": 1.0}
 
 
-def test_a_sharded_policy_is_not_generated_from_and_the_summary_says_so(setup, tmp_path):
-    ranks = two_ranks("sharded", tmp_path, setup)
+def test_a_sharded_policy_is_not_generated_from_and_the_summary_says_so(setup, fork_ranks, tmp_path):
+    ranks = two_ranks("sharded", tmp_path, setup, fork_ranks)
     mark = {"reason": "[model] fsdp", "tasks": ["generated-arithmetic", "generated-format"]}
     assert [r["final"] for r in ranks] == [{"tasks": {}, "generation_skipped": mark}] * 2
     assert [r["llama_rows"] for r in ranks] == [0, 0]

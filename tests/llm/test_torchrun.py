@@ -74,7 +74,7 @@ def write_config(folder: Path, out: str, fsdp: bool) -> Path:
 
 
 @pytest.mark.slow  # ~60 s on 2 cores: two torchrun processes and a one-process run of the whole pipeline
-def test_torchrun_two_ranks_fsdp_equals_one_process(tmp_path):
+def test_torchrun_two_ranks_fsdp_equals_one_process(tmp_path, one_thread):
     torchrun = shutil.which("torchrun")
     if torchrun is None:
         pytest.skip("torchrun is not on PATH")
@@ -92,15 +92,9 @@ def test_torchrun_two_ranks_fsdp_equals_one_process(tmp_path):
         "latest", "step-000002", "step-000003"]
     assert not list(out.rglob(".tmp-*")) and not list(out.rglob(".*.tmp"))
 
-    import torch
-
     single = load_llm_config(write_config(tmp_path / "single", str(tmp_path / "single" / "out"), fsdp=False))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         reference = run_all(single, show_progress=False)
-    finally:
-        torch.set_num_threads(threads)
     def generalist(summary):  # the runs also hold the untrained base model's record
         return next(r for r in summary["runs"] if r["method"] == "ama-s")
 

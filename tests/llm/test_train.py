@@ -6,7 +6,6 @@ with torch autograd, and the mixers' own one-batch ``step``.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 
@@ -55,7 +54,7 @@ def test_sequential_amar_refuses_accumulation(setup, tmp_path, make_run, train):
         train(setup, make_run(setup, tmp_path, "ama-r", micro_batch_size=2))
 
 
-def test_one_step_matches_a_hand_written_ama_s_step(setup, tmp_path, make_run, train):
+def test_one_step_matches_a_hand_written_ama_s_step(setup, tmp_path, make_run, train, fresh_policy):
     """The loop's first AMA-S step equals: draw, mean clipped excess over the batch, AdamW step."""
     run = make_run(setup, tmp_path, "ama-s", max_steps=1, warmup_steps=0, max_grad_norm=0.0)
     trained, _ = train(setup, run)
@@ -67,9 +66,7 @@ def test_one_step_matches_a_hand_written_ama_s_step(setup, tmp_path, make_run, t
 
     picks = TaskSampler([len(s) for s in setup["train"]], 7).take(task_ids)
     pairs = [setup["train"][t][i] for t, i in picks]
-    model = copy.deepcopy(setup["base"])
-    for p in model.parameters():
-        p.requires_grad_(True)
+    model = fresh_policy(setup)
     batch = collate_pairs(pairs, setup["tokenizer"].pad_token_id)
     logps = sequence_logps(model, batch)
     ids = list(batch.ids)
@@ -86,19 +83,15 @@ def test_one_step_matches_a_hand_written_ama_s_step(setup, tmp_path, make_run, t
 
 
 @pytest.mark.parametrize("mixer_name", ["ama-s", "ama-r"])
-def test_interrupted_run_resumes_exactly(setup, tmp_path, mixer_name, make_run, train):
+def test_interrupted_run_resumes_exactly(setup, tmp_path, mixer_name, make_run, train, fresh_policy):
     straight, final = train(setup, make_run(setup, tmp_path, mixer_name, "straight", max_steps=6,
                                             eval_steps=2))
     halves = make_run(setup, tmp_path, mixer_name, "halves", max_steps=6, eval_steps=2)
-    model = copy.deepcopy(setup["base"])
-    for p in model.parameters():
-        p.requires_grad_(True)
+    model = fresh_policy(setup)
     assert run_training(model, halves, CPU, show_progress=False, stop_after=3) == {}
     assert [s for s, _ in list_checkpoints(halves.run_dir)] == [3]
     resumed_run = dataclasses.replace(halves, mixer=make_run(setup, tmp_path, mixer_name).mixer)
-    resumed = copy.deepcopy(setup["base"])  # a fresh process: fresh model and mixer, state from disk
-    for p in resumed.parameters():
-        p.requires_grad_(True)
+    resumed = fresh_policy(setup)  # a fresh process: fresh model and mixer, state from disk
     final_resumed = run_training(resumed, resumed_run, CPU, show_progress=False)
     for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
         assert torch.equal(a, b), name  # bitwise on CPU
@@ -124,11 +117,9 @@ def test_other_settings_in_the_same_folder_are_refused(setup, tmp_path, make_run
         train(setup, make_run(setup, tmp_path, "standard", max_steps=3))
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(setup, tmp_path, make_run):
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(setup, tmp_path, make_run, fresh_policy):
     run = make_run(setup, tmp_path, "ama-s", max_steps=4, save_steps=2)
-    model = copy.deepcopy(setup["base"])
-    for p in model.parameters():
-        p.requires_grad_(True)
+    model = fresh_policy(setup)
     run_training(model, run, CPU, show_progress=False, stop_after=2)
     saved = {n: p.detach().clone() for n, p in model.named_parameters()}
     bad = ValueCache(setup["reference"].ids, {**setup["reference"].columns,
@@ -137,9 +128,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(setup, tmp_path, ma
         run_training(model, dataclasses.replace(run, reference=bad), CPU, show_progress=False)
     assert [s for s, _ in list_checkpoints(run.run_dir)] == [2]
     # resuming with good data continues from step 2 as if nothing had happened
-    fresh = copy.deepcopy(setup["base"])
-    for p in fresh.parameters():
-        p.requires_grad_(True)
+    fresh = fresh_policy(setup)
     run_training(fresh, dataclasses.replace(run, mixer=make_run(setup, tmp_path, "ama-s").mixer), CPU,
                  show_progress=False, stop_after=0)
     for name, p in fresh.named_parameters():

@@ -20,14 +20,11 @@ computations and the losses equal bitwise; what differs is only the order in whi
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import datetime
 import json
 import os
 import shutil
-import socket
-import time
 
 import numpy as np
 import pytest
@@ -48,19 +45,6 @@ WORLD = 2
 STEPS = 4
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def fresh_policy(setup):
-    model = copy.deepcopy(setup["base"])
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return model
-
-
 def record_digests(run, digests: list) -> None:
     """After every mixer update, keep a digest of the mixer's whole state."""
     update = run.mixer.update
@@ -77,9 +61,10 @@ def metric_weights(run_dir) -> list:
     return [x["weights"] for x in lines if x["kind"] == "train"]
 
 
-def _worker(rank: int, port: int, setup: dict, out: str, make_run, recording_adamw) -> None:
-    """Rank ``rank`` of 2: every scenario in turn; results to ``out/rank{rank}.pt``. ``make_run`` and
-    ``recording_adamw`` are the conftest fixtures' values (the fork hands them over as they are)."""
+def _worker(rank: int, port: int, setup: dict, out: str, make_run, recording_adamw, fresh_policy) -> None:
+    """Rank ``rank`` of 2: every scenario in turn; results to ``out/rank{rank}.pt``. ``make_run``,
+    ``recording_adamw`` and ``fresh_policy`` are the conftest fixtures' values (the fork hands them over as
+    they are)."""
     import pathlib
 
     import torch.distributed as dist
@@ -143,34 +128,22 @@ def _worker(rank: int, port: int, setup: dict, out: str, make_run, recording_ada
 
 
 @pytest.fixture(scope="module")
-def spawned(setup, tmp_path_factory, make_run, recording_adamw):
+def spawned(setup, tmp_path_factory, make_run, recording_adamw, fresh_policy, fork_ranks):
     """Run the 2-process scenarios once; return (setup, folder, per-rank results)."""
-    import torch.multiprocessing as mp
-
     out = tmp_path_factory.mktemp("dist")
-    # fork, not spawn: the children inherit the imported modules and the setup (spawn re-imports torch and
-    # transformers in each child, ~25 s of the ~30 s here); each child uses one thread, so the fork after
-    # the parent's OpenMP use is safe, and a deadline turns any hang into a failure
-    context = mp.start_processes(_worker, args=(free_port(), setup, str(out), make_run, recording_adamw),
-                                 nprocs=WORLD, join=False, start_method="fork")
-    deadline = time.monotonic() + 180
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the 2-process scenarios did not finish in 180 s (a rank waiting in a collective?)")
+    # forked (spawn would re-import torch and transformers in each child, ~25 s of the ~30 s here)
+    fork_ranks(_worker, setup, str(out), make_run, recording_adamw, fresh_policy, timeout_s=180, nprocs=WORLD,
+               poll_s=5, what="the 2-process scenarios")
     return setup, out, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
 @pytest.fixture(scope="module")
-def single(spawned, tmp_path_factory, make_run, recording_adamw):
+def single(spawned, tmp_path_factory, make_run, recording_adamw, fresh_policy, one_thread):
     """Single-process runs of the same global batches (one thread, micro-batches of one pair)."""
     setup, _, _ = spawned
     out = tmp_path_factory.mktemp("single")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     results = {}
-    try:
+    with one_thread():
         for mixer in ("ama-s", "ama-r-sim"):
             run = make_run(setup, out, mixer, mixer, max_steps=STEPS, micro_batch_size=1)
             recording_adamw.steps = []
@@ -182,8 +155,6 @@ def single(spawned, tmp_path_factory, make_run, recording_adamw):
                 torch.optim.AdamW = original
             results[mixer] = dict(final=final, params={n: p.detach().clone() for n, p in model.named_parameters()},
                                   first_grads=recording_adamw.steps[0], weights=metric_weights(run.run_dir))
-    finally:
-        torch.set_num_threads(threads)
     return results
 
 
@@ -228,7 +199,7 @@ def test_resume_under_two_ranks_equals_the_straight_run(spawned):
 
 
 @pytest.mark.parametrize("saved_by", ["halves-at-2", "fsdp-halves"])
-def test_a_two_rank_checkpoint_continues_on_one_rank(spawned, single, saved_by, make_run):
+def test_a_two_rank_checkpoint_continues_on_one_rank(spawned, single, saved_by, make_run, fresh_policy):
     """Replicated or sharded (FSDP2), the 2-rank checkpoint at step 2 continues on 1 process to the same end."""
     setup, out, ranks = spawned
     run = make_run(setup, out, "ama-s", saved_by, max_steps=STEPS, micro_batch_size=1)

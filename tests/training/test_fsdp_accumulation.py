@@ -18,11 +18,8 @@ micro-batches of 1 pair).
 
 from __future__ import annotations
 
-import copy
 import json
 import os
-import socket
-import time
 from pathlib import Path
 
 import pytest
@@ -41,19 +38,6 @@ STEPS = 2
 TIMEOUT_S = 30  # the process group's timeout: a rank left waiting in a collective fails the test after it
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def sharded_policy(setup, world):
-    model = copy.deepcopy(setup["base"])
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return shard_causal_lm(model, decoder_layers(model), world)
-
-
 def gradients(named) -> dict:
     """name -> [is a DTensor, elements in this rank's part, elements in the parameter]; None: no grad."""
     return {name: None if p.grad is None else [isinstance(p.grad, DTensor), _local(p.grad).numel(), p.numel()]
@@ -64,13 +48,16 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
-def _worker(rank: int, port: int, setup: dict, out: str, make_run) -> None:
-    """Rank ``rank`` of 2: train the sharded policy, recording the gradients after each first micro-batch."""
+def _worker(rank: int, port: int, setup: dict, out: str, make_run, fresh_policy) -> None:
+    """Rank ``rank`` of 2: train the sharded policy, recording the gradients after each first micro-batch.
+    ``make_run`` and ``fresh_policy`` are the conftest fixtures' values (the fork hands them over as they
+    are)."""
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD))
     world = init_world(CPU, timeout_s=TIMEOUT_S)
-    model = sharded_policy(setup, world)
+    policy = fresh_policy(setup)
+    model = shard_causal_lm(policy, decoder_layers(policy), world)
     named = list(unwrap(model).named_parameters())
     draw, backward, firsts, first = training_step.draw_batch, training_step._backward, [], [False]
 
@@ -92,20 +79,10 @@ def _worker(rank: int, port: int, setup: dict, out: str, make_run) -> None:
 
 
 @pytest.fixture(scope="module")
-def firsts(setup, tmp_path_factory, make_run):
+def firsts(setup, tmp_path_factory, make_run, fresh_policy, fork_ranks):
     """Per rank, per step: the gradients right after the step's first micro-batch's backward pass."""
-    import torch.multiprocessing as mp
-
     out = tmp_path_factory.mktemp("fsdp-accumulation")
-    # fork: the children inherit the imported modules and the setup (each uses one thread)
-    context = mp.start_processes(_worker, args=(free_port(), setup, str(out), make_run), nprocs=WORLD,
-                                 join=False, start_method="fork")
-    deadline = time.monotonic() + TIMEOUT_S + 60
-    while not context.join(timeout=2):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the 2 processes did not end in {TIMEOUT_S + 60} s")
+    fork_ranks(_worker, setup, str(out), make_run, fresh_policy, timeout_s=TIMEOUT_S + 60, nprocs=WORLD)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 

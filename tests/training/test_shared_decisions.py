@@ -12,12 +12,10 @@ CI; with the shared decisions every rank is done in about a second, well under i
 
 from __future__ import annotations
 
-import copy
 import datetime
 import json
 import os
 import shutil
-import socket
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -44,42 +42,32 @@ STEPS = 2
 FOREIGN = {"mixer": "another run's", "optim": {}}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# Each scenario is ``act(rank, world, root, setup, fixtures)``: ``fixtures`` holds the conftest fixtures'
+# values it may use (``make_run``, ``fresh_policy``), which the fork hands over as they are.
 
-
-def fresh_policy(setup):
-    model = copy.deepcopy(setup["base"])
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return model
-
-
-def train_run(rank, world, root, setup, make_run):
+def train_run(rank, world, root, setup, fixtures):
     """The same run on every rank, each in its own folder ``root/rank<r>/run`` (no shared filesystem)."""
-    run = make_run(setup, root / f"rank{rank}", "ama-s", "run", max_steps=STEPS)
-    run_training(fresh_policy(setup), run, CPU, world, show_progress=False)
+    run = fixtures.make_run(setup, root / f"rank{rank}", "ama-s", "run", max_steps=STEPS)
+    run_training(fixtures.fresh_policy(setup), run, CPU, world, show_progress=False)
 
 
-def cannot_save(rank, world, root, setup, make_run):
+def cannot_save(rank, world, root, setup, fixtures):
     """Rank 0's disk is full when it saves the checkpoint."""
     if rank == 0:
         def full(*args, **kwargs):
             raise OSError(28, "No space left on device")
 
         training_run.save_checkpoint = full  # this forked process only
-    train_run(rank, world, root, setup, make_run)
+    train_run(rank, world, root, setup, fixtures)
 
 
-def rank0_decides(rank, world, root, setup, make_run):
+def rank0_decides(rank, world, root, setup, fixtures):
     """Every rank gets rank 0's result; then rank 0's error is raised on every rank."""
     assert decide_on_rank0(world, lambda: f"rank {rank}'s answer") == "rank 0's answer"
     decide_on_rank0(world, lambda: 1 / 0)
 
 
-def rank1_fails_alone(rank, world, root, setup, make_run):
+def rank1_fails_alone(rank, world, root, setup, fixtures):
     def read():
         if rank == 1:
             raise ConfigError("rank 1 cannot read its file")
@@ -124,17 +112,17 @@ def stand_in_model_work(root):
     generalist_stage.add_generation = lambda experiment, model, run_dir, final: final
 
 
-def train_generalists(rank, world, root, setup, make_run):
+def train_generalists(rank, world, root, setup, fixtures):
     stand_in_model_work(root)
     return generalist_stage.generalists(stage_experiment(rank, world, root), LOSSES)
 
 
-def reevaluate_generalists(rank, world, root, setup, make_run):
+def reevaluate_generalists(rank, world, root, setup, fixtures):
     stand_in_model_work(root)
     return generalist_stage.reevaluated_generalists(stage_experiment(rank, world, root), None)
 
 
-def base_record_kept_by_rank1(rank, world, root, setup, make_run):
+def base_record_kept_by_rank1(rank, world, root, setup, fixtures):
     """Rank 1 alone holds the base model's final.json, scored against these losses."""
     stand_in_model_work(root)
     if rank == 1:
@@ -148,7 +136,7 @@ def stand_in_cache():
     return value_cache.ValueCache(["a", "b"], {"loss": np.array([0.5, 0.25])})
 
 
-def cache_of_something_else_on_rank1(rank, world, root, setup, make_run):
+def cache_of_something_else_on_rank1(rank, world, root, setup, fixtures):
     """Rank 1's cache folder holds a cache computed from another manifest; rank 0's is empty."""
     if rank == 1:
         value_cache.save_cache(root / "rank1" / "cache", {"kind": "another"}, stand_in_cache())
@@ -156,7 +144,7 @@ def cache_of_something_else_on_rank1(rank, world, root, setup, make_run):
                               log=lambda text: None, world=world)
 
 
-def cache_not_saved(rank, world, root, setup, make_run):
+def cache_not_saved(rank, world, root, setup, fixtures):
     """Rank 0's disk is full when it saves the cache every rank built."""
     if rank == 0:
         def full(*args, **kwargs):
@@ -195,7 +183,7 @@ FOLDERS = {scenario: GENERALIST for scenario, (act, _, _) in SCENARIOS.items()
            if act in (train_generalists, reevaluate_generalists)}
 
 
-def _worker(rank: int, port: int, scenario: str, root: str, setup: dict, make_run) -> None:
+def _worker(rank: int, port: int, scenario: str, root: str, setup: dict, fixtures) -> None:
     """Rank ``rank`` of 2: join through init_world with the short timeout, run the scenario, write what it
     raised (one line), what it returned and how long it took to ``root/rank<r>.json``."""
     torch.set_num_threads(1)
@@ -205,7 +193,7 @@ def _worker(rank: int, port: int, scenario: str, root: str, setup: dict, make_ru
     barrier(world)  # both ranks start the clock together
     start, error, result = time.monotonic(), None, None
     try:
-        result = SCENARIOS[scenario][0](rank, world, Path(root), setup, make_run)
+        result = SCENARIOS[scenario][0](rank, world, Path(root), setup, fixtures)
     except Exception as e:
         error = f"{type(e).__name__}: {e}"
     seconds = time.monotonic() - start
@@ -215,18 +203,14 @@ def _worker(rank: int, port: int, scenario: str, root: str, setup: dict, make_ru
 
 
 @pytest.fixture(scope="module")
-def runs(setup, tmp_path_factory, make_run):
+def runs(setup, tmp_path_factory, make_run, fresh_policy, one_thread):
     """Run folders made here by one process: a run stopped after 1 of its 2 steps, and a finished one."""
     made = tmp_path_factory.mktemp("made")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         run_training(fresh_policy(setup), make_run(setup, made / "stopped", "ama-s", "run", max_steps=STEPS),
                      CPU, show_progress=False, stop_after=1)
         run_training(fresh_policy(setup), make_run(setup, made / "finished", "ama-s", "run", max_steps=STEPS),
                      CPU, show_progress=False)
-    finally:
-        torch.set_num_threads(threads)
     return {"stopped": made / "stopped" / "run", "finished": made / "finished" / "run"}
 
 
@@ -249,24 +233,17 @@ def fill(folder: Path, holds: str | None, runs: dict) -> None:
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
-def test_both_ranks_end_at_once_with_the_same_error(scenario, setup, runs, make_run, tmp_path):
-    import torch.multiprocessing as mp
-
+def test_both_ranks_end_at_once_with_the_same_error(scenario, setup, runs, make_run, fresh_policy, fork_ranks,
+                                                     tmp_path):
     _, holds, phrase = SCENARIOS[scenario]
     for rank, what in enumerate(holds):
         fill(tmp_path / f"rank{rank}" / FOLDERS.get(scenario, "run"), what, runs)
     # the settings the stand-in generalist was described with: those the made runs were started with
     shutil.copy(runs["finished"] / "run.json", tmp_path / "description.json")
-    # fork: the children inherit the imported modules and the setup (each uses one thread)
+    fixtures = SimpleNamespace(make_run=make_run, fresh_policy=fresh_policy)
     start = time.monotonic()
-    context = mp.start_processes(_worker, args=(free_port(), scenario, str(tmp_path), setup, make_run),
-                                 nprocs=2, join=False, start_method="fork")
-    deadline = start + TIMEOUT_S + 60
-    while not context.join(timeout=2):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"{scenario}: the 2 processes did not end in {TIMEOUT_S + 60} s")
+    fork_ranks(_worker, scenario, str(tmp_path), setup, fixtures, timeout_s=TIMEOUT_S + 60,
+               what=f"{scenario}: the 2 processes")
     wall = time.monotonic() - start
     results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     errors = [r["error"] for r in results]

@@ -5,7 +5,6 @@ and the default writes no event file.
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 from pathlib import Path
@@ -61,10 +60,10 @@ def test_tensorboard_events_hold_every_logged_value(setup, tmp_path, make_run, t
     check_events_hold_the_logged_values(run.run_dir, ["task0", "task1"])
 
 
-def test_a_resumed_run_shows_each_step_once(setup, tmp_path, make_run, train):
+def test_a_resumed_run_shows_each_step_once(setup, tmp_path, make_run, train, fresh_policy):
     """A run killed after logging step 3 but before checkpointing it: step 3 is redone, and shown once."""
     run = make_run(setup, tmp_path, "ama-r", max_steps=5, eval_steps=2, save_steps=2, report_to=["tensorboard"])
-    model = copy.deepcopy(setup["base"]).requires_grad_(True)
+    model = fresh_policy(setup)
     run_training(model, run, torch.device("cpu"), show_progress=False, stop_after=3)
     checkpoints = run.run_dir / "checkpoints"
     shutil.rmtree(checkpoints / "step-000003")  # the crash: step 3 logged, its checkpoint never written

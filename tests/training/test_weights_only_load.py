@@ -11,13 +11,10 @@ them would fail; a resume must (it needs them), naming the file in one line.
 
 from __future__ import annotations
 
-import copy
 import datetime
 import json
 import os
 import shutil
-import socket
-import time
 from pathlib import Path
 
 import pytest
@@ -41,25 +38,14 @@ RESUME_PARTS = ("optimizer.pt", "scheduler.pt", "mixer.npz", "sampler.json", "rn
 TIMEOUT_S = 30  # the process group's timeout in the 2-process test: a hang fails after it
 
 
-def fresh_policy(setup):
-    model = copy.deepcopy(setup["base"])
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return model
-
-
 @pytest.fixture(scope="module")
-def finished(setup, tmp_path_factory, make_run):
+def finished(setup, tmp_path_factory, make_run, fresh_policy, one_thread):
     """A finished run (``STEPS`` steps), its final metrics and its trained parameters."""
     root = tmp_path_factory.mktemp("finished")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         run = make_run(setup, root, "ama-s", "run", max_steps=STEPS, save_steps=1)
         model = fresh_policy(setup)
         final = run_training(model, run, CPU, show_progress=False)
-    finally:
-        torch.set_num_threads(threads)
     return run.run_dir, final, {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
@@ -112,7 +98,8 @@ def test_the_weights_are_memory_mapped(finished):
 
 
 @pytest.mark.parametrize("delete", [False, True], ids=["corrupt", "deleted"])
-def test_a_finished_run_loads_its_weights_without_the_optimizer(finished, setup, make_run, tmp_path, delete):
+def test_a_finished_run_loads_its_weights_without_the_optimizer(finished, setup, make_run, fresh_policy,
+                                                                tmp_path, delete):
     """``run_training`` of a finished run (what evaluation and the merges call) works from the weights alone;
     resuming the same folder once it is not finished refuses, naming the part it needs."""
     run_dir, final, params = finished
@@ -176,15 +163,10 @@ def test_the_pipeline_evaluates_and_exports_runs_without_their_optimizer_state(p
 
 # --- FSDP2: each rank copies in its shards ----------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _sharded_load(rank: int, port: int, setup: dict, run_dir: str, out: str) -> None:
+def _sharded_load(rank: int, port: int, setup: dict, run_dir: str, out: str, fresh_policy) -> None:
     """Rank ``rank`` of 2: a fresh sharded policy loads the damaged run's weights, every row of them NaN but
-    the rank's own part (FSDP2 shards dimension 0 as ``torch.chunk``); it saves what it holds."""
+    the rank's own part (FSDP2 shards dimension 0 as ``torch.chunk``); it saves what it holds.
+    ``fresh_policy`` is the conftest fixture's value (the fork hands it over as it is)."""
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
@@ -209,23 +191,14 @@ def own_rows_only(full: torch.Tensor, rank: int) -> torch.Tensor:
     return poisoned
 
 
-def test_each_rank_of_a_sharded_policy_reads_only_its_part_of_the_weights(finished, setup, tmp_path):
+def test_each_rank_of_a_sharded_policy_reads_only_its_part_of_the_weights(finished, setup, fresh_policy,
+                                                                           fork_ranks, tmp_path):
     """Each rank copies in its own rows of each full tensor, from its own copy: the other rows of its copy,
     which it never reads, are NaN, yet the gathered policy is the checkpoint's exactly (a load that spread
     rank 0's whole tensors, as ``set_model_state_dict`` of full tensors does, would give rank 1 NaNs)."""
-    import torch.multiprocessing as mp
-
     run_dir, _, params = finished
     folder = damaged(run_dir, tmp_path)
-    # fork: the children inherit the imported modules and the setup (each uses one thread)
-    context = mp.start_processes(_sharded_load, args=(free_port(), setup, str(folder), str(tmp_path)),
-                                 nprocs=2, join=False, start_method="fork")
-    deadline = time.monotonic() + TIMEOUT_S + 60
-    while not context.join(timeout=2):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the 2 processes did not end in {TIMEOUT_S + 60} s")
+    fork_ranks(_sharded_load, setup, str(folder), str(tmp_path), fresh_policy, timeout_s=TIMEOUT_S + 60)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for rank in ranks:
         assert rank["whole"].keys() == params.keys()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -65,20 +64,14 @@ TWO_PROCESS_RUNS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def two_processes(tmp_path_factory) -> dict[str, list[dict]]:
+def two_processes(tmp_path_factory, free_port) -> dict[str, list[dict]]:
     """The runs of TWO_PROCESS_RUNS on two processes: name -> [rank 0's result, rank 1's]."""
     out = tmp_path_factory.mktemp("two_processes")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                str(CHILD), str(out), json.dumps(TWO_PROCESS_RUNS)]
     try:
         done = subprocess.run(command, env=env, cwd=out, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
@@ -95,19 +88,15 @@ def two_processes(tmp_path_factory) -> dict[str, list[dict]]:
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory):
+def one_process(tmp_path_factory, one_thread):
     """One-process runs in this process, by their settings (computed once each)."""
     out, done = tmp_path_factory.mktemp("one_process"), {}
 
     def run(**settings):
         key = json.dumps(settings, sort_keys=True)
         if key not in done:
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)  # as the two processes: the tiny model gains nothing from more, and a busy
-            try:                      # machine's cores make several threads many times slower
+            with one_thread():  # as the two processes
                 trainer, record = child.record_run(out / f"run{len(done)}", **settings)
-            finally:
-                torch.set_num_threads(threads)
             assert trainer.accelerator.num_processes == 1
             done[key] = {"num_processes": 1, "record": record.as_dict(), "parameters": child.parameters(trainer)}
         return done[key]
