@@ -2,7 +2,9 @@
 seed (docs/maths.md section 7). Each seed's generalists and merges use that seed's specialists: their
 cached losses s(z) for AMA, their parameters for the merges. DoReMi-style measures the excess over the
 seed's ``standard`` generalist, so ``standard`` trains first. Seeds are independent (each training seeds
-itself), so :mod:`amalab.control.diagnose` runs each (point, seed) as a job of :mod:`amalab.runner`.
+itself), so :mod:`amalab.control.diagnose` runs each (point, seed) as jobs of :mod:`amalab.runner`: the
+specialists first (the run checks that they beat the reference before any generalist trains,
+docs/maths.md (62)), then the methods and merges.
 """
 
 from __future__ import annotations
@@ -42,11 +44,10 @@ def reference_records(run: Run, point: Point) -> list[dict]:
                        point.loss, {**about, "kind": "reference", "method": "reference", "seed": 0})]
 
 
-def seed_records(run: Run, point: Point, seed: int) -> list[dict]:
-    """Seed ``seed``'s records of ``point``: each specialist's, then each method's and merge's, in order."""
-    c, folder, k = run.config, run.models / point.folder, len(run.config.tasks)
-    data, reference, reference_logps, about = _point_inputs(run, point)
-    sizes, train_seed, records = [len(d.train) for d in data], c.seed + seed, []
+def _seed_trainer(run: Run, point: Point, seed: int, reference, reference_logps):
+    """``train(name, optim, train_sets, mixer, baselines, loss_name)``: the seed's model ``name``, trained from
+    the reference and saved, or read from disk."""
+    folder, train_seed = run.models / point.folder, run.config.seed + seed
 
     def train(name, optim, train_sets, mixer, baselines, loss_name):
         options = point.loss.options if loss_name == point.loss.loss_type else {}  # sft takes none
@@ -54,15 +55,40 @@ def seed_records(run: Run, point: Point, seed: int) -> list[dict]:
         return run.trained(folder / "models" / f"{name}-{seed}.pt", reference, lambda policy: train_policy(
             policy, train_sets, losses, mixer, baselines, optim, train_seed, name))
 
-    def evaluate(policy, kind, name):
-        return run.record(folder / "records" / f"{name}-{seed}.json", policy, data, reference_logps, point.loss,
-                          {**about, "kind": kind, "method": name, "seed": seed})
+    return train
 
-    specialists = []
-    for i, task in enumerate(c.tasks):
-        specialists.append(train(f"specialist-{task.name}", c.specialists, [data[i].train],
-                                 make_mixer("uniform", 1), None, point.loss.loss_type))
-        records.append(evaluate(specialists[-1], "specialist", f"specialist-{task.name}"))
+
+def _specialists(run: Run, point: Point, seed: int, inputs: tuple) -> list:
+    data, reference, reference_logps, _ = inputs
+    train = _seed_trainer(run, point, seed, reference, reference_logps)
+    return [train(f"specialist-{task.name}", run.config.specialists, [data[i].train], make_mixer("uniform", 1), None,
+                  point.loss.loss_type) for i, task in enumerate(run.config.tasks)]
+
+
+def _evaluator(run: Run, point: Point, seed: int, inputs: tuple):
+    data, _, reference_logps, about = inputs
+    return lambda policy, kind, name: run.record(
+        run.models / point.folder / "records" / f"{name}-{seed}.json", policy, data, reference_logps, point.loss,
+        {**about, "kind": kind, "method": name, "seed": seed})
+
+
+def specialist_records(run: Run, point: Point, seed: int) -> list[dict]:
+    """Seed ``seed``'s specialists of ``point`` (one per task, from the reference), trained and evaluated."""
+    inputs = _point_inputs(run, point)
+    evaluate = _evaluator(run, point, seed, inputs)
+    return [evaluate(policy, "specialist", f"specialist-{task.name}")
+            for policy, task in zip(_specialists(run, point, seed, inputs), run.config.tasks)]
+
+
+def method_records(run: Run, point: Point, seed: int) -> list[dict]:
+    """Seed ``seed``'s records of each method and merge of ``point``, in order, from that seed's specialists
+    (read from disk, or trained if missing)."""
+    c, k = run.config, len(run.config.tasks)
+    inputs = _point_inputs(run, point)
+    data, reference, reference_logps, _ = inputs
+    sizes, train_seed, records = [len(d.train) for d in data], c.seed + seed, []
+    train, evaluate = _seed_trainer(run, point, seed, reference, reference_logps), _evaluator(run, point, seed, inputs)
+    specialists = _specialists(run, point, seed, inputs)
     specialist_losses, generalists = _loss_caches(specialists, data, reference_logps, point.loss), {}
     for name in point.methods:
         mixer, loss_name = make_method(name, k, sizes, c.methods.options.get(name, {}), point.loss.loss_type)
@@ -78,6 +104,11 @@ def seed_records(run: Run, point: Point, seed: int) -> list[dict]:
                                                  seed=train_seed, **c.merges.options.get(name, {})))
         records.append(evaluate(merged, "merge", name))
     return records
+
+
+def seed_records(run: Run, point: Point, seed: int) -> list[dict]:
+    """Seed ``seed``'s records of ``point``: each specialist's, then each method's and merge's, in order."""
+    return specialist_records(run, point, seed) + method_records(run, point, seed)
 
 
 def compare(run: Run, point: Point) -> list[dict]:
@@ -98,5 +129,9 @@ def reference_record_job(config: DiagnoseConfig, point: Point) -> list[dict]:
     return reference_records(workspace(config), point)
 
 
-def seed_job(config: DiagnoseConfig, point: Point, seed: int) -> list[dict]:
-    return seed_records(workspace(config), point, seed)
+def specialist_job(config: DiagnoseConfig, point: Point, seed: int) -> list[dict]:
+    return specialist_records(workspace(config), point, seed)
+
+
+def method_job(config: DiagnoseConfig, point: Point, seed: int) -> list[dict]:
+    return method_records(workspace(config), point, seed)

@@ -20,10 +20,12 @@ from amalab.control.teacher import TeacherConfig, label_pairs
 
 @dataclass(frozen=True)
 class Segment:
-    """One continuation as the policy sees it: observations with the task's goal (L, D), actions (L, a)."""
+    """One continuation as the policy sees it: observations with the task's goal (L, D), actions (L, a), and
+    how many actions it took before its episode terminated (L if it did not; the rest is padding)."""
 
     observations: np.ndarray
     actions: np.ndarray
+    length: int
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,8 @@ def _pairs(pool: dict, task: TaskSpec, task_index: int, starts: np.ndarray, spli
     for j in np.flatnonzero(labels.kept):
         order = (0, 1) if labels.first_preferred[j] else (1, 0)
         chosen, rejected = (Segment(with_goal(pool["observations"][starts[j], kinds[j, m]], task),
-                                    pool["actions"][starts[j], kinds[j, m]]) for m in order)
+                                    pool["actions"][starts[j], kinds[j, m]], int(pool["lengths"][starts[j], kinds[j, m]]))
+                            for m in order)
         pairs.append(Pair(f"{task.name}/{split}/{starts[j]}", task_index, chosen, rejected))
     counts = {"pairs": len(pairs), "skipped": int(labels.skipped.sum()), "tied": int(labels.tied.sum()),
               "flipped": int((labels.flipped & labels.kept).sum())}

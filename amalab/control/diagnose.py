@@ -8,9 +8,12 @@ per dataset), ``<dataset and loss>/models`` (the trained policies) and ``<datase
 JSON per evaluated model and seed). An interrupted run
 resumes: a record or model on disk is never recomputed, and every file is written atomically.
 
-The references (one per dataset), then the reference records and the seeds of every point, are jobs of
-:mod:`amalab.runner`, run as ``[run]`` says (in this process, over worker processes or on a Dask cluster):
-each job trains with its own seeds, so the summary does not depend on the number of workers or their order.
+The references (one per dataset), then the reference records and each seed's specialists, then each
+seed's methods and merges, are jobs of :mod:`amalab.runner`, run as ``[run]`` says (in this process, over
+worker processes or on a Dask cluster): each job trains with its own seeds, so the summary does not depend
+on the number of workers or their order. Between the specialists and the generalists the run checks the
+main comparison's scale (docs/maths.md (62)): a task whose specialists do not beat the reference gets one
+line and no normalized score, and a run where no task has a scale stops there.
 
 The points and the run's workspace are :mod:`amalab.control.run`; one point's models and records,
 :mod:`amalab.control.comparison`; the numbers and tables, :mod:`amalab.control.summary`.
@@ -22,12 +25,15 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from tqdm import tqdm
+
 from amalab.atomic_write import write_json_atomic, write_text_atomic
-from amalab.control.comparison import reference_job, reference_record_job, seed_job
+from amalab.control.comparison import method_job, reference_job, reference_record_job, specialist_job
 from amalab.control.config import DiagnoseConfig
 from amalab.control.figures import per_task_figure, sweep_figure
 from amalab.control.run import Point, Run, run_points, use_workspace
-from amalab.control.summary import summarize_point, tables
+from amalab.control.summary import summarize_point, tables, task_scales, unscaled_lines
+from amalab.errors import ConfigError
 from amalab.runner import Job, run_jobs
 
 
@@ -37,15 +43,32 @@ def diagnose(config: DiagnoseConfig, show_progress: bool = True) -> dict:
     began = time.perf_counter()
     run = Run(config, show_progress)  # the behaviour policies and pools, on disk before any job reads them
     use_workspace(run)
-    points = run_points(config)
+    points, names = run_points(config), [t.name for t in config.tasks]
     _run(config, reference_jobs(config, points), show_progress, "references")
-    jobs, where = record_jobs(config, points)
-    outputs = _run(config, jobs, show_progress, "trainings")
-    records = [point_records(point, outputs, where) for point in points]
-    names = [t.name for t in config.tasks]
+    shared = shared_points(points)
+    jobs, where = record_jobs(config, shared, specialist_job, with_reference=True)
+    specialists = _run(config, jobs, show_progress, "specialists")
+    scale = task_scales(point_records(points[0], specialists, where), names)
+    for line in unscaled_lines(scale, names):
+        tqdm.write(line)
+    if not any(scale["scaled"]):
+        raise ConfigError("no task's specialists beat the reference in the main comparison, so no return can be "
+                          "normalized (docs/maths.md (62)): " + "; ".join(unscaled_lines(scale, names))
+                          .replace("; the worst task is taken over none", ""))
+    jobs, method_where = record_jobs(config, shared, method_job, with_reference=False)
+    methods = _run(config, jobs, show_progress, "generalists and merges")
+    records = [point_records(point, specialists, where, methods, method_where) for point in points]
     summary = {"main": summarize_point(records[0], names)}  # the scale of every sweep point
     for point, found in zip(points[1:], records[1:]):
         summary[point.name] = summarize_point(found, names, summary["main"])
+    _write(config, summary, points, names, run)
+    run.log(f"finished in {time.perf_counter() - began:.0f} s; wrote {config.out}"
+            + (f" and {config.figures}" if config.figures else ""))
+    return summary
+
+
+def _write(config: DiagnoseConfig, summary: dict, points: list[Point], names: list[str], run: Run) -> None:
+    """summary.json, table.md and the figures, into ``out`` and ``figures``."""
     text = tables(summary, points, names)
     for folder in {Path(config.out), *([Path(config.figures)] if config.figures else [])}:
         write_json_atomic(folder / "summary.json", summary, indent=1)
@@ -54,9 +77,6 @@ def diagnose(config: DiagnoseConfig, show_progress: bool = True) -> dict:
         if len(points) > 1:
             sweep_figure(summary, points, folder / "sweeps.png")
     run.log(text)
-    run.log(f"finished in {time.perf_counter() - began:.0f} s; wrote {config.out}"
-            + (f" and {config.figures}" if config.figures else ""))
-    return summary
 
 
 def _run(config: DiagnoseConfig, jobs: list[Job], show_progress: bool, desc: str) -> list:
@@ -74,24 +94,32 @@ def reference_jobs(config: DiagnoseConfig, points: list[Point]) -> list[Job]:
                 config.reference.max_steps) for dataset, point in first.items()]
 
 
-def record_jobs(config: DiagnoseConfig, points: list[Point]) -> tuple[list[Job], dict]:
-    """Per folder, a job for the reference's record and one per seed; and where each (folder, seed or None)
-    job lies. Points that share a folder (a sweep value equal to the main settings) share its jobs, which
-    train every method and merge any of those points lists, so no model trains twice at once."""
+def shared_points(points: list[Point]) -> dict[str, Point]:
+    """Per folder, one point that trains every method and merge any of its points lists, with the most
+    seeds: points that share a folder (a sweep value equal to the main settings) share its jobs, so no model
+    trains twice at once."""
     shared = {}
     for point in points:
         other = shared.get(point.folder, point)
         shared[point.folder] = replace(other, methods=_union(other.methods, point.methods),
                                        merges=_union(other.merges, point.merges), seeds=max(other.seeds, point.seeds))
+    return shared
+
+
+def record_jobs(config: DiagnoseConfig, shared: dict[str, Point], job, with_reference: bool
+                ) -> tuple[list[Job], dict]:
+    """Per folder, a ``job`` per seed (``specialist_job`` or ``method_job``), after the reference's record if
+    ``with_reference``; and where each (folder, seed or None) job lies."""
     jobs, where = [], {}
     for folder, point in shared.items():
-        where[folder, None] = len(jobs)
-        jobs.append(Job(f"{folder}/reference", reference_record_job, {"config": config, "point": point}))
-        steps = len(config.tasks) * config.specialists.max_steps + len(point.methods) * config.train.max_steps
+        if with_reference:
+            where[folder, None] = len(jobs)
+            jobs.append(Job(f"{folder}/reference", reference_record_job, {"config": config, "point": point}))
+        steps = (len(config.tasks) * config.specialists.max_steps if job is specialist_job
+                 else len(point.methods) * config.train.max_steps + len(point.merges))
         for seed in range(point.seeds):
             where[folder, seed] = len(jobs)
-            jobs.append(Job(f"{folder}/seed-{seed}", seed_job, {"config": config, "point": point, "seed": seed},
-                            steps + len(point.merges)))
+            jobs.append(Job(f"{folder}/seed-{seed}", job, {"config": config, "point": point, "seed": seed}, steps))
     return jobs, where
 
 
@@ -101,13 +129,14 @@ def _union(first: list[str], second: list[str]) -> list[str]:
     return first + [name for name in second if name not in first]
 
 
-def point_records(point: Point, outputs: list, where: dict) -> list[dict]:
-    """``point``'s records, in its order: the reference's, then per seed the specialists', its methods' and
-    its merges' (a shared job may hold more)."""
-    records = list(outputs[where[point.folder, None]])
+def point_records(point: Point, specialists: list, where: dict, methods: list | None = None,
+                  method_where: dict | None = None) -> list[dict]:
+    """``point``'s records, in its order: the reference's, then per seed the specialists' and (given the
+    method jobs' outputs) its methods' and its merges' (a shared job may hold more)."""
+    records = list(specialists[where[point.folder, None]])
     for seed in range(point.seeds):
-        seed_outputs = outputs[where[point.folder, seed]]
-        by_method = {r["method"]: r for r in seed_outputs}
-        names = [r["method"] for r in seed_outputs if r["kind"] == "specialist"] + point.methods + point.merges
-        records += [by_method[name] for name in names]
+        records += specialists[where[point.folder, seed]]
+        if methods is not None:
+            by_method = {r["method"]: r for r in methods[method_where[point.folder, seed]]}
+            records += [by_method[name] for name in point.methods + point.merges]
     return records

@@ -32,20 +32,31 @@ def evaluation_seeds(config: EvaluationConfig) -> list[int]:
     return [int(s) for s in np.random.default_rng([config.seed, 0xE7A1]).integers(0, 2**31, config.episodes)]
 
 
+def episode_returns(policy: GaussianMLP, sims: Simulators, tasks: list[TaskSpec], config: EvaluationConfig
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """The policy's return and the steps it ran before its episode terminated, per task and evaluation seed:
+    two arrays (k, episodes). A terminated episode's return counts the absorbing reward of each remaining step
+    up to the horizon (docs/maths.md section 13)."""
+    jobs = [(i, e, s) for i in range(len(tasks)) for e, s in enumerate(evaluation_seeds(config))]
+    returns = np.zeros((len(tasks), config.episodes))
+    lengths = np.zeros((len(tasks), config.episodes), dtype=int)
+    for start in range(0, len(jobs), len(sims.envs)):
+        batch = jobs[start:start + len(sims.envs)]
+        batch_tasks = [tasks[i] for i, _, _ in batch]
+        goals = np.stack([t.goal for t in batch_tasks])
+        obs = sims.reset([s for _, _, s in batch])
+        done = sims.rollout(obs, lambda o, t: policy.act(np.concatenate([o, goals], axis=1)), config.horizon,
+                            batch_tasks)
+        rows, columns = [i for i, _, _ in batch], [e for _, e, _ in batch]
+        returns[rows, columns] = done.rewards.sum(axis=1)
+        lengths[rows, columns] = done.lengths
+    return returns, lengths
+
+
 def task_returns(policy: GaussianMLP, sims: Simulators, tasks: list[TaskSpec], config: EvaluationConfig
                  ) -> np.ndarray:
     """The policy's mean return on each task, shape (k,)."""
-    jobs = [(i, s) for i in range(len(tasks)) for s in evaluation_seeds(config)]
-    totals = np.zeros(len(tasks))
-    for start in range(0, len(jobs), len(sims.envs)):
-        batch = jobs[start:start + len(sims.envs)]
-        batch_tasks = [tasks[i] for i, _ in batch]
-        goals = np.stack([t.goal for t in batch_tasks])
-        obs = sims.reset([s for _, s in batch])
-        done = sims.rollout(obs, lambda o, t: policy.act(np.concatenate([o, goals], axis=1)), config.horizon,
-                            batch_tasks)
-        np.add.at(totals, [i for i, _ in batch], done.rewards.sum(axis=1))
-    return totals / config.episodes
+    return episode_returns(policy, sims, tasks, config)[0].mean(axis=1)
 
 
 def normalized_returns(returns: np.ndarray, reference: np.ndarray, specialist: np.ndarray) -> np.ndarray:

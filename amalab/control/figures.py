@@ -11,6 +11,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+_NONE = {"mean": np.nan, "low": np.nan, "high": np.nan}  # a task without a scale: no bar, no point
+
+
 def _error(intervals: list[dict]) -> np.ndarray:
     means = np.array([i["mean"] for i in intervals])
     return np.array([means - [i["low"] for i in intervals], [i["high"] for i in intervals] - means])
@@ -19,11 +22,12 @@ def _error(intervals: list[dict]) -> np.ndarray:
 def per_task_figure(point: dict, task_names: list[str], path: Path) -> Path:
     """Grouped bars: for each task and the worst task, each method's normalized return with its 95% interval."""
     methods = [(n, m) for n, m in sorted(point["methods"].items()) if m["kind"] != "specialist"]
-    groups = [*task_names, "worst task"]
+    groups = [name if name in point["normalized_tasks"] else f"{name}\n(no scale)" for name in task_names]
+    groups.append("worst task")
     width = 0.8 / max(len(methods), 1)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(groups) + 0.25 * len(methods)), 4.0))
     for j, (name, m) in enumerate(methods):
-        intervals = [*m["normalized"], m["worst"]]
+        intervals = [i or _NONE for i in (*m["normalized"], m["worst"])]
         x = np.arange(len(groups)) + (j - (len(methods) - 1) / 2) * width
         ax.bar(x, [i["mean"] for i in intervals], width, yerr=_error(intervals), capsize=2, label=name,
                color=plt.cm.tab20(j % 20))  # the default cycle repeats after 10 methods
@@ -47,7 +51,7 @@ def sweep_figure(summary: dict, points: list, path: Path) -> Path:
         chosen = sorted((p for p in points if (p.sweep, p.loss.loss_type) == (knob, loss)), key=lambda p: p.value)
         methods = [n for n, m in summary[chosen[0].name]["methods"].items() if m["kind"] != "specialist"]
         for name in methods:
-            intervals = [summary[p.name]["methods"][name]["worst"] for p in chosen]
+            intervals = [summary[p.name]["methods"][name]["worst"] or _NONE for p in chosen]
             values = [p.value for p in chosen]
             ax.plot(values, [i["mean"] for i in intervals], marker="o", label=name)
             ax.fill_between(values, [i["low"] for i in intervals], [i["high"] for i in intervals], alpha=0.2)

@@ -6,7 +6,9 @@ recorded as taken (the simulator clips them only when stepping), so a segment's 
 
     log pi(segment) = sum_{t<L} sum_{i<a} [ -(a_ti - mu_i(o_t))^2 / (2 sigma_i^2) - log sigma_i - log(2 pi)/2 ]
 
-is exact, as a causal LM's is the sum of its completion tokens' log-probs.
+is exact, as a causal LM's is the sum of its completion tokens' log-probs. A segment whose episode
+terminated took only its first ``length`` actions (docs/maths.md section 13): the sum runs over those, as a
+reply's over its tokens before the padding, and ``length`` is its token count.
 """
 
 from __future__ import annotations
@@ -38,11 +40,16 @@ class GaussianMLP(torch.nn.Module):
     def forward(self, observations: torch.Tensor) -> torch.Tensor:
         return self.mean(observations)
 
-    def sequence_log_density(self, observations: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """log pi of each segment (..., L, D), (..., L, a) -> (...): the sum over steps and action dimensions."""
+    def sequence_log_density(self, observations: torch.Tensor, actions: torch.Tensor,
+                             lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """log pi of each segment (..., L, D), (..., L, a) -> (...): the sum over action dimensions and the
+        first ``lengths`` (...) steps (None: all L)."""
         z = (actions - self(observations)) * torch.exp(-self.log_std)
-        per_step = -0.5 * z.square() - self.log_std - _HALF_LOG_2PI
-        return per_step.sum(dim=(-1, -2))
+        per_step = (-0.5 * z.square() - self.log_std - _HALF_LOG_2PI).sum(dim=-1)
+        if lengths is not None:
+            steps = torch.arange(per_step.shape[-1], device=per_step.device)
+            per_step = per_step * (steps < lengths.unsqueeze(-1))
+        return per_step.sum(dim=-1)
 
     def act(self, observations: np.ndarray) -> np.ndarray:
         """The mean action (no noise): what evaluation rollouts take."""
@@ -52,27 +59,30 @@ class GaussianMLP(torch.nn.Module):
 
 @dataclass
 class PairBatch:
-    """Pairs stacked: ids in order, chosen and rejected segments (B, L, ...), their lengths (B,)."""
+    """Pairs stacked: ids in order, chosen and rejected segments (B, 2, L, ...), their lengths (B, 2)."""
 
     ids: list[str]
     tasks: np.ndarray
     observations: torch.Tensor  # (B, 2, L, D): chosen, rejected
     actions: torch.Tensor  # (B, 2, L, a)
-    lengths: torch.Tensor  # (B,), steps per segment
+    lengths: torch.Tensor  # (B, 2): actions taken in each segment
 
     @property
     def chosen_token_counts(self) -> torch.Tensor:
-        return self.lengths
+        return self.lengths[:, 0]
 
-    rejected_token_counts = chosen_token_counts
+    @property
+    def rejected_token_counts(self) -> torch.Tensor:
+        return self.lengths[:, 1]
 
 
 def collate_segment_pairs(pairs: list[Pair]) -> PairBatch:
     observations = np.stack([[p.chosen.observations, p.rejected.observations] for p in pairs])
     actions = np.stack([[p.chosen.actions, p.rejected.actions] for p in pairs])
+    lengths = np.array([[p.chosen.length, p.rejected.length] for p in pairs])
     return PairBatch([p.id for p in pairs], np.array([p.task for p in pairs]),
                      torch.as_tensor(observations, dtype=torch.float32), torch.as_tensor(actions, dtype=torch.float32),
-                     torch.full((len(pairs),), actions.shape[2], dtype=torch.float32))
+                     torch.as_tensor(lengths, dtype=torch.float32))
 
 
 @dataclass
@@ -83,7 +93,7 @@ class PairLogps:
 
 def segment_pair_logps(policy: GaussianMLP, batch: PairBatch) -> PairLogps:
     """Sequence log-probs of the chosen and rejected segments of every pair, in one forward pass."""
-    both = policy.sequence_log_density(batch.observations, batch.actions)
+    both = policy.sequence_log_density(batch.observations, batch.actions, batch.lengths)
     return PairLogps(both[:, 0], both[:, 1])
 
 
@@ -101,9 +111,11 @@ class SegmentBatch:
     ids: list[str]
     observations: torch.Tensor  # (B, L, D)
     actions: torch.Tensor  # (B, L, a)
+    lengths: torch.Tensor  # (B,): actions taken
 
 
 def collate_segments(examples: list[LabelledSegment]) -> SegmentBatch:
     return SegmentBatch([e.id for e in examples],
                         torch.as_tensor(np.stack([e.segment.observations for e in examples]), dtype=torch.float32),
-                        torch.as_tensor(np.stack([e.segment.actions for e in examples]), dtype=torch.float32))
+                        torch.as_tensor(np.stack([e.segment.actions for e in examples]), dtype=torch.float32),
+                        torch.as_tensor([e.segment.length for e in examples], dtype=torch.float32))

@@ -21,7 +21,7 @@ from amalab.atomic_write import write_bytes_atomic, write_json_atomic
 from amalab.control.behaviour import train_behaviour
 from amalab.control.config import DataConfig, DiagnoseConfig, LossConfig
 from amalab.control.dataset import TaskData, build_task_data, task_sizes
-from amalab.control.evaluation import task_returns
+from amalab.control.evaluation import episode_returns
 from amalab.control.policy import GaussianMLP, LabelledSegment
 from amalab.control.segments import simulate_pool
 from amalab.control.simulator import Simulators
@@ -30,6 +30,10 @@ from amalab.control.teacher import TeacherConfig
 from amalab.control.training import behaviour_cloning_losses, segment_pair_losses, train_policy
 from amalab.mixers import make_mixer
 from amalab.training.cache import ValueCache, cached_arrays
+
+#: how rollouts treat gymnasium's ``terminated`` (docs/maths.md section 13), in every cache manifest: behaviour
+#: policies and segments simulated before episodes ended are not reused
+EPISODES_END = "at termination, absorbing reward after"
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,7 @@ def settings_key(config: DiagnoseConfig) -> str:
                 for name in ("tasks", "behaviour", "pool", "policy", "reference", "specialists", "train",
                              "evaluation")}
     settings.update(seed=config.seed, environment=config.environment, methods=config.methods.options,
-                    merges=config.merges.options)
+                    merges=config.merges.options, episodes=EPISODES_END)
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -109,7 +113,7 @@ class Run:
     def _pool(self, i: int) -> dict:
         c, task = self.config, self.config.tasks[i]
         behaviour_manifest = {"environment": c.environment, "task": asdict(task), "behaviour": asdict(c.behaviour),
-                              "seed": c.seed}
+                              "seed": c.seed, "episodes": EPISODES_END}
 
         def behaviour():
             policies, returns = train_behaviour(self.sims, task, c.behaviour, c.seed + 1000 * i, self.show_progress)
@@ -160,8 +164,9 @@ class Run:
             return json.loads(path.read_text())
         held_out = [float(segment_pair_losses(policy, d.held_out, reference, loss.loss_type, loss.beta, loss.options).mean())
                     for d in data]
-        record = {**about, "returns": task_returns(policy, self.sims, self.config.tasks, self.config.evaluation
-                                                   ).tolist(), "held_out_loss": held_out}
+        returns, lengths = episode_returns(policy, self.sims, self.config.tasks, self.config.evaluation)
+        record = {**about, "returns": returns.mean(axis=1).tolist(), "episode_returns": returns.tolist(),
+                  "episode_lengths": lengths.tolist(), "held_out_loss": held_out}
         write_json_atomic(path, record, indent=1)
         return record
 

@@ -3,7 +3,9 @@
 For each task and each start s (the prompt): reset the environment with a seeded state, run a behaviour
 policy of a random level for a random number of steps (``prefix_steps``), and from the state reached run
 four continuations of ``segment_length`` steps with behaviour noise: two from the task's poor policy (the
-first level) and two from a better level drawn at random. A pair is two continuations of one start, one of
+first level) and two from a better level drawn at random. A body that falls ends its segment there
+(:mod:`amalab.control.simulator`); one that falls during the prefix starts from its last state before the
+fall. A pair is two continuations of one start, one of
 each slot; the mixed-quality knob chooses, for each slot, the poor continuation with probability
 ``poor_share`` (:mod:`amalab.control.dataset`), so every dataset of a sweep reuses one simulation.
 """
@@ -52,17 +54,13 @@ def _simulate_starts(sims: Simulators, task: TaskSpec, policies: np.ndarray, noi
     n, (low, high), levels = len(seeds), config.prefix_steps, len(policies)
     prefix = rng.integers(low, high + 1, n)
     prefix_params = policies[rng.integers(0, levels, n)]
-    snapshot = [None] * n
     d = sims.observation_size
-
-    def act(o, t):  # called before step t: the state now is the one after t steps, a start if t == prefix
-        for j in np.flatnonzero(prefix == t):
-            snapshot[j] = (sims.envs[j].data.qpos.copy(), sims.envs[j].data.qvel.copy())
-        return linear_actions(prefix_params, o, d) + noise * rng.standard_normal((n, sims.action_size))
-
-    obs = sims.reset(seeds)
-    sims.rollout(obs, act, high + 1, [task] * n)
-    qpos, qvel = (np.stack([s[i] for s in snapshot]) for i in (0, 1))
+    ran = sims.rollout(sims.reset(seeds), lambda o, t: linear_actions(prefix_params, o, d)
+                       + noise * rng.standard_normal((n, sims.action_size)), high + 1, [task] * n,
+                       record_states=True)
+    # the start: the state after prefix[j] steps or, if the body fell before, the last state before it fell
+    at = np.minimum(prefix, ran.lengths - 1)
+    qpos, qvel = ran.qpos[np.arange(n), at], ran.qvel[np.arange(n), at]
     better = rng.integers(1, levels, (n, 2))
     parts = []
     for slot, poor in KINDS:
@@ -72,12 +70,14 @@ def _simulate_starts(sims: Simulators, task: TaskSpec, policies: np.ndarray, noi
     return {"observations": np.stack([p.observations for p, _ in parts], 1),
             "actions": np.stack([p.actions for p, _ in parts], 1),
             "rewards": np.stack([p.rewards for p, _ in parts], 1),
-            "levels": np.stack([level for _, level in parts], 1)}
+            "levels": np.stack([level for _, level in parts], 1),
+            "lengths": np.stack([p.lengths for p, _ in parts], 1)}
 
 
 def simulate_pool(sims: Simulators, task: TaskSpec, policies: np.ndarray, noise: float, config: PoolConfig,
                   seed: int, show_progress: bool = True) -> dict[str, np.ndarray]:
-    """Task ``task``'s pool: arrays (starts, 4, L, ...) for observations, actions, rewards; levels (starts, 4).
+    """Task ``task``'s pool: arrays (starts, 4, L, ...) for observations, actions, rewards; levels and lengths
+    (steps before the episode terminated, L if it did not) (starts, 4).
 
     The first ``train_starts`` starts are for training, the rest held out.
     """

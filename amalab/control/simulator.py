@@ -3,38 +3,69 @@
 Actions are recorded as the policy took them and clipped to the action box only when the simulator is
 stepped, so the log-density of a recorded action is the exact density of what was drawn (docs/maths.md
 section 9, with actions for tokens).
+
+Episodes end (docs/maths.md section 13): an environment whose step reports gymnasium's ``terminated`` (a
+Hopper or an Ant that fell) is never stepped again in that rollout. Its trajectory keeps the rollout's
+shape: the steps after the terminating one repeat the last observation, record zero actions (no action was
+taken; ``lengths`` says how many were) and earn the task's absorbing reward, the reward of the body lying
+still where it fell (:func:`~amalab.control.tasks.absorbing_reward`), so returns of episodes that ended and
+of episodes that did not are sums over the same number of steps.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from amalab.control.tasks import TaskSpec, task_reward
+from amalab.control.tasks import BodyLayout, TaskSpec, absorbing_reward, task_reward
 from amalab.errors import ConfigError
+
+#: the compiler warnings of gymnasium's model files (HalfCheetah's ``settotalmass``), dropped while a model
+#: compiles; every other MuJoCo warning reaches the handler that was installed before
+_COMPILER_DEPRECATION = "compiler attribute"
 
 
 def make_environment(name: str):
-    """The unwrapped environment: the suite handles horizons itself, so no time limit or checker wrapper."""
+    """The unwrapped environment: the suite handles horizons and terminations itself, so no time limit or
+    checker wrapper. MuJoCo's deprecation warnings about the model file are dropped while it compiles."""
     try:
         import gymnasium
+        import mujoco
     except ImportError as e:
         raise ConfigError(f"the MuJoCo suite needs the mujoco extra ({e}): pip install -e '.[mujoco]'") from None
+    previous = mujoco.get_mju_user_warning()
+
+    def forward(message: str) -> None:
+        if message.startswith(_COMPILER_DEPRECATION) and "deprecated" in message:
+            return
+        if previous is not None:
+            previous(message)
+        else:  # MuJoCo's own default: the message on stderr
+            print(f"WARNING: {message}\n", file=sys.stderr)
+
+    mujoco.set_mju_user_warning(forward)
     try:
         return gymnasium.make(name).unwrapped
     except gymnasium.error.Error as e:
         raise ConfigError(f"environment {name!r}: {e}") from None
+    finally:
+        mujoco.set_mju_user_warning(previous)
 
 
 @dataclass
 class Trajectories:
-    """What a batch rollout recorded: observations before each action, actions as taken, task rewards."""
+    """What a batch rollout recorded: observations before each action, actions as taken, task rewards, and
+    how many actions each environment took before its episode terminated (T if it did not)."""
 
     observations: np.ndarray  # (n, T, d)
-    actions: np.ndarray  # (n, T, a)
-    rewards: np.ndarray  # (n, T)
+    actions: np.ndarray  # (n, T, a), zero after termination
+    rewards: np.ndarray  # (n, T), the absorbing reward after termination
+    lengths: np.ndarray  # (n,) int
+    qpos: np.ndarray | None = None  # (n, T, nq): the state each observation was taken in (record_states)
+    qvel: np.ndarray | None = None  # (n, T, nv)
 
 
 class Simulators:
@@ -46,15 +77,11 @@ class Simulators:
         self.low, self.high = space.low.astype(np.float64), space.high.astype(np.float64)
         self.observation_size = self.envs[0].observation_space.shape[0]
         self.action_size = space.shape[0]
+        self.layout = BodyLayout.of(self.envs[0].model)
 
     def reset(self, seeds: Sequence[int]) -> np.ndarray:
         """Reset the first len(seeds) environments with these seeds; their observations (len(seeds), d)."""
         return np.stack([env.reset(seed=int(s))[0] for env, s in zip(self.envs, seeds)])
-
-    def states(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """(qpos, qvel) of the first ``n`` environments."""
-        return (np.stack([env.data.qpos.copy() for env in self.envs[:n]]),
-                np.stack([env.data.qvel.copy() for env in self.envs[:n]]))
 
     def set_states(self, qpos: np.ndarray, qvel: np.ndarray) -> np.ndarray:
         """Put the first len(qpos) environments into these states; their observations."""
@@ -63,22 +90,39 @@ class Simulators:
         return np.stack([env._get_obs() for env in self.envs[:len(qpos)]])
 
     def rollout(self, observations: np.ndarray, act: Callable[[np.ndarray, int], np.ndarray], steps: int,
-                tasks: Sequence[TaskSpec]) -> Trajectories:
-        """Step the first len(observations) environments ``steps`` times from their current states.
+                tasks: Sequence[TaskSpec], record_states: bool = False) -> Trajectories:
+        """Step the first len(observations) environments ``steps`` times from their current states, each until
+        its episode terminates (module docstring).
 
-        ``act(observations, t)`` returns the actions (n, a) at step t; environment j earns ``tasks[j]``'s reward.
+        ``act(observations, t)`` returns the actions (n, a) at step t (every row is asked for, so its random
+        draws do not depend on which episodes ended); environment j earns ``tasks[j]``'s reward.
         """
         n = len(observations)
         obs = np.empty((n, steps, self.observation_size))
-        actions = np.empty((n, steps, self.action_size))
+        actions = np.zeros((n, steps, self.action_size))
         rewards = np.empty((n, steps))
+        lengths = np.full(n, steps)
+        qpos = np.empty((n, steps, self.envs[0].model.nq)) if record_states else None
+        qvel = np.empty((n, steps, self.envs[0].model.nv)) if record_states else None
         for t in range(steps):
             obs[:, t] = observations
-            actions[:, t] = act(observations, t)
-            clipped = np.clip(actions[:, t], self.low, self.high)
+            wanted = act(observations, t)
+            running = lengths == steps
+            actions[running, t] = wanted[running]
+            clipped = np.clip(wanted, self.low, self.high)
             stepped = []
             for j, env in enumerate(self.envs[:n]):
-                stepped.append(env.step(clipped[j])[0])
-                rewards[j, t] = task_reward(tasks[j], env.data.qpos, env.data.qvel, env.data.ctrl)
+                if record_states:
+                    qpos[j, t], qvel[j, t] = env.data.qpos, env.data.qvel
+                if not running[j]:
+                    stepped.append(observations[j])
+                    rewards[j, t] = absorbing_reward(tasks[j], env.data.qpos, self.layout)
+                    continue
+                observation, _, terminated, _, _ = env.step(clipped[j])
+                stepped.append(observation)
+                rewards[j, t] = task_reward(tasks[j], env.data.qpos, env.data.qvel, env.data.ctrl, self.layout,
+                                            alive=not terminated)
+                if terminated:
+                    lengths[j] = t + 1
             observations = np.stack(stepped)
-        return Trajectories(obs, actions, rewards)
+        return Trajectories(obs, actions, rewards, lengths, qpos, qvel)

@@ -2,6 +2,10 @@
 excess losses, each with a 95% interval over seeds (:func:`amalab.stats.t_interval`; a single seed's
 interval is its value).
 
+A task is normalized only if its specialists beat the reference: the interval over seeds of the
+specialist's gain over the reference lies above 0 (docs/maths.md (62)). A task without that scale has no
+normalized score, and the worst task is taken over the tasks that have one (63).
+
 The main comparison is normalized by its own reference and specialists. A sweep point is normalized on the
 main comparison's scale (0: the main reference's return, 1: the main specialists'), so that the sweep
 plots every dataset on one scale; a noisy or poor dataset's own specialists can be barely better than its
@@ -33,20 +37,38 @@ def _by_method(records: list[dict], kinds: tuple[str, ...]) -> dict[str, list[di
     return grouped
 
 
+def task_scales(records: list[dict], task_names: list[str]) -> dict:
+    """The point's scale (docs/maths.md (61)-(62)): the reference's returns, the specialists' mean returns on
+    their own tasks, each specialist's gain over the reference (an interval over seeds) and whether it lies
+    above 0 (``scaled``)."""
+    reference = np.array(next(r for r in records if r["kind"] == "reference")["returns"])
+    specialists = _by_method(records, ("specialist",))
+    own = [np.array([r["returns"][i] for r in specialists[f"specialist-{name}"]]) for i, name in enumerate(task_names)]
+    gain = [_interval(values - reference[i]) for i, values in enumerate(own)]
+    return {"reference_returns": reference.tolist(), "specialist_returns": [float(np.mean(v)) for v in own],
+            "specialist_gain": gain, "scaled": [g["low"] > 0 for g in gain]}
+
+
+def unscaled_lines(scale: dict, task_names: list[str]) -> list[str]:
+    """One line per task without a scale, naming its reference's and specialists' returns."""
+    return [f"task {name}: its specialists ({scale['specialist_returns'][i]:.1f}, gain {_cell(scale['specialist_gain'][i])}"
+            f" over seeds) do not beat the reference ({scale['reference_returns'][i]:.1f}): no normalized score; "
+            f"the worst task is taken over {', '.join(n for n, ok in zip(task_names, scale['scaled']) if ok) or 'none'}"
+            for i, name in enumerate(task_names) if not scale["scaled"][i]]
+
+
 def summarize_point(records: list[dict], task_names: list[str], scale: dict | None = None) -> dict:
     """One point's summary (module docstring). Excess: held-out loss minus the same seed's specialist's.
 
-    ``scale``: the summary whose reference and specialist returns normalize this point (None: its own).
+    ``scale``: the :func:`task_scales` that normalize this point (None: its own).
     """
-    k = len(task_names)
-    reference = np.array(next(r for r in records if r["kind"] == "reference")["returns"])
+    k, own = len(task_names), task_scales(records, task_names)
+    scale = own if scale is None else scale
+    scaled = [i for i in range(k) if scale["scaled"][i]]
     specialists = _by_method(records, ("specialist",))
-    own = [[r["returns"][i] for r in specialists[f"specialist-{name}"]] for i, name in enumerate(task_names)]
     own_loss = np.array([[r["held_out_loss"][i] for r in specialists[f"specialist-{name}"]]
                          for i, name in enumerate(task_names)]).T  # (seeds, k)
-    specialist_returns = np.array([np.mean(v) for v in own])
-    zero, one = (reference, specialist_returns) if scale is None else \
-        (np.array(scale["reference_returns"]), np.array(scale["specialist_returns"]))
+    zero, one = np.array(scale["reference_returns"]), np.array(scale["specialist_returns"])
     methods = {}
     for name, rows in _by_method(records, ("method", "merge", "specialist")).items():
         returns = np.array([r["returns"] for r in rows])
@@ -54,15 +76,18 @@ def summarize_point(records: list[dict], task_names: list[str], scale: dict | No
         excess = np.array([r["held_out_loss"] for r in rows]) - own_loss[[r["seed"] for r in rows]]
         methods[name] = {"kind": rows[0]["kind"], "seeds": len(rows),
                          "returns": returns.mean(0).tolist(),
-                         "normalized": [_interval(normalized[:, i]) for i in range(k)],
-                         "worst": _interval(normalized.min(axis=1)),
+                         "normalized": [_interval(normalized[:, i]) if i in scaled else None for i in range(k)],
+                         "worst": _interval(normalized[:, scaled].min(axis=1)) if scaled else None,
                          "excess": [_interval(excess[:, i]) for i in range(k)],
                          "worst_excess": _interval(excess.max(axis=1))}
-    return {"reference_returns": reference.tolist(), "specialist_returns": specialist_returns.tolist(),
+    return {**own, "normalized_tasks": [task_names[i] for i in scaled],
+            "left_out": [task_names[i] for i in range(k) if i not in scaled],
             "counts": records[0]["counts"], "methods": methods}
 
 
-def _cell(interval: dict) -> str:
+def _cell(interval: dict | None) -> str:
+    if interval is None:
+        return "no scale"
     return f"{interval['mean']:+.2f} [{interval['low']:+.2f}, {interval['high']:+.2f}]"
 
 
@@ -76,8 +101,9 @@ def main_table(summary: dict, task_names: list[str]) -> str:
             for name, m in rows]
     returns = ", ".join(f"{t} {r:.1f}" for t, r in zip(task_names, point["reference_returns"]))
     best = ", ".join(f"{t} {r:.1f}" for t, r in zip(task_names, point["specialist_returns"]))
+    left_out = "".join(f"\n{line}.\n" for line in unscaled_lines(point, task_names))
     return (markdown_table(head, body, rule="---")
-            + f"\n\nReturns: reference {returns}; specialists (mean over seeds) {best}.\n")
+            + f"\n\nReturns: reference {returns}; specialists (mean over seeds) {best}.\n{left_out}")
 
 
 def sweep_table(summary: dict, points: list) -> str:

@@ -38,11 +38,12 @@ def segment_pair_example_losses(loss: str, beta: float, reference: ValueCache, o
 
 
 def behaviour_cloning_losses() -> ExampleLosses:
-    """Segments -> their negative log-density per step: the reference's loss (behaviour cloning)."""
+    """Segments -> their negative log-density per action taken: the reference's loss (behaviour cloning)."""
     return ExampleLosses(
         collate=collate_segments,
-        sequence_logps=lambda policy, batch: policy.sequence_log_density(batch.observations, batch.actions),
-        losses=lambda logps, batch: -logps / batch.actions.shape[1])
+        sequence_logps=lambda policy, batch: policy.sequence_log_density(batch.observations, batch.actions,
+                                                                         batch.lengths),
+        losses=lambda logps, batch: -logps / batch.lengths)
 
 
 def train_policy(policy: GaussianMLP, train_sets: list[list], example_losses: ExampleLosses, mixer: Mixer,
@@ -72,10 +73,11 @@ def segment_pair_losses(policy: GaussianMLP, pairs: list[Pair], reference: Value
                         options: dict) -> np.ndarray:
     """Per-pair losses of the policy (no gradients): held-out evaluation and baseline caches s(z)."""
     values, ids = segment_pair_values(policy, pairs), [p.id for p in pairs]
-    length = torch.full((len(pairs),), float(pairs[0].chosen.actions.shape[0]))
+    counts = {side: torch.tensor([float(getattr(p, side).length) for p in pairs], dtype=torch.float64)
+              for side in ("chosen", "rejected")}
     as_tensor = lambda a: torch.from_numpy(np.asarray(a))  # noqa: E731
     losses, _ = preference_losses(loss, as_tensor(values["chosen"]), as_tensor(values["rejected"]),
                                   as_tensor(reference.get("chosen", ids)), as_tensor(reference.get("rejected", ids)),
-                                  beta, chosen_token_counts=length.double(), rejected_token_counts=length.double(),
+                                  beta, chosen_token_counts=counts["chosen"], rejected_token_counts=counts["rejected"],
                                   **options)
     return losses.numpy()

@@ -17,9 +17,9 @@ name = "forward"
 velocity = 2.0
 
 [[tasks]]
-name = "jump"
+name = "still"
 velocity_weight = 0.0
-height_weight = 10.0
+control_weight = 1.0
 
 [behaviour]
 population = 6
@@ -43,9 +43,9 @@ batch_size = 16
 learning_rate = 3e-3
 
 [specialists]
-max_steps = 3
+max_steps = 10
 batch_size = 8
-learning_rate = 1e-3
+learning_rate = 3e-3
 
 [train]
 max_steps = 3
@@ -102,7 +102,8 @@ class ToySimulators:
     observation_size, action_size = 3, 2
     GOAL = np.array([3.0, -2.0])
 
-    def __init__(self, n: int):
+    def __init__(self, n: int, fall_at: float | None = None):
+        self.fall_at = fall_at
         self.envs = [SimpleNamespace(data=SimpleNamespace(qpos=np.zeros(2), qvel=np.zeros(1)))
                      for _ in range(n)]
 
@@ -123,20 +124,30 @@ class ToySimulators:
             env.data.qpos, env.data.qvel = p.copy(), v.copy()
         return self._obs(len(qpos))
 
-    def rollout(self, observations, act, steps, tasks):
+    def rollout(self, observations, act, steps, tasks, record_states=False):
+        """As Simulators.rollout; the episode terminates at the step that takes x past ``fall_at`` (None:
+        never), and after it each step earns 0 (a stand-in absorbing reward)."""
         from amalab.control.simulator import Trajectories
 
         n = len(observations)
-        obs, actions, rewards = np.empty((n, steps, 3)), np.empty((n, steps, 2)), np.empty((n, steps))
+        obs, actions, rewards = np.empty((n, steps, 3)), np.zeros((n, steps, 2)), np.empty((n, steps))
+        qpos, qvel, lengths = np.empty((n, steps, 2)), np.empty((n, steps, 1)), np.full(n, steps)
         for t in range(steps):
             obs[:, t] = observations
-            actions[:, t] = act(observations, t)
+            wanted = act(observations, t)
             for j, env in enumerate(self.envs[:n]):
+                qpos[j, t], qvel[j, t] = env.data.qpos, env.data.qvel
+                if lengths[j] < steps:
+                    rewards[j, t] = 0.0
+                    continue
+                actions[j, t] = wanted[j]
                 env.data.qpos = env.data.qpos + np.clip(actions[j, t], -1.0, 1.0)
                 env.data.qvel = env.data.qvel + 1.0
                 rewards[j, t] = -np.sum((env.data.qpos - self.GOAL) ** 2)
+                if self.fall_at is not None and env.data.qpos[0] > self.fall_at:
+                    lengths[j] = t + 1
             observations = self._obs(n)
-        return Trajectories(obs, actions, rewards)
+        return Trajectories(obs, actions, rewards, lengths, *((qpos, qvel) if record_states else (None, None)))
 
 
 @pytest.fixture(scope="session")

@@ -113,7 +113,7 @@ def test_records_hold_the_held_out_dpo_loss_and_the_merge_is_the_mean(point_run)
     assert [r["kind"] for r in records].count("specialist") == len(config.tasks)
     assert {r["method"] for r in records if r["kind"] == "method"} == set(point.methods)
     assert by_name["reference"]["held_out_loss"] == pytest.approx([np.log(2)] * len(data), abs=1e-6)  # margin 0
-    for name in ("ama-r", "sft", "specialist-jump"):
+    for name in ("ama-r", "sft", "specialist-still"):
         policy = _policy(run, point, name)
         expected = [float(_dpo(policy, reference, d.held_out, config.loss.beta).mean()) for d in data]
         np.testing.assert_allclose(by_name[name]["held_out_loss"], expected, rtol=2e-4, atol=2e-5)

@@ -39,17 +39,29 @@ def _independent_returns(policy: GaussianMLP, config) -> np.ndarray:
     return np.array(returns)
 
 
-def test_tiny_config_end_to_end_and_resume(tmp_path, tiny_config):
+def test_tiny_config_end_to_end_and_resume(tmp_path, tiny_config, capsys):
     path = tiny_config
     config = load_diagnose_config(path)
     summary = diagnose(config, show_progress=False)
     main_point = summary["main"]["methods"]
-    expected = {*config.methods.names, *config.merges.names, "specialist-forward", "specialist-jump"}
+    expected = {*config.methods.names, *config.merges.names, "specialist-forward", "specialist-still"}
     assert set(main_point) == expected
     assert all(m["seeds"] == 2 for m in main_point.values())
+    # forward's specialists do not beat the reference (their gain's interval contains 0): no scale, one
+    # line naming both returns; the worst task is the one task left, still
+    gain = summary["main"]["specialist_gain"]
+    assert gain[0]["low"] <= 0 < gain[1]["low"] and summary["main"]["left_out"] == ["forward"]
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("task ")]
+    assert printed == [f"task forward: its specialists ({summary['main']['specialist_returns'][0]:.1f}, gain "
+                       f"{gain[0]['mean']:+.2f} [{gain[0]['low']:+.2f}, {gain[0]['high']:+.2f}] over seeds) do not "
+                       f"beat the reference ({summary['main']['reference_returns'][0]:.1f}): no normalized score; "
+                       "the worst task is taken over still"]
+    for m in main_point.values():
+        assert m["normalized"][0] is None and m["worst"] == m["normalized"][1]
+    assert "no scale" in (tmp_path / "figures" / "table.md").read_text()
     # a specialist's normalized return on its own task averages to 1 over seeds, by definition
-    assert main_point["specialist-forward"]["normalized"][0]["mean"] == pytest.approx(1.0)
-    assert main_point["specialist-jump"]["excess"][1]["mean"] == 0.0  # its own task: excess over itself
+    assert main_point["specialist-still"]["normalized"][1]["mean"] == pytest.approx(1.0)
+    assert main_point["specialist-still"]["excess"][1]["mean"] == 0.0  # its own task: excess over itself
     assert {"imbalance-3-dpo", "mistake-0.3-dpo", "mistake-0.3-ipo", "mistake-0.3-robust",
             "poor_share-0.2-ipo"} <= set(summary)
     for name in ("table.md", "per_task.png", "sweeps.png", "summary.json"):
@@ -76,3 +88,17 @@ def test_cli_reports_a_bad_config_in_one_line(tiny_config, capsys):
     assert main(["diagnose", str(path), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "unknown key 'speed'" in err and "tasks.0" in err
+
+
+def test_a_config_where_no_task_has_a_scale_stops_before_the_generalists_in_one_line(make_tiny_config, capsys):
+    path = make_tiny_config(lambda text: text.replace("[specialists]\nmax_steps = 10\nbatch_size = 8\n"
+                                                      "learning_rate = 3e-3", "[specialists]\nmax_steps = 3\n"
+                                                      "batch_size = 8\nlearning_rate = 1e-3"))
+    assert main(["diagnose", str(path), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no task's specialists beat the reference" in err
+    assert "task forward" in err and "task still" in err
+    config = load_diagnose_config(path)
+    trained = [p.name for p in (path.parent / "out" / "models" / settings_key(config)).rglob("*.pt")
+               if p.parent.name != "references"]
+    assert trained and all(name.startswith("specialist-") for name in trained)

@@ -16,7 +16,7 @@ from amalab.runner import JobError  # noqa: E402
 
 def _three_seeds(run_table: str):
     """The tiny config without sweeps, three seeds (one reference job, then four jobs: the reference's record
-    and three seeds), with ``run_table`` as its [run] table."""
+    and three seeds' specialists, then three seeds' methods), with ``run_table`` as its [run] table."""
     def edit(text: str) -> str:
         text = text[:text.index("[sweeps]")].replace("seeds = 2", "seeds = 3")
         return text + "\n[run]\n" + run_table + "\n"
@@ -55,8 +55,8 @@ def test_a_failing_job_stops_the_run_naming_it(make_tiny_config, monkeypatch):
             raise RuntimeError("no simulator")
         return real(run, point, seed)
 
-    real = comparison.seed_records
-    monkeypatch.setattr(comparison, "seed_records", broken)
+    real = comparison.method_records
+    monkeypatch.setattr(comparison, "method_records", broken)
     config = load_diagnose_config(make_tiny_config(_three_seeds("workers = 1")))
     with pytest.raises(JobError, match=r"^job imbalance1-.*-dpo0.1/seed-1 failed: RuntimeError: no simulator$"):
         diagnose(config, show_progress=False)

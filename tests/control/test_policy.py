@@ -22,14 +22,21 @@ def test_sequence_log_density_matches_torch_distributions():
                                _reference(policy, observations, actions))
 
 
-def test_pair_logps_are_each_segments_log_density():
+def test_pair_logps_are_each_segments_log_density_over_the_actions_it_took():
+    """Segments that ended early (length < L: the episode terminated) count only their first ``length``
+    actions, whatever the padding after them holds."""
     torch.manual_seed(1)
     policy = GaussianMLP(5, 2, [8])
     rng = np.random.default_rng(0)
-    segments = [Segment(rng.normal(size=(3, 5)), rng.normal(size=(3, 2))) for _ in range(6)]
+    lengths = [3, 1, 2, 3, 3, 2]
+    segments = [Segment(rng.normal(size=(3, 5)), rng.normal(size=(3, 2)), n) for n in lengths]
     pairs = [Pair(f"p{i}", 0, segments[2 * i], segments[2 * i + 1]) for i in range(3)]
-    logps = segment_pair_logps(policy, collate_segment_pairs(pairs))
+    batch = collate_segment_pairs(pairs)
+    logps = segment_pair_logps(policy, batch)
+    assert batch.chosen_token_counts.tolist() == lengths[0::2]
+    assert batch.rejected_token_counts.tolist() == lengths[1::2]
     for i, pair in enumerate(pairs):
         for got, segment in ((logps.chosen[i], pair.chosen), (logps.rejected[i], pair.rejected)):
-            obs, act = (torch.as_tensor(x, dtype=torch.float32) for x in (segment.observations, segment.actions))
+            obs, act = (torch.as_tensor(x[:segment.length], dtype=torch.float32)
+                        for x in (segment.observations, segment.actions))
             torch.testing.assert_close(got, _reference(policy, obs, act))

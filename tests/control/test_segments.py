@@ -109,3 +109,24 @@ def test_bad_pool_settings_are_refused(change, message):
     with pytest.raises(ValueError) as raised:
         PoolConfig(**change).check()
     assert message in str(raised.value)
+
+
+def test_bodies_that_fall_end_their_segments_and_start_from_their_last_state_before_the_fall(toy_simulators):
+    """With the toy's episodes terminating once x passes 1.0: a prefix that fell gives a start in the last
+    state before the fall (steps taken below the prefix's minimum), every start is such a state, and a
+    segment's actions after its ``length`` are zero while the state reached by its last action is past the
+    line."""
+    config = PoolConfig(train_starts=8, eval_starts=2, segment_length=6, prefix_steps=[2, 4])
+    arrays = simulate_pool(toy_simulators(4, fall_at=1.0), TASK, levels_of_policies(), 0.0, config, seed=2,
+                           show_progress=False)
+    obs, actions, lengths = arrays["observations"], arrays["actions"], arrays["lengths"]
+    assert lengths.shape == (10, 4) and lengths.min() >= 1 and lengths.max() <= config.segment_length
+    start = obs[:, 0, 0]
+    assert np.all(start[:, 0] <= 1.0), "a start is a state before any fall"
+    assert np.any(start[:, 2] < config.prefix_steps[0]), "the test needs prefixes that fell"
+    ended = lengths < config.segment_length
+    assert ended.any() and (~ended).any()
+    for s, kind in zip(*np.nonzero(ended)):
+        n = lengths[s, kind]
+        assert not actions[s, kind, n:].any()
+        assert np.all(obs[s, kind, :n, 0] <= 1.0) and obs[s, kind, n, 0] > 1.0

@@ -26,10 +26,10 @@ def _record(kind, method, seed, returns, held_out):
 def records():
     """Two tasks; reference returns (0, 10); per seed, each specialist, one method (two seeds each)."""
     return [_record("reference", "reference", 0, [0.0, 10.0], [0.7, 0.7]),
-            _record("specialist", "specialist-a", 0, [4.0, 11.0], [0.30, 0.60]),
-            _record("specialist", "specialist-a", 1, [6.0, 12.0], [0.34, 0.62]),
-            _record("specialist", "specialist-b", 0, [1.0, 14.0], [0.50, 0.40]),
-            _record("specialist", "specialist-b", 1, [1.0, 18.0], [0.52, 0.42]),
+            _record("specialist", "specialist-a", 0, [4.9, 11.0], [0.30, 0.60]),
+            _record("specialist", "specialist-a", 1, [5.1, 12.0], [0.34, 0.62]),
+            _record("specialist", "specialist-b", 0, [1.0, 15.9], [0.50, 0.40]),
+            _record("specialist", "specialist-b", 1, [1.0, 16.1], [0.52, 0.42]),
             # listed seed 1 first: the summary orders by seed
             _record("method", "ama-r", 1, [4.0, 13.0], [0.40, 0.50]),
             _record("method", "ama-r", 0, [3.0, 12.0], [0.35, 0.45])]
@@ -43,8 +43,11 @@ def _t_interval(values):
 
 def test_returns_are_normalized_by_the_reference_and_the_specialists():
     point = summarize_point(records(), ["a", "b"])
-    # specialists' own returns, mean over seeds: a on a (4 + 6) / 2 = 5, b on b (14 + 18) / 2 = 16
-    assert point["reference_returns"] == [0.0, 10.0] and point["specialist_returns"] == [5.0, 16.0]
+    # specialists' own returns, mean over seeds: a on a (4.9 + 5.1) / 2 = 5, b on b (15.9 + 16.1) / 2 = 16
+    assert point["reference_returns"] == [0.0, 10.0] and point["specialist_returns"] == pytest.approx([5.0, 16.0])
+    # their gains over the reference, (4.9, 5.1) and (5.9, 6.1): intervals above 0, both tasks have a scale
+    assert point["specialist_gain"][1] == _t_interval([5.9, 6.1]) and point["scaled"] == [True, True]
+    assert point["normalized_tasks"] == ["a", "b"] and point["left_out"] == []
     assert point["counts"] == [[3, 1], [2, 2]]
     amar = point["methods"]["ama-r"]
     assert amar["kind"] == "method" and amar["seeds"] == 2 and amar["returns"] == [3.5, 12.5]
@@ -66,7 +69,7 @@ def test_excess_is_over_the_same_seeds_specialist():
 
 
 def test_a_sweep_point_is_normalized_on_the_main_scale():
-    scale = {"reference_returns": [2.0, 0.0], "specialist_returns": [6.0, 20.0]}
+    scale = {"reference_returns": [2.0, 0.0], "specialist_returns": [6.0, 20.0], "scaled": [True, True]}
     amar = summarize_point(records(), ["a", "b"], scale)["methods"]["ama-r"]
     assert amar["normalized"][0] == _t_interval([(3 - 2) / 4, (4 - 2) / 4])
     assert amar["normalized"][1] == _t_interval([12 / 20, 13 / 20])
@@ -75,8 +78,38 @@ def test_a_sweep_point_is_normalized_on_the_main_scale():
 def test_one_seed_has_a_zero_width_interval():
     one = [r for r in records() if r["seed"] == 0]
     amar = summarize_point(one, ["a", "b"])["methods"]["ama-r"]
-    mean = (3 - 0) / (4 - 0)
+    mean = (3 - 0) / (4.9 - 0)  # seed 0 alone: its specialist a returned 4.9
     assert amar["normalized"][0] == {"mean": mean, "low": mean, "high": mean, "n": 1}
+
+
+def _with_specialist_b(returns_on_b):
+    """records() with specialist-b's returns on its task b (reference 10) replaced, seed by seed."""
+    out = []
+    for r in records():
+        if r["method"] == "specialist-b":
+            r = {**r, "returns": [r["returns"][0], returns_on_b[r["seed"]]]}
+        out.append(r)
+    return out
+
+
+@pytest.mark.parametrize("on_b", [[9.0, 9.5], [8.0, 16.0]], ids=["worse than the reference", "interval contains 0"])
+def test_a_task_whose_specialists_do_not_beat_the_reference_has_no_normalized_score(on_b):
+    """Task b's specialists below the reference, or above it on average (gain +2) with an interval that
+    contains 0: no scale; every method's b is None, the worst task is a's, the summary and table say so."""
+    point = summarize_point(_with_specialist_b(on_b), ["a", "b"])
+    assert point["scaled"] == [True, False] and point["left_out"] == ["b"] and point["normalized_tasks"] == ["a"]
+    amar = point["methods"]["ama-r"]
+    assert amar["normalized"][1] is None and amar["worst"] == amar["normalized"][0] == _t_interval([3 / 5, 4 / 5])
+    text = main_table({"main": point}, ["a", "b"])
+    gain = point["specialist_gain"][1]
+    assert "| no scale |" in text
+    assert text.endswith(f"task b: its specialists ({np.mean(on_b):.1f}, gain {gain['mean']:+.2f} [{gain['low']:+.2f}, "
+                         f"{gain['high']:+.2f}] over seeds) do not beat the reference (10.0): no normalized score; "
+                         "the worst task is taken over a.\n")
+    # a sweep point normalized on this scale leaves b out too, even if its own specialists beat its reference
+    swept = summarize_point(records(), ["a", "b"], point)
+    assert swept["scaled"] == [True, True] and swept["normalized_tasks"] == ["a"]
+    assert swept["methods"]["ama-r"]["normalized"][1] is None
 
 
 def test_tables_by_hand():

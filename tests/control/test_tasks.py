@@ -38,5 +38,5 @@ def test_goal_is_appended_to_every_observation():
     out = with_goal(obs, TASKS[0])
     assert out.shape == (2, 3, 17 + GOAL_SIZE)
     np.testing.assert_array_equal(out[..., :17], obs)
-    np.testing.assert_array_equal(out[1, 2, 17:], [2.0, 1.0, 0.0, 0.0])
+    np.testing.assert_array_equal(out[1, 2, 17:], [2.0, 1.0, 0.0, 0.0, 0.0])
     assert len({tuple(t.goal) for t in TASKS}) == len(TASKS)

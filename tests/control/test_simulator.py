@@ -1,0 +1,81 @@
+"""Episodes that end, body layouts and MuJoCo's compile warnings, against gymnasium's own environments."""
+
+import numpy as np
+import pytest
+
+gymnasium = pytest.importorskip("gymnasium")
+mujoco = pytest.importorskip("mujoco")
+
+from amalab.control.simulator import Simulators, make_environment  # noqa: E402
+from amalab.control.tasks import BodyLayout, TaskSpec  # noqa: E402
+from amalab.errors import ConfigError  # noqa: E402
+
+HOP = TaskSpec("hop", velocity=1.0, height_weight=0.5, control_weight=0.01, alive_weight=1.0)
+
+
+def test_hopper_episodes_end_where_gymnasium_says_terminated():
+    """Each environment stops at the step whose ``terminated`` gymnasium reports (a wrapped environment
+    stepped on its own with the same clipped actions), earns the task's reward with the alive term up to it
+    and the absorbing reward after it, records no action after it, and is not stepped again."""
+    steps, n, seeds = 120, 4, [3, 4, 5, 6]
+    actions = np.random.default_rng(0).normal(0, 1.5, (steps, n, 3))
+    sims = Simulators("Hopper-v5", n)
+    done = sims.rollout(sims.reset(seeds), lambda o, t: actions[t], steps, [HOP] * n)
+    assert (done.lengths < steps).sum() >= 2, "the test needs episodes that end"
+    for j, seed in enumerate(seeds):
+        env = gymnasium.make("Hopper-v5", max_episode_steps=10_000)
+        observation, _ = env.reset(seed=seed)
+        data, ended = env.unwrapped.data, steps
+        for t in range(steps):
+            np.testing.assert_allclose(done.observations[j, t], observation, rtol=0, atol=0)
+            observation, _, terminated, _, _ = env.step(np.clip(actions[t, j], -1, 1))
+            alive = 0.0 if terminated else 1.0
+            expected = (-abs(data.qvel[0] - 1.0) + 0.5 * data.qpos[1] - 0.01 * float(data.ctrl @ data.ctrl) + alive)
+            assert done.rewards[j, t] == pytest.approx(expected, rel=1e-12, abs=1e-12)
+            if terminated:
+                ended = t + 1
+                break
+        assert done.lengths[j] == ended
+        np.testing.assert_array_equal(done.actions[j, :ended], actions[:ended, j])
+        assert not done.actions[j, ended:].any()
+        absorbing = -1.0 + 0.5 * data.qpos[1]  # lying still where it fell: no velocity, control or alive term
+        np.testing.assert_allclose(done.rewards[j, ended:], absorbing, rtol=1e-12)
+        np.testing.assert_array_equal(done.observations[j, ended:], np.broadcast_to(observation, (steps - ended, 11)))
+        assert sims.envs[j].data.time == pytest.approx(data.time)  # not stepped after the end
+
+
+def test_halfcheetah_never_terminates():
+    sims = Simulators("HalfCheetah-v5", 2)
+    actions = np.random.default_rng(1).normal(0, 2.0, (60, 2, 6))
+    done = sims.rollout(sims.reset([0, 1]), lambda o, t: actions[t], 60, [HOP] * 2)
+    assert done.lengths.tolist() == [60, 60]
+
+
+@pytest.mark.parametrize("name, height", [("HalfCheetah-v5", 1), ("Hopper-v5", 1), ("Walker2d-v5", 1),
+                                          ("Ant-v5", 2)])
+def test_body_layout_finds_the_root_height(name, height):
+    env = make_environment(name)
+    assert BodyLayout.of(env.model).height == height
+    env.reset(seed=0)
+    root = env.data.qpos[height]  # the root's z: the body's own initial height, well above the floor
+    assert root == pytest.approx(env.init_qpos[height], abs=0.2) and (name == "HalfCheetah-v5" or root > 0.5)
+
+
+def test_a_body_without_forward_velocity_and_height_is_refused_in_one_line():
+    with pytest.raises(ConfigError, match="free joint or slides along x then z"):
+        Simulators("Swimmer-v5", 1)  # slides along x then y: no height
+
+
+def test_compile_deprecation_warnings_are_dropped_and_other_warnings_kept(capfd):
+    make_environment("HalfCheetah-v5")  # its model file uses the deprecated settotalmass
+    assert "settotalmass" not in capfd.readouterr().err
+    seen = []
+    mujoco.set_mju_user_warning(seen.append)
+    try:
+        env = make_environment("HalfCheetah-v5")
+        assert seen == [] and mujoco.get_mju_user_warning() is not None  # the caller's handler is back
+        env.data.ctrl[:] = np.nan  # a runtime warning still reaches it
+        mujoco.mj_step(env.model, env.data)
+        assert len(seen) == 1 and "CTRL" in seen[0]
+    finally:
+        mujoco.set_mju_user_warning(None)
