@@ -9,7 +9,8 @@
                                                   the LLM experiment (needs the llm extra)
     amalab llm export RUN_DIR OUT_DIR [--force]                       a run as a transformers model folder
     amalab llm export EXPERIMENT_DIR OUT_DIR --method M --seed S      the same, a generalist chosen by method, seed
-    amalab diagnose CONFIG [--quiet]            the MuJoCo diagnostic suite (needs the mujoco extra)
+    amalab diagnose CONFIG... [--across DIR] [--quiet] [--selection]
+                                                  the MuJoCo diagnostic suite, one config per body (mujoco extra)
 
 Exit status of the convex commands: 0 success (every theory check passed); 1 a theory check failed;
 2 invalid input (config, results file, output folder), reported as one line; 130 interrupted (Ctrl-C;
@@ -149,8 +150,17 @@ def _diagnose(args) -> int:
                           "(torch first, the build for your machine)") from None
     from amalab.control.config import load_diagnose_config
     from amalab.control.diagnose import diagnose
+    from amalab.control.selection import select
 
-    diagnose(load_diagnose_config(args.config), show_progress=not args.quiet)
+    configs = [load_diagnose_config(path) for path in args.config]
+    if args.selection:
+        return max(0 if all(select(config, show_progress=not args.quiet)["scaled"]) else 1 for config in configs)
+    summaries = {Path(path).stem: diagnose(config, show_progress=not args.quiet)  # a body: its config's name
+                 for path, config in zip(args.config, configs)}
+    if args.across:
+        from amalab.control.across_bodies import write_across_bodies
+
+        write_across_bodies(summaries, Path(args.across))
     return 0
 
 
@@ -194,8 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(run=_llm_export)
     p = sub.add_parser("diagnose", help="the MuJoCo diagnostic suite: every method and merge, many seeds, true "
                                         "returns (the mujoco extra); resumes if interrupted")
-    p.add_argument("config", help="TOML config, e.g. experiments/mujoco_diagnostic/config.toml")
+    p.add_argument("config", nargs="+", help="TOML config(s), one per body, e.g. "
+                                             "experiments/mujoco_diagnostic/halfcheetah.toml")
+    p.add_argument("--across", metavar="DIR", help="with several bodies: write across_bodies.md and .json there")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--selection", action="store_true",
+                   help="check the settings on seeds the comparison never uses: references and specialists only; "
+                        "exit 1 unless every task's specialists beat the reference (amalab/control/selection.py)")
     p.set_defaults(run=_diagnose)
     return parser
 

@@ -37,13 +37,6 @@ def _point_inputs(run: Run, point: Point) -> tuple:
     return data, reference, reference_logps, {"counts": [d.counts for d in data]}
 
 
-def reference_records(run: Run, point: Point) -> list[dict]:
-    """The reference's record of ``point`` (a list of one)."""
-    data, reference, reference_logps, about = _point_inputs(run, point)
-    return [run.record(run.models / point.folder / "records" / "reference.json", reference, data, reference_logps,
-                       point.loss, {**about, "kind": "reference", "method": "reference", "seed": 0})]
-
-
 def _seed_trainer(run: Run, point: Point, seed: int, reference, reference_logps):
     """``train(name, optim, train_sets, mixer, baselines, loss_name)``: the seed's model ``name``, trained from
     the reference and saved, or read from disk."""
@@ -73,11 +66,13 @@ def _evaluator(run: Run, point: Point, seed: int, inputs: tuple):
 
 
 def specialist_records(run: Run, point: Point, seed: int) -> list[dict]:
-    """Seed ``seed``'s specialists of ``point`` (one per task, from the reference), trained and evaluated."""
+    """Seed ``seed``'s records of ``point``: the reference's on the seed's evaluation episodes, then its
+    specialists' (one per task, trained from the reference)."""
     inputs = _point_inputs(run, point)
     evaluate = _evaluator(run, point, seed, inputs)
-    return [evaluate(policy, "specialist", f"specialist-{task.name}")
-            for policy, task in zip(_specialists(run, point, seed, inputs), run.config.tasks)]
+    return [evaluate(inputs[1], "reference", "reference")] + [
+        evaluate(policy, "specialist", f"specialist-{task.name}")
+        for policy, task in zip(_specialists(run, point, seed, inputs), run.config.tasks)]
 
 
 def method_records(run: Run, point: Point, seed: int) -> list[dict]:
@@ -107,13 +102,14 @@ def method_records(run: Run, point: Point, seed: int) -> list[dict]:
 
 
 def seed_records(run: Run, point: Point, seed: int) -> list[dict]:
-    """Seed ``seed``'s records of ``point``: each specialist's, then each method's and merge's, in order."""
+    """Seed ``seed``'s records of ``point``: the reference's, each specialist's, then each method's and
+    merge's, in order."""
     return specialist_records(run, point, seed) + method_records(run, point, seed)
 
 
 def compare(run: Run, point: Point) -> list[dict]:
-    """Every record of ``point``, in this process: the reference's, then each seed's (:func:`seed_records`)."""
-    return reference_records(run, point) + [r for seed in range(point.seeds) for r in seed_records(run, point, seed)]
+    """Every record of ``point``, in this process: each seed's (:func:`seed_records`)."""
+    return [r for seed in range(point.seeds) for r in seed_records(run, point, seed)]
 
 
 # The jobs of amalab.control.diagnose: module-level functions of the config (the runner pickles them to its
@@ -123,10 +119,6 @@ def reference_job(config: DiagnoseConfig, point: Point) -> None:
     """Train (or find on disk) the reference of ``point``'s dataset."""
     run = workspace(config)
     run.reference(point, run.datasets(point))
-
-
-def reference_record_job(config: DiagnoseConfig, point: Point) -> list[dict]:
-    return reference_records(workspace(config), point)
 
 
 def specialist_job(config: DiagnoseConfig, point: Point, seed: int) -> list[dict]:

@@ -8,7 +8,7 @@ per dataset), ``<dataset and loss>/models`` (the trained policies) and ``<datase
 JSON per evaluated model and seed). An interrupted run
 resumes: a record or model on disk is never recomputed, and every file is written atomically.
 
-The references (one per dataset), then the reference records and each seed's specialists, then each
+The references (one per dataset), then each seed's reference record and specialists, then each
 seed's methods and merges, are jobs of :mod:`amalab.runner`, run as ``[run]`` says (in this process, over
 worker processes or on a Dask cluster): each job trains with its own seeds, so the summary does not depend
 on the number of workers or their order. Between the specialists and the generalists the run checks the
@@ -28,7 +28,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from amalab.atomic_write import write_json_atomic, write_text_atomic
-from amalab.control.comparison import method_job, reference_job, reference_record_job, specialist_job
+from amalab.control.comparison import method_job, reference_job, specialist_job
 from amalab.control.config import DiagnoseConfig
 from amalab.control.figures import per_task_figure, sweep_figure
 from amalab.control.run import Point, Run, run_points, use_workspace
@@ -44,18 +44,13 @@ def diagnose(config: DiagnoseConfig, show_progress: bool = True) -> dict:
     run = Run(config, show_progress)  # the behaviour policies and pools, on disk before any job reads them
     use_workspace(run)
     points, names = run_points(config), [t.name for t in config.tasks]
-    _run(config, reference_jobs(config, points), show_progress, "references")
     shared = shared_points(points)
-    jobs, where = record_jobs(config, shared, specialist_job, with_reference=True)
-    specialists = _run(config, jobs, show_progress, "specialists")
-    scale = task_scales(point_records(points[0], specialists, where), names)
-    for line in unscaled_lines(scale, names):
-        tqdm.write(line)
+    specialists, where, scale = specialist_stage(config, points, shared, show_progress)
     if not any(scale["scaled"]):
         raise ConfigError("no task's specialists beat the reference in the main comparison, so no return can be "
                           "normalized (docs/maths.md (62)): " + "; ".join(unscaled_lines(scale, names))
                           .replace("; the worst task is taken over none", ""))
-    jobs, method_where = record_jobs(config, shared, method_job, with_reference=False)
+    jobs, method_where = record_jobs(config, shared, method_job)
     methods = _run(config, jobs, show_progress, "generalists and merges")
     records = [point_records(point, specialists, where, methods, method_where) for point in points]
     summary = {"main": summarize_point(records[0], names)}  # the scale of every sweep point
@@ -65,6 +60,20 @@ def diagnose(config: DiagnoseConfig, show_progress: bool = True) -> dict:
     run.log(f"finished in {time.perf_counter() - began:.0f} s; wrote {config.out}"
             + (f" and {config.figures}" if config.figures else ""))
     return summary
+
+
+def specialist_stage(config: DiagnoseConfig, points: list[Point], shared: dict[str, Point], show_progress: bool
+                     ) -> tuple[list, dict, dict]:
+    """The references, then each seed's reference record and specialists; the jobs' outputs, where each lies,
+    and the main comparison's scale (docs/maths.md (62)), with one printed line per task it leaves out."""
+    names = [t.name for t in config.tasks]
+    _run(config, reference_jobs(config, points), show_progress, "references")
+    jobs, where = record_jobs(config, shared, specialist_job)
+    specialists = _run(config, jobs, show_progress, "specialists")
+    scale = task_scales(point_records(points[0], specialists, where), names)
+    for line in unscaled_lines(scale, names):
+        tqdm.write(line)
+    return specialists, where, scale
 
 
 def _write(config: DiagnoseConfig, summary: dict, points: list[Point], names: list[str], run: Run) -> None:
@@ -106,15 +115,11 @@ def shared_points(points: list[Point]) -> dict[str, Point]:
     return shared
 
 
-def record_jobs(config: DiagnoseConfig, shared: dict[str, Point], job, with_reference: bool
-                ) -> tuple[list[Job], dict]:
-    """Per folder, a ``job`` per seed (``specialist_job`` or ``method_job``), after the reference's record if
-    ``with_reference``; and where each (folder, seed or None) job lies."""
+def record_jobs(config: DiagnoseConfig, shared: dict[str, Point], job) -> tuple[list[Job], dict]:
+    """Per folder, a ``job`` per seed (``specialist_job``: the reference's record and the specialists, or
+    ``method_job``); and where each (folder, seed) job lies."""
     jobs, where = [], {}
     for folder, point in shared.items():
-        if with_reference:
-            where[folder, None] = len(jobs)
-            jobs.append(Job(f"{folder}/reference", reference_record_job, {"config": config, "point": point}))
         steps = (len(config.tasks) * config.specialists.max_steps if job is specialist_job
                  else len(point.methods) * config.train.max_steps + len(point.merges))
         for seed in range(point.seeds):
@@ -131,9 +136,9 @@ def _union(first: list[str], second: list[str]) -> list[str]:
 
 def point_records(point: Point, specialists: list, where: dict, methods: list | None = None,
                   method_where: dict | None = None) -> list[dict]:
-    """``point``'s records, in its order: the reference's, then per seed the specialists' and (given the
+    """``point``'s records, in its order: per seed the reference's and the specialists' and (given the
     method jobs' outputs) its methods' and its merges' (a shared job may hold more)."""
-    records = list(specialists[where[point.folder, None]])
+    records = []
     for seed in range(point.seeds):
         records += specialists[where[point.folder, seed]]
         if methods is not None:

@@ -1,9 +1,10 @@
 """True per-task returns by rollouts on fixed evaluation seeds, normalized per task.
 
 A policy is rolled out with its mean action for ``horizon`` steps from ``episodes`` reset seeds per task
-(the same seeds for every policy), earning the task's reward; its return on task i is the mean over those
-episodes. Normalized per task, (R_i - R_i(ref)) / (R_i(specialist_i) - R_i(ref)): 0 is the reference (the
-behaviour-cloned policy), 1 the task's specialist (its mean return over the seeds).
+(the same seeds for every model of one training seed, new seeds for each training seed), earning the
+task's reward; its return on task i is the mean over those episodes. Normalized per task (docs/maths.md
+(61)), (R_i - R_i(ref)) / gain_i with R_i(ref) the reference's return on the same episodes and gain_i the
+specialists' mean gain over it: 0 is the reference (the behaviour-cloned policy), 1 the task's specialist.
 """
 
 from __future__ import annotations
@@ -28,16 +29,20 @@ class EvaluationConfig:
             raise ValueError("episodes and horizon must be >= 1")
 
 
-def evaluation_seeds(config: EvaluationConfig) -> list[int]:
-    return [int(s) for s in np.random.default_rng([config.seed, 0xE7A1]).integers(0, 2**31, config.episodes)]
+def evaluation_seeds(config: EvaluationConfig, seed: int = 0) -> list[int]:
+    """The reset seeds on which every model of training seed ``seed`` (the reference included) is evaluated:
+    the same for all of them, so their differences are paired, and drawn anew for each training seed, so an
+    interval over seeds holds the evaluation's own noise as well as the training's (docs/maths.md (64))."""
+    rng = np.random.default_rng([config.seed, 0xE7A1, seed])
+    return [int(s) for s in rng.integers(0, 2**31, config.episodes)]
 
 
-def episode_returns(policy: GaussianMLP, sims: Simulators, tasks: list[TaskSpec], config: EvaluationConfig
-                    ) -> tuple[np.ndarray, np.ndarray]:
-    """The policy's return and the steps it ran before its episode terminated, per task and evaluation seed:
-    two arrays (k, episodes). A terminated episode's return counts the absorbing reward of each remaining step
-    up to the horizon (docs/maths.md section 13)."""
-    jobs = [(i, e, s) for i in range(len(tasks)) for e, s in enumerate(evaluation_seeds(config))]
+def episode_returns(policy: GaussianMLP, sims: Simulators, tasks: list[TaskSpec], config: EvaluationConfig,
+                    seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The policy's return and the steps it ran before its episode terminated, per task and evaluation episode
+    of training seed ``seed``: two arrays (k, episodes). A terminated episode's return counts the absorbing
+    reward of each remaining step up to the horizon (docs/maths.md section 13)."""
+    jobs = [(i, e, s) for i in range(len(tasks)) for e, s in enumerate(evaluation_seeds(config, seed))]
     returns = np.zeros((len(tasks), config.episodes))
     lengths = np.zeros((len(tasks), config.episodes), dtype=int)
     for start in range(0, len(jobs), len(sims.envs)):
@@ -53,13 +58,8 @@ def episode_returns(policy: GaussianMLP, sims: Simulators, tasks: list[TaskSpec]
     return returns, lengths
 
 
-def task_returns(policy: GaussianMLP, sims: Simulators, tasks: list[TaskSpec], config: EvaluationConfig
-                 ) -> np.ndarray:
-    """The policy's mean return on each task, shape (k,)."""
-    return episode_returns(policy, sims, tasks, config)[0].mean(axis=1)
-
-
-def normalized_returns(returns: np.ndarray, reference: np.ndarray, specialist: np.ndarray) -> np.ndarray:
-    """(R - R_ref) / (R_specialist - R_ref), per task (last axis)."""
-    return (returns - reference) / (specialist - reference)
+def normalized_returns(returns: np.ndarray, reference: np.ndarray, gain: np.ndarray) -> np.ndarray:
+    """(R - R_ref) / gain, per task (last axis): R_ref the reference's return on the same episodes as R, gain
+    the specialists' mean gain over the reference (docs/maths.md (61))."""
+    return (returns - reference) / gain
 

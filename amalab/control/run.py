@@ -164,7 +164,8 @@ class Run:
             return json.loads(path.read_text())
         held_out = [float(segment_pair_losses(policy, d.held_out, reference, loss.loss_type, loss.beta, loss.options).mean())
                     for d in data]
-        returns, lengths = episode_returns(policy, self.sims, self.config.tasks, self.config.evaluation)
+        returns, lengths = episode_returns(policy, self.sims, self.config.tasks, self.config.evaluation,
+                                           about["seed"])
         record = {**about, "returns": returns.mean(axis=1).tolist(), "episode_returns": returns.tolist(),
                   "episode_lengths": lengths.tolist(), "held_out_loss": held_out}
         write_json_atomic(path, record, indent=1)

@@ -43,7 +43,7 @@ batch_size = 16
 learning_rate = 3e-3
 
 [specialists]
-max_steps = 10
+max_steps = 20
 batch_size = 8
 learning_rate = 3e-3
 
@@ -54,14 +54,14 @@ learning_rate = 1e-3
 
 [methods]
 names = ["standard", "uniform", "doremi", "odm", "ama-r", "ama-r-sim", "ama-s", "sft"]
-seeds = 2
+seeds = 3
 
 [merges]
 names = ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"]
 options = {{ ties = {{ density = 0.5 }}, dare_linear = {{ drop = 0.3 }}, dare_ties = {{ drop = 0.3 }} }}
 
 [evaluation]
-episodes = 2
+episodes = 4
 horizon = 10
 
 [sweeps]

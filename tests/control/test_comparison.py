@@ -21,7 +21,7 @@ def _small(text: str) -> str:
     """The tiny config with one seed, the methods that differ in baseline or loss, one merge, no sweeps."""
     text = text[:text.index("[sweeps]")]
     text = text.replace('names = ["standard", "uniform", "doremi", "odm", "ama-r", "ama-r-sim", "ama-s", "sft"]\n'
-                        'seeds = 2', 'names = ["standard", "uniform", "doremi", "ama-r", "sft"]\nseeds = 1')
+                        'seeds = 3', 'names = ["standard", "uniform", "doremi", "ama-r", "sft"]\nseeds = 1')
     return text.replace('names = ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"]',
                         'names = ["linear"]')
 

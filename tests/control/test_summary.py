@@ -15,7 +15,7 @@ from amalab.control.run import run_points
 from amalab.control.summary import main_table, summarize_point, sweep_table, tables
 
 ROOT = Path(__file__).resolve().parents[2]
-COMMITTED = ROOT / "paper_figures" / "mujoco_diagnostic"
+COMMITTED = ROOT / "paper_figures" / "mujoco_diagnostic" / "halfcheetah"
 
 
 def _record(kind, method, seed, returns, held_out):
@@ -24,14 +24,16 @@ def _record(kind, method, seed, returns, held_out):
 
 
 def records():
-    """Two tasks; reference returns (0, 10); per seed, each specialist, one method (two seeds each)."""
+    """Two tasks; per seed (on that seed's evaluation episodes) the reference, each specialist and one method
+    (two seeds each): reference (0, 10) on seed 0, (1, 10) on seed 1."""
     return [_record("reference", "reference", 0, [0.0, 10.0], [0.7, 0.7]),
+            _record("reference", "reference", 1, [1.0, 10.0], [0.7, 0.7]),
             _record("specialist", "specialist-a", 0, [4.9, 11.0], [0.30, 0.60]),
-            _record("specialist", "specialist-a", 1, [5.1, 12.0], [0.34, 0.62]),
+            _record("specialist", "specialist-a", 1, [6.1, 12.0], [0.34, 0.62]),
             _record("specialist", "specialist-b", 0, [1.0, 15.9], [0.50, 0.40]),
             _record("specialist", "specialist-b", 1, [1.0, 16.1], [0.52, 0.42]),
             # listed seed 1 first: the summary orders by seed
-            _record("method", "ama-r", 1, [4.0, 13.0], [0.40, 0.50]),
+            _record("method", "ama-r", 1, [5.0, 13.0], [0.40, 0.50]),
             _record("method", "ama-r", 0, [3.0, 12.0], [0.35, 0.45])]
 
 
@@ -43,15 +45,17 @@ def _t_interval(values):
 
 def test_returns_are_normalized_by_the_reference_and_the_specialists():
     point = summarize_point(records(), ["a", "b"])
-    # specialists' own returns, mean over seeds: a on a (4.9 + 5.1) / 2 = 5, b on b (15.9 + 16.1) / 2 = 16
-    assert point["reference_returns"] == [0.0, 10.0] and point["specialist_returns"] == pytest.approx([5.0, 16.0])
-    # their gains over the reference, (4.9, 5.1) and (5.9, 6.1): intervals above 0, both tasks have a scale
+    # specialists' own returns, mean over seeds: a on a (4.9 + 6.1) / 2 = 5.5, b on b (15.9 + 16.1) / 2 = 16
+    assert point["reference_returns"] == [0.5, 10.0] and point["specialist_returns"] == pytest.approx([5.5, 16.0])
+    assert point["reference_by_seed"] == [[0.0, 10.0], [1.0, 10.0]]
+    # their gains over the reference on the same seed's episodes, (4.9, 5.1) and (5.9, 6.1): intervals above
+    # 0, both tasks have a scale; mean gains 5 and 6
     assert point["specialist_gain"][1] == _t_interval([5.9, 6.1]) and point["scaled"] == [True, True]
     assert point["normalized_tasks"] == ["a", "b"] and point["left_out"] == []
     assert point["counts"] == [[3, 1], [2, 2]]
     amar = point["methods"]["ama-r"]
-    assert amar["kind"] == "method" and amar["seeds"] == 2 and amar["returns"] == [3.5, 12.5]
-    # (R - ref) / (specialist - ref): task a 3/5, 4/5; task b 2/6, 3/6
+    assert amar["kind"] == "method" and amar["seeds"] == 2 and amar["returns"] == [4.0, 12.5]
+    # (R - the same seed's ref) / mean gain: task a (3 - 0)/5, (5 - 1)/5; task b 2/6, 3/6
     a, b = [3 / 5, 4 / 5], [2 / 6, 3 / 6]
     assert amar["normalized"][0] == _t_interval(a) and amar["normalized"][1] == _t_interval(b)
     assert amar["worst"] == _t_interval([min(x, y) for x, y in zip(a, b)])  # the worst task of each seed
@@ -69,16 +73,17 @@ def test_excess_is_over_the_same_seeds_specialist():
 
 
 def test_a_sweep_point_is_normalized_on_the_main_scale():
-    scale = {"reference_returns": [2.0, 0.0], "specialist_returns": [6.0, 20.0], "scaled": [True, True]}
+    scale = {"reference_returns": [1.5, 0.0], "reference_by_seed": [[1.0, 0.0], [2.0, 0.0]],
+             "specialist_returns": [6.0, 20.0], "scaled": [True, True]}
     amar = summarize_point(records(), ["a", "b"], scale)["methods"]["ama-r"]
-    assert amar["normalized"][0] == _t_interval([(3 - 2) / 4, (4 - 2) / 4])
+    assert amar["normalized"][0] == _t_interval([(3 - 1) / 4.5, (5 - 2) / 4.5])  # the main reference of each seed
     assert amar["normalized"][1] == _t_interval([12 / 20, 13 / 20])
 
 
 def test_one_seed_has_a_zero_width_interval():
     one = [r for r in records() if r["seed"] == 0]
     amar = summarize_point(one, ["a", "b"])["methods"]["ama-r"]
-    mean = (3 - 0) / (4.9 - 0)  # seed 0 alone: its specialist a returned 4.9
+    mean = (3 - 0) / (4.9 - 0)  # seed 0 alone: its specialist a gained 4.9
     assert amar["normalized"][0] == {"mean": mean, "low": mean, "high": mean, "n": 1}
 
 
@@ -122,7 +127,7 @@ def test_tables_by_hand():
     assert lines[1] == "|---|---|---|---|---|---|"
     assert [line.split(" | ")[0] for line in lines[2:5]] == ["| ama-r", "| specialist-a", "| specialist-b"]
     assert lines[2].split(" | ")[3] == f"{0.7:+.2f} [{0.7 - half:+.2f}, {0.7 + half:+.2f}]"
-    assert lines[5:] == ["", "Returns: reference a 0.0, b 10.0; specialists (mean over seeds) a 5.0, b 16.0."]
+    assert lines[5:] == ["", "Returns: reference a 0.5, b 10.0; specialists (mean over seeds) a 5.5, b 16.0."]
     assert table.endswith(".\n")
 
     sweep = SimpleNamespace(name="mistake-0.2-ipo", sweep="mistake", value=0.2, loss=SimpleNamespace(loss_type="ipo"))
@@ -136,7 +141,26 @@ def test_tables_by_hand():
 
 
 def test_the_committed_table_is_regenerated_from_the_committed_summary():
-    config = load_diagnose_config(ROOT / "experiments" / "mujoco_diagnostic" / "config.toml")
+    config = load_diagnose_config(ROOT / "experiments" / "mujoco_diagnostic" / "halfcheetah.toml")
     summary = json.loads((COMMITTED / "summary.json").read_text())
     text = tables(summary, run_points(config), [t.name for t in config.tasks])
     assert text == (COMMITTED / "table.md").read_text()
+
+
+def test_paired_differences_give_the_verdicts():
+    """(65): the worst task's difference between two methods, paired by seed, with scipy's interval; a verdict
+    where it excludes 0, listed with the sign of the verdict."""
+    from amalab.control.summary import differences_list, verdicts, worst_task_differences
+
+    worst = {"x": {0: 1.0, 1: 1.2, 2: 1.1}, "y": {0: 0.0, 1: 0.1, 2: 0.05}, "z": {0: 1.0, 1: 0.0, 2: 2.0},
+             "w": {0: 3.0, 1: 3.1, 2: 3.3}}
+    found = {(d["a"], d["b"]): d for d in worst_task_differences(worst)}
+    assert set(found) == {("w", "x"), ("w", "y"), ("w", "z"), ("x", "y"), ("x", "z"), ("y", "z")}
+    assert found["x", "y"]["difference"] == _t_interval([1.0, 1.1, 1.05])
+    assert found["x", "y"]["verdict"] == "x above y" and found["x", "z"]["verdict"] == "tie"
+    assert found["w", "y"]["verdict"] == "w above y"
+    point = {"differences": worst_task_differences({"u": worst["y"], "v": worst["x"]})}
+    assert verdicts(point) == ["v above u"]
+    d = point["differences"][0]["difference"]  # u - v, negative
+    assert differences_list(point) == f"- v above u: {-d['mean']:+.2f} [{-d['high']:+.2f}, {-d['low']:+.2f}]\n"
+    assert differences_list({"differences": [found["x", "z"]]}) == "- none: every pair's interval contains 0\n"
