@@ -1,0 +1,57 @@
+"""Rerun a body's main comparison with every reset state nudged by one ulp and compare it with the committed
+summary: the tasks left out, the worst-task means and the paired verdicts (docs/maths.md (65)).
+
+    OMP_NUM_THREADS=1 python experiments/mujoco_diagnostic/one_ulp.py experiments/mujoco_diagnostic/halfcheetah.toml
+
+One worker (the nudge lives in this process), outputs under /tmp/one_ulp/<config name>; about 6 minutes for
+HalfCheetah on one core.
+"""
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from amalab.control import simulator
+from amalab.control.config import load_diagnose_config
+from amalab.control.diagnose import diagnose
+from amalab.control.summary import verdicts
+
+
+def nudge_resets() -> None:
+    real = simulator.Simulators.reset
+
+    def nudged(self, seeds):
+        real(self, seeds)
+        for env in self.envs[:len(seeds)]:
+            env.set_state(np.nextafter(env.data.qpos, np.inf), env.data.qvel.copy())
+        return np.stack([env._get_obs() for env in self.envs[:len(seeds)]])
+
+    simulator.Simulators.reset = nudged
+
+
+def main(path: str) -> None:
+    text = Path(path).read_text()
+    committed = json.loads((Path(load_diagnose_config(path).figures) / "summary.json").read_text())["main"]
+    out = Path("/tmp/one_ulp") / Path(path).stem
+    text = text[:text.index("[sweeps]")] + "\n[run]\nworkers = 1\n"
+    text = re.sub(r"^out = .*$", f'out = "{out}"', text, flags=re.M)
+    text = re.sub(r"^figures = .*$", 'figures = ""', text, flags=re.M)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.toml").write_text(text)
+    nudge_resets()
+    nudged = diagnose(load_diagnose_config(out / "config.toml"), show_progress=False)["main"]
+    print("left out: nudged", nudged["left_out"], "committed", committed["left_out"])
+    deltas = {m: nudged["methods"][m]["worst"]["mean"] - c["worst"]["mean"]
+              for m, c in committed["methods"].items() if c["worst"]}
+    print("worst-task mean, nudged minus committed:", {m: round(v, 3) for m, v in deltas.items()})
+    kept, was = set(verdicts(nudged)), set(verdicts(committed))
+    print(f"verdicts: {len(kept & was)} kept, {len(was - kept)} lost, {len(kept - was)} new")
+    print("lost:", sorted(was - kept))
+    print("new:", sorted(kept - was))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
