@@ -15,7 +15,8 @@ of episodes that did not are sums over the same number of steps.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -126,3 +127,23 @@ class Simulators:
                     lengths[j] = t + 1
             observations = np.stack(stepped)
         return Trajectories(obs, actions, rewards, lengths, qpos, qvel)
+
+
+@contextmanager
+def resets_nudged_by_one_ulp() -> Iterator[None]:
+    """Within it, every reset state of this process's :class:`Simulators` is one ulp larger in each position
+    coordinate: the size of a float difference another machine might make (the one-ulp check of
+    docs/maths.md (65)). This process only: runs checked this way use one worker."""
+    real = Simulators.reset
+
+    def nudged(self, seeds):
+        real(self, seeds)
+        for env in self.envs[:len(seeds)]:
+            env.set_state(np.nextafter(env.data.qpos, np.inf), env.data.qvel.copy())
+        return np.stack([env._get_obs() for env in self.envs[:len(seeds)]])
+
+    Simulators.reset = nudged
+    try:
+        yield
+    finally:
+        Simulators.reset = real

@@ -12,24 +12,10 @@ import re
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from amalab.control import simulator
+from amalab.control.simulator import resets_nudged_by_one_ulp
 from amalab.control.config import load_diagnose_config
 from amalab.control.diagnose import diagnose
 from amalab.control.summary import verdicts
-
-
-def nudge_resets() -> None:
-    real = simulator.Simulators.reset
-
-    def nudged(self, seeds):
-        real(self, seeds)
-        for env in self.envs[:len(seeds)]:
-            env.set_state(np.nextafter(env.data.qpos, np.inf), env.data.qvel.copy())
-        return np.stack([env._get_obs() for env in self.envs[:len(seeds)]])
-
-    simulator.Simulators.reset = nudged
 
 
 def main(path: str) -> None:
@@ -41,8 +27,8 @@ def main(path: str) -> None:
     text = re.sub(r"^figures = .*$", 'figures = ""', text, flags=re.M)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.toml").write_text(text)
-    nudge_resets()
-    nudged = diagnose(load_diagnose_config(out / "config.toml"), show_progress=False)["main"]
+    with resets_nudged_by_one_ulp():
+        nudged = diagnose(load_diagnose_config(out / "config.toml"), show_progress=False)["main"]
     print("left out: nudged", nudged["left_out"], "committed", committed["left_out"])
     deltas = {m: nudged["methods"][m]["worst"]["mean"] - c["worst"]["mean"]
               for m, c in committed["methods"].items() if c["worst"]}
