@@ -53,9 +53,10 @@ def diagnose(config: DiagnoseConfig, show_progress: bool = True) -> dict:
     jobs, method_where = record_jobs(config, shared, method_job)
     methods = _run(config, jobs, show_progress, "generalists and merges")
     records = [point_records(point, specialists, where, methods, method_where) for point in points]
-    summary = {"main": summarize_point(records[0], names)}  # the scale of every sweep point
+    floor = config.evaluation.min_gain
+    summary = {"main": summarize_point(records[0], names, min_gain=floor)}  # the scale of every sweep point
     for point, found in zip(points[1:], records[1:]):
-        summary[point.name] = summarize_point(found, names, summary["main"])
+        summary[point.name] = summarize_point(found, names, summary["main"], min_gain=floor)
     _write(config, summary, points, names, run)
     run.log(f"finished in {time.perf_counter() - began:.0f} s; wrote {config.out}"
             + (f" and {config.figures}" if config.figures else ""))
@@ -70,7 +71,7 @@ def specialist_stage(config: DiagnoseConfig, points: list[Point], shared: dict[s
     _run(config, reference_jobs(config, points), show_progress, "references")
     jobs, where = record_jobs(config, shared, specialist_job)
     specialists = _run(config, jobs, show_progress, "specialists")
-    scale = task_scales(point_records(points[0], specialists, where), names)
+    scale = task_scales(point_records(points[0], specialists, where), names, config.evaluation.min_gain)
     for line in unscaled_lines(scale, names):
         tqdm.write(line)
     return specialists, where, scale

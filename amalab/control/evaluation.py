@@ -23,10 +23,15 @@ class EvaluationConfig:
     episodes: int = 4
     horizon: int = 100
     seed: int = 12345  # the evaluation reset seeds are drawn from it: the same for every policy
+    #: a task has a scale only if its specialists' gain over the reference is at least this fraction of the
+    #: reference's |return| (docs/maths.md (62a)): a tiny gain, even a sure one, would blow every difference up
+    min_gain: float = 0.05
 
     def check(self) -> None:
         if self.episodes < 1 or self.horizon < 1:
             raise ValueError("episodes and horizon must be >= 1")
+        if not self.min_gain >= 0:
+            raise ValueError(f"min_gain must be >= 0, got {self.min_gain}")
 
 
 def evaluation_seeds(config: EvaluationConfig, seed: int = 0) -> list[int]:

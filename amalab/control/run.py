@@ -91,6 +91,7 @@ def settings_key(config: DiagnoseConfig) -> str:
     settings = {name: asdict(getattr(config, name)) if name not in ("tasks",) else [asdict(t) for t in config.tasks]
                 for name in ("tasks", "behaviour", "pool", "policy", "reference", "specialists", "train",
                              "evaluation")}
+    settings["evaluation"].pop("min_gain")  # it decides which tasks the summary normalizes, no model or record
     settings.update(seed=config.seed, environment=config.environment, methods=config.methods.options,
                     merges=config.merges.options, episodes=EPISODES_END)
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]

@@ -43,7 +43,7 @@ def select(config: DiagnoseConfig, show_progress: bool = True) -> dict:
         gain = scale["specialist_gain"][i]
         print(f"selection {task.name}: reference {scale['reference_returns'][i]:.1f}, specialists "
               f"{scale['specialist_returns'][i]:.1f}, gain {gain['mean']:+.2f} [{gain['low']:+.2f}, {gain['high']:+.2f}]"
-              f": {'scale' if scale['scaled'][i] else 'NO SCALE'}")
+              f", floor {scale['gain_floor'][i]:.2f}: {'scale' if scale['scaled'][i] else 'NO SCALE'}")
     write_json_atomic(Path(chosen.out) / "selection.json",
                       {"environment": chosen.environment, "seed": chosen.seed, "scale": scale}, indent=1)
     return scale

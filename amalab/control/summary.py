@@ -3,7 +3,8 @@ excess losses, each with a 95% interval over seeds (:func:`amalab.stats.t_interv
 interval is its value).
 
 A task is normalized only if its specialists beat the reference: the interval over seeds of the
-specialist's gain over the reference lies above 0 (docs/maths.md (62)). A task without that scale has no
+specialist's gain over the reference lies above a floor, ``min_gain`` times the reference's |return|
+(docs/maths.md (62a); 0 with ``min_gain = 0``). A task without that scale has no
 normalized score, and the worst task is taken over the tasks that have one (63).
 
 The main comparison is normalized by its own reference and specialists. A sweep point is normalized on the
@@ -37,34 +38,45 @@ def _by_method(records: list[dict], kinds: tuple[str, ...]) -> dict[str, list[di
     return grouped
 
 
-def task_scales(records: list[dict], task_names: list[str]) -> dict:
-    """The point's scale (docs/maths.md (61)-(62)): the reference's returns on each seed's evaluation episodes
+def task_scales(records: list[dict], task_names: list[str], min_gain: float = 0.0) -> dict:
+    """The point's scale (docs/maths.md (61)-(62a)): the reference's returns on each seed's evaluation episodes
     and their mean, the specialists' mean returns on their own tasks, each specialist's gain over the
-    reference on the same episodes (an interval over seeds) and whether it lies above 0 (``scaled``)."""
+    reference on the same episodes (an interval over seeds) and whether its interval lies above
+    ``min_gain`` x |the reference's mean return| (``scaled``; the floor of each task in ``gain_floor``)."""
     reference = np.array([r["returns"] for r in _by_method(records, ("reference",))["reference"]])  # (seeds, k)
     specialists = _by_method(records, ("specialist",))
     own = np.array([[r["returns"][i] for r in specialists[f"specialist-{name}"]]
                     for i, name in enumerate(task_names)]).T  # (seeds, k), seed s on row s
     gain = [seed_interval(own[:, i] - reference[:, i]) for i in range(len(task_names))]
+    floor = (min_gain * np.abs(reference.mean(0))).tolist()
     return {"reference_returns": reference.mean(0).tolist(), "reference_by_seed": reference.tolist(),
-            "specialist_returns": own.mean(0).tolist(), "specialist_gain": gain, "scaled": [g["low"] > 0 for g in gain]}
+            "specialist_returns": own.mean(0).tolist(), "specialist_gain": gain, "gain_floor": floor,
+            "scaled": [g["low"] > f for g, f in zip(gain, floor)]}
 
 
 def unscaled_lines(scale: dict, task_names: list[str]) -> list[str]:
     """One line per task without a scale, naming its reference's and specialists' returns."""
     return [f"task {name}: its specialists ({scale['specialist_returns'][i]:.1f}, gain "
-            f"{interval_cell(scale['specialist_gain'][i])} over seeds) do not beat the reference ({scale['reference_returns'][i]:.1f}): no normalized score; "
+            f"{interval_cell(scale['specialist_gain'][i])} over seeds) do not beat the reference ({scale['reference_returns'][i]:.1f})"
+            f"{_floor_words(scale, i)}: no normalized score; "
             f"the worst task is taken over {', '.join(n for n, ok in zip(task_names, scale['scaled']) if ok) or 'none'}"
             for i, name in enumerate(task_names) if not scale["scaled"][i]]
 
 
-def summarize_point(records: list[dict], task_names: list[str], scale: dict | None = None) -> dict:
+def _floor_words(scale: dict, i: int) -> str:
+    floor = scale.get("gain_floor", [0.0] * (i + 1))[i]
+    return f" by more than {floor:.2f}" if floor > 0 else ""
+
+
+def summarize_point(records: list[dict], task_names: list[str], scale: dict | None = None,
+                    min_gain: float = 0.0) -> dict:
     """One point's summary (module docstring). Excess: held-out loss minus the same seed's specialist's.
 
-    ``scale``: the :func:`task_scales` that normalize this point (None: its own); a method's return on seed s
-    is measured from the scale's reference on seed s's episodes, in units of the specialists' mean gain.
+    ``scale``: the :func:`task_scales` that normalize this point (None: its own, with the gain floor
+    ``min_gain``); a method's return on seed s is measured from the scale's reference on seed s's episodes,
+    in units of the specialists' mean gain.
     """
-    k, own = len(task_names), task_scales(records, task_names)
+    k, own = len(task_names), task_scales(records, task_names, min_gain)
     scale = own if scale is None else scale
     scaled = [i for i in range(k) if scale["scaled"][i]]
     specialists = _by_method(records, ("specialist",))

@@ -22,7 +22,8 @@ def main(path: str) -> None:
     text = Path(path).read_text()
     committed = json.loads((Path(load_diagnose_config(path).figures) / "summary.json").read_text())["main"]
     out = Path("/tmp/one_ulp") / Path(path).stem
-    text = text[:text.index("[sweeps]")] + "\n[run]\nworkers = 1\n"
+    # the main comparison alone, in this process: drop the [sweeps] and [run] tables, then run one worker
+    text = re.sub(r"^\[(sweeps|run)\]\n(?:(?!\[).*\n?)*", "", text, flags=re.M) + "\n[run]\nworkers = 1\n"
     text = re.sub(r"^out = .*$", f'out = "{out}"', text, flags=re.M)
     text = re.sub(r"^figures = .*$", 'figures = ""', text, flags=re.M)
     out.mkdir(parents=True, exist_ok=True)

@@ -55,7 +55,8 @@ def test_tiny_config_end_to_end_and_resume(tmp_path, tiny_config, capsys):
     printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("task ")]
     assert printed == [f"task forward: its specialists ({summary['main']['specialist_returns'][0]:.1f}, gain "
                        f"{gain[0]['mean']:+.2f} [{gain[0]['low']:+.2f}, {gain[0]['high']:+.2f}] over seeds) do not "
-                       f"beat the reference ({summary['main']['reference_returns'][0]:.1f}): no normalized score; "
+                       f"beat the reference ({summary['main']['reference_returns'][0]:.1f}) by more than "
+                       f"{summary['main']['gain_floor'][0]:.2f}: no normalized score; "
                        "the worst task is taken over still"]
     for m in main_point.values():
         assert m["normalized"][0] is None and m["worst"] == m["normalized"][1]

@@ -117,6 +117,19 @@ def test_a_task_whose_specialists_do_not_beat_the_reference_has_no_normalized_sc
     assert swept["methods"]["ama-r"]["normalized"][1] is None
 
 
+def test_a_sure_but_tiny_gain_is_no_scale_under_the_floor():
+    """Task b's specialists beat the reference on both seeds (gains 0.39 and 0.41: the interval lies above 0)
+    by less than 5% of the reference's |return| 10: a scale without the floor, none with min_gain 0.05."""
+    tiny = _with_specialist_b([10.39, 10.41])
+    gain = summarize_point(tiny, ["a", "b"])["specialist_gain"][1]
+    assert 0 < gain["low"] < 0.5
+    assert summarize_point(tiny, ["a", "b"])["scaled"] == [True, True]
+    floored = summarize_point(tiny, ["a", "b"], min_gain=0.05)
+    assert floored["gain_floor"] == pytest.approx([0.025, 0.5]) and floored["scaled"] == [True, False]
+    assert "do not beat the reference (10.0) by more than 0.50: no normalized score" in main_table(
+        {"main": floored}, ["a", "b"])
+
+
 def test_tables_by_hand():
     summary = {"main": summarize_point(records(), ["a", "b"])}
     table = main_table(summary, ["a", "b"])
