@@ -64,7 +64,7 @@ def unscaled_lines(scale: dict, task_names: list[str]) -> list[str]:
 
 
 def _floor_words(scale: dict, i: int) -> str:
-    floor = scale.get("gain_floor", [0.0] * (i + 1))[i]
+    floor = scale["gain_floor"][i]
     return f" by more than {floor:.2f}" if floor > 0 else ""
 
 
