@@ -1,8 +1,9 @@
 """One point of the diagnostic run: on one dataset, the specialists, every method and every merge, for each
 seed (docs/maths.md section 7). Each seed's generalists and merges use that seed's specialists: their
 cached losses s(z) for AMA, their parameters for the merges. DoReMi-style measures the excess over the
-seed's ``standard`` generalist, so ``standard`` trains first. Seeds are independent (each training seeds
-itself), so :mod:`amalab.control.diagnose` runs each (point, seed) as jobs of :mod:`amalab.runner`: the
+seed's ``standard`` generalist, so ``standard`` trains first. Each seed has its own data too (behaviour
+policies, segments, labels and reference: :func:`~amalab.control.run.data_seed`), so seeds are independent
+draws of the whole experiment, and :mod:`amalab.control.diagnose` runs each (point, seed) as jobs of :mod:`amalab.runner`: the
 specialists first (the run checks that they beat the reference before any generalist trains,
 docs/maths.md (62)), then the methods and merges.
 """
@@ -27,11 +28,11 @@ def _loss_caches(policies, data, reference, loss) -> list[ValueCache]:
             for policy, d in zip(policies, data)]
 
 
-def _point_inputs(run: Run, point: Point) -> tuple:
-    """The point's datasets, reference (trained or read from disk), its cached log-probs, and the records'
-    common fields."""
-    data = run.datasets(point)
-    reference = run.reference(point, data)
+def _point_inputs(run: Run, point: Point, seed: int) -> tuple:
+    """Training seed ``seed``'s datasets of the point, its reference (trained or read from disk), the
+    reference's cached log-probs, and the records' common fields."""
+    data = run.datasets(point, seed)
+    reference = run.reference(point, seed, data)
     pairs = [p for d in data for p in d.train + d.held_out]
     reference_logps = ValueCache([p.id for p in pairs], segment_pair_values(reference, pairs))
     return data, reference, reference_logps, {"counts": [d.counts for d in data]}
@@ -68,7 +69,7 @@ def _evaluator(run: Run, point: Point, seed: int, inputs: tuple):
 def specialist_records(run: Run, point: Point, seed: int) -> list[dict]:
     """Seed ``seed``'s records of ``point``: the reference's on the seed's evaluation episodes, then its
     specialists' (one per task, trained from the reference)."""
-    inputs = _point_inputs(run, point)
+    inputs = _point_inputs(run, point, seed)
     evaluate = _evaluator(run, point, seed, inputs)
     return [evaluate(inputs[1], "reference", "reference")] + [
         evaluate(policy, "specialist", f"specialist-{task.name}")
@@ -79,7 +80,7 @@ def method_records(run: Run, point: Point, seed: int) -> list[dict]:
     """Seed ``seed``'s records of each method and merge of ``point``, in order, from that seed's specialists
     (read from disk, or trained if missing)."""
     c, k = run.config, len(run.config.tasks)
-    inputs = _point_inputs(run, point)
+    inputs = _point_inputs(run, point, seed)
     data, reference, reference_logps, _ = inputs
     sizes, train_seed, records = [len(d.train) for d in data], c.seed + seed, []
     train, evaluate = _seed_trainer(run, point, seed, reference, reference_logps), _evaluator(run, point, seed, inputs)
@@ -115,10 +116,16 @@ def compare(run: Run, point: Point) -> list[dict]:
 # The jobs of amalab.control.diagnose: module-level functions of the config (the runner pickles them to its
 # workers), each on this process's workspace.
 
-def reference_job(config: DiagnoseConfig, point: Point) -> None:
-    """Train (or find on disk) the reference of ``point``'s dataset."""
+def data_job(config: DiagnoseConfig, task_index: int, seed: int) -> None:
+    """Train (or find on disk) task ``task_index``'s behaviour policies for training seed ``seed``, and simulate
+    their segments."""
+    workspace(config).pool(task_index, seed)
+
+
+def reference_job(config: DiagnoseConfig, point: Point, seed: int) -> None:
+    """Train (or find on disk) training seed ``seed``'s reference of ``point``'s dataset."""
     run = workspace(config)
-    run.reference(point, run.datasets(point))
+    run.reference(point, seed, run.datasets(point, seed))
 
 
 def specialist_job(config: DiagnoseConfig, point: Point, seed: int) -> list[dict]:

@@ -1,15 +1,16 @@
-"""The diagnostic run: behaviour policies, segment pools, then for each dataset of the run (the main one
-and every sweep value) the reference, the specialists, every method and every merge, each seed evaluated by
-true returns and held-out losses (docs/maths.md sections 7, 8 and 11, with a Gaussian policy for the LM).
+"""The diagnostic run: for each training seed its own behaviour policies and segment pools, then for each
+dataset of the run (the main one and every sweep value) the seed's reference, specialists, methods and
+merges, each seed evaluated by true returns and held-out losses (docs/maths.md sections 7, 8 and 11, with a
+Gaussian policy for the LM).
 
-Everything lands under ``out``: ``behaviour/`` and ``pool/`` (cached arrays with manifests),
-then under ``models/<hash of the training settings>/``: ``references/`` (one behaviour-cloned reference
-per dataset), ``<dataset and loss>/models`` (the trained policies) and ``<dataset and loss>/records`` (one
+Everything lands under ``out``: ``behaviour/<task>/seed-<s>`` and ``pool/<task>/seed-<s>`` (cached arrays
+with manifests), then under ``models/<hash of the training settings>/``: ``references/`` (one
+behaviour-cloned reference per dataset and seed), ``<dataset and loss>/models`` (the trained policies) and ``<dataset and loss>/records`` (one
 JSON per evaluated model and seed). An interrupted run
 resumes: a record or model on disk is never recomputed, and every file is written atomically.
 
-The references (one per dataset), then each seed's reference record and specialists, then each
-seed's methods and merges, are jobs of :mod:`amalab.runner`, run as ``[run]`` says (in this process, over
+The behaviour policies and segments (one per task and seed), the references (one per dataset and seed),
+then each seed's reference record and specialists, then each seed's methods and merges, are jobs of :mod:`amalab.runner`, run as ``[run]`` says (in this process, over
 worker processes or on a Dask cluster): each job trains with its own seeds, so the summary does not depend
 on the number of workers or their order. Between the specialists and the generalists the run checks the
 main comparison's scale (docs/maths.md (62)): a task whose specialists do not beat the reference gets one
@@ -28,7 +29,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from amalab.atomic_write import write_json_atomic, write_text_atomic
-from amalab.control.comparison import method_job, reference_job, specialist_job
+from amalab.control.comparison import data_job, method_job, reference_job, specialist_job
 from amalab.control.config import DiagnoseConfig
 from amalab.control.figures import per_task_figure, sweep_figure
 from amalab.control.run import Point, Run, run_points, use_workspace
@@ -41,7 +42,7 @@ def diagnose(config: DiagnoseConfig, show_progress: bool = True) -> dict:
     """Run (or resume) every point; write ``summary.json``, the tables and the figures into ``out`` and, if
     the config names one, into ``figures``. Returns the summary."""
     began = time.perf_counter()
-    run = Run(config, show_progress)  # the behaviour policies and pools, on disk before any job reads them
+    run = Run(config, show_progress)
     use_workspace(run)
     points, names = run_points(config), [t.name for t in config.tasks]
     shared = shared_points(points)
@@ -65,9 +66,11 @@ def diagnose(config: DiagnoseConfig, show_progress: bool = True) -> dict:
 
 def specialist_stage(config: DiagnoseConfig, points: list[Point], shared: dict[str, Point], show_progress: bool
                      ) -> tuple[list, dict, dict]:
-    """The references, then each seed's reference record and specialists; the jobs' outputs, where each lies,
-    and the main comparison's scale (docs/maths.md (62)), with one printed line per task it leaves out."""
+    """Each seed's behaviour policies and segments, its references, then its reference record and
+    specialists; the last jobs' outputs, where each lies, and the main comparison's scale (docs/maths.md
+    (62)), with one printed line per task it leaves out."""
     names = [t.name for t in config.tasks]
+    _run(config, data_jobs(config, points), show_progress, "behaviour policies and segments")
     _run(config, reference_jobs(config, points), show_progress, "references")
     jobs, where = record_jobs(config, shared, specialist_job)
     specialists = _run(config, jobs, show_progress, "specialists")
@@ -95,13 +98,23 @@ def _run(config: DiagnoseConfig, jobs: list[Job], show_progress: bool, desc: str
                     show_progress=show_progress, desc=desc)
 
 
+def data_jobs(config: DiagnoseConfig, points: list[Point]) -> list[Job]:
+    """One job per task and training seed: its behaviour policies (CEM) and segments, which every point's
+    dataset of that seed draws from (progress counts CEM iterations)."""
+    seeds = max(point.seeds for point in points)
+    return [Job(f"behaviour {task.name}/seed-{seed}", data_job, {"config": config, "task_index": i, "seed": seed},
+                config.behaviour.iterations) for seed in range(seeds) for i, task in enumerate(config.tasks)]
+
+
 def reference_jobs(config: DiagnoseConfig, points: list[Point]) -> list[Job]:
-    """One job per dataset: its reference, which the points on that dataset (differing in the loss) share."""
-    first = {}
+    """One job per dataset and seed: its reference, which the points on that dataset (differing in the loss)
+    share."""
+    seeds = {}
     for point in points:
-        first.setdefault(point.dataset, point)
-    return [Job(f"reference {dataset}", reference_job, {"config": config, "point": point},
-                config.reference.max_steps) for dataset, point in first.items()]
+        first, most = seeds.get(point.dataset, (point, 0))
+        seeds[point.dataset] = (first, max(most, point.seeds))
+    return [Job(f"reference {dataset}/seed-{seed}", reference_job, {"config": config, "point": point, "seed": seed},
+                config.reference.max_steps) for dataset, (point, most) in seeds.items() for seed in range(most)]
 
 
 def shared_points(points: list[Point]) -> dict[str, Point]:

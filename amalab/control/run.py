@@ -35,6 +35,10 @@ from amalab.training.cache import ValueCache, cached_arrays
 #: policies and segments simulated before episodes ended are not reused
 EPISODES_END = "at termination, absorbing reward after"
 
+#: how data is drawn (:func:`data_seed`), in the settings hash: models trained on data shared by every seed are
+#: not reused
+DATA = "drawn per training seed"
+
 
 @dataclass(frozen=True)
 class Point:
@@ -84,6 +88,13 @@ def run_points(config: DiagnoseConfig) -> list[Point]:
     return points
 
 
+def data_seed(config: DiagnoseConfig, task_index: int, seed: int) -> int:
+    """The seed of task ``task_index``'s data for training seed ``seed``: its behaviour policies, segments and
+    labels. Each training seed draws its own data, so an interval over seeds holds the data's variance too
+    (CEM's behaviour policies vary most; docs/maths.md (64))."""
+    return int(np.random.SeedSequence([config.seed, task_index, seed]).generate_state(1)[0])
+
+
 def settings_key(config: DiagnoseConfig) -> str:
     """A hash of every setting a trained model or its evaluation depends on (not the lists of methods, seeds
     and sweep values, which only add models): models and records live under it, so a changed setting
@@ -93,7 +104,7 @@ def settings_key(config: DiagnoseConfig) -> str:
                              "evaluation")}
     settings["evaluation"].pop("min_gain")  # it decides which tasks the summary normalizes, no model or record
     settings.update(seed=config.seed, environment=config.environment, methods=config.methods.options,
-                    merges=config.merges.options, episodes=EPISODES_END)
+                    merges=config.merges.options, episodes=EPISODES_END, data=DATA)
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -105,41 +116,50 @@ class Run:
         torch.set_num_threads(config.threads)
         self.sims = Simulators(config.environment, config.simulators)
         self.models = self.out / "models" / settings_key(config)
-        self.pools = [self._pool(i) for i in range(len(config.tasks))]
+        self._pools: dict[tuple[int, int], dict] = {}
 
     def log(self, message: str) -> None:
         if self.show_progress:
             tqdm.write(message)
 
-    def _pool(self, i: int) -> dict:
-        c, task = self.config, self.config.tasks[i]
+    def pool(self, i: int, seed: int) -> dict:
+        """Task ``i``'s segment pool for training seed ``seed``: its behaviour policies (CEM) and the segments
+        they simulate, drawn with :func:`data_seed` and cached on disk (a worker reads what the data jobs
+        wrote)."""
+        if (i, seed) in self._pools:
+            return self._pools[i, seed]
+        c, task, drawn = self.config, self.config.tasks[i], data_seed(self.config, i, seed)
         behaviour_manifest = {"environment": c.environment, "task": asdict(task), "behaviour": asdict(c.behaviour),
-                              "seed": c.seed, "episodes": EPISODES_END}
+                              "seed": c.seed, "data_seed": seed, "episodes": EPISODES_END}
 
         def behaviour():
-            policies, returns = train_behaviour(self.sims, task, c.behaviour, c.seed + 1000 * i, self.show_progress)
+            policies, returns = train_behaviour(self.sims, task, c.behaviour, drawn, self.show_progress)
             return {"policies": policies, "returns": returns}
 
-        found = cached_arrays(self.out / "behaviour" / task.name, behaviour_manifest, behaviour, self.log)
-        self.log(f"behaviour {task.name}: returns by level {np.round(found['returns'], 1).tolist()}")
-        return cached_arrays(self.out / "pool" / task.name, {**behaviour_manifest, "pool": asdict(c.pool)},
-                             lambda: simulate_pool(self.sims, task, found["policies"], c.behaviour.noise, c.pool,
-                                                   c.seed + 1000 * i, self.show_progress), self.log)
+        found = cached_arrays(self.out / "behaviour" / task.name / f"seed-{seed}", behaviour_manifest, behaviour,
+                              self.log)
+        self.log(f"behaviour {task.name}, seed {seed}: returns by level {np.round(found['returns'], 1).tolist()}")
+        self._pools[i, seed] = cached_arrays(
+            self.out / "pool" / task.name / f"seed-{seed}", {**behaviour_manifest, "pool": asdict(c.pool)},
+            lambda: simulate_pool(self.sims, task, found["policies"], c.behaviour.noise, c.pool, drawn,
+                                  self.show_progress), self.log)
+        return self._pools[i, seed]
 
-    def datasets(self, point: Point) -> list[TaskData]:
+    def datasets(self, point: Point, seed: int) -> list[TaskData]:
+        """Training seed ``seed``'s datasets of ``point``: each task's labelled pairs from the seed's pool."""
         c = self.config
         sizes = task_sizes(c.pool.train_starts, len(c.tasks), point.data.imbalance)
-        return [build_task_data(self.pools[i], task, i, c.pool.train_starts, sizes[i], point.data.poor_share,
-                                point.teacher, c.seed) for i, task in enumerate(c.tasks)]
+        return [build_task_data(self.pool(i, seed), task, i, c.pool.train_starts, sizes[i], point.data.poor_share,
+                                point.teacher, data_seed(c, i, seed)) for i, task in enumerate(c.tasks)]
 
     def new_policy(self, seed: int) -> GaussianMLP:
         torch.manual_seed(seed)
         return GaussianMLP(self.sims.observation_size + GOAL_SIZE, self.sims.action_size, self.config.policy.hidden,
                            self.config.policy.init_log_std)
 
-    def trained(self, path: Path, start: GaussianMLP | None, train) -> GaussianMLP:
+    def trained(self, path: Path, start: GaussianMLP, train) -> GaussianMLP:
         """The policy saved at ``path``, or a copy of ``start`` trained by ``train(policy)`` and saved there."""
-        policy = copy.deepcopy(start) if start is not None else self.new_policy(self.config.seed)
+        policy = copy.deepcopy(start)
         if path.is_file():
             policy.load_state_dict(torch.load(path, weights_only=True))
             return policy
@@ -149,14 +169,16 @@ class Run:
         write_bytes_atomic(path, buffer.getvalue())
         return policy
 
-    def reference(self, point: Point, data: list[TaskData]) -> GaussianMLP:
-        """Behaviour cloning on the union of the dataset's segments, chosen and rejected, through the step."""
+    def reference(self, point: Point, seed: int, data: list[TaskData]) -> GaussianMLP:
+        """Training seed ``seed``'s reference: behaviour cloning on the union of its dataset's segments
+        (``data``), chosen and rejected, through the step."""
         segments = [[LabelledSegment(f"{p.id}/{side}", i, s) for p in d.train
                      for side, s in (("chosen", p.chosen), ("rejected", p.rejected))] for i, d in enumerate(data)]
         mixer = make_mixer("standard", len(data), sizes=[len(s) for s in segments])
-        return self.trained(self.models / "references" / f"{point.dataset}.pt", None, lambda policy: train_policy(
-            policy, segments, behaviour_cloning_losses(), mixer, None, self.config.reference, self.config.seed,
-            "reference"))
+        return self.trained(self.models / "references" / f"{point.dataset}-{seed}.pt",
+                            self.new_policy(self.config.seed + seed),
+                            lambda policy: train_policy(policy, segments, behaviour_cloning_losses(), mixer, None,
+                                                        self.config.reference, self.config.seed + seed, "reference"))
 
     def record(self, path: Path, policy: GaussianMLP, data: list[TaskData], reference: ValueCache, loss: LossConfig,
                about: dict) -> dict:

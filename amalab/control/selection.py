@@ -19,8 +19,8 @@ from amalab.control.config import DiagnoseConfig, SweepsConfig
 from amalab.control.diagnose import shared_points, specialist_stage
 from amalab.control.run import Run, run_points, use_workspace
 
-#: the selection's seeds: far from every seed the comparison uses (data seed + 1000 * task, training seeds
-#: seed + 0..seeds-1)
+#: the selection's seeds: far from every seed the comparison uses (training seeds seed + 0..seeds-1; the data
+#: seeds hash the config's seed, so they move with it)
 SEED_OFFSET = 1_000_000
 
 

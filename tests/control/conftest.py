@@ -34,6 +34,10 @@ eval_starts = 6
 segment_length = 8
 prefix_steps = [2, 4]
 
+[loss]
+loss_type = "apo_zero"
+beta = 0.1
+
 [policy]
 hidden = [16]
 
@@ -43,7 +47,7 @@ batch_size = 16
 learning_rate = 3e-3
 
 [specialists]
-max_steps = 20
+max_steps = 40
 batch_size = 8
 learning_rate = 3e-3
 
@@ -54,7 +58,7 @@ learning_rate = 1e-3
 
 [methods]
 names = ["standard", "uniform", "doremi", "odm", "ama-r", "ama-r-sim", "ama-s", "sft"]
-seeds = 3
+seeds = 6
 
 [merges]
 names = ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"]

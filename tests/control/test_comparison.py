@@ -18,10 +18,11 @@ from amalab.control.run import Run, run_points  # noqa: E402
 
 
 def _small(text: str) -> str:
-    """The tiny config with one seed, the methods that differ in baseline or loss, one merge, no sweeps."""
-    text = text[:text.index("[sweeps]")]
+    """The tiny config with one seed, the methods that differ in baseline or loss, one merge, no sweeps, and
+    the DPO loss (the oracle below)."""
+    text = text[:text.index("[sweeps]")].replace('loss_type = "apo_zero"', 'loss_type = "dpo"')
     text = text.replace('names = ["standard", "uniform", "doremi", "odm", "ama-r", "ama-r-sim", "ama-s", "sft"]\n'
-                        'seeds = 3', 'names = ["standard", "uniform", "doremi", "ama-r", "sft"]\nseeds = 1')
+                        'seeds = 6', 'names = ["standard", "uniform", "doremi", "ama-r", "sft"]\nseeds = 1')
     return text.replace('names = ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"]',
                         'names = ["linear"]')
 
@@ -77,8 +78,8 @@ def _policy(run, point, name):
 
 def test_each_method_trains_against_its_baseline(point_run):
     config, run, point, records, calls = point_run
-    data = run.datasets(point)
-    reference = run.reference(point, data)
+    data = run.datasets(point, 0)
+    reference = run.reference(point, 0, data)
     beta = config.loss.beta
     # sft: the standard mixture trained on the chosen segments' NLL; every other method in the config's loss
     assert {name: c["loss"] for name, c in calls.items()} == {
@@ -107,8 +108,8 @@ def test_each_method_trains_against_its_baseline(point_run):
 
 def test_records_hold_the_held_out_dpo_loss_and_the_merge_is_the_mean(point_run):
     config, run, point, records, _ = point_run
-    data = run.datasets(point)
-    reference = run.reference(point, data)
+    data = run.datasets(point, 0)
+    reference = run.reference(point, 0, data)
     by_name = {r["method"]: r for r in records}
     assert [r["kind"] for r in records].count("specialist") == len(config.tasks)
     assert {r["method"] for r in records if r["kind"] == "method"} == set(point.methods)
@@ -128,3 +129,23 @@ def test_records_hold_the_held_out_dpo_loss_and_the_merge_is_the_mean(point_run)
                             for key in merged.state_dict()})
     expected = [float(_dpo(merged, reference, d.held_out, config.loss.beta).mean()) for d in data]
     np.testing.assert_allclose(by_name["linear"]["held_out_loss"], expected, rtol=2e-4, atol=2e-5)
+
+
+def test_each_training_seed_draws_its_own_data(point_run):
+    """Seeds are independent draws of the whole experiment: each has its own behaviour policies, segments,
+    labels and reference; a seed's data does not depend on which other seeds the run has."""
+    config, run, point, _, _ = point_run
+    pools = [run.pool(0, seed) for seed in (0, 1)]  # seed 1's drawn here if the run had one seed
+    policies = [np.load(run.out / "behaviour" / "forward" / f"seed-{seed}" / "arrays.npz")["policies"]
+                for seed in (0, 1)]
+    assert not np.allclose(policies[0][-1], policies[1][-1])  # CEM's best level differs between seeds
+    assert not np.allclose(pools[0]["observations"], pools[1]["observations"])
+    data = [run.datasets(point, seed) for seed in (0, 1)]
+    assert [p.chosen.actions.tolist() for p in data[0][0].train] != [p.chosen.actions.tolist() for p in data[1][0].train]
+    references = [run.reference(point, seed, d) for seed, d in zip((0, 1), data)]
+    assert not torch.equal(references[0].state_dict()["mean.0.weight"], references[1].state_dict()["mean.0.weight"])
+    # a fresh workspace (a worker's) draws seed 1's data alone and gets the same arrays
+    alone = Run(config, show_progress=False)
+    alone._pools.clear()
+    for name, array in run.pool(1, 1).items():
+        np.testing.assert_array_equal(alone.pool(1, 1)[name], array)

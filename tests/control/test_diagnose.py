@@ -47,7 +47,7 @@ def test_tiny_config_end_to_end_and_resume(tmp_path, tiny_config, capsys):
     main_point = summary["main"]["methods"]
     expected = {*config.methods.names, *config.merges.names, "specialist-forward", "specialist-still"}
     assert set(main_point) == expected
-    assert all(m["seeds"] == 3 for m in main_point.values())
+    assert all(m["seeds"] == 6 for m in main_point.values())
     # forward's specialists do not beat the reference (their gain's interval contains 0): no scale, one
     # line naming both returns; the worst task is the one task left, still
     gain = summary["main"]["specialist_gain"]
@@ -64,14 +64,14 @@ def test_tiny_config_end_to_end_and_resume(tmp_path, tiny_config, capsys):
     # a specialist's normalized return on its own task averages to 1 over seeds, by definition
     assert main_point["specialist-still"]["normalized"][1]["mean"] == pytest.approx(1.0)
     assert main_point["specialist-still"]["excess"][1]["mean"] == 0.0  # its own task: excess over itself
-    assert {"imbalance-3-dpo", "mistake-0.3-dpo", "mistake-0.3-ipo", "mistake-0.3-robust",
+    assert {"imbalance-3-apo_zero", "mistake-0.3-dpo", "mistake-0.3-ipo", "mistake-0.3-robust",
             "poor_share-0.2-ipo"} <= set(summary)
     for name in ("table.md", "per_task.png", "sweeps.png", "summary.json"):
         assert (tmp_path / "figures" / name).is_file()
 
     # the evaluation's returns against an independent rollout of the saved model
     models = tmp_path / "out" / "models" / settings_key(config)
-    point = next(p for p in models.iterdir() if p.name.endswith("dpo0.1") and "imbalance1-" in p.name
+    point = next(p for p in models.iterdir() if p.name.endswith("apo_zero0.1") and "imbalance1-" in p.name
                  and "poor0.5" in p.name and "mistake0-" in p.name)
     record = json.loads((point / "records" / "ama-r-1.json").read_text())
     policy = Run(config, show_progress=False).new_policy(0)
@@ -93,8 +93,8 @@ def test_cli_reports_a_bad_config_in_one_line(tiny_config, capsys):
 
 
 def test_a_config_where_no_task_has_a_scale_stops_before_the_generalists_in_one_line(make_tiny_config, capsys):
-    path = make_tiny_config(lambda text: text.replace("[specialists]\nmax_steps = 20\nbatch_size = 8\n"
-                                                      "learning_rate = 3e-3", "[specialists]\nmax_steps = 20\n"
+    path = make_tiny_config(lambda text: text.replace("[specialists]\nmax_steps = 40\nbatch_size = 8\n"
+                                                      "learning_rate = 3e-3", "[specialists]\nmax_steps = 40\n"
                                                       "batch_size = 8\nlearning_rate = 1e-30"))  # below float32 resolution
     assert main(["diagnose", str(path), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()

@@ -14,17 +14,17 @@ from amalab.control.diagnose import diagnose  # noqa: E402
 from amalab.runner import JobError  # noqa: E402
 
 
-def _three_seeds(run_table: str):
-    """The tiny config without sweeps, three seeds (one reference job, then four jobs: the reference's record
-    and three seeds' specialists, then three seeds' methods), with ``run_table`` as its [run] table."""
+def _main_only(run_table: str):
+    """The tiny config without sweeps (its six seeds: per seed two data jobs, a reference job, a job for the
+    reference's record and the specialists, and one for the methods), with ``run_table`` as its [run] table."""
     def edit(text: str) -> str:
-        text = text[:text.index("[sweeps]")].replace("seeds = 2", "seeds = 3")
+        text = text[:text.index("[sweeps]")]
         return text + "\n[run]\n" + run_table + "\n"
     return edit
 
 
 def _summary_bytes(make_tiny_config, tmp_path, name: str, run_table: str) -> bytes:
-    path = make_tiny_config(_three_seeds(run_table))
+    path = make_tiny_config(_main_only(run_table))
     text = path.read_text().replace(str(tmp_path / "out"), str(tmp_path / name)).replace(
         str(tmp_path / "figures"), str(tmp_path / f"{name}-figures"))
     path.write_text(text)
@@ -36,7 +36,7 @@ def test_one_or_two_workers_write_the_same_summary(make_tiny_config, tmp_path):
     one = _summary_bytes(make_tiny_config, tmp_path, "one", "workers = 1")
     two = _summary_bytes(make_tiny_config, tmp_path, "two", "workers = 2")
     assert one == two
-    assert b'"seeds": 3' in one
+    assert b'"seeds": 6' in one
 
 
 def test_a_local_dask_cluster_writes_the_same_summary(make_tiny_config, tmp_path):
@@ -57,8 +57,8 @@ def test_a_failing_job_stops_the_run_naming_it(make_tiny_config, monkeypatch):
 
     real = comparison.method_records
     monkeypatch.setattr(comparison, "method_records", broken)
-    config = load_diagnose_config(make_tiny_config(_three_seeds("workers = 1")))
-    with pytest.raises(JobError, match=r"^job imbalance1-.*-dpo0.1/seed-1 failed: RuntimeError: no simulator$"):
+    config = load_diagnose_config(make_tiny_config(_main_only("workers = 1")))
+    with pytest.raises(JobError, match=r"^job imbalance1-.*-apo_zero0.1/seed-1 failed: RuntimeError: no simulator$"):
         diagnose(config, show_progress=False)
 
 
@@ -68,7 +68,7 @@ def test_a_failing_job_stops_the_run_naming_it(make_tiny_config, monkeypatch):
     ("workers = -1", "[run]: workers must be >= 0"),
 ])
 def test_a_bad_run_table_is_one_line_naming_the_key(make_tiny_config, capsys, table, message):
-    path = make_tiny_config(_three_seeds(table))
+    path = make_tiny_config(_main_only(table))
     assert main(["diagnose", str(path), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
