@@ -150,10 +150,31 @@ class DiagnoseConfig(_TopLevel):
     run: RunConfig = field(default_factory=RunConfig)
 
 
-def load_diagnose_config(path: str | Path) -> DiagnoseConfig:
-    """Read and check a diagnostic config (``out`` is relative to the working directory, as the LLM configs')."""
-    path = Path(path)
+def read_with_base(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """The config's TOML, over the config its ``base`` key names (a path relative to this file), if any: this
+    file's top-level keys and [[tasks]] replace the base's, its tables' keys replace theirs one by one (a
+    ``full`` config is its default config with more seeds)."""
     raw = read_toml(path)
+    if "base" not in raw:
+        return raw
+    base = raw.pop("base")
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: expected a path to a config, got {base!r}")
+    base_path = (path.parent / base).resolve()
+    if base_path in seen + (path.resolve(),):
+        raise ConfigError(f"{path}: base {base!r} leads back to this config")
+    merged = read_with_base(base_path, seen + (path.resolve(),))
+    for key, value in raw.items():
+        both_tables = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = {**merged[key], **value} if both_tables else value
+    return merged
+
+
+def load_diagnose_config(path: str | Path) -> DiagnoseConfig:
+    """Read and check a diagnostic config (``out`` is relative to the working directory, as the LLM configs');
+    a ``base`` key builds it over another config (:func:`read_with_base`)."""
+    path = Path(path)
+    raw = read_with_base(path)
     top = load_section(_TopLevel, {k: v for k, v in raw.items() if k not in _TABLES and k != "tasks"}, path)
     if not isinstance(raw.get("tasks"), list) or len(raw["tasks"]) < 1:
         raise ConfigError(f"{path}: give at least one [[tasks]] table")
