@@ -6,7 +6,8 @@ settings. ``amalab diagnose CONFIG --selection`` runs the part of the config tha
 behaviour policies, segments, references and specialists of the main comparison, and the scale check of
 docs/maths.md (62)) on seeds the comparison never uses: the config's seed (which every data seed hashes)
 and the evaluation seed moved by :data:`SEED_OFFSET` (so new behaviour policies, segments, training seeds
-and evaluation episodes), into ``out/selection``. A body's README states the settings tried and the selection's verdicts.
+and evaluation episodes), into ``out/selection``. A body's README states the settings tried and the
+selection's verdicts.
 """
 
 from __future__ import annotations
