@@ -122,6 +122,8 @@ class _TopLevel:
     figures: str = ""
     seed: int = 0
     environment: str = "HalfCheetah-v5"
+    #: keyword arguments of gymnasium.make for the environment (Ant-v5: include_cfrc_ext_in_observation = false)
+    environment_options: dict = field(default_factory=dict)
     simulators: int = 16
     #: torch threads of each job (each worker runs one job at a time: workers x threads should fit the cores)
     threads: int = 1

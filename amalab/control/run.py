@@ -103,7 +103,8 @@ def settings_key(config: DiagnoseConfig) -> str:
                 for name in ("tasks", "behaviour", "pool", "policy", "reference", "specialists", "train",
                              "evaluation")}
     settings["evaluation"].pop("min_gain")  # it decides which tasks the summary normalizes, no model or record
-    settings.update(seed=config.seed, environment=config.environment, methods=config.methods.options,
+    settings.update(seed=config.seed, environment=config.environment, options=config.environment_options,
+                    methods=config.methods.options,
                     merges=config.merges.options, episodes=EPISODES_END, data=DATA)
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -114,7 +115,7 @@ class Run:
     def __init__(self, config: DiagnoseConfig, show_progress: bool = True):
         self.config, self.out, self.show_progress = config, Path(config.out), show_progress
         torch.set_num_threads(config.threads)
-        self.sims = Simulators(config.environment, config.simulators)
+        self.sims = Simulators(config.environment, config.simulators, config.environment_options)
         self.models = self.out / "models" / settings_key(config)
         self._pools: dict[tuple[int, int], dict] = {}
 
@@ -129,8 +130,9 @@ class Run:
         if (i, seed) in self._pools:
             return self._pools[i, seed]
         c, task, drawn = self.config, self.config.tasks[i], data_seed(self.config, i, seed)
-        behaviour_manifest = {"environment": c.environment, "task": asdict(task), "behaviour": asdict(c.behaviour),
-                              "seed": c.seed, "data_seed": seed, "episodes": EPISODES_END}
+        behaviour_manifest = {"environment": c.environment, "options": c.environment_options, "task": asdict(task),
+                              "behaviour": asdict(c.behaviour), "seed": c.seed, "data_seed": seed,
+                              "episodes": EPISODES_END}
 
         def behaviour():
             policies, returns = train_behaviour(self.sims, task, c.behaviour, drawn, self.show_progress)

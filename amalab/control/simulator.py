@@ -29,9 +29,10 @@ from amalab.errors import ConfigError
 _COMPILER_DEPRECATION = "compiler attribute"
 
 
-def make_environment(name: str):
-    """The unwrapped environment: the suite handles horizons and terminations itself, so no time limit or
-    checker wrapper. MuJoCo's deprecation warnings about the model file are dropped while it compiles."""
+def make_environment(name: str, options: dict | None = None):
+    """The unwrapped environment, built with the keyword arguments ``options`` (gymnasium's own, e.g. Ant's
+    ``include_cfrc_ext_in_observation``): the suite handles horizons and terminations itself, so no time limit
+    or checker wrapper. MuJoCo's deprecation warnings about the model file are dropped while it compiles."""
     try:
         import gymnasium
         import mujoco
@@ -49,9 +50,11 @@ def make_environment(name: str):
 
     mujoco.set_mju_user_warning(forward)
     try:
-        return gymnasium.make(name).unwrapped
+        return gymnasium.make(name, **(options or {})).unwrapped
     except gymnasium.error.Error as e:
         raise ConfigError(f"environment {name!r}: {e}") from None
+    except TypeError as e:  # an option the environment does not take
+        raise ConfigError(f"environment {name!r}, environment_options {options}: {e}") from None
     finally:
         mujoco.set_mju_user_warning(previous)
 
@@ -72,8 +75,8 @@ class Trajectories:
 class Simulators:
     """``n`` copies of one environment, stepped in lockstep."""
 
-    def __init__(self, name: str, n: int):
-        self.envs = [make_environment(name) for _ in range(n)]
+    def __init__(self, name: str, n: int, options: dict | None = None):
+        self.envs = [make_environment(name, options) for _ in range(n)]
         space = self.envs[0].action_space
         self.low, self.high = space.low.astype(np.float64), space.high.astype(np.float64)
         self.observation_size = self.envs[0].observation_space.shape[0]

@@ -23,7 +23,8 @@ WORST_MEAN_TOLERANCE = 0.01
 def test_one_ulp_leaves_the_tiny_configs_verdicts_unchanged(tiny_config, tmp_path):
     plain = rerun_main(tiny_config, tmp_path / "plain", nudged=False)
     nudged = rerun_main(tiny_config, tmp_path / "nudged", nudged=True)
-    assert nudged["methods"]["standard"]["returns"] != plain["methods"]["standard"]["returns"]
+    # the nudge reaches the returns (which models' returns it moves is the machine's float rounding's choice)
+    assert any(nudged["methods"][m]["returns"] != plain["methods"][m]["returns"] for m in plain["methods"])
     assert verdicts(plain), "the test needs conclusions that are not all ties"
     assert verdicts(nudged) == verdicts(plain)
 

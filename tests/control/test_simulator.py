@@ -66,6 +66,15 @@ def test_a_body_without_forward_velocity_and_height_is_refused_in_one_line():
         Simulators("Swimmer-v5", 1)  # slides along x then y: no height
 
 
+def test_environment_options_reach_gymnasium_and_a_wrong_one_is_one_line():
+    assert Simulators("Ant-v5", 1).observation_size == 105  # with the contact forces
+    lean = Simulators("Ant-v5", 1, {"include_cfrc_ext_in_observation": False})
+    assert lean.observation_size == 27 == gymnasium.make("Ant-v5", include_cfrc_ext_in_observation=False
+                                                         ).observation_space.shape[0]
+    with pytest.raises(ConfigError, match="environment 'Ant-v5', environment_options .*no_such_option"):
+        Simulators("Ant-v5", 1, {"no_such_option": 1})
+
+
 def test_compile_deprecation_warnings_are_dropped_and_other_warnings_kept(capfd):
     make_environment("HalfCheetah-v5")  # its model file uses the deprecated settotalmass
     assert "settotalmass" not in capfd.readouterr().err
