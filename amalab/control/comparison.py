@@ -95,7 +95,7 @@ def method_records(run: Run, point: Point, seed: int) -> list[dict]:
         records.append(evaluate(generalists[name], "method", name))
     base = reference.state_dict()
     for name in point.merges:
-        merged = run.new_policy(c.seed)
+        merged = run.new_policy(c.seed, data)
         merged.load_state_dict(merge_state_dicts(base, [s.state_dict() for s in specialists], name,
                                                  seed=train_seed, **c.merges.options.get(name, {})))
         records.append(evaluate(merged, "merge", name))

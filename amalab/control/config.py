@@ -38,6 +38,8 @@ class DataConfig:
 class PolicyConfig:
     hidden: list[int] = field(default_factory=lambda: [64, 64])
     init_log_std: float = -0.5
+    #: the MLP reads observations standardized by the seed's training segments (amalab/control/policy.py)
+    normalize: bool = False
 
     def check(self) -> None:
         if any(h < 1 for h in self.hidden):

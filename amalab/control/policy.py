@@ -6,7 +6,10 @@ recorded as taken (the simulator clips them only when stepping), so a segment's 
 
     log pi(segment) = sum_{t<L} sum_{i<a} [ -(a_ti - mu_i(o_t))^2 / (2 sigma_i^2) - log sigma_i - log(2 pi)/2 ]
 
-is exact, as a causal LM's is the sum of its completion tokens' log-probs. A segment whose episode
+is exact, as a causal LM's is the sum of its completion tokens' log-probs. With ``input_stats`` (mean,
+scale), the MLP reads the standardized observation (o - mean) / scale: fixed buffers, set once from the
+training seed's data (:func:`observation_standardization`) and carried by every model trained from it, so
+that one learning rate suits coordinates in metres and in radians per second alike. A segment whose episode
 terminated took only its first ``length`` actions (docs/maths.md section 13): the sum runs over those, as a
 reply's over its tokens before the padding, and ``length`` is its token count.
 """
@@ -27,8 +30,13 @@ _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 class GaussianMLP(torch.nn.Module):
     """Diagonal Gaussian over actions with an MLP mean and a state-independent log standard deviation."""
 
-    def __init__(self, observation_size: int, action_size: int, hidden: list[int], init_log_std: float = -0.5):
+    def __init__(self, observation_size: int, action_size: int, hidden: list[int], init_log_std: float = -0.5,
+                 input_stats: tuple[np.ndarray, np.ndarray] | None = None):
         super().__init__()
+        self.standardized = input_stats is not None
+        if self.standardized:  # buffers: saved, merged and loaded with the weights, never trained
+            self.register_buffer("input_mean", torch.as_tensor(input_stats[0], dtype=torch.float32))
+            self.register_buffer("input_scale", torch.as_tensor(input_stats[1], dtype=torch.float32))
         layers, width = [], observation_size
         for size in hidden:
             layers += [torch.nn.Linear(width, size), torch.nn.Tanh()]
@@ -38,6 +46,8 @@ class GaussianMLP(torch.nn.Module):
         self.log_std = torch.nn.Parameter(torch.full((action_size,), float(init_log_std)))
 
     def forward(self, observations: torch.Tensor) -> torch.Tensor:
+        if self.standardized:
+            observations = (observations - self.input_mean) / self.input_scale
         return self.mean(observations)
 
     def sequence_log_density(self, observations: torch.Tensor, actions: torch.Tensor,
@@ -55,6 +65,14 @@ class GaussianMLP(torch.nn.Module):
         """The mean action (no noise): what evaluation rollouts take."""
         with torch.no_grad():
             return self(torch.as_tensor(observations, dtype=torch.float32)).double().numpy()
+
+
+def observation_standardization(segments: list[Segment]) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, standard deviation + 0.01) per coordinate of the observations of ``segments``, each up to its
+    ``length`` (the steps where an action was taken); the 0.01 keeps a coordinate that does not vary (a goal
+    entry every task shares) from being blown up."""
+    seen = np.concatenate([s.observations[:max(s.length, 1)] for s in segments])
+    return seen.mean(axis=0), seen.std(axis=0) + 0.01
 
 
 @dataclass

@@ -22,7 +22,7 @@ from amalab.control.behaviour import train_behaviour
 from amalab.control.config import DataConfig, DiagnoseConfig, LossConfig
 from amalab.control.dataset import TaskData, build_task_data, task_sizes
 from amalab.control.evaluation import episode_returns
-from amalab.control.policy import GaussianMLP, LabelledSegment
+from amalab.control.policy import GaussianMLP, LabelledSegment, observation_standardization
 from amalab.control.segments import simulate_pool
 from amalab.control.simulator import Simulators
 from amalab.control.tasks import GOAL_SIZE
@@ -154,10 +154,15 @@ class Run:
         return [build_task_data(self.pool(i, seed), task, i, c.pool.train_starts, sizes[i], point.data.poor_share,
                                 point.teacher, data_seed(c, i, seed)) for i, task in enumerate(c.tasks)]
 
-    def new_policy(self, seed: int) -> GaussianMLP:
+    def new_policy(self, seed: int, data: list[TaskData]) -> GaussianMLP:
+        """A policy initialized by ``seed``; with ``[policy] normalize``, standardizing its input by the training
+        segments of ``data`` (chosen and rejected, every task)."""
+        c = self.config.policy
+        stats = observation_standardization([s for d in data for p in d.train for s in (p.chosen, p.rejected)]
+                                            ) if c.normalize else None
         torch.manual_seed(seed)
-        return GaussianMLP(self.sims.observation_size + GOAL_SIZE, self.sims.action_size, self.config.policy.hidden,
-                           self.config.policy.init_log_std)
+        return GaussianMLP(self.sims.observation_size + GOAL_SIZE, self.sims.action_size, c.hidden, c.init_log_std,
+                           stats)
 
     def trained(self, path: Path, start: GaussianMLP, train) -> GaussianMLP:
         """The policy saved at ``path``, or a copy of ``start`` trained by ``train(policy)`` and saved there."""
@@ -178,7 +183,7 @@ class Run:
                      for side, s in (("chosen", p.chosen), ("rejected", p.rejected))] for i, d in enumerate(data)]
         mixer = make_mixer("standard", len(data), sizes=[len(s) for s in segments])
         return self.trained(self.models / "references" / f"{point.dataset}-{seed}.pt",
-                            self.new_policy(self.config.seed + seed),
+                            self.new_policy(self.config.seed + seed, data),
                             lambda policy: train_policy(policy, segments, behaviour_cloning_losses(), mixer, None,
                                                         self.config.reference, self.config.seed + seed, "reference"))
 

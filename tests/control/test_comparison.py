@@ -30,6 +30,8 @@ def _small(text: str) -> str:
 def _log_density(policy, segment) -> float:
     """log pi(segment) by hand: the tanh MLP's mean and the diagonal Gaussian, in float64."""
     x = np.asarray(segment.observations, float)
+    if policy.standardized:  # [policy] normalize: the MLP reads (o - mean) / scale
+        x = (x - policy.input_mean.double().numpy()) / policy.input_scale.double().numpy()
     layers = [m for m in policy.mean if isinstance(m, torch.nn.Linear)]
     for j, layer in enumerate(layers):
         x = x @ layer.weight.detach().double().numpy().T + layer.bias.detach().double().numpy()
@@ -71,7 +73,7 @@ def point_run(make_tiny_config, monkeypatch):
 
 
 def _policy(run, point, name):
-    policy = run.new_policy(0)
+    policy = run.new_policy(0, run.datasets(point, 0))
     policy.load_state_dict(torch.load(run.models / point.folder / "models" / f"{name}-0.pt", weights_only=True))
     return policy
 
@@ -124,7 +126,7 @@ def test_records_hold_the_held_out_dpo_loss_and_the_merge_is_the_mean(point_run)
 
     # linear merge: the mean of the specialists' parameters, evaluated like any policy
     specialists = [_policy(run, point, f"specialist-{t.name}") for t in config.tasks]
-    merged = run.new_policy(0)
+    merged = run.new_policy(0, data)
     merged.load_state_dict({key: sum(s.state_dict()[key] for s in specialists) / len(specialists)
                             for key in merged.state_dict()})
     expected = [float(_dpo(merged, reference, d.held_out, config.loss.beta).mean()) for d in data]
@@ -149,3 +151,35 @@ def test_each_training_seed_draws_its_own_data(point_run):
     alone._pools.clear()
     for name, array in run.pool(1, 1).items():
         np.testing.assert_array_equal(alone.pool(1, 1)[name], array)
+
+
+def test_a_normalized_policy_reads_observations_standardized_by_its_seeds_training_segments(make_tiny_config):
+    """[policy] normalize: every model of a seed (reference, specialists, generalists, merges) carries the
+    mean and standard deviation (+0.01) of the observations of that seed's training pairs, computed here in
+    numpy, and a record's held-out DPO loss is the hand-computed one of the standardized MLP."""
+    config = load_diagnose_config(make_tiny_config(
+        lambda text: _small(text).replace("hidden = [16]", "hidden = [16]\nnormalize = true")))
+    run = Run(config, show_progress=False)
+    point = run_points(config)[0]
+    records = {r["method"]: r for r in comparison.compare(run, point)}
+    data = run.datasets(point, 0)
+    seen = np.concatenate([np.asarray(s.observations[:s.length], float)
+                           for d in data for p in d.train for s in (p.chosen, p.rejected)])
+    saved = [*(run.models / point.folder / "models").glob("*.pt"), *(run.models / "references").glob("*.pt")]
+    assert len(saved) >= len(config.tasks) + len(point.methods) + 1
+    for path in saved:
+        state = torch.load(path, weights_only=True)
+        np.testing.assert_allclose(state["input_mean"].double().numpy(), seen.mean(axis=0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(state["input_scale"].double().numpy(), seen.std(axis=0) + 0.01, rtol=1e-5)
+    reference = run.reference(point, 0, data)
+    for name in ("ama-r", "specialist-forward"):
+        policy = _policy(run, point, name)
+        expected = [float(_dpo(policy, reference, d.held_out, config.loss.beta).mean()) for d in data]
+        np.testing.assert_allclose(records[name]["held_out_loss"], expected, rtol=2e-4, atol=2e-5)
+    # the linear merge averages weights and keeps the (shared) standardization
+    specialists = [_policy(run, point, f"specialist-{t.name}") for t in config.tasks]
+    merged = run.new_policy(0, data)
+    merged.load_state_dict({key: sum(s.state_dict()[key] for s in specialists) / len(specialists)
+                            for key in merged.state_dict()})
+    expected = [float(_dpo(merged, reference, d.held_out, config.loss.beta).mean()) for d in data]
+    np.testing.assert_allclose(records["linear"]["held_out_loss"], expected, rtol=2e-4, atol=2e-5)

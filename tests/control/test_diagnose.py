@@ -74,7 +74,7 @@ def test_tiny_config_end_to_end_and_resume(tmp_path, tiny_config, capsys):
     point = next(p for p in models.iterdir() if p.name.endswith("apo_zero0.1") and "imbalance1-" in p.name
                  and "poor0.5" in p.name and "mistake0-" in p.name)
     record = json.loads((point / "records" / "ama-r-1.json").read_text())
-    policy = Run(config, show_progress=False).new_policy(0)
+    policy = Run(config, show_progress=False).new_policy(0, [])
     policy.load_state_dict(torch.load(point / "models" / "ama-r-1.pt", weights_only=True))
     np.testing.assert_allclose(record["returns"], _independent_returns(policy, config, 1), rtol=1e-6)
 
