@@ -1,5 +1,7 @@
 """A diagnostic config built over another (``base``): its keys replace the base's, table by table."""
 
+from pathlib import Path
+
 import pytest
 
 from amalab.cli import main
@@ -30,3 +32,13 @@ def test_a_bad_base_is_one_line(tiny_config, capsys, text, message):
     assert main(["diagnose", str(tiny_config), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
+
+
+SHIPPED = sorted((Path(__file__).resolve().parents[2] / "experiments" / "mujoco_diagnostic").rglob("*.toml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_shipped_config_loads(path):
+    """The configs the README names (default, full/ and tried/) parse and pass every check of their settings."""
+    config = load_diagnose_config(path)
+    assert config.tasks and config.out.startswith("runs/mujoco_diagnostic/")
