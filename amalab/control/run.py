@@ -116,6 +116,7 @@ class Run:
         self.config, self.out, self.show_progress = config, Path(config.out), show_progress
         torch.set_num_threads(config.threads)
         self.sims = Simulators(config.environment, config.simulators, config.environment_options)
+        self.sims.layout.check(config.tasks)
         self.models = self.out / "models" / settings_key(config)
         self._pools: dict[tuple[int, int], dict] = {}
 

@@ -7,7 +7,8 @@ A task's reward after a step is a pure function of the state the step reached an
 
 with v_x the root's forward velocity (qvel[0]) and z the root's height: qpos[1] for the planar bodies
 (HalfCheetah, Hopper, Walker2d: slide x, slide z, hinge first), qpos[2] for a free root (Ant: x, y, z,
-quaternion); :class:`BodyLayout` reads which from the model. Target velocities, running backward, torso
+quaternion), none for a body that swims in the horizontal plane (Swimmer: slide x, slide y), whose tasks
+cannot weigh a height; :class:`BodyLayout` reads which from the model. Target velocities, running backward, torso
 height, energy use and staying up (gymnasium's ``healthy_reward``, for bodies that can fall) are settings of
 the same four terms. After an episode terminates, each remaining step earns the absorbing reward
 (docs/maths.md section 13): the body lies still where it fell, no velocity, no control, not alive.
@@ -56,14 +57,16 @@ GOAL_SIZE = 5
 
 @dataclass(frozen=True)
 class BodyLayout:
-    """Where a body's root height lies in qpos (its forward velocity is qvel[0] in every supported body)."""
+    """Where a body's root height lies in qpos (its forward velocity is qvel[0] in every supported body);
+    ``height`` None: a body that moves in the horizontal plane and has none."""
 
-    height: int
+    height: int | None
 
     @staticmethod
     def of(model) -> BodyLayout:
-        """The layout of a compiled MuJoCo model: a free root joint (x, y, z, quaternion) or a planar root
-        (slide x, slide z, ...); any other body is refused in one line."""
+        """The layout of a compiled MuJoCo model: a free root joint (x, y, z, quaternion), a planar root
+        (slide x, slide z, ...) or a horizontal one (slide x, slide y, ...); any other body is refused in one
+        line."""
         import mujoco
 
         kinds, axes = model.jnt_type, model.jnt_axis
@@ -72,8 +75,23 @@ class BodyLayout:
         if (len(kinds) >= 2 and kinds[0] == kinds[1] == mujoco.mjtJoint.mjJNT_SLIDE
                 and np.allclose(axes[0], [1, 0, 0]) and np.allclose(axes[1], [0, 0, 1])):
             return BodyLayout(height=1)
-        raise ConfigError("the tasks need a body whose root is a free joint or slides along x then z (forward "
-                          "velocity and height); this model's first joints are neither")
+        if (len(kinds) >= 2 and kinds[0] == kinds[1] == mujoco.mjtJoint.mjJNT_SLIDE
+                and np.allclose(axes[0], [1, 0, 0]) and np.allclose(axes[1], [0, 1, 0])):
+            return BodyLayout(height=None)
+        raise ConfigError("the tasks need a body whose root is a free joint or slides along x then z or y "
+                          "(forward velocity, and height where it has one); this model's first joints are none "
+                          "of these")
+
+    def check(self, tasks: list[TaskSpec]) -> None:
+        """A body without a height cannot score a task that weighs one: refused in one line."""
+        weighing = [t.name for t in tasks if t.height_weight]
+        if self.height is None and weighing:
+            raise ConfigError(f"task {weighing[0]!r}: height_weight needs a body with a height, and this one moves "
+                              "in the horizontal plane (slides along x and y)")
+
+    def height_of(self, qpos: np.ndarray) -> np.ndarray | float:
+        """The root's height in states (..., nq) (0 for a body without one, whose tasks weigh none)."""
+        return 0.0 if self.height is None else qpos[..., self.height]
 
 
 #: HalfCheetah's and Hopper's layout, for callers that build states by hand
@@ -85,14 +103,14 @@ def task_reward(task: TaskSpec, qpos: np.ndarray, qvel: np.ndarray, ctrl: np.nda
     """The reward of ``task`` in states (..., nq), (..., nv) after controls (..., nu); shape (...).
     ``alive``: the step did not terminate the episode (the alive term is earned)."""
     return (-task.velocity_weight * np.abs(qvel[..., 0] - task.velocity)
-            + task.height_weight * qpos[..., layout.height]
+            + task.height_weight * layout.height_of(qpos)
             - task.control_weight * np.sum(np.square(ctrl), axis=-1) + task.alive_weight * np.asarray(alive))
 
 
 def absorbing_reward(task: TaskSpec, qpos: np.ndarray, layout: BodyLayout = PLANAR) -> np.ndarray:
     """The reward of each step after termination: the body at rest in its last state ``qpos``, no control,
     no alive term (docs/maths.md section 13)."""
-    return (-task.velocity_weight * abs(task.velocity) + task.height_weight * qpos[..., layout.height])
+    return (-task.velocity_weight * abs(task.velocity) + task.height_weight * layout.height_of(qpos))
 
 
 def with_goal(observations: np.ndarray, task: TaskSpec) -> np.ndarray:

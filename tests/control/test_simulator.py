@@ -61,9 +61,22 @@ def test_body_layout_finds_the_root_height(name, height):
     assert root == pytest.approx(env.init_qpos[height], abs=0.2) and (name == "HalfCheetah-v5" or root > 0.5)
 
 
-def test_a_body_without_forward_velocity_and_height_is_refused_in_one_line():
-    with pytest.raises(ConfigError, match="free joint or slides along x then z"):
-        Simulators("Swimmer-v5", 1)  # slides along x then y: no height
+def test_a_body_without_forward_velocity_is_refused_in_one_line():
+    with pytest.raises(ConfigError, match="free joint or slides along x then z or y"):
+        Simulators("Reacher-v5", 1)  # an arm on hinges: no root that moves
+
+
+def test_a_swimmer_has_no_height_and_a_task_that_weighs_one_is_refused():
+    sims = Simulators("Swimmer-v5", 2)  # slides along x then y, in the horizontal plane
+    assert sims.layout.height is None
+    swim = TaskSpec("swim", velocity=0.2, control_weight=0.1)
+    actions = np.random.default_rng(0).uniform(-1, 1, (30, 2, 2))
+    done = sims.rollout(sims.reset([0, 1]), lambda o, t: actions[t], 30, [swim] * 2, record_states=True)
+    # the reward after each step, from the next step's recorded state: velocity and control, no height
+    expected = -np.abs(done.qvel[:, 1:, 0] - 0.2) - 0.1 * np.sum(np.clip(actions[:-1], -1, 1) ** 2, axis=-1).T
+    np.testing.assert_allclose(done.rewards[:, :-1], expected, rtol=1e-12)
+    with pytest.raises(ConfigError, match="task 'dive': height_weight needs a body with a height"):
+        sims.layout.check([swim, TaskSpec("dive", velocity=0.0, height_weight=1.0)])
 
 
 def test_environment_options_reach_gymnasium_and_a_wrong_one_is_one_line():
