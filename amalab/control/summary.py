@@ -162,9 +162,10 @@ def sweep_table(summary: dict, points: list) -> str:
 
 def differences_list(point: dict) -> str:
     """Markdown: each pair of methods whose worst-task difference over seeds excludes 0, with it."""
-    lines = [f"- {d['verdict']}: "
-             + interval_cell(d["difference"] if d["verdict"].startswith(d["a"]) else _negated(d["difference"]))
-             for d in point["differences"] if d["verdict"] != "tie"]
+    def signed(d: dict) -> dict:  # the verdict's winner minus its loser (not a prefix test: ama-r, ama-r-sim)
+        return d["difference"] if d["verdict"] == f"{d['a']} above {d['b']}" else _negated(d["difference"])
+
+    lines = [f"- {d['verdict']}: " + interval_cell(signed(d)) for d in point["differences"] if d["verdict"] != "tie"]
     return "\n".join(lines or ["- none: every pair's interval contains 0"]) + "\n"
 
 

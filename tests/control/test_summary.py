@@ -177,3 +177,7 @@ def test_paired_differences_give_the_verdicts():
     d = point["differences"][0]["difference"]  # u - v, negative
     assert differences_list(point) == f"- v above u: {-d['mean']:+.2f} [{-d['high']:+.2f}, {-d['low']:+.2f}]\n"
     assert differences_list({"differences": [found["x", "z"]]}) == "- none: every pair's interval contains 0\n"
+    # one name the start of the other (ama-r, ama-r-sim): the sign still follows the verdict
+    named = {"differences": worst_task_differences({"ama-r": worst["y"], "ama-r-sim": worst["x"]})}
+    assert verdicts(named) == ["ama-r-sim above ama-r"]
+    assert differences_list(named) == f"- ama-r-sim above ama-r: {-d['mean']:+.2f} [{-d['high']:+.2f}, {-d['low']:+.2f}]\n"
