@@ -78,6 +78,16 @@ def _policy(run, point, name):
     return policy
 
 
+def _assert_linear_merge_loss(record, config, run, point, data, reference):
+    """The record's held-out loss is the DPO loss of the mean of the specialists' state dicts."""
+    specialists = [_policy(run, point, f"specialist-{t.name}") for t in config.tasks]
+    merged = run.new_policy(0, data)
+    merged.load_state_dict({key: sum(s.state_dict()[key] for s in specialists) / len(specialists)
+                            for key in merged.state_dict()})
+    expected = [float(_dpo(merged, reference, d.held_out, config.loss.beta).mean()) for d in data]
+    np.testing.assert_allclose(record["held_out_loss"], expected, rtol=2e-4, atol=2e-5)
+
+
 def test_each_method_trains_against_its_baseline(point_run):
     config, run, point, records, calls = point_run
     data = run.datasets(point, 0)
@@ -125,12 +135,7 @@ def test_records_hold_the_held_out_dpo_loss_and_the_merge_is_the_mean(point_run)
     assert on_disk == json.loads(json.dumps(by_name["ama-r"]))
 
     # linear merge: the mean of the specialists' parameters, evaluated like any policy
-    specialists = [_policy(run, point, f"specialist-{t.name}") for t in config.tasks]
-    merged = run.new_policy(0, data)
-    merged.load_state_dict({key: sum(s.state_dict()[key] for s in specialists) / len(specialists)
-                            for key in merged.state_dict()})
-    expected = [float(_dpo(merged, reference, d.held_out, config.loss.beta).mean()) for d in data]
-    np.testing.assert_allclose(by_name["linear"]["held_out_loss"], expected, rtol=2e-4, atol=2e-5)
+    _assert_linear_merge_loss(by_name["linear"], config, run, point, data, reference)
 
 
 def test_each_training_seed_draws_its_own_data(point_run):
@@ -177,9 +182,4 @@ def test_a_normalized_policy_reads_observations_standardized_by_its_seeds_traini
         expected = [float(_dpo(policy, reference, d.held_out, config.loss.beta).mean()) for d in data]
         np.testing.assert_allclose(records[name]["held_out_loss"], expected, rtol=2e-4, atol=2e-5)
     # the linear merge averages weights and keeps the (shared) standardization
-    specialists = [_policy(run, point, f"specialist-{t.name}") for t in config.tasks]
-    merged = run.new_policy(0, data)
-    merged.load_state_dict({key: sum(s.state_dict()[key] for s in specialists) / len(specialists)
-                            for key in merged.state_dict()})
-    expected = [float(_dpo(merged, reference, d.held_out, config.loss.beta).mean()) for d in data]
-    np.testing.assert_allclose(records["linear"]["held_out_loss"], expected, rtol=2e-4, atol=2e-5)
+    _assert_linear_merge_loss(records["linear"], config, run, point, data, reference)
