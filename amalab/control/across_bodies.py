@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from amalab.atomic_write import write_json_atomic, write_text_atomic
-from amalab.control.summary import interval_cell, seed_interval
+from amalab.control.summary import interval_cell, seed_interval, verdict
 from amalab.markdown import markdown_table
 
 #: the comparisons the suite reports across bodies: AMA-R and AMA-S against standard and the linear merge
@@ -27,9 +27,7 @@ def _paired(point: dict, a: str, b: str) -> list[float] | None:
 
 
 def _verdict(interval: dict | None, a: str, b: str) -> str:
-    if interval is None:
-        return "not run"
-    return f"{a} above {b}" if interval["low"] > 0 else f"{b} above {a}" if interval["high"] < 0 else "tie"
+    return "not run" if interval is None else verdict(interval, a, b)
 
 
 def across_bodies(summaries: dict[str, dict]) -> dict:

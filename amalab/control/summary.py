@@ -116,10 +116,13 @@ def worst_task_differences(worst_by_seed: dict[str, dict[int, float]]) -> list[d
         for b in names[i + 1:]:
             seeds = sorted(set(worst_by_seed[a]) & set(worst_by_seed[b]))
             interval = seed_interval([worst_by_seed[a][s] - worst_by_seed[b][s] for s in seeds])
-            verdict = (f"{a} above {b}" if interval["low"] > 0 else f"{b} above {a}" if interval["high"] < 0
-                       else "tie")
-            out.append({"a": a, "b": b, "difference": interval, "verdict": verdict})
+            out.append({"a": a, "b": b, "difference": interval, "verdict": verdict(interval, a, b)})
     return out
+
+
+def verdict(interval: dict, a: str, b: str) -> str:
+    """What the 95% interval of a - b supports (docs/maths.md (65)): "a above b", "b above a" or "tie"."""
+    return f"{a} above {b}" if interval["low"] > 0 else f"{b} above {a}" if interval["high"] < 0 else "tie"
 
 
 def verdicts(point: dict) -> list[str]:
@@ -162,8 +165,8 @@ def sweep_table(summary: dict, points: list) -> str:
 
 def differences_list(point: dict) -> str:
     """Markdown: each pair of methods whose worst-task difference over seeds excludes 0, with it."""
-    def signed(d: dict) -> dict:  # the verdict's winner minus its loser (not a prefix test: ama-r, ama-r-sim)
-        return d["difference"] if d["verdict"] == f"{d['a']} above {d['b']}" else _negated(d["difference"])
+    def signed(d: dict) -> dict:  # the verdict's winner minus its loser, by the rule of :func:`verdict`
+        return d["difference"] if d["difference"]["low"] > 0 else _negated(d["difference"])
 
     lines = [f"- {d['verdict']}: " + interval_cell(signed(d)) for d in point["differences"] if d["verdict"] != "tie"]
     return "\n".join(lines or ["- none: every pair's interval contains 0"]) + "\n"
