@@ -73,11 +73,11 @@ class BodyLayout:
         if len(kinds) and kinds[0] == mujoco.mjtJoint.mjJNT_FREE:
             return BodyLayout(height=2)
         if (len(kinds) >= 2 and kinds[0] == kinds[1] == mujoco.mjtJoint.mjJNT_SLIDE
-                and np.allclose(axes[0], [1, 0, 0]) and np.allclose(axes[1], [0, 0, 1])):
-            return BodyLayout(height=1)
-        if (len(kinds) >= 2 and kinds[0] == kinds[1] == mujoco.mjtJoint.mjJNT_SLIDE
-                and np.allclose(axes[0], [1, 0, 0]) and np.allclose(axes[1], [0, 1, 0])):
-            return BodyLayout(height=None)
+                and np.allclose(axes[0], [1, 0, 0])):
+            if np.allclose(axes[1], [0, 0, 1]):  # planar: the second slide is the height
+                return BodyLayout(height=1)
+            if np.allclose(axes[1], [0, 1, 0]):  # horizontal: no height
+                return BodyLayout(height=None)
         raise ConfigError("the tasks need a body whose root is a free joint or slides along x then z or y "
                           "(forward velocity, and height where it has one); this model's first joints are none "
                           "of these")
