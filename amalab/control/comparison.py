@@ -10,6 +10,8 @@ docs/maths.md (62)), then the methods and merges.
 
 from __future__ import annotations
 
+import copy
+
 from amalab.control.config import DiagnoseConfig
 from amalab.control.run import Point, Run, workspace
 from amalab.control.training import (segment_pair_example_losses, segment_pair_losses, segment_pair_values,
@@ -95,7 +97,7 @@ def method_records(run: Run, point: Point, seed: int) -> list[dict]:
         records.append(evaluate(generalists[name], "method", name))
     base = reference.state_dict()
     for name in point.merges:
-        merged = run.new_policy(c.seed, data)
+        merged = copy.deepcopy(reference)  # the reference's architecture and input standardization
         merged.load_state_dict(merge_state_dicts(base, [s.state_dict() for s in specialists], name,
                                                  seed=train_seed, **c.merges.options.get(name, {})))
         records.append(evaluate(merged, "merge", name))

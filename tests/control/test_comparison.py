@@ -72,15 +72,15 @@ def point_run(make_tiny_config, monkeypatch):
     return config, run, point, records, calls
 
 
-def _policy(run, point, name):
-    policy = run.new_policy(0, run.datasets(point, 0))
+def _policy(run, point, name, data):
+    policy = run.new_policy(0, data)
     policy.load_state_dict(torch.load(run.models / point.folder / "models" / f"{name}-0.pt", weights_only=True))
     return policy
 
 
 def _assert_linear_merge_loss(record, config, run, point, data, reference):
     """The record's held-out loss is the DPO loss of the mean of the specialists' state dicts."""
-    specialists = [_policy(run, point, f"specialist-{t.name}") for t in config.tasks]
+    specialists = [_policy(run, point, f"specialist-{t.name}", data) for t in config.tasks]
     merged = run.new_policy(0, data)
     merged.load_state_dict({key: sum(s.state_dict()[key] for s in specialists) / len(specialists)
                             for key in merged.state_dict()})
@@ -105,8 +105,8 @@ def test_each_method_trains_against_its_baseline(point_run):
     assert calls["ama-r"]["mixer"].baseline == "specialist" and calls["doremi"]["mixer"].baseline == "standard"
     for name in ("standard", "uniform", "sft"):
         assert calls[name]["baselines"] is None
-    specialists = [_policy(run, point, f"specialist-{t.name}") for t in config.tasks]
-    standard = _policy(run, point, "standard")
+    specialists = [_policy(run, point, f"specialist-{t.name}", data) for t in config.tasks]
+    standard = _policy(run, point, "standard", data)
     for name, source in (("ama-r", specialists), ("doremi", [standard] * len(config.tasks))):
         baselines = calls[name]["baselines"]
         assert len(baselines) == len(config.tasks)
@@ -127,7 +127,7 @@ def test_records_hold_the_held_out_dpo_loss_and_the_merge_is_the_mean(point_run)
     assert {r["method"] for r in records if r["kind"] == "method"} == set(point.methods)
     assert by_name["reference"]["held_out_loss"] == pytest.approx([np.log(2)] * len(data), abs=1e-6)  # margin 0
     for name in ("ama-r", "sft", "specialist-still"):
-        policy = _policy(run, point, name)
+        policy = _policy(run, point, name, data)
         expected = [float(_dpo(policy, reference, d.held_out, config.loss.beta).mean()) for d in data]
         np.testing.assert_allclose(by_name[name]["held_out_loss"], expected, rtol=2e-4, atol=2e-5)
     # the record on disk is what compare returned
@@ -178,7 +178,7 @@ def test_a_normalized_policy_reads_observations_standardized_by_its_seeds_traini
         np.testing.assert_allclose(state["input_scale"].double().numpy(), seen.std(axis=0) + 0.01, rtol=1e-5)
     reference = run.reference(point, 0, data)
     for name in ("ama-r", "specialist-forward"):
-        policy = _policy(run, point, name)
+        policy = _policy(run, point, name, data)
         expected = [float(_dpo(policy, reference, d.held_out, config.loss.beta).mean()) for d in data]
         np.testing.assert_allclose(records[name]["held_out_loss"], expected, rtol=2e-4, atol=2e-5)
     # the linear merge averages weights and keeps the (shared) standardization
