@@ -55,6 +55,13 @@ class TaskSpec:
 GOAL_SIZE = 5
 
 
+def stacked(tasks: list[TaskSpec]) -> TaskSpec:
+    """One :class:`TaskSpec` whose weights are arrays (n,), row j those of ``tasks[j]``: :func:`task_reward`
+    and :func:`absorbing_reward` take it as they take one task and score n environments at once."""
+    fields = ("velocity", "velocity_weight", "height_weight", "control_weight", "alive_weight")
+    return TaskSpec("stacked", **{f: np.array([getattr(t, f) for t in tasks], dtype=float) for f in fields})
+
+
 @dataclass(frozen=True)
 class BodyLayout:
     """Where a body's root height lies in qpos (its forward velocity is qvel[0] in every supported body);
@@ -110,7 +117,7 @@ def task_reward(task: TaskSpec, qpos: np.ndarray, qvel: np.ndarray, ctrl: np.nda
 def absorbing_reward(task: TaskSpec, qpos: np.ndarray, layout: BodyLayout = PLANAR) -> np.ndarray:
     """The reward of each step after termination: the body at rest in its last state ``qpos``, no control,
     no alive term (docs/maths.md section 13)."""
-    return (-task.velocity_weight * abs(task.velocity) + task.height_weight * layout.height_of(qpos))
+    return (-task.velocity_weight * np.abs(task.velocity) + task.height_weight * layout.height_of(qpos))
 
 
 def with_goal(observations: np.ndarray, task: TaskSpec) -> np.ndarray:

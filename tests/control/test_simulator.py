@@ -101,3 +101,35 @@ def test_compile_deprecation_warnings_are_dropped_and_other_warnings_kept(capfd)
         assert len(seen) == 1 and "CTRL" in seen[0]
     finally:
         mujoco.set_mju_user_warning(None)
+
+
+@pytest.mark.parametrize("name", ["HalfCheetah-v5", "Hopper-v5", "Walker2d-v5", "Ant-v5", "Swimmer-v5",
+                                  "Humanoid-v5", "HumanoidStandup-v5"])
+def test_physics_step_is_gymnasiums_step_bit_for_bit(name):
+    """The step without gymnasium's reward (what every rollout of these bodies takes) reaches the same state,
+    observation, post-constraint forces and ``terminated`` as ``env.step``, through falls and resets."""
+    from amalab.control.simulator import Simulators, physics_step
+
+    sims = Simulators(name, 2)
+    assert sims.step is physics_step
+    ours, theirs = sims.envs
+    rng, ended = np.random.default_rng(0), 0
+    ours.reset(seed=5), theirs.reset(seed=5)
+    for t in range(150):
+        action = np.clip(rng.normal(0, 1.5, sims.action_size), sims.low, sims.high)
+        observation, terminated = physics_step(ours, action)
+        expected, _, expected_terminated, _, _ = theirs.step(action)
+        np.testing.assert_array_equal(observation, expected)
+        assert terminated == expected_terminated
+        for field in ("qpos", "qvel", "qacc_warmstart", "cfrc_ext", "time"):
+            np.testing.assert_array_equal(getattr(ours.data, field), getattr(theirs.data, field))
+        if terminated:
+            ended += 1
+            ours.reset(seed=t), theirs.reset(seed=t)
+    assert ended >= (3 if name in ("Hopper-v5", "Walker2d-v5") else 0)
+
+
+def test_another_version_of_a_body_is_stepped_by_gymnasium():
+    from amalab.control.simulator import Simulators, gymnasium_step
+
+    assert Simulators("Hopper-v4", 1).step is gymnasium_step
