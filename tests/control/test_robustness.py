@@ -32,7 +32,7 @@ def test_one_ulp_leaves_the_tiny_configs_verdicts_unchanged(tiny_config, tmp_pat
 @pytest.mark.slow
 @pytest.mark.parametrize("nudged", [False, True], ids=["recomputed", "nudged by one ulp"])
 def test_hoppers_committed_summary_is_recomputed_within_the_readmes_tolerance(nudged, tmp_path, monkeypatch):
-    """About 6 minutes each on one core: Hopper's main comparison from scratch leaves the same tasks out,
+    """About 11 minutes each on one core: Hopper's main comparison from scratch leaves the same tasks out,
     moves no worst-task mean by more than 0.01 and keeps every verdict, none new."""
     monkeypatch.chdir(ROOT)  # the config's figures folder is relative to the checkout
     path = ROOT / "experiments" / "mujoco_diagnostic" / "hopper.toml"
