@@ -126,7 +126,8 @@ def test_physics_step_is_gymnasiums_step_bit_for_bit(name):
         if terminated:
             ended += 1
             ours.reset(seed=t), theirs.reset(seed=t)
-    assert ended >= (3 if name in ("Hopper-v5", "Walker2d-v5") else 0)
+    # the bodies that fall do so several times under these actions; the others never end an episode
+    assert ended >= 2 if name in ("Hopper-v5", "Walker2d-v5", "Ant-v5", "Humanoid-v5") else ended == 0
 
 
 def test_another_version_of_a_body_is_stepped_by_gymnasium():
