@@ -482,6 +482,33 @@ def _fork_ranks(worker, *args, timeout_s: float, nprocs: int = 2, poll_s: float 
             pytest.fail(f"{what} did not end in {timeout_s} s (a rank left waiting in a collective?)")
 
 
+def _in_gloo_group(rank: int, port: int, worker, nprocs: int, group_timeout_s: float, *args) -> None:
+    """Rank ``rank``'s body under :func:`_fork_gloo_ranks`: one CPU thread, a gloo group of ``nprocs`` joined
+    with a short timeout (a rank left waiting in a collective fails instead of hanging), ``worker(world,
+    *args)``, the group left."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    from amalab.training.distributed import World
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=nprocs,
+                            timeout=datetime.timedelta(seconds=group_timeout_s))
+    worker(World(rank, nprocs), *args)
+    dist.destroy_process_group()
+
+
+def _fork_gloo_ranks(worker, *args, group_timeout_s: float, nprocs: int = 2, **fork) -> None:
+    """``worker(world, *args)`` on ``nprocs`` forked ranks of one gloo group (:func:`_in_gloo_group`), under
+    :func:`_fork_ranks` (``fork``: its ``timeout_s``, ``poll_s``, ``what``; ``timeout_s`` defaults to the
+    group's timeout plus a minute, so that the ranks normally fail first with their error)."""
+    fork.setdefault("timeout_s", group_timeout_s + 60)
+    _fork_ranks(_in_gloo_group, worker, nprocs, group_timeout_s, *args, nprocs=nprocs, **fork)
+
+
 @pytest.fixture(scope="session")
 def free_port():
     """``free_port() -> int``: a TCP port of 127.0.0.1 free now (torchrun's ``--master_port``)."""
@@ -493,3 +520,10 @@ def fork_ranks():
     """``fork_ranks(worker, *args, timeout_s, nprocs=2, poll_s=2, what="the 2 processes")``: ``worker(rank,
     port, *args)`` in forked ranks, joined within ``timeout_s`` (:func:`_fork_ranks`)."""
     return _fork_ranks
+
+
+@pytest.fixture(scope="session")
+def fork_gloo_ranks():
+    """``fork_gloo_ranks(worker, *args, group_timeout_s, nprocs=2, timeout_s=..., poll_s=2, what=...)``:
+    ``worker(world, *args)`` on forked ranks of one gloo group (:func:`_fork_gloo_ranks`)."""
+    return _fork_gloo_ranks

@@ -25,7 +25,9 @@ What needs only the trained weights (a finished run's policy, evaluation, merges
 ``weights_only=True``: state.json and model.safetensors alone, never the optimizer state (as large as the
 weights twice over) nor the other parts. On the CPU the model tensors are memory-mapped (safetensors maps the
 file; a page is read when first touched), so a rank that copies out only its shard of a sharded parameter
-reads only that shard (:func:`amalab.training.state.load_trainable_state`).
+reads only that shard (:func:`amalab.training.state.load_trainable_state`). A resume maps optimizer.pt the same
+way, and a rank copies out only its part of a sharded parameter's moments
+(:func:`amalab.training.state.load_optimizer_state`).
 """
 
 from __future__ import annotations
@@ -291,8 +293,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
         return _read_part(path, name, read) if name in files else None
 
     def torch_file(file):
-        # torch's weights_only (unrelated to ours): loading a checkpoint must never run code stored in it
-        return torch.load(file, map_location=map_location, weights_only=True)
+        # torch's weights_only (unrelated to ours): loading a checkpoint must never run code stored in it.
+        # Memory-mapped: a rank that copies out only its part of a sharded parameter's moments reads only that
+        return torch.load(file, map_location=map_location, weights_only=True, mmap=True)
 
     # keyword arguments are read in order: the optimizer first, the part a resume cannot do without
     return Checkpoint(path=path, step=state["step"], model_state=model_state,

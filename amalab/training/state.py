@@ -7,9 +7,10 @@ the generator that draws the batch's task ids; :meth:`TrainState.state_dict` is 
 
 Policy and optimizer states go through ``torch.distributed.checkpoint.state_dict``, which handles plain and
 FSDP2-sharded modules alike: saved as full (unsharded) CPU tensors under the policy's own parameter names, and
-cut back to each rank's shard on load (each rank copies in only its part of the model's tensors:
-:func:`load_trainable_state`). A run saved on W ranks, sharded or not, therefore continues on any
-number of ranks, sharded or not. Only the trained parameters are stored (with LoRA, only the adapter).
+cut back to each rank's shard on load (each rank copies in only its part of the model's tensors and of their
+optimizer moments: :func:`load_trainable_state`, :func:`load_optimizer_state`). A run saved on W ranks, sharded
+or not, therefore continues on any number of ranks, sharded or not. Only the trained parameters are stored
+(with LoRA, only the adapter).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ _FOR_RANK_0 = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_fr
 _FOR_EVERY_RANK = StateDictOptions(full_state_dict=True, cpu_offload=False, ignore_frozen_params=True)
 #: full tensors in (every rank read the same checkpoint); each rank keeps its shard of a sharded parameter
 _FROM_FULL = StateDictOptions(full_state_dict=True, strict=False)
+#: as the optimizer holds its state: a sharded parameter's moments are DTensors, each rank's part local
+_AS_HELD = StateDictOptions(full_state_dict=False, strict=False)
 
 
 def lr_factor(step: int, steps: int, warmup: int, min_ratio: float) -> float:
@@ -124,16 +127,47 @@ def load_trainable_state(policy: torch.nn.Module, state: dict[str, torch.Tensor]
         set_model_state_dict(policy, rest, options=_FROM_FULL)
 
 
-@torch.no_grad()
-def _copy_shard(name: str, param: DTensor, full: torch.Tensor) -> None:
-    """Copy this rank's part of the full tensor ``full`` into the sharded parameter ``param``."""
+def _local_part(name: str, param: DTensor, full: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``full``, a whole tensor of the sharded parameter ``param``'s shape (its value or
+    one of its optimizer moments): a view, so that only that part is read from a memory-mapped file."""
     if tuple(full.shape) != tuple(param.shape):
         raise ConfigError(f"checkpoint does not fit the model: {name} has shape {tuple(full.shape)}, the "
                           f"model's is {tuple(param.shape)}")
     # the offsets of this rank's part, as torch computes them to load a sharded state dict
     shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
-    part = full[tuple(slice(start, start + size) for size, start in zip(shape, offset))]
-    param.detach().to_local().copy_(part)
+    return full[tuple(slice(start, start + size) for size, start in zip(shape, offset))]
+
+
+@torch.no_grad()
+def _copy_shard(name: str, param: DTensor, full: torch.Tensor) -> None:
+    """Copy this rank's part of the full tensor ``full`` into the sharded parameter ``param``."""
+    param.detach().to_local().copy_(_local_part(name, param, full))
+
+
+def load_optimizer_state(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Put an optimizer state of full tensors (a checkpoint's) into ``optimizer``; under FSDP2 each rank keeps
+    its part of every moment of a sharded parameter.
+
+    Each moment of a sharded (DTensor) parameter becomes this rank's rows of the full tensor, sliced on the CPU
+    (from the memory-mapped optimizer.pt, so only those rows are read) and wrapped as a DTensor laid out like
+    the parameter; no collective runs. ``set_optimizer_state_dict`` of full tensors would move every whole
+    moment to every rank's device and scatter rank 0's copy. The other parameters' moments load whole.
+    """
+    policy = unwrap(policy)
+    params = dict(policy.named_parameters(remove_duplicate=False))
+
+    def as_held(name: str, value):
+        param = params.get(name)
+        if not (isinstance(param, DTensor) and isinstance(value, torch.Tensor) and value.dim()):
+            return value  # a step count, or a parameter every rank holds whole
+        part = _local_part(name, param, value).to(param.device)
+        return DTensor.from_local(part, param.device_mesh, param.placements, shape=param.shape,
+                                  stride=param.stride())
+
+    held = {name: {key: as_held(name, value) for key, value in per_param.items()}
+            for name, per_param in state["state"].items()}
+    set_optimizer_state_dict(policy, optimizer, {"state": held, "param_groups": state["param_groups"]},
+                             options=_AS_HELD)
 
 
 def draw_generator(seed: int) -> np.random.Generator:
@@ -192,7 +226,7 @@ class TrainState:
     def load_state_dict(self, state: dict) -> None:
         """Continue from ``state`` (a :meth:`state_dict`, e.g. a checkpoint's, read on every rank)."""
         load_trainable_state(self.policy, state["model_state"])
-        set_optimizer_state_dict(unwrap(self.policy), self.optimizer, state["optimizer_state"], options=_FROM_FULL)
+        load_optimizer_state(self.policy, self.optimizer, state["optimizer_state"])
         self.scheduler.load_state_dict(state["scheduler_state"])
         self.mixer.load_state_dict(state["mixer_state"])
         self.sampler.load_state_dict(state["sampler_state"])

@@ -10,7 +10,8 @@ independent single-process runs of the same global batch made here:
 * a run stopped after 2 steps and resumed with a fresh model, mixer and optimizer read from the checkpoint
   ends where the straight 2-rank run ends; a checkpoint written by 2 ranks continues on 1;
 * a non-finite loss on rank 1 only stops both ranks with TrainingDiverged (no hang);
-* sharded (FSDP2) training equals single-process training, and its checkpoint continues on 1 rank;
+* sharded (FSDP2) training equals single-process training, its checkpoint continues on 1 rank, and on 2
+  sharded ranks, each loading only its part, to the straight sharded run's end bitwise;
 * cache building and evaluation shard pairs over ranks and gather them back under the right ids.
 
 Both sides use one CPU thread and micro-batches of one pair, so the per-pair forward passes are the same
@@ -21,9 +22,7 @@ computations and the losses equal bitwise; what differs is only the order in whi
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
-import os
 import shutil
 
 import numpy as np
@@ -61,19 +60,15 @@ def metric_weights(run_dir) -> list:
     return [x["weights"] for x in lines if x["kind"] == "train"]
 
 
-def _worker(rank: int, port: int, setup: dict, out: str, make_run, recording_adamw, fresh_policy) -> None:
-    """Rank ``rank`` of 2: every scenario in turn; results to ``out/rank{rank}.pt``. ``make_run``,
+def _worker(world: World, setup: dict, out: str, make_run, recording_adamw, fresh_policy) -> None:
+    """One rank of 2: every scenario in turn; results to ``out/rank{rank}.pt``. ``make_run``,
     ``recording_adamw`` and ``fresh_policy`` are the conftest fixtures' values (the fork hands them over as
     they are)."""
     import pathlib
 
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    # a short timeout: a rank left waiting in a collective fails the test instead of hanging it
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
-    world = World(rank, WORLD)
+    rank = world.rank
     root = pathlib.Path(out)
     torch.optim.AdamW = recording_adamw  # train.py looks AdamW up at call time
     results = {}
@@ -102,6 +97,10 @@ def _worker(rank: int, port: int, setup: dict, out: str, make_run, recording_ada
     # FSDP2: the same run with the policy sharded over both ranks
     results["fsdp"] = train("fsdp", sharded=True)
     results["fsdp-halves"] = train("fsdp-halves", sharded=True, stop_after=2)
+    if rank == 0:
+        shutil.copytree(root / "fsdp-halves", root / "fsdp-halves-at-2")
+    dist.barrier()
+    results["fsdp-resumed"] = train("fsdp-halves", sharded=True)  # each rank loads its part of every tensor
     # evaluation / cache building: sharded pairs, uneven per rank (7 pairs, batches of 3: 2 batches on rank 0,
     # 1 on rank 1), replicated and sharded models
     pairs = [p for s in setup["train"] for p in s][:7]
@@ -124,16 +123,16 @@ def _worker(rank: int, port: int, setup: dict, out: str, make_run, recording_ada
     except TrainingDiverged as e:
         results["diverged"] = str(e)
     torch.save(results, root / f"rank{rank}.pt")
-    dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
-def spawned(setup, tmp_path_factory, make_run, recording_adamw, fresh_policy, fork_ranks):
+def spawned(setup, tmp_path_factory, make_run, recording_adamw, fresh_policy, fork_gloo_ranks):
     """Run the 2-process scenarios once; return (setup, folder, per-rank results)."""
     out = tmp_path_factory.mktemp("dist")
-    # forked (spawn would re-import torch and transformers in each child, ~25 s of the ~30 s here)
-    fork_ranks(_worker, setup, str(out), make_run, recording_adamw, fresh_policy, timeout_s=180, nprocs=WORLD,
-               poll_s=5, what="the 2-process scenarios")
+    # forked (spawn would re-import torch and transformers in each child, ~25 s of the ~30 s here); a short
+    # process-group timeout: a rank left waiting in a collective fails the test instead of hanging it
+    fork_gloo_ranks(_worker, setup, str(out), make_run, recording_adamw, fresh_policy, group_timeout_s=60,
+                    nprocs=WORLD, timeout_s=180, poll_s=5, what="the 2-process scenarios")
     return setup, out, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
@@ -198,7 +197,20 @@ def test_resume_under_two_ranks_equals_the_straight_run(spawned):
     assert metric_weights(out / "halves") == metric_weights(out / "straight-ama-s")
 
 
-@pytest.mark.parametrize("saved_by", ["halves-at-2", "fsdp-halves"])
+def test_a_sharded_run_resumed_under_two_ranks_equals_the_straight_one(spawned):
+    """FSDP2: each rank resumes with only its part of the weights and of the optimizer moments
+    (load_trainable_state, load_optimizer_state), and the run ends bitwise where the straight one does."""
+    _, out, ranks = spawned
+    for r in range(WORLD):
+        assert ranks[r]["fsdp-resumed"]["digests"] == ranks[r]["fsdp"]["digests"][2:]
+        assert ranks[r]["fsdp-resumed"]["params"].keys() == ranks[r]["fsdp"]["params"].keys()
+        for name, value in ranks[r]["fsdp"]["params"].items():
+            assert torch.equal(ranks[r]["fsdp-resumed"]["params"][name], value), name
+    assert ranks[0]["fsdp-resumed"]["final"] == ranks[0]["fsdp"]["final"]
+    assert metric_weights(out / "fsdp-halves") == metric_weights(out / "fsdp")
+
+
+@pytest.mark.parametrize("saved_by", ["halves-at-2", "fsdp-halves-at-2"])
 def test_a_two_rank_checkpoint_continues_on_one_rank(spawned, single, saved_by, make_run, fresh_policy):
     """Replicated or sharded (FSDP2), the 2-rank checkpoint at step 2 continues on 1 process to the same end."""
     setup, out, ranks = spawned

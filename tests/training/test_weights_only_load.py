@@ -11,9 +11,7 @@ them would fail; a resume must (it needs them), naming the file in one line.
 
 from __future__ import annotations
 
-import datetime
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -163,17 +161,13 @@ def test_the_pipeline_evaluates_and_exports_runs_without_their_optimizer_state(p
 
 # --- FSDP2: each rank copies in its shards ----------------------------------------------------------------
 
-def _sharded_load(rank: int, port: int, setup: dict, run_dir: str, out: str, fresh_policy) -> None:
-    """Rank ``rank`` of 2: a fresh sharded policy loads the damaged run's weights, every row of them NaN but
+def _sharded_load(world: World, setup: dict, run_dir: str, out: str, fresh_policy) -> None:
+    """One rank of 2: a fresh sharded policy loads the damaged run's weights, every row of them NaN but
     the rank's own part (FSDP2 shards dimension 0 as ``torch.chunk``); it saves what it holds.
     ``fresh_policy`` is the conftest fixture's value (the fork hands it over as it is)."""
-    import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=TIMEOUT_S))
-    world = World(rank, 2)
+    rank = world.rank
     model = fresh_policy(setup)
     model = shard_causal_lm(model, decoder_layers(model), world)
     state = load_latest(run_dir, world=world, weights_only=True).model_state
@@ -181,7 +175,6 @@ def _sharded_load(rank: int, port: int, setup: dict, run_dir: str, out: str, fre
     named = list(unwrap(model).named_parameters())
     local = {name: p.detach().to_local().clone() for name, p in named if isinstance(p, DTensor)}
     torch.save({"local": local, "whole": trainable_state(model)}, Path(out) / f"rank{rank}.pt")
-    dist.destroy_process_group()
 
 
 def own_rows_only(full: torch.Tensor, rank: int) -> torch.Tensor:
@@ -192,13 +185,13 @@ def own_rows_only(full: torch.Tensor, rank: int) -> torch.Tensor:
 
 
 def test_each_rank_of_a_sharded_policy_reads_only_its_part_of_the_weights(finished, setup, fresh_policy,
-                                                                           fork_ranks, tmp_path):
+                                                                           fork_gloo_ranks, tmp_path):
     """Each rank copies in its own rows of each full tensor, from its own copy: the other rows of its copy,
     which it never reads, are NaN, yet the gathered policy is the checkpoint's exactly (a load that spread
     rank 0's whole tensors, as ``set_model_state_dict`` of full tensors does, would give rank 1 NaNs)."""
     run_dir, _, params = finished
     folder = damaged(run_dir, tmp_path)
-    fork_ranks(_sharded_load, setup, str(folder), str(tmp_path), fresh_policy, timeout_s=TIMEOUT_S + 60)
+    fork_gloo_ranks(_sharded_load, setup, str(folder), str(tmp_path), fresh_policy, group_timeout_s=TIMEOUT_S)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for rank in ranks:
         assert rank["whole"].keys() == params.keys()
