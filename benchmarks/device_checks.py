@@ -128,21 +128,27 @@ def reference_of(model, pairs, pad_token_id: int, work: Workload, autocast):
 
 
 def train_records(model, pairs, pad_token_id: int, work: Workload, autocast, reference,
-                  world: World = World()) -> list[dict]:
-    """``work.steps`` DPO steps of amalab's loop (mixer 'standard' over two tasks): the step records it logs."""
+                  world: World = World(), run_dir: Path | None = None, stop_after: int | None = None) -> list[dict]:
+    """``work.steps`` DPO steps of amalab's loop (mixer 'standard' over two tasks): the step records it logs.
+
+    ``run_dir``: the run's folder, where it writes a checkpoint every step and from which a later call with
+    the same folder resumes (without it, a temporary folder and no checkpoints); ``stop_after``: stop after
+    that step, as an interruption would."""
     tasks = [pairs[0::2], pairs[1::2]]
     optim = OptimConfig(max_steps=work.steps, batch_size=work.batch_size, learning_rate=work.lr,
                         warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-                        per_device_eval_batch_size=work.batch_size)
+                        per_device_eval_batch_size=work.batch_size, save_steps=1)
     records: list[dict] = []
-    with tempfile.TemporaryDirectory(prefix="amalab-gpu-check-") as folder:
+    with contextlib.ExitStack() as stack:
+        folder = run_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="amalab-gpu-check-")))
         run = TrainingRun(
-            name="gpu-check", run_dir=Path(folder) / "run", mixer=make_mixer("standard", 2, sizes=[len(t) for t in tasks]),
+            name="gpu-check", run_dir=folder, mixer=make_mixer("standard", 2, sizes=[len(t) for t in tasks]),
             task_names=["even", "odd"], train_sets=tasks, eval_sets=[[], []], reference=reference,
             baseline_losses=None, specialist_caches=[None, None], optim=optim, loss=PreferenceLoss("dpo", BETA),
             seed=work.seed, pad_token_id=pad_token_id)
-        run_training(model, run, work.torch_device, world, show_progress=False,
-                     write_checkpoint=lambda state: None, log=records.append, autocast=autocast)
+        checkpoints = {} if run_dir else {"write_checkpoint": lambda state: None}
+        run_training(model, run, work.torch_device, world, show_progress=False, stop_after=stop_after,
+                     log=records.append, autocast=autocast, **checkpoints)
     return [r for r in records if r["kind"] == "train"]
 
 

@@ -5,7 +5,8 @@ crashed collective is ended by the driver's time limit without taking the other 
 Both join a process group of one rank (nccl on CUDA, gloo on the CPU; a file store, no port) and compare
 amalab's training through it with the same training in a plain process (docs/maths.md section 8):
 * ``fsdp2_one_rank``: the policy sharded by :func:`amalab.llm.logprobs.shard_causal_lm` (FSDP2, one unit per
-  decoder layer, the log-prob root) against the plain policy;
+  decoder layer, the log-prob root) against the plain policy, straight and stopped after 2 steps then resumed
+  from its checkpoint by a fresh sharded policy;
 * ``nccl_one_process``: an all-reduce of a mixer's statistics (float64, one rank: must come back bit-equal),
   then the replicated path (statistics and gradients all-reduced, ranks' mixer states compared) against the
   plain one, counting the calls of torch.distributed's collectives (each still runs): at least one
@@ -122,20 +123,36 @@ TOLERANCE = {"loss_and_grad_norm_rtol": SAME_RTOL, "parameters_l2_difference_ove
 
 
 def fsdp2_one_rank(work: Workload, backend: str) -> dict:
-    """Training the FSDP2-sharded policy on one rank equals training the plain policy."""
+    """Training the FSDP2-sharded policy on one rank equals training the plain policy, straight and when
+    stopped after 2 steps and resumed by a fresh sharded policy (each rank's part of the weights and optimizer
+    moments: amalab.training.state.load_optimizer_state)."""
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
     autocast = lambda: autocast_context(work.torch_device)  # noqa: E731 - amalab's policy of the device
     plain, initial, plain_state, reference = _plain_run(work, autocast)
-    model, pad, pairs = load(work)
     world = OneProcessGroup()
-    root = shard_causal_lm(model, decoder_layers(model), world)
+
+    def sharded_policy():
+        model, pad, pairs = load(work)
+        return shard_causal_lm(model, decoder_layers(model), world), pad, pairs
+
+    root, pad, pairs = sharded_policy()
     sharded = all(isinstance(p, DTensor) for p in root.parameters()) and isinstance(root, FSDPModule)
     records = train_records(root, pairs, pad, work, autocast, reference, world)
     compared = same_training(plain, records, initial, plain_state, trainable_state(root))
-    return {"passed": compared.pop("within") and sharded, "workload": work.describe(), "backend": backend,
-            "measured": {**compared, "parameters_are_dtensors": sharded}, "tolerance": TOLERANCE}
+    with tempfile.TemporaryDirectory(prefix="amalab-gpu-check-") as folder:
+        run_dir = Path(folder) / "run"
+        first = train_records(sharded_policy()[0], pairs, pad, work, autocast, reference, world, run_dir, 2)
+        resumed_root = sharded_policy()[0]
+        rest = train_records(resumed_root, pairs, pad, work, autocast, reference, world, run_dir)
+    resumed = same_training(plain, first + rest, initial, plain_state, trainable_state(resumed_root))
+    passed = compared.pop("within") and resumed.pop("within") and sharded and len(first) == 2
+    return {"passed": passed, "workload": work.describe(), "backend": backend,
+            "measured": {**compared, "parameters_are_dtensors": sharded,
+                         "resumed_after_2_steps": {key: value for key, value in resumed.items()
+                                                   if not key.startswith("loss_")}},
+            "tolerance": TOLERANCE}
 
 
 def nccl_one_process(work: Workload, backend: str) -> dict:
