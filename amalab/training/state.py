@@ -151,16 +151,24 @@ def load_optimizer_state(policy: torch.nn.Module, optimizer: torch.optim.Optimiz
     Each moment of a sharded (DTensor) parameter becomes this rank's rows of the full tensor, sliced on the CPU
     (from the memory-mapped optimizer.pt, so only those rows are read) and wrapped as a DTensor laid out like
     the parameter; no collective runs. ``set_optimizer_state_dict`` of full tensors would move every whole
-    moment to every rank's device and scatter rank 0's copy. The other parameters' moments load whole.
+    moment to every rank's device and scatter rank 0's copy. The other parameters' moments load whole. The
+    optimizer gets copies: once ``state`` is dropped, nothing maps the checkpoint's file.
     """
     policy = unwrap(policy)
     params = dict(policy.named_parameters(remove_duplicate=False))
 
     def as_held(name: str, value):
+        # copies: the optimizer must own its state, not hold pages of the mapped file for the rest of the run
+        # (the mapping would keep a pruned checkpoint's disk space, and AdamW's in-place updates would write
+        # into it, privately or not as the mapping was made)
         param = params.get(name)
-        if not (isinstance(param, DTensor) and isinstance(value, torch.Tensor) and value.dim()):
-            return value  # a step count, or a parameter every rank holds whole
-        part = _local_part(name, param, value).to(param.device)
+        if not isinstance(value, torch.Tensor):
+            return value
+        if param is None or not value.dim():
+            return value.clone()  # a step count, kept where it was loaded (AdamW moves it if it must)
+        if not isinstance(param, DTensor):
+            return value.to(param.device, copy=True)  # a parameter every rank holds whole
+        part = _local_part(name, param, value).to(param.device, copy=True)
         return DTensor.from_local(part, param.device_mesh, param.placements, shape=param.shape,
                                   stride=param.stride())
 

@@ -10,6 +10,8 @@ another rank's rows (or rank 0's copy) ends with NaN moments on rank 1.
 
 from __future__ import annotations
 
+import copy
+import gc
 from pathlib import Path
 
 import pytest
@@ -33,7 +35,8 @@ def finished(setup, tmp_path_factory, make_run, fresh_policy, one_thread):
     with one_thread():
         run = make_run(setup, root, "ama-s", "run", max_steps=2, save_steps=1)
         run_training(fresh_policy(setup), run, CPU, show_progress=False)
-    return run.run_dir, load_latest(run.run_dir).optimizer_state
+    # a copy in memory: the loaded state maps optimizer.pt, which the mapping tests must see unmapped
+    return run.run_dir, copy.deepcopy(load_latest(run.run_dir).optimizer_state)
 
 
 def adamw(params: list[torch.Tensor]) -> torch.optim.AdamW:
@@ -100,24 +103,41 @@ def test_each_rank_of_a_sharded_policy_reads_only_its_part_of_the_optimizer_stat
             assert torch.equal(torch.cat(parts), per_param[key]), (name, key)
 
 
-def test_a_plain_policy_loads_the_whole_state(finished, setup, fresh_policy):
-    """One process, not sharded: the optimizer gets the checkpoint's state as ``load_state_dict`` would."""
+def test_a_plain_policy_loads_the_whole_state_into_memory_of_its_own(finished, setup, fresh_policy):
+    """One process, not sharded: the optimizer gets the checkpoint's state as ``load_state_dict`` would, as
+    copies (AdamW updates its moments in place: they must not be the loaded tensors)."""
     run_dir, saved = finished
+    loaded = load_latest(run_dir).optimizer_state
     model = fresh_policy(setup)
     params = dict(model.named_parameters())
     optimizer = adamw(list(params.values()))
-    load_optimizer_state(model, optimizer, saved)
+    load_optimizer_state(model, optimizer, loaded)
     assert len(optimizer.state) == len(saved["state"])
     for name, per_param in saved["state"].items():
         for key, value in per_param.items():
-            assert torch.equal(optimizer.state[params[name]][key], value), (name, key)
+            held = optimizer.state[params[name]][key]
+            assert torch.equal(held, value), (name, key)
+            assert held.untyped_storage().data_ptr() != loaded["state"][name][key].untyped_storage().data_ptr()
+
+
+def mapped_files() -> str:
+    return Path("/proc/self/maps").read_text()
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs Linux's /proc/self/maps")
-def test_the_optimizer_state_is_memory_mapped(finished):
-    """The moments are pages of optimizer.pt mapped into the process (a rank touches only the pages of the
-    rows it copies), not a copy of the whole file read into memory."""
+def test_optimizer_pt_is_mapped_while_loading_and_not_after(finished, setup, fresh_policy):
+    """The moments are read from pages of optimizer.pt mapped into the process (a rank touches only the pages
+    of the rows it copies), not from a copy of the whole file; once loaded, the optimizer holds none of them,
+    so the mapping ends (a pruned checkpoint's disk space is freed)."""
     run_dir, _ = finished
     checkpoint = load_latest(run_dir)
-    assert str((checkpoint.path / "optimizer.pt").resolve()) in Path("/proc/self/maps").read_text()
+    file = str((checkpoint.path / "optimizer.pt").resolve())
+    gc.collect()
+    assert file in mapped_files()
+    model = fresh_policy(setup)
+    optimizer = adamw(list(model.parameters()))
+    load_optimizer_state(model, optimizer, checkpoint.optimizer_state)
     del checkpoint
+    gc.collect()
+    assert file not in mapped_files()
+    assert optimizer.state  # the state outlives the mapping
