@@ -5,6 +5,7 @@ resumed run draws and weights exactly as the uninterrupted one (docs/maths.md se
 The Trainer writes a checkpoint folder file by file, not atomically: a run killed while saving leaves a
 partial ``checkpoint-N``. :data:`MIXER_STATE` is written last and atomically (file and folder fsynced), so it
 marks a complete checkpoint; resuming takes the newest folder that has it and says which it passed over.
+``AMATrainer`` prunes old folders (``save_total_limit``) only after that file is written.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import DPOTrainer
 
 from amalab.mixers import make_mixer
@@ -111,10 +111,20 @@ class AMATrainer(DPOTrainer):
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+        # The Trainer prunes old checkpoints (save_total_limit) at the end of its save, before the mixer's state
+        # marks the new one complete: a kill between the two would leave no complete checkpoint. So the
+        # Trainer saves with no limit, and the pruning comes after the marker.
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
         if self.args.should_save:  # the process that writes the Trainer's checkpoint; the marker comes last
-            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            save_mixer_state(folder, self.mixer, self.sampler, self.draw_rng)
+            run_dir = Path(self._get_output_dir(trial=trial))
+            save_mixer_state(run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}", self.mixer,
+                             self.sampler, self.draw_rng)
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
         """TRL's model card, with the task mixer that trained the model: its name, options, the tasks and the

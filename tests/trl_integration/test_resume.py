@@ -36,11 +36,11 @@ class StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
-def trainer_for(make_model, tokenizer, output_dir, mixer="ama-s", callbacks=()):
+def trainer_for(make_model, tokenizer, output_dir, mixer="ama-s", callbacks=(), **settings):
     args = AMAConfig(output_dir=str(output_dir), beta=0.3, mixer=mixer, per_device_train_batch_size=3,
                      gradient_accumulation_steps=2, max_steps=STEPS, learning_rate=1e-2, lr_scheduler_type="constant",
                      optim="adamw_torch", report_to=[], use_cpu=True, bf16=False, logging_steps=1,
-                     save_strategy="steps", save_steps=SAVE, seed=0, dataloader_num_workers=0)
+                     save_strategy="steps", save_steps=SAVE, seed=0, dataloader_num_workers=0, **settings)
     return AMATrainer(model=make_model(seed=0), ref_model=make_model(seed=0), args=args,
                       train_dataset=Dataset.from_list(rows()), processing_class=tokenizer, callbacks=list(callbacks))
 
@@ -93,3 +93,35 @@ def test_an_interrupted_save_is_passed_over(make_model, tokenizer, tmp_path, cap
     (tmp_path / "resumed").mkdir()
     with pytest.raises(ValueError, match="no complete checkpoint to resume from"):
         trainer_for(make_model, tokenizer, tmp_path / "resumed").train(resume_from_checkpoint=True)
+
+
+class Killed(BaseException):
+    """What a kill -9 does to the process, for the test: it stops, wherever it is."""
+
+
+def test_a_kill_before_the_new_checkpoint_is_complete_keeps_the_last_complete_one(make_model, tokenizer, tmp_path,
+                                                                                   monkeypatch):
+    """With ``save_total_limit=1`` the Trainer prunes the older checkpoints at the end of its own save; the
+    mixer's state, which makes the new one complete, comes after. Pruning must wait for it: a kill between the
+    two would otherwise leave no complete checkpoint at all."""
+    import amalab.trl.trainer as trainer_module
+
+    straight = trainer_for(make_model, tokenizer, tmp_path / "straight")
+    straight.train()
+    save = trainer_module.save_mixer_state
+
+    def killed_at_the_second_save(folder, *args):
+        if folder.name == f"checkpoint-{2 * SAVE}":
+            raise Killed
+        save(folder, *args)
+
+    monkeypatch.setattr(trainer_module, "save_mixer_state", killed_at_the_second_save)
+    with pytest.raises(Killed):
+        trainer_for(make_model, tokenizer, tmp_path / "resumed", save_total_limit=1).train()
+    monkeypatch.setattr(trainer_module, "save_mixer_state", save)
+    assert (tmp_path / "resumed" / f"checkpoint-{SAVE}" / MIXER_STATE).is_file()
+    resumed = trainer_for(make_model, tokenizer, tmp_path / "resumed", save_total_limit=1)
+    resumed.train(resume_from_checkpoint=True)
+    assert_same(final_state(straight), final_state(resumed))
+    kept = sorted(p.name for p in (tmp_path / "resumed").glob("checkpoint-*"))
+    assert kept == [f"checkpoint-{STEPS}"]  # the limit still holds once the saves complete
