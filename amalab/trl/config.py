@@ -50,6 +50,10 @@ class AMAConfig(DPOConfig):
     baseline_column: str = field(default="baseline_loss", metadata={
         "help": "the dataset column holding each pair's baseline loss s(z) (its specialist's loss)"})
 
+    def __post_init__(self):
+        super().__post_init__()
+        self.mixer_options()  # refused where it is set: on TrlParser's command line, before any model loads
+
     def mixer_options(self) -> dict:
         """The options of ``self.mixer`` set here (ValueError naming the field: an unknown mixer, or an option
         the mixer does not take)."""
@@ -67,8 +71,11 @@ class AMAConfig(DPOConfig):
             options[option] = list(value) if name == "mixture_weights" else value
         for option in required:
             field_name = _fields_of([option])[0]
-            if option not in options and field_name in REQUIRED_DEFAULTS:
-                options[option] = REQUIRED_DEFAULTS[field_name]
+            if option in options:
+                continue
+            if field_name not in REQUIRED_DEFAULTS:
+                raise ValueError(f"AMAConfig.{field_name}: mixer {self.mixer!r} needs it")
+            options[option] = REQUIRED_DEFAULTS[field_name]
         return options
 
 

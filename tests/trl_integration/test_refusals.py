@@ -39,19 +39,51 @@ def build(make_model, tokenizer, tmp_path, data=None, **settings):
     (rows(), {"task_names": ["a"]}, r"row 0: task 'b' is not one of AMAConfig.task_names"),
     (rows(), {"mixer": "ama-x"}, r"AMAConfig.mixer: unknown mixer 'ama-x'"),
     (rows(), {"mixer": "ama-r-sim", "gamma": 0.2}, r"AMAConfig.gamma: mixer 'ama-r-sim' takes no such option"),
-    (rows(), {"mixer": "mixture"}, r"mixer 'mixture' needs option weights"),
+    (rows(), {"mixer": "mixture"}, r"AMAConfig.mixture_weights: mixer 'mixture' needs it"),
+    (rows(), {"mixer": "mixture", "mixture_weights": [1.0]}, r"mixer 'mixture' needs option weights: a list of k=2"),
     (rows(), {"mixer": "ama-r", "gradient_accumulation_steps": 2}, r"'ama-r' \(sequential AMA-R\).*use 'ama-r-sim'"),
     (rows(), {"mixer": "ama-r-sim", "per_device_train_batch_size": 3}, r"multiple of the number of tasks k=2"),
     (rows(), {"sync_ref_model": True}, r"sync_ref_model moves pi_ref"),
     (rows(), {"loss_type": ["sigmoid", "ipo"]}, r"a mixture of loss types"),
     (rows(), {"loss_type": ["aot"]}, r"'aot' is a batch-level loss"),
     (rows(), {"loss_type": ["sft"]}, r"'sft' is a batch-level loss"),
+    (rows(), {"loss_type": ["aot_unpaired"]}, r"'aot_unpaired' is a batch-level loss"),
+    (rows(), {"use_weighting": True}, r"DPOConfig.use_weighting \(WPO\)"),
 ])
 def test_what_the_mixer_cannot_honour_is_refused_in_one_line(make_model, tokenizer, tmp_path, data, settings,
                                                              message):
     with pytest.raises(ValueError, match=message) as error:
         build(make_model, tokenizer, tmp_path, data, **settings)
     assert "\n" not in str(error.value)
+
+
+def test_the_moe_auxiliary_loss_is_refused_in_one_line(make_model, tokenizer, tmp_path):
+    """A model whose config returns router logits with a nonzero coefficient adds TRL's batch-level
+    load-balancing loss to every step: the mixer cannot weight it."""
+    model = make_model(seed=0)
+    model.config.output_router_logits, model.config.router_aux_loss_coef = False, 0.01
+    args = AMAConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1, report_to=[],
+                     use_cpu=True, bf16=False, save_strategy="no")
+    with pytest.raises(ValueError, match=r"MoE router auxiliary loss") as error:
+        AMATrainer(model=model, ref_model=make_model(seed=0), args=args, train_dataset=Dataset.from_list(rows()),
+                   processing_class=tokenizer)
+    assert "\n" not in str(error.value)
+
+
+def test_a_mixer_setting_is_refused_where_it_is_parsed(tmp_path):
+    """TRL's parser builds the AMAConfig: an unknown mixer or a missing option stops there, before any model
+    or dataset is loaded."""
+    from trl import TrlParser
+
+    parser = TrlParser((AMAConfig,))
+    on_cpu = ["--output_dir", str(tmp_path), "--use_cpu", "true", "--bf16", "false"]
+    for flags, message in ((["--mixer", "ama-x"], "unknown mixer 'ama-x'"),
+                           (["--mixer", "mixture"], "AMAConfig.mixture_weights"),
+                           (["--mixer", "ama-r-sim", "--gamma", "0.2"], "AMAConfig.gamma")):
+        with pytest.raises(ValueError, match=message):
+            parser.parse_args_and_config([*on_cpu, *flags])
+    (args,) = parser.parse_args_and_config([*on_cpu, "--mixer", "mixture", "--mixture_weights", "3", "1"])
+    assert args.mixer_options() == {"weights": [3.0, 1.0]}
 
 
 def test_a_mixer_without_baseline_needs_no_baseline_column(make_model, tokenizer, tmp_path):
