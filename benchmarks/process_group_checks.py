@@ -111,11 +111,11 @@ def same_training(plain: list[dict], other: list[dict], initial: dict, plain_sta
     return result
 
 
-def _plain_run(work: Workload, autocast):
+def _plain_run(work: Workload, autocast, micro_batch_size: int = 0):
     model, pad, pairs = load(work)
     initial = trainable_state(model)
     reference = reference_of(model, pairs, pad, work, autocast)
-    records = train_records(model, pairs, pad, work, autocast, reference)
+    records = train_records(model, pairs, pad, work, autocast, reference, micro_batch_size=micro_batch_size)
     return records, initial, trainable_state(model), reference
 
 
@@ -125,12 +125,14 @@ TOLERANCE = {"loss_and_grad_norm_rtol": SAME_RTOL, "parameters_l2_difference_ove
 def fsdp2_one_rank(work: Workload, backend: str) -> dict:
     """Training the FSDP2-sharded policy on one rank equals training the plain policy, straight and when
     stopped after 2 steps and resumed by a fresh sharded policy (each rank's part of the weights and optimizer
-    moments: amalab.training.state.load_optimizer_state)."""
+    moments: amalab.training.state.load_optimizer_state). Both accumulate each step over 2 micro-batches
+    (gradients reduce-scattered into the shards after each: amalab.training.step)."""
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
     autocast = lambda: autocast_context(work.torch_device)  # noqa: E731 - amalab's policy of the device
-    plain, initial, plain_state, reference = _plain_run(work, autocast)
+    micro = max(1, work.batch_size // 2)
+    plain, initial, plain_state, reference = _plain_run(work, autocast, micro)
     world = OneProcessGroup()
 
     def sharded_policy():
@@ -139,16 +141,18 @@ def fsdp2_one_rank(work: Workload, backend: str) -> dict:
 
     root, pad, pairs = sharded_policy()
     sharded = all(isinstance(p, DTensor) for p in root.parameters()) and isinstance(root, FSDPModule)
-    records = train_records(root, pairs, pad, work, autocast, reference, world)
+    records = train_records(root, pairs, pad, work, autocast, reference, world, micro_batch_size=micro)
     compared = same_training(plain, records, initial, plain_state, trainable_state(root))
     with tempfile.TemporaryDirectory(prefix="amalab-gpu-check-") as folder:
         run_dir = Path(folder) / "run"
-        first = train_records(sharded_policy()[0], pairs, pad, work, autocast, reference, world, run_dir, 2)
+        first = train_records(sharded_policy()[0], pairs, pad, work, autocast, reference, world, run_dir, 2,
+                              micro_batch_size=micro)
         resumed_root = sharded_policy()[0]
-        rest = train_records(resumed_root, pairs, pad, work, autocast, reference, world, run_dir)
+        rest = train_records(resumed_root, pairs, pad, work, autocast, reference, world, run_dir,
+                             micro_batch_size=micro)
     resumed = same_training(plain, first + rest, initial, plain_state, trainable_state(resumed_root))
     passed = compared.pop("within") and resumed.pop("within") and sharded and len(first) == 2
-    return {"passed": passed, "workload": work.describe(), "backend": backend,
+    return {"passed": passed, "workload": {**work.describe(), "micro_batch_size": micro}, "backend": backend,
             "measured": {**compared, "parameters_are_dtensors": sharded,
                          "resumed_after_2_steps": {key: value for key, value in resumed.items()
                                                    if key not in ("loss_plain", "loss_other")}},

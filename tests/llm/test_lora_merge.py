@@ -64,6 +64,6 @@ def test_dense_state_is_on_the_merge_device_whatever_the_model_is_on(make_model,
     assert {t.device.type for t in dense.values()} == {"meta"}
     assert {t.dtype for t in dense.values() if t.is_floating_point()} == {torch.float32}
     base = dense_state(make_model(seed=0), device="meta")
-    for method in ("linear", "task_arithmetic", "ties"):  # shapes and devices only: meta tensors hold no data
+    for method in ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"):  # meta tensors hold no data
         merged = merge_state_dicts(base, [dense, dense], method, density=0.5)
         assert {t.device.type for t in merged.values()} == {"meta"}
