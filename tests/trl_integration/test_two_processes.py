@@ -37,9 +37,10 @@ STEPS, DRAW_STEPS, GLOBAL_BATCH = 10, 50, 6
 #: steps' draws from late weights are the right draws); the reference mixer's options, the same
 DRAW_SETTINGS = dict(mixer="ama-s", steps=DRAW_STEPS, fixed=True, exp3_eta=1.0)
 DRAW_OPTIONS = {"gamma": 0.3, "eta": 1.0}
-#: one process: 3 x 2 accumulation steps; two processes: 3 x 1 each
+#: one process: 3 x 2 accumulation steps; two processes: 3 x 1 each, or 1 x 3 accumulation steps each
 ONE = dict(per_device_train_batch_size=3, gradient_accumulation_steps=2)
 TWO = dict(per_device_train_batch_size=3, gradient_accumulation_steps=1)
+TWO_ACCUMULATING = dict(per_device_train_batch_size=1, gradient_accumulation_steps=3)
 
 
 def _load_child():
@@ -54,12 +55,17 @@ child = _load_child()
 #: runs compared with one process: name -> settings. Under plain SGD without clipping the step is the gradient
 #: itself (Adam, or a clipped first step, would hide a wrong scale such as a loss without its factor W); at this
 #: rate the clipped excess keeps the gradient nonzero for the first 4 steps
+SGD = dict(optim="sgd", learning_rate=0.01, max_grad_norm=0.0)
 COMPARED = {"ama-s": dict(mixer="ama-s", steps=STEPS),
             "ama-r-sim": dict(mixer="ama-r-sim", steps=STEPS),
-            "ama-r-sim-sgd": dict(mixer="ama-r-sim", steps=STEPS, optim="sgd", learning_rate=0.01, max_grad_norm=0.0)}
+            "ama-r-sim-sgd": dict(mixer="ama-r-sim", steps=STEPS, **SGD),
+            "ama-s-sgd-accumulating": dict(mixer="ama-s", steps=STEPS, **SGD)}
+#: how each compared run splits the global batch on two processes (ranks and accumulation both at once in the
+#: last: statistics summed over micro-batches and ranks, the loss scaled for both)
+TWO_OF = {name: TWO_ACCUMULATING if name.endswith("accumulating") else TWO for name in COMPARED}
 #: the runs of the one torchrun launch, by name
 TWO_PROCESS_RUNS = [
-    *(dict(name=name, **settings, **TWO) for name, settings in COMPARED.items()),
+    *(dict(name=name, **settings, **TWO_OF[name]) for name, settings in COMPARED.items()),
     dict(name="draws", dataloader_num_workers=1, dataloader_prefetch_factor=4, **DRAW_SETTINGS, **TWO),
 ]
 
@@ -123,9 +129,9 @@ def interleave(per_rank: list) -> np.ndarray:
     return out
 
 
-def global_rows(results: list[dict], step: int) -> np.ndarray:
-    world = len(results)
-    micro = GLOBAL_BATCH // world // 3
+def global_rows(results: list[dict], step: int, micro_batches: int | None = None) -> np.ndarray:
+    """The rows of a step's global batch; ``micro_batches`` per rank (default: micro-batches of 3 pairs)."""
+    micro = micro_batches or GLOBAL_BATCH // len(results) // 3
     return interleave([rank_rows(r, step, micro) for r in results])
 
 
@@ -140,6 +146,7 @@ def test_the_child_ran_on_two_processes(two_processes):
 @pytest.mark.parametrize("name", list(COMPARED))
 def test_two_processes_train_as_one(two_processes, one_process, name):
     one, two = one_process(**COMPARED[name], **ONE), two_processes[name]
+    micro = TWO_OF[name]["gradient_accumulation_steps"]  # micro-batches per rank and step
     rank0, rank1 = (r["record"] for r in two)
     # every rank draws the same global batches, those of one process
     assert len(one["record"]["draws"]) == len(rank0["draws"]) == len(rank1["draws"]) == STEPS
@@ -147,9 +154,10 @@ def test_two_processes_train_as_one(two_processes, one_process, name):
         np.testing.assert_array_equal(rank0["draws"][step], one["record"]["draws"][step], err_msg=f"step {step}")
         np.testing.assert_array_equal(rank1["draws"][step], one["record"]["draws"][step], err_msg=f"step {step}")
         # ... and takes its slots of it: the same rows and (to float rounding) the same losses
-        np.testing.assert_array_equal(global_rows(two, step), global_rows([one], step), err_msg=f"step {step}")
-        np.testing.assert_allclose(interleave([rank_losses(r, step, 1) for r in two]), rank_losses(one, step, 2),
-                                   rtol=1e-5, atol=1e-5, err_msg=f"step {step}")
+        np.testing.assert_array_equal(global_rows(two, step, micro), global_rows([one], step),
+                                      err_msg=f"step {step}")
+        np.testing.assert_allclose(interleave([rank_losses(r, step, micro) for r in two]),
+                                   rank_losses(one, step, 2), rtol=1e-5, atol=1e-5, err_msg=f"step {step}")
     # the all-reduced statistics leave bit-identical mixers on the ranks, and one process's weights
     np.testing.assert_array_equal(np.array(rank0["weights"]), np.array(rank1["weights"]))
     np.testing.assert_array_equal(np.array(rank0["stats"]), np.array(rank1["stats"]))
