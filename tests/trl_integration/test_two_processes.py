@@ -204,6 +204,39 @@ def assert_amalabs_draws(results: list[dict]) -> None:
     assert np.ptp(np.array(records[0]["weights"])) > 0.05  # the weights moved: the draws depend on them
 
 
+def assert_logged_task_metrics(results: list[dict]) -> None:
+    """Every step's logged per-task loss and clipped excess are those of the step's whole global batch (reduced
+    over ranks), computed here from the fixed stand-in losses of its rows, and every rank logs the same; the
+    logged weights are the mixer's."""
+    rows = child.multi_task_rows()
+    names = sorted({row["task"] for row in rows})
+    losses, baselines = child.fixed_losses(), np.array([row["baseline_loss"] for row in rows])
+    records = [r["record"] for r in results]
+    for record in records:
+        assert len(record["logs"]) == DRAW_STEPS
+    for step in range(DRAW_STEPS):
+        batch = global_rows(results, step)
+        tasks = np.array([names.index(rows[row]["task"]) for row in batch])
+        for i, name in enumerate(names):
+            where = tasks == i
+            expected = {} if not where.any() else {
+                f"tasks/{name}/loss": losses[batch][where].mean(),
+                f"tasks/{name}/excess": np.maximum(losses[batch][where] - baselines[batch][where], 0).mean()}
+            for record in records:
+                log = record["logs"][step]
+                assert (f"tasks/{name}/loss" in log) == bool(expected), (step, name)  # only tasks in the batch
+                for key, value in expected.items():
+                    assert log[key] == pytest.approx(value, rel=1e-6, abs=1e-7), (step, key)
+                assert log[f"weights/{name}"] == pytest.approx(record["weights"][step][i], abs=1e-12)
+    for record in records[1:]:
+        assert record["logs"] == records[0]["logs"]
+
+
+def test_logged_task_metrics_are_the_global_batchs_on_one_and_two_processes(one_process, two_processes):
+    assert_logged_task_metrics([one_process_draws(one_process, 0)])
+    assert_logged_task_metrics(two_processes["draws"])
+
+
 def one_process_draws(one_process, workers: int) -> dict:
     prefetch = {"dataloader_prefetch_factor": 4} if workers else {}
     return one_process(dataloader_num_workers=workers, **prefetch, **DRAW_SETTINGS, **ONE)

@@ -76,9 +76,11 @@ class Record:
         self.stats: list[np.ndarray] = []      # the statistics of each mixer update (summed over micro-batches
                                                # and ranks)
         self.weights: list[np.ndarray] = []    # the mixer's weights after each step's update
+        self.logs: list[dict] = []             # the Trainer's log of each step (per-task metrics, weights)
 
     def as_dict(self) -> dict:
-        return dict(draws=self.draws, rows=self.rows, losses=self.losses, stats=self.stats, weights=self.weights)
+        return dict(draws=self.draws, rows=self.rows, losses=self.losses, stats=self.stats, weights=self.weights,
+                    logs=self.logs)
 
 
 def record_run(output_dir, mixer: str = "ama-s", steps: int = 10, per_device_train_batch_size: int = 3,
@@ -147,6 +149,7 @@ def record_run(output_dir, mixer: str = "ama-s", steps: int = 10, per_device_tra
     trainer._end_step = recorded_end_step
     trainer.train()
     assert trainer.state.global_step == steps
+    record.logs = [dict(entry) for entry in trainer.state.log_history if "step" in entry and "loss" in entry]
     return trainer, record
 
 
