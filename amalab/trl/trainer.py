@@ -21,11 +21,13 @@ micro-batch, before the backward pass.
 
 from __future__ import annotations
 
+import inspect
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
+from datasets import Dataset
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import DPOTrainer
@@ -65,6 +67,22 @@ class _UpdateMixer(TrainerCallback):
         self.trainer._end_step()
 
 
+def _check_rows_as_given(*args, **kwargs) -> None:
+    """The row checks (tasks, finite baselines) on the train dataset as the user gave it, so that an error names
+    the row by the user's numbering: TRL's preparation drops the pairs whose prompt alone fills max_length,
+    which renumbers the rows after them. Anything else is checked after the preparation, as before."""
+    bound = inspect.signature(DPOTrainer.__init__).bind(None, *args, **kwargs).arguments
+    config, dataset = bound.get("args"), bound.get("train_dataset")
+    if not (isinstance(config, AMAConfig) and isinstance(dataset, Dataset)):
+        return
+    tasks = TaskIndex.of(dataset, config)
+    try:
+        mixer = make_mixer(config.mixer, tasks.k, sizes=tasks.sizes, **config.mixer_options())
+    except ValueError:
+        return  # refused, naming the setting, once TRL has prepared the dataset
+    tasks.check_baselines(mixer.baseline)
+
+
 class AMATrainer(DPOTrainer):
     """A ``DPOTrainer`` whose batches are drawn and weighted by a task mixer (module docstring).
 
@@ -74,6 +92,7 @@ class AMATrainer(DPOTrainer):
     """
 
     def __init__(self, *args, **kwargs):
+        _check_rows_as_given(*args, **kwargs)
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, AMAConfig):
             raise ValueError("AMATrainer needs an AMAConfig as args (a DPOConfig has no mixer settings)")

@@ -57,6 +57,15 @@ def test_what_the_mixer_cannot_honour_is_refused_in_one_line(make_model, tokeniz
     assert "\n" not in str(error.value)
 
 
+def test_a_row_is_named_by_its_number_in_the_dataset_as_given(make_model, tokenizer, tmp_path):
+    """TRL's preparation drops a pair whose prompt alone fills max_length, which renumbers the rows after it:
+    the refusal still names the row as the user's dataset numbers it."""
+    data = rows(baseline=lambda i: math.nan if i == 3 else 0.5)
+    data[1]["prompt"] = "Human: " + "very long " * 40 + "Assistant:"
+    with pytest.raises(ValueError, match=r"row 3: baseline_loss is nan"):
+        build(make_model, tokenizer, tmp_path, data, max_length=32)
+
+
 def test_the_moe_auxiliary_loss_is_refused_in_one_line(make_model, tokenizer, tmp_path):
     """A model whose config returns router logits with a nonzero coefficient adds TRL's batch-level
     load-balancing loss to every step: the mixer cannot weight it."""
