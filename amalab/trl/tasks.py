@@ -16,14 +16,21 @@ from amalab.objectives.preference import BATCH_LOSSES
 NOT_PER_EXAMPLE = (*BATCH_LOSSES, "sft")
 
 
+#: the column AMATrainer adds to the train dataset: each pair's row in the dataset as the user gave it
+GIVEN_ROW = "__amalab_given_row__"
+
+
 @dataclass(frozen=True)
 class TaskIndex:
-    """Task names in order, the dataset rows of each task, and the baseline column (None: absent)."""
+    """Task names in order, the dataset rows of each task, and the baseline column (None: absent).
+
+    ``given``: each row's number in the dataset as the user gave it (what an error names)."""
 
     names: list[str]
     rows: list[list[int]]
     baseline: list[float] | None
     baseline_column: str
+    given: list[int]
 
     @classmethod
     def of(cls, dataset, args) -> "TaskIndex":
@@ -31,20 +38,22 @@ class TaskIndex:
             raise ValueError(f"train_dataset has no column {args.task_column!r} (AMAConfig.task_column): "
                              f"columns are {', '.join(dataset.column_names)}")
         tasks = [str(t) for t in dataset[args.task_column]]
+        given = (list(map(int, dataset[GIVEN_ROW])) if GIVEN_ROW in dataset.column_names
+                 else list(range(len(tasks))))
         names = list(args.task_names) if args.task_names else sorted(set(tasks))
         position = {name: i for i, name in enumerate(names)}
         rows: list[list[int]] = [[] for _ in names]
         for row, task in enumerate(tasks):
             if task not in position:
-                raise ValueError(f"train_dataset row {row}: task {task!r} is not one of AMAConfig.task_names "
-                                 f"{names}")
+                raise ValueError(f"train_dataset row {given[row]}: task {task!r} is not one of "
+                                 f"AMAConfig.task_names {names}")
             rows[position[task]].append(row)
         empty = [name for name, r in zip(names, rows) if not r]
         if empty:
             raise ValueError(f"train_dataset: task {empty[0]!r} has no rows (column {args.task_column!r})")
         baseline = (list(map(float, dataset[args.baseline_column]))
                     if args.baseline_column in dataset.column_names else None)
-        return cls(names, rows, baseline, args.baseline_column)
+        return cls(names, rows, baseline, args.baseline_column, given)
 
     @property
     def k(self) -> int:
@@ -67,7 +76,8 @@ class TaskIndex:
                              f"the mixer measures its excess over baseline losses s(z)")
         for row, value in enumerate(self.baseline):
             if not math.isfinite(value):
-                raise ValueError(f"train_dataset row {row}: {self.baseline_column} is {value} (not finite)")
+                raise ValueError(f"train_dataset row {self.given[row]}: {self.baseline_column} is {value} "
+                                 "(not finite)")
 
     def baselines(self, rows: list[int], source: str) -> np.ndarray | None:
         """s(z) of these rows, or None for a mixer without a baseline."""

@@ -43,7 +43,7 @@ from amalab.trl.checkpoint import load_mixer_state, resume_folder, save_mixer_st
 from amalab.trl.config import AMAConfig
 from amalab.trl.evaluation import task_metrics
 from amalab.trl.forward import sequence_logps
-from amalab.trl.tasks import TaskIndex, check_supported
+from amalab.trl.tasks import GIVEN_ROW, TaskIndex, check_supported
 
 class _StepCounter:
     """The Trainer's train loader: ``length`` placeholder micro-batches per epoch (the batches themselves come
@@ -67,20 +67,16 @@ class _UpdateMixer(TrainerCallback):
         self.trainer._end_step()
 
 
-def _check_rows_as_given(*args, **kwargs) -> None:
-    """The row checks (tasks, finite baselines) on the train dataset as the user gave it, so that an error names
-    the row by the user's numbering: TRL's preparation drops the pairs whose prompt alone fills max_length,
-    which renumbers the rows after them. Anything else is checked after the preparation, as before."""
+def _with_given_rows(args, kwargs) -> dict:
+    """DPOTrainer's arguments by name, the train dataset numbered by its rows as the user gave it
+    (:data:`~amalab.trl.tasks.GIVEN_ROW`): TRL's preparation drops the pairs whose prompt alone fills
+    max_length, which renumbers the rows after them, and a refusal names the user's row."""
     bound = inspect.signature(DPOTrainer.__init__).bind(None, *args, **kwargs).arguments
-    config, dataset = bound.get("args"), bound.get("train_dataset")
-    if not (isinstance(config, AMAConfig) and isinstance(dataset, Dataset)):
-        return
-    tasks = TaskIndex.of(dataset, config)
-    try:
-        mixer = make_mixer(config.mixer, tasks.k, sizes=tasks.sizes, **config.mixer_options())
-    except ValueError:
-        return  # refused, naming the setting, once TRL has prepared the dataset
-    tasks.check_baselines(mixer.baseline)
+    bound.pop("self")
+    dataset = bound.get("train_dataset")
+    if isinstance(dataset, Dataset) and GIVEN_ROW not in dataset.column_names:
+        bound["train_dataset"] = dataset.add_column(GIVEN_ROW, list(range(len(dataset))))
+    return bound
 
 
 class AMATrainer(DPOTrainer):
@@ -92,8 +88,7 @@ class AMATrainer(DPOTrainer):
     """
 
     def __init__(self, *args, **kwargs):
-        _check_rows_as_given(*args, **kwargs)
-        super().__init__(*args, **kwargs)
+        super().__init__(**_with_given_rows(args, kwargs))
         if not isinstance(self.args, AMAConfig):
             raise ValueError("AMATrainer needs an AMAConfig as args (a DPOConfig has no mixer settings)")
         world = World(self.accelerator.process_index, self.accelerator.num_processes)
