@@ -11,8 +11,9 @@ per-round ratios. Gate: ``--gate`` (1.02) on SmolLM2; the tiny model's ratio is 
 
 Both sides: the model and LoRA adapter of ``benchmarks.workload.build_model(..., lora=True)`` (r 16 on every
 projection, seeded), the PEFT reference (adapter disabled; ``precompute_ref_log_probs=False``), the same
-tokenized HH-RLHF pairs (every row exactly ``--seq-len`` tokens, TRL's tokenization bypassed for amalab's
-token ids, as in ``benchmarks.workers.trl_step``) with a synthetic ``task`` column (three task names in turn)
+tokenized HH-RLHF pairs, all of one shape (every row ``--seq-len`` tokens, of which ``--completion-len`` are
+its completion: ``benchmarks.workload.fixed_shape_pairs``; TRL's tokenization bypassed for amalab's token ids,
+as in ``benchmarks.workers.trl_step``) with a synthetic ``task`` column (three task names in turn)
 and a constant ``baseline_loss`` column (the plain DPOTrainer gets the same rows; its collator ignores the
 two extra columns), ``per_device_train_batch_size`` pairs per step, AdamW, clipping at 1.0, beta 0.1, float32
 on CPU (``use_cpu=True, bf16=False``), gradient checkpointing off, ``report_to=[]``.
@@ -27,12 +28,9 @@ Two times per optimizer step, from a ``TrainerCallback`` registered last (after 
 The gate is taken on ``cycle_seconds`` (the whole cost of a step to a user); both ratios are reported.
 
 ``completion_tokens_per_step`` (per run, its timed steps): the completion positions of the step's batch, the
-only positions TRL's fused LM head projects and scores (``labels != -100``). Every row has ``--seq-len``
-tokens, but the prompt/completion split differs from pair to pair, and the two trainers take different pairs
-in a step (TRL: its seeded shuffle; AMATrainer: the mixer's draws), so this count differs between them. On
-SmolLM2 (1 thread, a policy forward + backward and the PEFT reference of 8 x 128 tokens) 256 completion tokens
-against 144 cost 0.2-0.9 % more: not the 8-10 % of the README's measured rounds, but it is recorded so that a
-ratio can be read next to it.
+only positions TRL's fused LM head projects and scores (``labels != -100``). The two trainers take different
+pairs in a step (TRL: its seeded shuffle; AMATrainer: the mixer's draws); since every pair has the same shape,
+every step of either scores the same count (recorded to show it), so both do the same work per step.
 """
 
 from __future__ import annotations
@@ -73,6 +71,8 @@ def parse_args(argv=None):
     parser.add_argument("--timed-steps", type=int, default=3, help="timed optimizer steps per run")
     parser.add_argument("--batch-size", type=int, default=8, help="per_device_train_batch_size (pairs)")
     parser.add_argument("--seq-len", type=int, default=128, help="max_length; every row has exactly this many")
+    parser.add_argument("--completion-len", type=int, default=32,
+                        help="completion tokens of every row (the rest of --seq-len is prompt)")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--gate", type=float, default=GATE, help="AMATrainer / DPOTrainer ratio at most")
@@ -142,8 +142,8 @@ def run_variant(spec: dict) -> dict:
     model.register_forward_pre_hook(count_completion_tokens, with_kwargs=True)
     steps = spec["warmup_steps"] + spec["timed_steps"]
     data = Path(spec["data"]) if spec.get("data") else None
-    pairs, source = workload.tokenized_pairs(tokenizer, spec["batch_size"] * steps, spec["seq_len"],
-                                             full_length=True, data=data)
+    pairs, source = workload.fixed_shape_pairs(tokenizer, spec["batch_size"] * steps, spec["seq_len"],
+                                               spec["completion_len"], data=data)
     dataset = Dataset.from_dict({
         "prompt_ids": [list(p.prompt_ids) for p in pairs],
         "chosen_ids": [list(p.chosen_ids) for p in pairs],
@@ -263,6 +263,7 @@ def main(argv=None) -> dict:
             for variant in order:
                 spec = {"model": model, "variant": variant, "warmup_steps": args.warmup_steps,
                         "timed_steps": args.timed_steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
+                        "completion_len": args.completion_len,
                         "lr": args.lr, "seed": args.seed, "threads": args.threads, "data": args.data}
                 load = _load()
                 try:

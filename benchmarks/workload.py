@@ -234,6 +234,39 @@ def raw_pairs(data: Path | None = HH_HARMLESS) -> tuple[list[PreferencePair], st
     return synthetic_pairs(1000), "synthetic"
 
 
+def fixed_shape_pairs(tokenizer, count: int, seq_len: int, completion_len: int,
+                      data: Path | None = HH_HARMLESS) -> tuple[list[TokenizedPair], str]:
+    """``count`` pairs of one shape: the last ``seq_len - completion_len`` prompt tokens and the first
+    ``completion_len`` tokens of each completion, from the pairs (data order) long enough for both. Every batch
+    of them has the same token counts, so two trainers that take different pairs in a step still do the same
+    work. Where too few pairs are that long (synthetic pairs are short), each pair's tokens are repeated to
+    length (the source says so): the values mean nothing then, the work is the same."""
+    prompt_len = seq_len - completion_len
+    if not 1 <= completion_len < seq_len:
+        raise ValueError(f"completion_len must be in [1, seq_len = {seq_len}), got {completion_len}")
+    pairs, source = raw_pairs(data)
+    config = TokenizationConfig(max_length=4 * seq_len, max_prompt_length=4 * seq_len - 2 * completion_len)
+
+    def shaped(pair: TokenizedPair, repeat: bool) -> TokenizedPair | None:
+        parts = (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids)
+        if min(len(part) for part in parts) == 0:
+            return None
+        if not repeat and (len(parts[0]) < prompt_len or min(map(len, parts[1:])) < completion_len):
+            return None
+        prompt = (parts[0] * (prompt_len // len(parts[0]) + 1))[-prompt_len:]
+        chosen, rejected = ((ids * (completion_len // len(ids) + 1))[:completion_len] for ids in parts[1:])
+        return TokenizedPair(pair.id, pair.task, prompt, chosen, rejected)
+
+    for repeat in (False, True):
+        kept: list[TokenizedPair] = []
+        for start in range(0, len(pairs), 200):
+            chunk, _ = tokenize_pairs(pairs[start:start + 200], tokenizer, config)
+            kept.extend(p for p in (shaped(pair, repeat) for pair in chunk) if p is not None)
+            if len(kept) >= count:
+                return kept[:count], source + (" (tokens repeated to length)" if repeat else "")
+    raise RuntimeError(f"only {len(kept)} pairs of {seq_len} tokens could be made, {count} needed")
+
+
 def tokenized_pairs(tokenizer, count: int, seq_len: int, full_length: bool, data: Path | None = HH_HARMLESS,
                     ) -> tuple[list[TokenizedPair], str]:
     """The first ``count`` pairs (data order) tokenized at max_length ``seq_len``; ``full_length``: only pairs

@@ -34,6 +34,7 @@ def test_smallest_trl_step_benchmark_writes_the_documented_json(tmp_path):
     for key in ("cpu_count", "torch", "transformers", "trl", "load_average_at_start"):
         assert key in written["machine"]
     assert written["settings"]["batch_size"] == 8 and written["settings"]["seq_len"] == 128
+    assert written["settings"]["completion_len"] == 32
 
     block = written["models"]["tiny"]
     assert set(block["variants"]) == set(VARIANTS)
@@ -44,7 +45,9 @@ def test_smallest_trl_step_benchmark_writes_the_documented_json(tmp_path):
         (run,) = variant["rounds"]
         assert run["steps_run"] == 2 and run["round"] == 0
         assert run["tokens_per_step"] == 2 * 8 * 128
-        assert run["data"] == "synthetic"
+        assert run["data"].startswith("synthetic")
+        # every pair has one shape, so every step of every variant scores the same completion positions
+        assert run["completion_tokens_per_step"] == [2 * 8 * 32]
         assert run["trainable_parameters"] > 0  # the LoRA adapter only
     assert len({r["trainable_parameters"] for v in block["variants"].values() for r in v["rounds"]}) == 1
 
