@@ -267,8 +267,11 @@ def _numbers(check: dict) -> str:
         return (f"fp32 max |diff| {m['fp32_max_abs_difference']:.2e} nats; bf16 mean |diff|/token "
                 f"{m['bf16_mean_abs_difference_per_token']:.2e}, max {m['bf16_max_abs_difference']:.2e} nats")
     if check["kind"] in ("fsdp2_one_rank", "nccl_one_process") and m:
+        resumed = m.get("resumed_after_2_steps")
         return (f"{check.get('backend')}: loss rel diff {m['loss_max_relative_difference']:.1e}, grad norm "
-                f"{m['grad_norm_max_relative_difference']:.1e}, params {m['parameters_l2_difference_over_l2_update']:.1e}")
+                f"{m['grad_norm_max_relative_difference']:.1e}, params {m['parameters_l2_difference_over_l2_update']:.1e}"
+                + (f"; stopped at 2 and resumed: loss {resumed['loss_max_relative_difference']:.1e}, params "
+                   f"{resumed['parameters_l2_difference_over_l2_update']:.1e}" if resumed else ""))
     if check["kind"] == "pipeline" and m:
         return (f"straight {m['straight_s']:.0f} s, killed at {m['killed_at']} and resumed {m['killed_and_resumed_s']:.0f} s; "
                 f"summaries differ by {m['summary_difference_over_tolerance']:.2f} x tolerance; {len(m['methods'])} methods")

@@ -85,10 +85,12 @@ def test_first_step_loss_is_log_2_in_every_training_check(plumbing):
 def test_the_sharded_run_stopped_and_resumed_ends_as_the_plain_one(plumbing):
     """On the CPU a sum over one rank is the identity and every step deterministic: the resumed sharded run's
     gradient norms and parameters are the plain run's."""
-    report, _, _ = plumbing
+    report, _, out = plumbing
     resumed = _by_name(report, "fsdp2_one_rank/tiny")["measured"]["resumed_after_2_steps"]
+    assert resumed["loss_max_relative_difference"] < 1e-6
     assert resumed["grad_norm_max_relative_difference"] < 1e-6
     assert resumed["parameters_l2_difference_over_l2_update"] < 1e-6
+    assert "stopped at 2 and resumed: loss" in (out / "gpu_check.md").read_text()  # in its verdict line
 
 
 def test_parity_cpu_logps_equal_the_full_log_softmax(plumbing):
