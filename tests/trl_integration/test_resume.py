@@ -40,7 +40,7 @@ def trainer_for(make_model, tokenizer, output_dir, mixer="ama-s", callbacks=(), 
     args = AMAConfig(output_dir=str(output_dir), beta=0.3, mixer=mixer, per_device_train_batch_size=3,
                      gradient_accumulation_steps=2, max_steps=STEPS, learning_rate=1e-2, lr_scheduler_type="constant",
                      optim="adamw_torch", report_to=[], use_cpu=True, bf16=False, logging_steps=1,
-                     save_strategy="steps", save_steps=SAVE, seed=0, dataloader_num_workers=0, **settings)
+                     save_strategy="steps", save_steps=SAVE, seed=0, **{"dataloader_num_workers": 0, **settings})
     return AMATrainer(model=make_model(seed=0), ref_model=make_model(seed=0), args=args,
                       train_dataset=Dataset.from_list(rows()), processing_class=tokenizer, callbacks=list(callbacks))
 
@@ -62,14 +62,17 @@ def assert_same(a, b):
     assert sampler_a == sampler_b
 
 
-@pytest.mark.parametrize("mixer", ["ama-s", "ama-r-sim"])
-def test_a_resumed_run_equals_the_uninterrupted_one(make_model, tokenizer, tmp_path, mixer):
+@pytest.mark.parametrize("mixer, workers", [("ama-s", 0), ("ama-r-sim", 0), ("ama-s", 1)])
+def test_a_resumed_run_equals_the_uninterrupted_one(make_model, tokenizer, tmp_path, mixer, workers):
+    """Also with a loader worker: the Trainer's loader only counts steps, the draws come from the mixer."""
     straight = trainer_for(make_model, tokenizer, tmp_path / "straight", mixer)
     straight.train()
-    stopped = trainer_for(make_model, tokenizer, tmp_path / "resumed", mixer, [StopAt(SAVE)])
+    stopped = trainer_for(make_model, tokenizer, tmp_path / "resumed", mixer, [StopAt(SAVE)],
+                          dataloader_num_workers=workers)
     stopped.train()
     assert (tmp_path / "resumed" / f"checkpoint-{SAVE}" / MIXER_STATE).is_file()
-    resumed = trainer_for(make_model, tokenizer, tmp_path / "resumed", mixer)  # a new process would start fresh
+    resumed = trainer_for(make_model, tokenizer, tmp_path / "resumed", mixer,  # a new process would start fresh
+                          dataloader_num_workers=workers)
     resumed.train(resume_from_checkpoint=True)
     assert resumed.state.global_step == STEPS
     assert_same(final_state(straight), final_state(resumed))
