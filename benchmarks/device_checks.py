@@ -132,14 +132,14 @@ def train_records(model, pairs, pad_token_id: int, work: Workload, autocast, ref
                   micro_batch_size: int = 0) -> list[dict]:
     """``work.steps`` DPO steps of amalab's loop (mixer 'standard' over two tasks): the step records it logs.
 
-    ``run_dir``: the run's folder, where it writes a checkpoint every step and from which a later call with
-    the same folder resumes (without it, a temporary folder and no checkpoints); ``stop_after``: stop after
-    that step, as an interruption would; ``micro_batch_size``: accumulate the step over micro-batches of
-    that many pairs (0: one pass)."""
+    ``run_dir``: the run's folder, where it writes its checkpoints (at ``stop_after`` and at the end) and from
+    which a later call with the same folder resumes (without it, a temporary folder and no checkpoints);
+    ``stop_after``: stop after that step with a checkpoint, as an interruption would; ``micro_batch_size``:
+    accumulate the step over micro-batches of that many pairs (0: one pass)."""
     tasks = [pairs[0::2], pairs[1::2]]
     optim = OptimConfig(max_steps=work.steps, batch_size=work.batch_size, learning_rate=work.lr,
                         warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-                        per_device_eval_batch_size=work.batch_size, save_steps=1, micro_batch_size=micro_batch_size)
+                        per_device_eval_batch_size=work.batch_size, micro_batch_size=micro_batch_size)
     records: list[dict] = []
     with contextlib.ExitStack() as stack:
         folder = run_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="amalab-gpu-check-")))

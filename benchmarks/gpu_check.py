@@ -110,7 +110,7 @@ def cuda_plan(data: str) -> list[Check]:
         Check(f"bf16_training/{smollm2_name}+lora", "bf16_training", 12, _in_process(dc.bf16_training, lora)),
         Check("logprob_parity/tiny", "logprob_parity", 3, _in_process(dc.logprob_parity, tiny)),
         Check(f"logprob_parity/{smollm2_name}", "logprob_parity", 3, _in_process(dc.logprob_parity, smollm2)),
-        # 15 s on the H200 before it resumed (+4 steps, 4 checkpoints, 2 model loads): 24 s, not yet timed
+        # 15 s on the H200 before it resumed (+4 steps, 2 checkpoints, 2 model loads): 24 s, not yet timed
         Check("fsdp2_one_rank/tiny", "fsdp2_one_rank", 24, _in_subprocess("fsdp2_one_rank", distributed)),
         Check("nccl_one_process/tiny", "nccl_one_process", 18, _in_subprocess("nccl_one_process", distributed)),
         Check("compile/tiny", "compile", 16, _in_process(dc.compiled_layers, replace(tiny, steps=10))),
