@@ -234,6 +234,12 @@ def raw_pairs(data: Path | None = HH_HARMLESS) -> tuple[list[PreferencePair], st
     return synthetic_pairs(1000), "synthetic"
 
 
+def _tokenized(pairs: list[PreferencePair], tokenizer, config: TokenizationConfig):
+    """The pairs tokenized in data order, 200 at a time, so that a caller reads no more than it needs."""
+    for start in range(0, len(pairs), 200):
+        yield from tokenize_pairs(pairs[start:start + 200], tokenizer, config)[0]
+
+
 def fixed_shape_pairs(tokenizer, count: int, seq_len: int, completion_len: int,
                       data: Path | None = HH_HARMLESS) -> tuple[list[TokenizedPair], str]:
     """``count`` pairs of one shape: the last ``seq_len - completion_len`` prompt tokens and the first
@@ -247,24 +253,27 @@ def fixed_shape_pairs(tokenizer, count: int, seq_len: int, completion_len: int,
     pairs, source = raw_pairs(data)
     config = TokenizationConfig(max_length=4 * seq_len, max_prompt_length=4 * seq_len - 2 * completion_len)
 
-    def shaped(pair: TokenizedPair, repeat: bool) -> TokenizedPair | None:
-        parts = (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids)
-        if min(len(part) for part in parts) == 0:
-            return None
-        if not repeat and (len(parts[0]) < prompt_len or min(map(len, parts[1:])) < completion_len):
-            return None
-        prompt = (parts[0] * (prompt_len // len(parts[0]) + 1))[-prompt_len:]
-        chosen, rejected = ((ids * (completion_len // len(ids) + 1))[:completion_len] for ids in parts[1:])
+    def shaped(pair: TokenizedPair) -> TokenizedPair:
+        prompt, chosen, rejected = pair.prompt_ids, pair.chosen_ids, pair.rejected_ids
+        prompt = (prompt * (prompt_len // len(prompt) + 1))[-prompt_len:]
+        chosen, rejected = ((ids * (completion_len // len(ids) + 1))[:completion_len] for ids in (chosen, rejected))
         return TokenizedPair(pair.id, pair.task, prompt, chosen, rejected)
 
-    for repeat in (False, True):
-        kept: list[TokenizedPair] = []
-        for start in range(0, len(pairs), 200):
-            chunk, _ = tokenize_pairs(pairs[start:start + 200], tokenizer, config)
-            kept.extend(p for p in (shaped(pair, repeat) for pair in chunk) if p is not None)
-            if len(kept) >= count:
-                return kept[:count], source + (" (tokens repeated to length)" if repeat else "")
-    raise RuntimeError(f"only {len(kept)} pairs of {seq_len} tokens could be made, {count} needed")
+    long_enough, repeated = [], []
+    for pair in _tokenized(pairs, tokenizer, config):
+        parts = (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids)
+        if min(map(len, parts)) == 0:
+            continue
+        if len(parts[0]) >= prompt_len and min(map(len, parts[1:])) >= completion_len:
+            long_enough.append(shaped(pair))
+            if len(long_enough) == count:
+                return long_enough, source
+        elif len(repeated) < count:
+            repeated.append(shaped(pair))
+    kept = (long_enough + repeated)[:count]  # long enough first, then the others repeated to length
+    if len(kept) < count:
+        raise RuntimeError(f"only {len(kept)} pairs of {seq_len} tokens could be made, {count} needed")
+    return kept, source + " (tokens repeated to length)"
 
 
 def tokenized_pairs(tokenizer, count: int, seq_len: int, full_length: bool, data: Path | None = HH_HARMLESS,
@@ -272,15 +281,12 @@ def tokenized_pairs(tokenizer, count: int, seq_len: int, full_length: bool, data
     """The first ``count`` pairs (data order) tokenized at max_length ``seq_len``; ``full_length``: only pairs
     whose two rows both reach ``seq_len`` tokens. Tokenizes in chunks, so it reads no more than it needs."""
     pairs, source = raw_pairs(data)
-    config = TokenizationConfig(max_length=seq_len)
     kept: list[TokenizedPair] = []
-    for start in range(0, len(pairs), 200):
-        chunk, _ = tokenize_pairs(pairs[start:start + 200], tokenizer, config)
-        if full_length:
-            chunk = [p for p in chunk if p.chosen_length == seq_len and p.rejected_length == seq_len]
-        kept.extend(chunk)
-        if len(kept) >= count:
-            return kept[:count], source
+    for pair in _tokenized(pairs, tokenizer, TokenizationConfig(max_length=seq_len)):
+        if not full_length or pair.chosen_length == seq_len == pair.rejected_length:
+            kept.append(pair)
+            if len(kept) == count:
+                return kept, source
     if source != "synthetic":  # the file has too few such pairs: fall back rather than fail
         return tokenized_pairs(tokenizer, count, seq_len, full_length, data=None)
     raise RuntimeError(f"only {len(kept)} pairs of {seq_len} tokens could be made, {count} needed")
