@@ -509,6 +509,22 @@ def _fork_gloo_ranks(worker, *args, group_timeout_s: float, nprocs: int = 2, **f
     _fork_ranks(_in_gloo_group, worker, nprocs, group_timeout_s, *args, nprocs=nprocs, **fork)
 
 
+def _own_rows_only(full, rank: int):
+    """``full`` with NaN in every row but those of ``rank``'s part of 2 (FSDP2 shards dimension 0 as
+    ``torch.chunk``): a rank that loads from it any row outside its own part gets NaN."""
+    import torch
+
+    poisoned = torch.full_like(full, float("nan"))
+    poisoned.chunk(2)[rank].copy_(full.chunk(2)[rank])
+    return poisoned
+
+
+@pytest.fixture(scope="session")
+def own_rows_only():
+    """``own_rows_only(full, rank) -> tensor`` (:func:`_own_rows_only`); a forked rank gets it as an argument."""
+    return _own_rows_only
+
+
 @pytest.fixture(scope="session")
 def free_port():
     """``free_port() -> int``: a TCP port of 127.0.0.1 free now (torchrun's ``--master_port``)."""

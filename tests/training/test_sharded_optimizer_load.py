@@ -46,23 +46,16 @@ def adamw(params: list[torch.Tensor]) -> torch.optim.AdamW:
     return optimizer
 
 
-def own_rows_only(full: torch.Tensor, rank: int) -> torch.Tensor:
-    """``full`` with NaN in every row but those of ``rank``'s part (FSDP2 shards dimension 0 as
-    ``torch.chunk`` over 2 ranks)."""
-    poisoned = torch.full_like(full, float("nan"))
-    poisoned.chunk(2)[rank].copy_(full.chunk(2)[rank])
-    return poisoned
-
-
-def poisoned_for(optimizer_state: dict, rank: int) -> dict:
-    """The optimizer state with every moment tensor NaN outside ``rank``'s rows (the step counts kept)."""
+def poisoned_for(optimizer_state: dict, rank: int, own_rows_only) -> dict:
+    """The optimizer state with every moment tensor NaN outside ``rank``'s rows (the step counts kept);
+    ``own_rows_only`` is the conftest fixture's value."""
     return {"state": {name: {key: own_rows_only(value, rank) if value.dim() else value
                              for key, value in per_param.items()}
                       for name, per_param in optimizer_state["state"].items()},
             "param_groups": optimizer_state["param_groups"]}
 
 
-def _sharded_load(world: World, setup: dict, run_dir: str, out: str, fresh_policy) -> None:
+def _sharded_load(world: World, setup: dict, run_dir: str, out: str, fresh_policy, own_rows_only) -> None:
     """One rank of 2: a fresh sharded policy's AdamW loads the poisoned optimizer state; the rank saves
     its local moments and the whole state gathered from both ranks."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -73,7 +66,7 @@ def _sharded_load(world: World, setup: dict, run_dir: str, out: str, fresh_polic
     model = shard_causal_lm(model, decoder_layers(model), world)
     optimizer = adamw([p for p in model.parameters() if p.requires_grad])
     state = load_latest(run_dir, world=world).optimizer_state
-    load_optimizer_state(model, optimizer, poisoned_for(state, rank))
+    load_optimizer_state(model, optimizer, poisoned_for(state, rank, own_rows_only))
     local = {id(p): {key: value.to_local().clone() for key, value in optimizer.state[p].items()
                      if isinstance(value, DTensor)}
              for p in optimizer.param_groups[0]["params"]}
@@ -86,9 +79,11 @@ def _sharded_load(world: World, setup: dict, run_dir: str, out: str, fresh_polic
 
 
 def test_each_rank_of_a_sharded_policy_reads_only_its_part_of_the_optimizer_state(finished, setup, fresh_policy,
-                                                                                   fork_gloo_ranks, tmp_path):
+                                                                                   own_rows_only, fork_gloo_ranks,
+                                                                                   tmp_path):
     run_dir, saved = finished
-    fork_gloo_ranks(_sharded_load, setup, str(run_dir), str(tmp_path), fresh_policy, group_timeout_s=TIMEOUT_S)
+    fork_gloo_ranks(_sharded_load, setup, str(run_dir), str(tmp_path), fresh_policy, own_rows_only,
+                    group_timeout_s=TIMEOUT_S)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert saved["state"] and {"exp_avg", "exp_avg_sq", "step"} <= set(next(iter(saved["state"].values())))
     for rank in ranks:

@@ -161,10 +161,10 @@ def test_the_pipeline_evaluates_and_exports_runs_without_their_optimizer_state(p
 
 # --- FSDP2: each rank copies in its shards ----------------------------------------------------------------
 
-def _sharded_load(world: World, setup: dict, run_dir: str, out: str, fresh_policy) -> None:
+def _sharded_load(world: World, setup: dict, run_dir: str, out: str, fresh_policy, own_rows_only) -> None:
     """One rank of 2: a fresh sharded policy loads the damaged run's weights, every row of them NaN but
     the rank's own part (FSDP2 shards dimension 0 as ``torch.chunk``); it saves what it holds.
-    ``fresh_policy`` is the conftest fixture's value (the fork hands it over as it is)."""
+    ``fresh_policy`` and ``own_rows_only`` are the conftest fixtures' values (the fork hands them over)."""
     from torch.distributed.tensor import DTensor
 
     rank = world.rank
@@ -177,21 +177,16 @@ def _sharded_load(world: World, setup: dict, run_dir: str, out: str, fresh_polic
     torch.save({"local": local, "whole": trainable_state(model)}, Path(out) / f"rank{rank}.pt")
 
 
-def own_rows_only(full: torch.Tensor, rank: int) -> torch.Tensor:
-    """``full`` with NaN in every row but those of ``rank``'s part."""
-    poisoned = torch.full_like(full, float("nan"))
-    poisoned.chunk(2)[rank].copy_(full.chunk(2)[rank])
-    return poisoned
-
-
 def test_each_rank_of_a_sharded_policy_reads_only_its_part_of_the_weights(finished, setup, fresh_policy,
-                                                                           fork_gloo_ranks, tmp_path):
+                                                                           own_rows_only, fork_gloo_ranks,
+                                                                           tmp_path):
     """Each rank copies in its own rows of each full tensor, from its own copy: the other rows of its copy,
     which it never reads, are NaN, yet the gathered policy is the checkpoint's exactly (a load that spread
     rank 0's whole tensors, as ``set_model_state_dict`` of full tensors does, would give rank 1 NaNs)."""
     run_dir, _, params = finished
     folder = damaged(run_dir, tmp_path)
-    fork_gloo_ranks(_sharded_load, setup, str(folder), str(tmp_path), fresh_policy, group_timeout_s=TIMEOUT_S)
+    fork_gloo_ranks(_sharded_load, setup, str(folder), str(tmp_path), fresh_policy, own_rows_only,
+                    group_timeout_s=TIMEOUT_S)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for rank in ranks:
         assert rank["whole"].keys() == params.keys()
