@@ -3,10 +3,19 @@
     PYTHONPATH=. python -m benchmarks.trl_step --models smollm2 tiny --out benchmarks/results-trl
 
 Variants (``--variants``): ``trl-dpo`` (``trl.DPOTrainer``), ``ama-ama-s`` (``amalab.trl.AMATrainer``, mixer
-``ama-s``, gamma 0.3) and ``ama-standard`` (mixer ``standard``). Each run is its own subprocess, in interleaved
-rounds (each round runs every variant once, the order reversed every other round); each run takes
-``--warmup-steps`` untimed optimizer steps, then ``--timed-steps`` timed ones. Per run the median step time;
-per round the ratio of each AMATrainer variant to that round's ``trl-dpo``; the headline is the median of the
+``ama-s``, gamma 0.3) and ``ama-standard`` (mixer ``standard``). Two ways to alternate them (``--interleave``):
+
+  ``runs``   each run its own subprocess, in rounds that run every variant once (the order reversed every
+             other round); each run takes ``--warmup-steps`` untimed optimizer steps, then ``--timed-steps``
+             timed ones; a round's time of a variant is its run's median step.
+  ``steps``  one subprocess builds every variant's model and trainer and trains each in its own thread, the
+             threads taking optimizer steps in turn (:class:`Turns`: one step of each variant per round, the
+             order rotated by one every round; the waiting threads are blocked, not spinning); after
+             ``--warmup-steps`` rounds, ``--rounds`` timed ones. Neighbouring steps are seconds apart, so the
+             machine's drift between runs minutes apart (a SmolLM2 step moves 16-25 s from run to run here)
+             falls on both sides of a round's ratio alike.
+
+Per round the ratio of each AMATrainer variant to that round's ``trl-dpo``; the headline is the median of the
 per-round ratios. Gate: ``--gate`` (1.02) on SmolLM2; the tiny model's ratio is reported without a gate.
 
 Both sides: the model and LoRA adapter of ``benchmarks.workload.build_model(..., lora=True)`` (r 16 on every
@@ -24,7 +33,9 @@ Two times per optimizer step, from a ``TrainerCallback`` registered last (after 
                      clipping, AdamW, scheduler, and AMATrainer's mixer update and per-task metrics;
   ``cycle_seconds``  ``on_step_end`` -> next ``on_step_end``: the above plus the Trainer's
                      ``get_batch_samples`` (TRL: the dataloader's fetch and collation; AMATrainer: the mixer's
-                     draws and the collation of ``train_dataset[row]``) and the Trainer's per-step bookkeeping.
+                     draws and the collation of ``train_dataset[row]``) and the Trainer's per-step bookkeeping
+                     (with ``--interleave steps``: from the trainer's turn to its ``on_step_end``, the same
+                     span without the other trainers' steps between).
 The gate is taken on ``cycle_seconds`` (the whole cost of a step to a user); both ratios are reported.
 
 ``completion_tokens_per_step`` (per run, its timed steps): the completion positions of the step's batch, the
@@ -43,6 +54,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -68,7 +80,7 @@ def parse_args(argv=None):
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every variant")
     parser.add_argument("--warmup-steps", type=int, default=2, help="untimed optimizer steps per run (>= 1)")
-    parser.add_argument("--timed-steps", type=int, default=3, help="timed optimizer steps per run")
+    parser.add_argument("--timed-steps", type=int, help="timed optimizer steps per run (default 3)")
     parser.add_argument("--batch-size", type=int, default=8, help="per_device_train_batch_size (pairs)")
     parser.add_argument("--seq-len", type=int, default=128, help="max_length; every row has exactly this many")
     parser.add_argument("--completion-len", type=int, default=32,
@@ -78,29 +90,34 @@ def parse_args(argv=None):
     parser.add_argument("--gate", type=float, default=GATE, help="AMATrainer / DPOTrainer ratio at most")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
     parser.add_argument("--data", default=str(HH_HARMLESS), help="HH-RLHF jsonl.gz ('' : synthetic pairs)")
+    parser.add_argument("--interleave", choices=["runs", "steps"], default="runs",
+                        help="runs: each run its own subprocess, variants alternating run by run; steps: every "
+                             "variant in one process, alternating step by step (a round: one timed step of each)")
     parser.add_argument("--in-process", action="store_true", help="no subprocesses (tests)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results-trl"))
     args = parser.parse_args(argv)
     if args.warmup_steps < 1:
         parser.error("--warmup-steps must be at least 1 (the first cycle has no previous step end)")
+    if args.interleave == "steps" and args.timed_steps is not None:
+        parser.error("--timed-steps is for --interleave runs; with steps, --rounds is the timed steps of each")
+    if args.timed_steps is None:
+        args.timed_steps = 3
     return args
 
 
 # ----------------------------------------------------------------------------------------- one run
 
 
-def run_variant(spec: dict) -> dict:
-    """One run of one variant: build, train warmup + timed steps, return the per-step times."""
+def _trainer(spec: dict, variant: str, callback):
+    """The model (seeded, LoRA) and the trainer of one variant, ``callback`` registered last (after
+    AMATrainer's mixer update and per-task metrics); the folder the trainer writes in; the per-step count of
+    completion positions (module docstring)."""
     import torch
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     from amalab.trl import AMAConfig, AMATrainer
     from benchmarks import workload
-
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
 
     class Pretokenized:
         """TRL's dataset preparation bypassed for amalab's token ids (the same tokens on both sides)."""
@@ -116,24 +133,9 @@ def run_variant(spec: dict) -> dict:
     class PretokenizedAMA(Pretokenized, AMATrainer):
         pass
 
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.began, self.last_end, self.step, self.cycle = None, None, [], []
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.began = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            now = time.perf_counter()
-            self.step.append(now - self.began)
-            if self.last_end is not None:
-                self.cycle.append(now - self.last_end)
-            self.last_end = now
-
-    device = torch.device("cpu")
     torch.manual_seed(spec["seed"])
-    model, tokenizer = workload.build_model(spec["model"], device, seed=spec["seed"], lora=True)
-    completion_tokens = []  # per micro-batch: the positions TRL's fused LM head scores (module docstring)
+    model, tokenizer = workload.build_model(spec["model"], torch.device("cpu"), seed=spec["seed"], lora=True)
+    completion_tokens = []
 
     def count_completion_tokens(module, args, kwargs):
         if torch.is_grad_enabled() and kwargs.get("labels") is not None:  # the policy's forward, not the reference's
@@ -158,25 +160,23 @@ def run_variant(spec: dict) -> dict:
         max_length=spec["seq_len"], precompute_ref_log_probs=False, gradient_checkpointing=False,
         bf16=False, use_cpu=True, logging_steps=10**6, save_strategy="no", eval_strategy="no", report_to=[],
         disable_tqdm=True, dataloader_num_workers=0, seed=spec["seed"], data_seed=spec["seed"])
-    variant = spec["variant"]
-    timer = StepTimer()
-    began = time.perf_counter()
-    try:
-        if variant == TRL:
-            trainer = PretokenizedDPO(model=model, args=DPOConfig(**common), train_dataset=dataset,
-                                      processing_class=tokenizer)
-        else:
-            mixer = variant.removeprefix("ama-")
-            options = {"gamma": GAMMA} if mixer == "ama-s" else {}
-            trainer = PretokenizedAMA(model=model, args=AMAConfig(**common, mixer=mixer, **options),
-                                      train_dataset=dataset, processing_class=tokenizer)
-        trainer.add_callback(timer)  # last: after AMATrainer's mixer update and per-task metrics
-        trainer.train()
-    finally:
-        shutil.rmtree(out_dir, ignore_errors=True)
+    if variant == TRL:
+        trainer = PretokenizedDPO(model=model, args=DPOConfig(**common), train_dataset=dataset,
+                                  processing_class=tokenizer)
+    else:
+        mixer = variant.removeprefix("ama-")
+        options = {"gamma": GAMMA} if mixer == "ama-s" else {}
+        trainer = PretokenizedAMA(model=model, args=AMAConfig(**common, mixer=mixer, **options),
+                                  train_dataset=dataset, processing_class=tokenizer)
+    trainer.add_callback(callback)
+    return trainer, model, source, completion_tokens, out_dir
+
+
+def _result(spec, variant, model, source, completion_tokens, step, cycle, steps_run, began) -> dict:
+    import torch
+
     warm = spec["warmup_steps"]
-    step, cycle = timer.step[warm:], timer.cycle[warm - 1:]
-    return {"variant": variant, "model": spec["model"], "data": source, "steps_run": len(timer.step),
+    return {"variant": variant, "model": spec["model"], "data": source, "steps_run": steps_run,
             "step_seconds": step, "cycle_seconds": cycle,
             "median_step_seconds": float(np.median(step)), "median_cycle_seconds": float(np.median(cycle)),
             "tokens_per_step": 2 * spec["batch_size"] * spec["seq_len"],
@@ -185,9 +185,153 @@ def run_variant(spec: dict) -> dict:
             "torch_threads": torch.get_num_threads(), "wall_seconds": time.perf_counter() - began}
 
 
-def _run(spec: dict, in_process: bool) -> dict:
+def run_variant(spec: dict) -> dict:
+    """One run of one variant (``--interleave runs``): build, train warmup + timed steps, return the per-step
+    times."""
+    import torch
+    from transformers import TrainerCallback
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.began, self.last_end, self.step, self.cycle = None, None, [], []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.began = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            now = time.perf_counter()
+            self.step.append(now - self.began)
+            if self.last_end is not None:
+                self.cycle.append(now - self.last_end)
+            self.last_end = now
+
+    timer = StepTimer()
+    began = time.perf_counter()
+    trainer, model, source, completion_tokens, out_dir = _trainer(spec, spec["variant"], timer)
+    try:
+        trainer.train()
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    warm = spec["warmup_steps"]
+    return _result(spec, spec["variant"], model, source, completion_tokens, timer.step[warm:],
+                   timer.cycle[warm - 1:], len(timer.step), began)
+
+
+class Turns:
+    """The optimizer steps of several trainers, each training in its own thread, taken one at a time: step k of
+    every trainer in turn, in ``names``' order rotated by k (``--interleave steps``), so that over rounds each
+    trainer takes each place and no trainer takes two steps in a row. While one trainer computes, the others
+    wait on a condition variable (no busy thread)."""
+
+    def __init__(self, names: list[str], steps: int):
+        n = len(names)
+        self.schedule = [name for k in range(steps) for name in names[k % n:] + names[:k % n]]
+        self.position, self.failed = 0, None
+        self.changed = threading.Condition()
+        self.started = threading.Barrier(len(names))
+
+    def wait_for_turn(self, name: str) -> None:
+        with self.changed:
+            self.changed.wait_for(lambda: self.failed or self.schedule[self.position] == name)
+            self._raise_if_failed()
+
+    def end_turn(self) -> None:
+        with self.changed:
+            self.position += 1
+            self.changed.notify_all()
+
+    def wait_for_all(self) -> None:
+        """Until every trainer's last step is done, so that no trainer's end of training overlaps a timed step."""
+        with self.changed:
+            self.changed.wait_for(lambda: self.failed or self.position == len(self.schedule))
+            self._raise_if_failed()
+
+    def fail(self, error: str) -> None:
+        with self.changed:
+            self.failed = error
+            self.changed.notify_all()
+        self.started.abort()
+
+    def _raise_if_failed(self) -> None:
+        if self.failed:
+            raise RuntimeError(f"another trainer failed: {self.failed}")
+
+
+def run_interleaved(spec: dict) -> list[dict]:
+    """Every variant of ``spec["variants"]`` in this process, each with its own model and trainer in its own
+    thread, their optimizer steps alternating (:class:`Turns`). Per step, ``step_seconds`` as in
+    :func:`run_variant` and ``cycle_seconds`` from the trainer's turn to its ``on_step_end`` (the same span
+    as a separate run's ``on_step_end`` -> ``on_step_end``, without the other trainers' turns between)."""
+    import torch
+    from transformers import TrainerCallback
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    names, steps = list(spec["variants"]), spec["warmup_steps"] + spec["timed_steps"]
+    turns = Turns(names, steps)
+
+    class TurnTimer(TrainerCallback):
+        def __init__(self, name):
+            self.name, self.turn_began, self.began, self.step, self.cycle = name, None, None, [], []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            turns.started.wait()  # every trainer built and set up before the first turn
+            turns.wait_for_turn(self.name)
+            self.turn_began = time.perf_counter()
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.began = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            now = time.perf_counter()
+            self.step.append(now - self.began)
+            self.cycle.append(now - self.turn_began)
+            turns.end_turn()
+            if len(self.step) < steps:
+                turns.wait_for_turn(self.name)
+                self.turn_began = time.perf_counter()
+            else:
+                turns.wait_for_all()
+
+    began = time.perf_counter()
+    built = {name: _trainer(spec, name, TurnTimer(name)) for name in names}
+    errors = {}
+
+    def train(name):
+        try:
+            built[name][0].train()
+        except BaseException as e:
+            errors[name] = f"{type(e).__name__}: {e}"
+            turns.fail(f"{name}: {errors[name]}")
+
+    threads = [threading.Thread(target=train, args=(name,), name=name) for name in names]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        for trainer, *_, out_dir in built.values():
+            shutil.rmtree(out_dir, ignore_errors=True)
+    if errors:
+        raise RuntimeError("; ".join(f"{name}: {error}" for name, error in errors.items()))
+    warm, results = spec["warmup_steps"], []
+    for name, (trainer, model, source, completion_tokens, _) in built.items():
+        timer = trainer.callback_handler.callbacks[-1]
+        results.append(_result(spec, name, model, source, completion_tokens, timer.step[warm:], timer.cycle[warm:],
+                               len(timer.step), began))
+    return results
+
+
+def _run(spec: dict, in_process: bool) -> dict | list[dict]:
+    """:func:`run_interleaved` where ``spec`` names several variants, else :func:`run_variant`; in a
+    subprocess unless ``in_process``."""
+    work = run_interleaved if "variants" in spec else run_variant
     if in_process:
-        return run_variant(spec)
+        return work(spec)
     with tempfile.TemporaryDirectory(prefix="trl-step-") as tmp:
         out = Path(tmp) / "result.json"
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
@@ -196,6 +340,17 @@ def _run(spec: dict, in_process: bool) -> dict:
         if proc.returncode != 0:
             raise RuntimeError(f"worker exit {proc.returncode}: {proc.stderr[-3000:]}")
         return json.loads(out.read_text())
+
+
+def _step_rounds(run: dict) -> list[dict]:
+    """An interleaved run cut into its rounds (round k: the k-th timed step of every variant), each shaped as
+    a separate run of one timed step, so that one summary serves both ``--interleave`` modes."""
+    rounds = []
+    for k, (step, cycle) in enumerate(zip(run["step_seconds"], run["cycle_seconds"])):
+        rounds.append(dict(run, round=k, step_seconds=[step], cycle_seconds=[cycle], median_step_seconds=step,
+                           median_cycle_seconds=cycle,
+                           completion_tokens_per_step=run["completion_tokens_per_step"][k:k + 1]))
+    return rounds
 
 
 # ----------------------------------------------------------------------------------------- summary
@@ -245,6 +400,53 @@ def summarize(model: str, runs: list[dict], gate: float) -> dict:
             "gate": {"at_most": gate if gated else None, "on": "cycle median of per-round ratios", "met": met}}
 
 
+def _spec(model: str, args) -> dict:
+    return {"model": model, "warmup_steps": args.warmup_steps, "timed_steps": args.timed_steps,
+            "batch_size": args.batch_size, "seq_len": args.seq_len, "completion_len": args.completion_len,
+            "lr": args.lr, "seed": args.seed, "threads": args.threads, "data": args.data}
+
+
+def _separate_rounds(model: str, args) -> list[dict]:
+    """``--interleave runs``: each run its own subprocess, every variant once per round."""
+    runs = []
+    for round_index in range(args.rounds):
+        order = list(args.variants) if round_index % 2 == 0 else list(reversed(args.variants))
+        for variant in order:
+            load = _load()
+            try:
+                result = _run(dict(_spec(model, args), variant=variant), args.in_process)
+            except Exception as e:  # recorded, the other runs go on
+                result = {"variant": variant, "error": f"{type(e).__name__}: {e}",
+                          "traceback": traceback.format_exc()[-3000:]}
+            result.update(round=round_index, load_average_before=load, load_average_after=_load())
+            runs.append(result)
+            shown = (f"step {result['median_step_seconds']:.4f}s cycle {result['median_cycle_seconds']:.4f}s"
+                     if "error" not in result else result["error"][:200])
+            print(f"[{model}] round {round_index} {variant}: {shown} (load {load})", flush=True)
+    return runs
+
+
+def _interleaved_rounds(model: str, args) -> list[dict]:
+    """``--interleave steps``: one process trains every variant, the steps alternating (:func:`run_interleaved`);
+    round k is the k-th timed step of each."""
+    spec = dict(_spec(model, args), variants=list(args.variants), timed_steps=args.rounds)
+    load = _load()
+    try:
+        per_variant = _run(spec, args.in_process)
+    except Exception as e:  # recorded on every variant
+        error = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:], "round": 0}
+        return [dict(error, variant=variant) for variant in args.variants]
+    runs = []
+    for run in per_variant:
+        run.update(load_average_before=load, load_average_after=_load())
+        runs += _step_rounds(run)
+    for k in range(args.rounds):
+        shown = ", ".join(f"{r['variant']} step {r['median_step_seconds']:.4f}s cycle {r['median_cycle_seconds']:.4f}s"
+                          for r in runs if r["round"] == k)
+        print(f"[{model}] round {k}: {shown}", flush=True)
+    return runs
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from amalab.atomic_write import write_json_atomic
@@ -257,25 +459,7 @@ def main(argv=None) -> dict:
                "settings": {k: v for k, v in vars(args).items() if k not in ("out", "in_process")},
                "models": {}}
     for model in args.models:
-        runs = []
-        for round_index in range(args.rounds):
-            order = list(args.variants) if round_index % 2 == 0 else list(reversed(args.variants))
-            for variant in order:
-                spec = {"model": model, "variant": variant, "warmup_steps": args.warmup_steps,
-                        "timed_steps": args.timed_steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
-                        "completion_len": args.completion_len,
-                        "lr": args.lr, "seed": args.seed, "threads": args.threads, "data": args.data}
-                load = _load()
-                try:
-                    result = _run(spec, args.in_process)
-                except Exception as e:  # recorded, the other runs go on
-                    result = {"variant": variant, "error": f"{type(e).__name__}: {e}",
-                              "traceback": traceback.format_exc()[-3000:]}
-                result.update(round=round_index, load_average_before=load, load_average_after=_load())
-                runs.append(result)
-                shown = (f"step {result['median_step_seconds']:.4f}s cycle {result['median_cycle_seconds']:.4f}s"
-                         if "error" not in result else result["error"][:200])
-                print(f"[{model}] round {round_index} {variant}: {shown} (load {load})", flush=True)
+        runs = _interleaved_rounds(model, args) if args.interleave == "steps" else _separate_rounds(model, args)
         results["models"][model] = summarize(model, runs, args.gate)
         write_json_atomic(out / "results.json", results)
     results["wall_seconds"] = time.perf_counter() - started
@@ -308,6 +492,6 @@ if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--worker":
         from amalab.atomic_write import write_json_atomic
 
-        write_json_atomic(Path(sys.argv[3]), run_variant(json.loads(sys.argv[2])))
+        write_json_atomic(Path(sys.argv[3]), _run(json.loads(sys.argv[2]), in_process=True))
     else:
         main()

@@ -60,3 +60,82 @@ def test_smallest_trl_step_benchmark_writes_the_documented_json(tmp_path):
             trl = block["variants"][TRL]["rounds"][0][f"median_{kind}_seconds"]
             assert per_round == pytest.approx(mine / trl)
     assert block["gate"]["at_most"] is None and block["gate"]["met"] is None  # tiny: reported, not gated
+
+
+def test_interleaved_steps_take_turns_in_the_schedule_and_never_overlap():
+    """Turns: three workers in their own threads, each step a short sleep; the steps run one at a time, in
+    the order given rotated by one each round, so that no worker takes two steps in a row."""
+    import threading
+    import time
+
+    from benchmarks.trl_step import Turns
+
+    names, steps = ["a", "b", "c"], 4
+    turns, spans, lock = Turns(names, steps), [], threading.Lock()
+
+    def worker(name):
+        turns.started.wait()
+        for k in range(steps):
+            turns.wait_for_turn(name)
+            began = time.perf_counter()
+            time.sleep(0.01)
+            with lock:
+                spans.append((began, time.perf_counter(), name))
+            turns.end_turn()
+        turns.wait_for_all()
+
+    threads = [threading.Thread(target=worker, args=(n,), daemon=True) for n in reversed(names)]  # started out of order
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads)
+    spans.sort()
+    assert [name for *_, name in spans] == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]
+    assert all(end <= next_began for (_, end, _), (next_began, _, _) in zip(spans, spans[1:]))
+
+
+def test_a_failed_trainer_releases_the_others_waiting_for_their_turn():
+    import threading
+
+    from benchmarks.trl_step import Turns
+
+    turns, raised = Turns(["a", "b"], 2), []
+
+    def second():
+        try:
+            turns.wait_for_turn("b")  # "a" goes first and fails instead of ending its turn
+        except RuntimeError as e:
+            raised.append(str(e))
+
+    t = threading.Thread(target=second, daemon=True)
+    t.start()
+    turns.fail("a: ValueError: boom")
+    t.join(timeout=30)
+    assert not t.is_alive() and raised == ["another trainer failed: a: ValueError: boom"]
+
+
+def test_interleaved_benchmark_reports_one_ratio_per_step_round(tmp_path):
+    """``--interleave steps``: one process trains every variant, a round is one timed step of each, and each
+    round's ratio is that step's time over TRL's."""
+    import torch
+
+    from benchmarks.trl_step import TRL, VARIANTS, main
+
+    threads = torch.get_num_threads()
+    try:
+        results = main(["--models", "tiny", "--interleave", "steps", "--rounds", "3", "--warmup-steps", "1",
+                        "--threads", "1", "--data", "", "--in-process", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    block = results["models"]["tiny"]
+    for name, variant in block["variants"].items():
+        assert variant["errors"] == [], name
+        assert [r["round"] for r in variant["rounds"]] == [0, 1, 2]
+        assert all(r["steps_run"] == 4 and r["completion_tokens_per_step"] == [2 * 8 * 32] for r in variant["rounds"])
+        assert variant["cycle_seconds"]["n"] == 3
+    for name in set(VARIANTS) - {TRL}:
+        for kind in ("step", "cycle"):
+            expected = [a[f"{kind}_seconds"][0] / t[f"{kind}_seconds"][0]
+                        for a, t in zip(block["variants"][name]["rounds"], block["variants"][TRL]["rounds"])]
+            assert block["ratio_vs_trl"][name][kind]["per_round"] == pytest.approx(expected)
