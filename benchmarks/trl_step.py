@@ -370,6 +370,15 @@ def _load() -> list[float] | None:
         return None
 
 
+def _median_interval(values: list[float], resamples: int = 10_000) -> list[float] | None:
+    """A 95 % percentile-bootstrap interval of the median of ``values`` (seeded: the same values give the same
+    interval), or None under 3 values."""
+    if len(values) < 3:
+        return None
+    medians = np.median(np.random.default_rng(0).choice(values, (resamples, len(values))), axis=1)
+    return [float(x) for x in np.percentile(medians, [2.5, 97.5])]
+
+
 def summarize(model: str, runs: list[dict], gate: float) -> dict:
     """Per variant its times; per AMATrainer variant the per-round ratios to that round's trl-dpo run."""
     variants = {}
@@ -391,7 +400,8 @@ def summarize(model: str, runs: list[dict], gate: float) -> dict:
                 continue
             for kind in per_round:
                 per_round[kind].append(ama_run[f"median_{kind}_seconds"] / trl_run[f"median_{kind}_seconds"])
-        ratios[name] = {kind: {"per_round": values, "median": float(np.median(values)) if values else None}
+        ratios[name] = {kind: {"per_round": values, "median": float(np.median(values)) if values else None,
+                               "median_interval_95": _median_interval(values)}
                         for kind, values in per_round.items()}
     gated = model in GATED_MODELS
     met = ({name: (r["cycle"]["median"] is not None and r["cycle"]["median"] <= gate)
@@ -467,7 +477,8 @@ def main(argv=None) -> dict:
     write_json_atomic(out / "results.json", results)
     for model, block in results["models"].items():
         for name, r in block["ratio_vs_trl"].items():
-            print(f"[{model}] {name} / {TRL}: cycle median {r['cycle']['median']} per round "
+            print(f"[{model}] {name} / {TRL}: cycle median {r['cycle']['median']} (95 % bootstrap interval "
+                  f"{r['cycle']['median_interval_95']}) per round "
                   f"{[round(x, 4) for x in r['cycle']['per_round']]}; step median {r['step']['median']} "
                   f"per round {[round(x, 4) for x in r['step']['per_round']]}", flush=True)
         if block["gate"]["met"] is not None:

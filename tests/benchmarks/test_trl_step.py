@@ -139,3 +139,18 @@ def test_interleaved_benchmark_reports_one_ratio_per_step_round(tmp_path):
             expected = [a[f"{kind}_seconds"][0] / t[f"{kind}_seconds"][0]
                         for a, t in zip(block["variants"][name]["rounds"], block["variants"][TRL]["rounds"])]
             assert block["ratio_vs_trl"][name][kind]["per_round"] == pytest.approx(expected)
+            low, high = block["ratio_vs_trl"][name][kind]["median_interval_95"]
+            assert min(expected) <= low <= sorted(expected)[1] <= high <= max(expected)  # 3 rounds: the middle one
+
+
+def test_median_interval_is_a_percentile_bootstrap_of_the_median():
+    """Against an independent enumeration: for 3 values every resample's median is one of them, with
+    probabilities 7/27 (smallest), 13/27 (middle), 7/27 (largest), so the 2.5 and 97.5 percentiles of 10,000
+    resamples are the smallest and the largest; for 2 values there is no interval."""
+    from benchmarks.trl_step import _median_interval
+
+    assert _median_interval([1.0, 2.0, 3.0]) == [1.0, 3.0]
+    assert _median_interval([1.0, 2.0]) is None
+    values = [0.9, 0.95, 1.0, 1.0, 1.01, 1.02, 1.04, 1.3]
+    low, high = _median_interval(values)
+    assert low == _median_interval(values)[0] and 0.95 <= low < 1.0 < high <= 1.04
