@@ -32,6 +32,8 @@ ROOT = Path(__file__).resolve().parents[2]
 #: the whole torchrun launch, startup included (10 to 25 s on two busy CPU cores)
 LAUNCH_TIMEOUT_S = 300
 STEPS, DRAW_STEPS, GLOBAL_BATCH = 10, 50, 6
+#: the step after which the resumed two-process run was stopped (and checkpointed)
+STOP = 4
 #: the draw runs: AMA-S with EXP3's learning rate 1 (AMAConfig.exp3_eta), at which its weights move enough in a
 #: step for a draw from the weights one update late to differ from step 1 on (at the default rate, the 50
 #: steps' draws from late weights are the right draws); the reference mixer's options, the same
@@ -67,6 +69,9 @@ TWO_OF = {name: TWO_ACCUMULATING if name.endswith("accumulating") else TWO for n
 TWO_PROCESS_RUNS = [
     *(dict(name=name, **settings, **TWO_OF[name]) for name, settings in COMPARED.items()),
     dict(name="draws", dataloader_num_workers=1, dataloader_prefetch_factor=4, **DRAW_SETTINGS, **TWO),
+    # "ama-s" stopped after step STOP (a checkpoint there), then resumed in its folder by new trainers
+    *(dict(name=name, folder="stopped-then-resumed", **COMPARED["ama-s"], **TWO, save_strategy="steps",
+           save_steps=STOP, **part) for name, part in (("stopped", dict(stop_at=STOP)), ("resumed", dict(resume=True)))),
 ]
 
 
@@ -260,3 +265,19 @@ def test_a_loader_worker_changes_nothing(one_process):
                                       err_msg=key)
     for name, parameter in without["parameters"].items():
         assert torch.equal(with_worker["parameters"][name], parameter), name
+
+
+def test_two_processes_resumed_from_a_checkpoint_end_where_the_straight_run_ends(two_processes):
+    """Stopped after step STOP and resumed (a checkpoint's mixer, samplers and draw generator, read by both
+    ranks): the resumed steps draw the straight run's batches and end at its weights and parameters."""
+    straight, stopped, resumed = (two_processes[name] for name in ("ama-s", "stopped", "resumed"))
+    for rank in range(2):
+        s, first, then = (r[rank]["record"] for r in (straight, stopped, resumed))
+        assert len(first["draws"]) == STOP and len(then["draws"]) == STEPS - STOP
+        for step in range(STEPS):
+            drawn = first["draws"][step] if step < STOP else then["draws"][step - STOP]
+            np.testing.assert_array_equal(drawn, s["draws"][step], err_msg=f"rank {rank} step {step}")
+        assert first["rows"] + then["rows"] == s["rows"]
+        np.testing.assert_allclose(then["weights"][-1], s["weights"][-1], rtol=1e-9, atol=1e-12)
+        for name, parameter in straight[rank]["parameters"].items():
+            torch.testing.assert_close(resumed[rank]["parameters"][name], parameter, rtol=1e-6, atol=1e-7, msg=name)

@@ -85,10 +85,18 @@ class Record:
 
 def record_run(output_dir, mixer: str = "ama-s", steps: int = 10, per_device_train_batch_size: int = 3,
                gradient_accumulation_steps: int = 2, dataloader_num_workers: int = 0, fixed: bool = False,
-               **overrides):
+               stop_at: int | None = None, resume: bool = False, **overrides):
     """Train AMATrainer on the pairs and record it (:class:`Record`); ``fixed``: the mixer sees
-    :func:`fixed_losses` instead of the model's losses (the gradients are still the model's)."""
+    :func:`fixed_losses` instead of the model's losses (the gradients are still the model's). ``stop_at``: stop
+    after that optimizer step, as an interruption would (save with ``save_strategy``/``save_steps`` in
+    ``overrides``); ``resume``: go on from the newest complete checkpoint in ``output_dir``."""
     from datasets import Dataset
+    from transformers import TrainerCallback
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == stop_at:
+                control.should_training_stop = True
 
     from amalab.trl import AMAConfig, AMATrainer
 
@@ -102,7 +110,8 @@ def record_run(output_dir, mixer: str = "ama-s", steps: int = 10, per_device_tra
                     disable_tqdm=True)
     args = AMAConfig(**{**settings, **overrides})
     trainer = AMATrainer(model=make(seed=0), ref_model=make(seed=0), args=args,
-                         train_dataset=Dataset.from_list(multi_task_rows()), processing_class=tokenizer)
+                         train_dataset=Dataset.from_list(multi_task_rows()), processing_class=tokenizer,
+                         callbacks=[StopAt()] if stop_at else None)
     record, table = Record(), fixed_losses()
 
     draw = trainer.mixer.draw
@@ -147,8 +156,8 @@ def record_run(output_dir, mixer: str = "ama-s", steps: int = 10, per_device_tra
         record.weights.append(np.asarray(trainer.mixer.weights, dtype=float).copy())
 
     trainer._end_step = recorded_end_step
-    trainer.train()
-    assert trainer.state.global_step == steps
+    trainer.train(resume_from_checkpoint=resume or None)
+    assert trainer.state.global_step == (stop_at or steps)
     record.logs = [dict(entry) for entry in trainer.state.log_history if "step" in entry and "loss" in entry]
     return trainer, record
 
@@ -169,8 +178,8 @@ def main(out: str, runs_json: str) -> None:
     out_dir = Path(out)
     for spec in json.loads(runs_json):
         spec = dict(spec)
-        name = spec.pop("name")
-        trainer, record = record_run(out_dir / name, **spec)
+        name, folder = spec.pop("name"), spec.pop("folder", None)  # runs that share a folder: stop, then resume
+        trainer, record = record_run(out_dir / (folder or name), **spec)
         assert trainer.accelerator.num_processes == world_size, trainer.accelerator.num_processes
         assert trainer.world.size == world_size, trainer.world
         rank = trainer.accelerator.process_index
