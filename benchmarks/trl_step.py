@@ -108,10 +108,10 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------------------- one run
 
 
-def _trainer(spec: dict, variant: str, callback):
+def _trainer(spec: dict, variant: str, callback, shared=None):
     """The model (seeded, LoRA) and the trainer of one variant, ``callback`` registered last (after
     AMATrainer's mixer update and per-task metrics); the folder the trainer writes in; the per-step count of
-    completion positions (module docstring)."""
+    completion positions (module docstring). ``shared``: a (model, tokenizer) another trainer trains too."""
     import torch
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
@@ -134,7 +134,11 @@ def _trainer(spec: dict, variant: str, callback):
         pass
 
     torch.manual_seed(spec["seed"])
-    model, tokenizer = workload.build_model(spec["model"], torch.device("cpu"), seed=spec["seed"], lora=True)
+    model, tokenizer = shared or workload.build_model(spec["model"], torch.device("cpu"), seed=spec["seed"],
+                                                      lora=True)
+    if "ref" in model.peft_config:  # TRL copies the adapter as the reference "ref" once per trainer
+        model.delete_adapter("ref")
+        model.set_adapter("default")
     completion_tokens = []
 
     def count_completion_tokens(module, args, kwargs):
@@ -168,7 +172,8 @@ def _trainer(spec: dict, variant: str, callback):
         options = {"gamma": GAMMA} if mixer == "ama-s" else {}
         trainer = PretokenizedAMA(model=model, args=AMAConfig(**common, mixer=mixer, **options),
                                   train_dataset=dataset, processing_class=tokenizer)
-    trainer.add_callback(callback)
+    if callback is not None:
+        trainer.add_callback(callback)
     return trainer, model, source, completion_tokens, out_dir
 
 

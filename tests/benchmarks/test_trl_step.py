@@ -154,3 +154,22 @@ def test_median_interval_is_a_percentile_bootstrap_of_the_median():
     values = [0.9, 0.95, 1.0, 1.0, 1.01, 1.02, 1.04, 1.3]
     low, high = _median_interval(values)
     assert low == _median_interval(values)[0] and 0.95 <= low < 1.0 < high <= 1.04
+
+
+def test_same_batch_check_times_both_trainers_on_each_round(tmp_path):
+    """benchmarks/trl_same_batch.py's smallest run: each round times both trainers' compute_loss and
+    backward once, and the ratios are AMATrainer's times over TRL's, round by round."""
+    import torch
+
+    from benchmarks.trl_same_batch import PARTS, main
+
+    threads = torch.get_num_threads()
+    try:
+        results = main(["--model", "tiny", "--rounds", "3", "--threads", "1", "--data", "", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((tmp_path / "results.json").read_text())["command"].startswith("python -m benchmarks.trl_same")
+    for part in PARTS:
+        trl, ama = results["seconds"]["trl-dpo"][part], results["seconds"]["ama-ama-s"][part]
+        assert len(trl) == len(ama) == 3 and min(trl + ama) > 0
+        assert results["ratio_ama_s_vs_trl"][part]["per_round"] == pytest.approx([a / t for a, t in zip(ama, trl)])

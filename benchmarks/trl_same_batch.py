@@ -1,0 +1,123 @@
+"""DPOTrainer's and AMATrainer's ``training_step`` on the same batch, one model, one process: does either
+trainer's step cost more on identical inputs?
+
+    PYTHONPATH=. python -m benchmarks.trl_same_batch --model smollm2 --rounds 10 --out benchmarks/results-trl-same-batch
+
+The model, LoRA adapter, pairs and settings of ``benchmarks.trl_step`` (``ama-s``, gamma 0.3). Each round
+``AMATrainer.get_batch_samples`` draws one batch (after ``--warmup-rounds`` untimed rounds); both trainers
+take a ``training_step`` on a copy of it (the order alternating round by round; gradients zeroed before
+each; no optimizer step, so the model stays put), timed in two parts: ``compute_loss`` (policy and PEFT
+reference forwards, the loss and, for TRL, its training metrics) and the backward pass
+(``accelerator.backward``). Per round and part the ratio AMATrainer / DPOTrainer; the headline is the median
+of the per-round ratios, with its 95 % bootstrap interval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.trl_step import REPO, TRL, _median_interval, _spec, _trainer
+
+PARTS = ("compute_loss", "backward")
+
+
+def _timed(trainer, times: dict) -> None:
+    """Time ``trainer``'s compute_loss and backward into ``times``' lists (instance attributes wrap them)."""
+    compute_loss, backward = trainer.compute_loss, trainer.accelerator.backward
+
+    def timed_compute_loss(*args, **kwargs):
+        began = time.perf_counter()
+        out = compute_loss(*args, **kwargs)
+        times["compute_loss"].append(time.perf_counter() - began)
+        return out
+
+    def timed_backward(*args, **kwargs):
+        began = time.perf_counter()
+        out = backward(*args, **kwargs)
+        times["backward"].append(time.perf_counter() - began)
+        return out
+
+    trainer.compute_loss, trainer.accelerator.backward = timed_compute_loss, timed_backward
+
+
+def run(args) -> dict:
+    import torch
+
+    from benchmarks import workload
+
+    args.warmup_steps, args.timed_steps = 0, args.rounds  # the pairs of as many steps
+    spec = _spec(args.model, args)
+    shared = workload.build_model(args.model, torch.device("cpu"), seed=args.seed, lora=True)
+    built = {name: _trainer(spec, name, None, shared) for name in (TRL, "ama-ama-s")}
+    dpo, ama = built[TRL][0], built["ama-ama-s"][0]
+    times = {name: {part: [] for part in PARTS} for name in built}
+    for name, (trainer, *_) in built.items():
+        trainer.create_optimizer_and_scheduler(num_training_steps=1)
+        trainer.current_gradient_accumulation_steps = 1
+        _timed(trainer, times[name])
+    model = shared[0]
+    for k in range(-args.warmup_rounds, args.rounds):  # the rounds before 0 are dropped (first-call costs)
+        if k == 0:
+            for part_times in times.values():
+                for values in part_times.values():
+                    values.clear()
+        (batch,), _ = ama.get_batch_samples(iter([None]), 1, torch.device("cpu"))
+        for name, trainer in ((TRL, dpo), ("ama-ama-s", ama))[::1 if k % 2 == 0 else -1]:
+            model.zero_grad(set_to_none=True)
+            trainer.training_step(model, {key: value.clone() for key, value in batch.items()})
+        ama._end_step()  # the mixer's update after the step, as the Trainer's on_step_end
+        print(f"[{args.model}] round {k}{' (warm-up)' if k < 0 else ''}: " + ", ".join(
+            f"{name} {part} {times[name][part][-1]:.3f}s" for name in built for part in PARTS), flush=True)
+    ratios = {}
+    for part in PARTS:
+        per_round = list(np.array(times["ama-ama-s"][part]) / np.array(times[TRL][part]))
+        ratios[part] = {"per_round": [float(x) for x in per_round], "median": float(np.median(per_round)),
+                        "median_interval_95": _median_interval(per_round)}
+    return {"command": "python -m benchmarks.trl_same_batch " + " ".join(args.argv), "settings": spec,
+            "seconds": times, "ratio_ama_s_vs_trl": ratios}
+
+
+def main(argv=None) -> dict:
+    import sys
+
+    from amalab.atomic_write import write_json_atomic
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.trl_same_batch", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2", choices=["smollm2", "tiny"])
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--warmup-rounds", type=int, default=1, help="untimed rounds first")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--completion-len", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--data", default=None,
+                        help="HH-RLHF jsonl.gz ('' : synthetic pairs; default: the shared copy)")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results-trl-same-batch"))
+    args = parser.parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
+    if args.data is None:
+        from benchmarks.shared_data import HH_HARMLESS
+
+        args.data = str(HH_HARMLESS)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    results = run(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "results.json", results)
+    for part, r in results["ratio_ama_s_vs_trl"].items():
+        print(f"[{args.model}] {part}: ama-s / {TRL} median {r['median']:.4f} "
+              f"(95 % bootstrap interval {r['median_interval_95']})", flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()
