@@ -15,12 +15,13 @@ of the per-round ratios, with its 95 % bootstrap interval.
 from __future__ import annotations
 
 import argparse
+import datetime
 import time
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.trl_step import REPO, TRL, _median_interval, _spec, _trainer
+from benchmarks.trl_step import REPO, TRL, _load, _machine, _median_interval, _spec, _trainer
 
 PARTS = ("compute_loss", "backward")
 
@@ -109,7 +110,9 @@ def main(argv=None) -> dict:
         import torch
 
         torch.set_num_threads(args.threads)
-    results = run(args)
+    started, began, machine = datetime.datetime.now().isoformat(timespec="seconds"), time.perf_counter(), _machine()
+    results = {**run(args), "started": started, "machine": machine}
+    results.update(wall_seconds=time.perf_counter() - began, load_average_at_end=_load())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "results.json", results)

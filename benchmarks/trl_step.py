@@ -12,14 +12,15 @@ Variants (``--variants``): ``trl-dpo`` (``trl.DPOTrainer``), ``ama-ama-s`` (``am
              threads taking optimizer steps in turn (:class:`Turns`: one step of each variant per round, the
              order rotated by one every round; the waiting threads are blocked, not spinning); after
              ``--warmup-steps`` rounds, ``--rounds`` timed ones. Neighbouring steps are seconds apart, so the
-             machine's drift between runs minutes apart (a SmolLM2 step moves 16-25 s from run to run here)
+             machine's drift between runs minutes apart (a SmolLM2 step moved 16-25 s from run to run)
              falls on both sides of a round's ratio alike.
 
 Per round the ratio of each AMATrainer variant to that round's ``trl-dpo``; the headline is the median of the
 per-round ratios. Gate: ``--gate`` (1.02) on SmolLM2; the tiny model's ratio is reported without a gate.
 
 Both sides: the model and LoRA adapter of ``benchmarks.workload.build_model(..., lora=True)`` (r 16 on every
-projection, seeded), the PEFT reference (adapter disabled; ``precompute_ref_log_probs=False``), the same
+projection, seeded), TRL's PEFT reference (a frozen copy "ref" of the initial adapter;
+``precompute_ref_log_probs=False``), the same
 tokenized HH-RLHF pairs, all of one shape (every row ``--seq-len`` tokens, of which ``--completion-len`` are
 its completion: ``benchmarks.workload.fixed_shape_pairs``; TRL's tokenization bypassed for amalab's token ids,
 as in ``benchmarks.workers.trl_step``) with a synthetic ``task`` column (three task names in turn)
@@ -38,8 +39,8 @@ Two times per optimizer step, from a ``TrainerCallback`` registered last (after 
                      span without the other trainers' steps between).
 The gate is taken on ``cycle_seconds`` (the whole cost of a step to a user); both ratios are reported.
 
-``completion_tokens_per_step`` (per run, its timed steps): the completion positions of the step's batch, the
-only positions TRL's fused LM head projects and scores (``labels != -100``). The two trainers take different
+``completion_tokens_per_step`` (per run, its timed steps): the completion positions of the step's batch
+(``labels != -100``), whose log-probs the loss sums. The two trainers take different
 pairs in a step (TRL: its seeded shuffle; AMATrainer: the mixer's draws); since every pair has the same shape,
 every step of either scores the same count (recorded to show it), so both do the same work per step.
 """
@@ -100,8 +101,10 @@ def parse_args(argv=None):
         parser.error("--warmup-steps must be at least 1 (the first cycle has no previous step end)")
     if args.interleave == "steps" and args.timed_steps is not None:
         parser.error("--timed-steps is for --interleave runs; with steps, --rounds is the timed steps of each")
-    if args.timed_steps is None:
+    if args.timed_steps is None and args.interleave == "runs":
         args.timed_steps = 3
+    if len(set(args.variants)) != len(args.variants):
+        parser.error(f"--variants names a variant twice: {' '.join(args.variants)}")
     return args
 
 
@@ -114,24 +117,8 @@ def _trainer(spec: dict, variant: str, callback, shared=None):
     completion positions (module docstring). ``shared``: a (model, tokenizer) another trainer trains too."""
     import torch
     from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
 
-    from amalab.trl import AMAConfig, AMATrainer
     from benchmarks import workload
-
-    class Pretokenized:
-        """TRL's dataset preparation bypassed for amalab's token ids (the same tokens on both sides)."""
-
-        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-            if "prompt_ids" in dataset.column_names:
-                return dataset
-            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-
-    class PretokenizedDPO(Pretokenized, DPOTrainer):
-        pass
-
-    class PretokenizedAMA(Pretokenized, AMATrainer):
-        pass
 
     torch.manual_seed(spec["seed"])
     model, tokenizer = shared or workload.build_model(spec["model"], torch.device("cpu"), seed=spec["seed"],
@@ -157,8 +144,38 @@ def _trainer(spec: dict, variant: str, callback, shared=None):
         "task": [TASKS[i % len(TASKS)] for i in range(len(pairs))],
         "baseline_loss": [BASELINE_LOSS] * len(pairs)})
     out_dir = Path(tempfile.mkdtemp(prefix="trl-step-bench-"))
+    try:
+        trainer = _build_trainer(spec, variant, model, tokenizer, dataset, out_dir)
+    except BaseException:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    if callback is not None:
+        trainer.add_callback(callback)
+    return trainer, model, source, completion_tokens, out_dir
+
+
+def _build_trainer(spec: dict, variant: str, model, tokenizer, dataset, out_dir: Path):
+    from trl import DPOConfig, DPOTrainer
+
+    from amalab.trl import AMAConfig, AMATrainer
+
+    class Pretokenized:
+        """TRL's dataset preparation bypassed for amalab's token ids (the same tokens on both sides)."""
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            if "prompt_ids" in dataset.column_names:
+                return dataset
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+    class PretokenizedDPO(Pretokenized, DPOTrainer):
+        pass
+
+    class PretokenizedAMA(Pretokenized, AMATrainer):
+        pass
+
     common = dict(
-        output_dir=str(out_dir), max_steps=steps, per_device_train_batch_size=spec["batch_size"],
+        output_dir=str(out_dir), max_steps=spec["warmup_steps"] + spec["timed_steps"],
+        per_device_train_batch_size=spec["batch_size"],
         gradient_accumulation_steps=1, learning_rate=spec["lr"], weight_decay=0.0, max_grad_norm=1.0,
         optim="adamw_torch", lr_scheduler_type="cosine", warmup_steps=0, beta=0.1, loss_type=["sigmoid"],
         max_length=spec["seq_len"], precompute_ref_log_probs=False, gradient_checkpointing=False,
@@ -172,9 +189,7 @@ def _trainer(spec: dict, variant: str, callback, shared=None):
         options = {"gamma": GAMMA} if mixer == "ama-s" else {}
         trainer = PretokenizedAMA(model=model, args=AMAConfig(**common, mixer=mixer, **options),
                                   train_dataset=dataset, processing_class=tokenizer)
-    if callback is not None:
-        trainer.add_callback(callback)
-    return trainer, model, source, completion_tokens, out_dir
+    return trainer
 
 
 def _result(spec, variant, model, source, completion_tokens, step, cycle, steps_run, began) -> dict:
@@ -228,7 +243,8 @@ def run_variant(spec: dict) -> dict:
 class Turns:
     """The optimizer steps of several trainers, each training in its own thread, taken one at a time: step k of
     every trainer in turn, in ``names``' order rotated by k (``--interleave steps``), so that over rounds each
-    trainer takes each place and no trainer takes two steps in a row. While one trainer computes, the others
+    trainer takes each place (and, with three or more trainers, none takes two steps in a row; with two the
+    order is A B, B A, A B, ...). While one trainer computes, the others
     wait on a condition variable (no busy thread)."""
 
     def __init__(self, names: list[str], steps: int):
@@ -281,6 +297,7 @@ def run_interleaved(spec: dict) -> list[dict]:
     class TurnTimer(TrainerCallback):
         def __init__(self, name):
             self.name, self.turn_began, self.began, self.step, self.cycle = name, None, None, [], []
+            self.spans = []  # (turn began, on_step_end) of every step, on perf_counter's clock
 
         def on_train_begin(self, args, state, control, **kwargs):
             turns.started.wait()  # every trainer built and set up before the first turn
@@ -294,6 +311,7 @@ def run_interleaved(spec: dict) -> list[dict]:
             now = time.perf_counter()
             self.step.append(now - self.began)
             self.cycle.append(now - self.turn_began)
+            self.spans.append((self.turn_began, now))
             turns.end_turn()
             if len(self.step) < steps:
                 turns.wait_for_turn(self.name)
@@ -302,12 +320,22 @@ def run_interleaved(spec: dict) -> list[dict]:
                 turns.wait_for_all()
 
     began = time.perf_counter()
-    built = {name: _trainer(spec, name, TurnTimer(name)) for name in names}
+    built = {}
+    try:
+        for name in names:
+            built[name] = _trainer(spec, name, TurnTimer(name))
+    except BaseException:
+        for *_, out_dir in built.values():
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     errors = {}
 
     def train(name):
         try:
-            built[name][0].train()
+            trainer = built[name][0]
+            trainer.train()
+            if trainer.state.global_step < steps:  # stopped early: its remaining turns would never come
+                raise RuntimeError(f"stopped after {trainer.state.global_step} of {steps} steps")
         except BaseException as e:
             errors[name] = f"{type(e).__name__}: {e}"
             turns.fail(f"{name}: {errors[name]}")
@@ -328,6 +356,7 @@ def run_interleaved(spec: dict) -> list[dict]:
         timer = trainer.callback_handler.callbacks[-1]
         results.append(_result(spec, name, model, source, completion_tokens, timer.step[warm:], timer.cycle[warm:],
                                len(timer.step), began))
+        results[-1]["turn_spans"] = timer.spans[warm:]
     return results
 
 
@@ -350,10 +379,11 @@ def _run(spec: dict, in_process: bool) -> dict | list[dict]:
 def _step_rounds(run: dict) -> list[dict]:
     """An interleaved run cut into its rounds (round k: the k-th timed step of every variant), each shaped as
     a separate run of one timed step, so that one summary serves both ``--interleave`` modes."""
-    rounds = []
+    rounds, run = [], dict(run)
+    spans = run.pop("turn_spans")
     for k, (step, cycle) in enumerate(zip(run["step_seconds"], run["cycle_seconds"])):
         rounds.append(dict(run, round=k, step_seconds=[step], cycle_seconds=[cycle], median_step_seconds=step,
-                           median_cycle_seconds=cycle,
+                           median_cycle_seconds=cycle, turn_span=spans[k],
                            completion_tokens_per_step=run["completion_tokens_per_step"][k:k + 1]))
     return rounds
 
@@ -491,6 +521,16 @@ def main(argv=None) -> dict:
     return results
 
 
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def _machine() -> dict:
     import platform
 
@@ -498,7 +538,8 @@ def _machine() -> dict:
     import transformers
     import trl
 
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
+    return {"platform": platform.platform(), "cpu": _cpu_model(), "python": platform.python_version(),
+            "cpu_count": os.cpu_count(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "transformers": transformers.__version__, "trl": trl.__version__,
             "load_average_at_start": _load()}

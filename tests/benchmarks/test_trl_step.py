@@ -12,11 +12,15 @@ import math
 
 import pytest
 
-pytest.importorskip("trl")
-pytest.importorskip("peft")
+
+
+def needs_trl():
+    pytest.importorskip("trl")
+    pytest.importorskip("peft")
 
 
 def test_smallest_trl_step_benchmark_writes_the_documented_json(tmp_path):
+    needs_trl()
     import torch
 
     from benchmarks.trl_step import SCHEMA, TRL, VARIANTS, main
@@ -31,7 +35,7 @@ def test_smallest_trl_step_benchmark_writes_the_documented_json(tmp_path):
     written = json.loads((out / "results.json").read_text())
     assert written["schema"] == SCHEMA == results["schema"]
     assert written["command"].startswith("python -m benchmarks.trl_step")
-    for key in ("cpu_count", "torch", "transformers", "trl", "load_average_at_start"):
+    for key in ("cpu", "cpu_count", "torch", "transformers", "trl", "load_average_at_start"):
         assert key in written["machine"]
     assert written["settings"]["batch_size"] == 8 and written["settings"]["seq_len"] == 128
     assert written["settings"]["completion_len"] == 32
@@ -117,7 +121,9 @@ def test_a_failed_trainer_releases_the_others_waiting_for_their_turn():
 
 def test_interleaved_benchmark_reports_one_ratio_per_step_round(tmp_path):
     """``--interleave steps``: one process trains every variant, a round is one timed step of each, and each
-    round's ratio is that step's time over TRL's."""
+    round's ratio is that step's time over TRL's; the trainers' steps (turn to on_step_end) never overlap and
+    come in the rotated order."""
+    needs_trl()
     import torch
 
     from benchmarks.trl_step import TRL, VARIANTS, main
@@ -139,8 +145,14 @@ def test_interleaved_benchmark_reports_one_ratio_per_step_round(tmp_path):
             expected = [a[f"{kind}_seconds"][0] / t[f"{kind}_seconds"][0]
                         for a, t in zip(block["variants"][name]["rounds"], block["variants"][TRL]["rounds"])]
             assert block["ratio_vs_trl"][name][kind]["per_round"] == pytest.approx(expected)
-            low, high = block["ratio_vs_trl"][name][kind]["median_interval_95"]
-            assert min(expected) <= low <= sorted(expected)[1] <= high <= max(expected)  # 3 rounds: the middle one
+            assert block["ratio_vs_trl"][name][kind]["median_interval_95"] == [min(expected), max(expected)]
+    names = list(VARIANTS)  # the default order, rotated by one each round
+    spans = sorted((r["turn_span"][0], r["turn_span"][1], r["round"], name)
+                   for name, v in block["variants"].items() for r in v["rounds"])
+    assert all(end <= next_began for (_, end, *_), (next_began, *_) in zip(spans, spans[1:]))
+    # timed round k is the run's step k + 1 (one warm-up step): its order is names rotated by k + 1
+    assert [(k, name) for *_, k, name in spans] == [
+        (k, name) for k in range(3) for name in names[(k + 1) % 3:] + names[:(k + 1) % 3]]
 
 
 def test_median_interval_is_a_percentile_bootstrap_of_the_median():
@@ -159,6 +171,7 @@ def test_median_interval_is_a_percentile_bootstrap_of_the_median():
 def test_same_batch_check_times_both_trainers_on_each_round(tmp_path):
     """benchmarks/trl_same_batch.py's smallest run: each round times both trainers' compute_loss and
     backward once, and the ratios are AMATrainer's times over TRL's, round by round."""
+    needs_trl()
     import torch
 
     from benchmarks.trl_same_batch import PARTS, main
@@ -173,3 +186,33 @@ def test_same_batch_check_times_both_trainers_on_each_round(tmp_path):
         trl, ama = results["seconds"]["trl-dpo"][part], results["seconds"]["ama-ama-s"][part]
         assert len(trl) == len(ama) == 3 and min(trl + ama) > 0
         assert results["ratio_ama_s_vs_trl"][part]["per_round"] == pytest.approx([a / t for a, t in zip(ama, trl)])
+
+
+def test_an_interleaved_trainer_that_fails_releases_the_others(tmp_path, monkeypatch):
+    """A trainer raising inside its step stops the interleaved run with its error (no thread left waiting
+    for a turn that never comes): recorded on every variant."""
+    needs_trl()
+    import threading
+
+    import torch
+    from trl import DPOTrainer
+
+    from benchmarks.trl_step import TRL, VARIANTS, main
+
+    def broken_step(self, *args, **kwargs):
+        raise ValueError("broken step")
+
+    monkeypatch.setattr(DPOTrainer, "training_step", broken_step)  # AMATrainer is a DPOTrainer: all break
+    threads = torch.get_num_threads()
+    try:
+        results = main(["--models", "tiny", "--interleave", "steps", "--rounds", "2", "--warmup-steps", "1",
+                        "--variants", TRL, "ama-ama-s", "--threads", "1", "--data", "", "--in-process",
+                        "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    block = results["models"]["tiny"]
+    for name in (TRL, "ama-ama-s"):
+        (error,) = block["variants"][name]["errors"]
+        assert "broken step" in error
+    assert not [t for t in threading.enumerate() if t.name in (TRL, "ama-ama-s")]  # the trainers' threads ended
+    assert set(VARIANTS) > set(block["variants"])
