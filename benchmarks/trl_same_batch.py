@@ -16,51 +16,34 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.trl_step import REPO, TRL, _load, _machine, _median_interval, _spec, _trainer
+from benchmarks.trl_step import (REPO, TRL, _load, _machine, _median_interval, _spec, _trainer,
+                                 add_workload_arguments)
 
 PARTS = ("compute_loss", "backward")
 
 
-def _timed(trainer, times: dict) -> None:
-    """Time ``trainer``'s compute_loss and backward into ``times``' lists (instance attributes wrap them)."""
-    compute_loss, backward = trainer.compute_loss, trainer.accelerator.backward
-
-    def timed_compute_loss(*args, **kwargs):
+def _timing(function, into: list):
+    """``function``, appending the seconds of each call to ``into``."""
+    def timed(*args, **kwargs):
         began = time.perf_counter()
-        out = compute_loss(*args, **kwargs)
-        times["compute_loss"].append(time.perf_counter() - began)
+        out = function(*args, **kwargs)
+        into.append(time.perf_counter() - began)
         return out
 
-    def timed_backward(*args, **kwargs):
-        began = time.perf_counter()
-        out = backward(*args, **kwargs)
-        times["backward"].append(time.perf_counter() - began)
-        return out
-
-    trainer.compute_loss, trainer.accelerator.backward = timed_compute_loss, timed_backward
+    return timed
 
 
-def run(args) -> dict:
+def _rounds(args, built: dict, times: dict, model) -> None:
+    """The warm-up and timed rounds: one batch each, both trainers' training_step on it in turn."""
     import torch
 
-    from benchmarks import workload
-
-    args.warmup_steps, args.timed_steps = 0, args.rounds  # the pairs of as many steps
-    spec = _spec(args.model, args)
-    shared = workload.build_model(args.model, torch.device("cpu"), seed=args.seed, lora=True)
-    built = {name: _trainer(spec, name, None, shared) for name in (TRL, "ama-ama-s")}
     dpo, ama = built[TRL][0], built["ama-ama-s"][0]
-    times = {name: {part: [] for part in PARTS} for name in built}
-    for name, (trainer, *_) in built.items():
-        trainer.create_optimizer_and_scheduler(num_training_steps=1)
-        trainer.current_gradient_accumulation_steps = 1
-        _timed(trainer, times[name])
-    model = shared[0]
     for k in range(-args.warmup_rounds, args.rounds):  # the rounds before 0 are dropped (first-call costs)
         if k == 0:
             for part_times in times.values():
@@ -73,6 +56,28 @@ def run(args) -> dict:
         ama._end_step()  # the mixer's update after the step, as the Trainer's on_step_end
         print(f"[{args.model}] round {k}{' (warm-up)' if k < 0 else ''}: " + ", ".join(
             f"{name} {part} {times[name][part][-1]:.3f}s" for name in built for part in PARTS), flush=True)
+
+
+def run(args) -> dict:
+    import torch
+
+    from benchmarks import workload
+
+    args.warmup_steps, args.timed_steps = 0, args.rounds  # the pairs of as many steps
+    spec = _spec(args.model, args)
+    shared = workload.build_model(args.model, torch.device("cpu"), seed=args.seed, lora=True)
+    built = {name: _trainer(spec, name, None, shared) for name in (TRL, "ama-ama-s")}
+    times = {name: {part: [] for part in PARTS} for name in built}
+    for name, (trainer, *_) in built.items():
+        trainer.create_optimizer_and_scheduler(num_training_steps=1)
+        trainer.current_gradient_accumulation_steps = 1
+        trainer.compute_loss = _timing(trainer.compute_loss, times[name]["compute_loss"])
+        trainer.accelerator.backward = _timing(trainer.accelerator.backward, times[name]["backward"])
+    try:
+        _rounds(args, built, times, shared[0])
+    finally:
+        for *_, out_dir in built.values():
+            shutil.rmtree(out_dir, ignore_errors=True)
     ratios = {}
     for part in PARTS:
         per_round = list(np.array(times["ama-ama-s"][part]) / np.array(times[TRL][part]))
@@ -91,21 +96,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--model", default="smollm2", choices=["smollm2", "tiny"])
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--warmup-rounds", type=int, default=1, help="untimed rounds first")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--completion-len", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--data", default=None,
-                        help="HH-RLHF jsonl.gz ('' : synthetic pairs; default: the shared copy)")
+    add_workload_arguments(parser)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results-trl-same-batch"))
     args = parser.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
-    if args.data is None:
-        from benchmarks.shared_data import HH_HARMLESS
-
-        args.data = str(HH_HARMLESS)
     if args.threads:
         import torch
 

@@ -73,24 +73,29 @@ GATE = 1.02
 GATED_MODELS = ("smollm2",)
 
 
-def parse_args(argv=None):
+def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model-independent settings of a step (shared with benchmarks/trl_same_batch.py)."""
     from benchmarks.shared_data import HH_HARMLESS
 
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.trl_step", description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["smollm2", "tiny"], choices=["smollm2", "tiny"])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every variant")
-    parser.add_argument("--warmup-steps", type=int, default=2, help="untimed optimizer steps per run (>= 1)")
-    parser.add_argument("--timed-steps", type=int, help="timed optimizer steps per run (default 3)")
     parser.add_argument("--batch-size", type=int, default=8, help="per_device_train_batch_size (pairs)")
     parser.add_argument("--seq-len", type=int, default=128, help="max_length; every row has exactly this many")
     parser.add_argument("--completion-len", type=int, default=32,
                         help="completion tokens of every row (the rest of --seq-len is prompt)")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--gate", type=float, default=GATE, help="AMATrainer / DPOTrainer ratio at most")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
     parser.add_argument("--data", default=str(HH_HARMLESS), help="HH-RLHF jsonl.gz ('' : synthetic pairs)")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.trl_step", description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["smollm2", "tiny"], choices=["smollm2", "tiny"])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every variant")
+    parser.add_argument("--warmup-steps", type=int, default=2, help="untimed optimizer steps per run (>= 1)")
+    parser.add_argument("--timed-steps", type=int, help="timed optimizer steps per run (default 3)")
+    add_workload_arguments(parser)
+    parser.add_argument("--gate", type=float, default=GATE, help="AMATrainer / DPOTrainer ratio at most")
     parser.add_argument("--interleave", choices=["runs", "steps"], default="runs",
                         help="runs: each run its own subprocess, variants alternating run by run; steps: every "
                              "variant in one process, alternating step by step (a round: one timed step of each)")
@@ -132,7 +137,8 @@ def _trainer(spec: dict, variant: str, callback, shared=None):
         if torch.is_grad_enabled() and kwargs.get("labels") is not None:  # the policy's forward, not the reference's
             completion_tokens.append(int((kwargs["labels"][:, 1:] != -100).sum()))
 
-    model.register_forward_pre_hook(count_completion_tokens, with_kwargs=True)
+    if shared is None:  # one hook per model: a shared model's is its first trainer's
+        model.register_forward_pre_hook(count_completion_tokens, with_kwargs=True)
     steps = spec["warmup_steps"] + spec["timed_steps"]
     data = Path(spec["data"]) if spec.get("data") else None
     pairs, source = workload.fixed_shape_pairs(tokenizer, spec["batch_size"] * steps, spec["seq_len"],
@@ -145,7 +151,7 @@ def _trainer(spec: dict, variant: str, callback, shared=None):
         "baseline_loss": [BASELINE_LOSS] * len(pairs)})
     out_dir = Path(tempfile.mkdtemp(prefix="trl-step-bench-"))
     try:
-        trainer = _build_trainer(spec, variant, model, tokenizer, dataset, out_dir)
+        trainer = _build_trainer(spec, variant, model, tokenizer, dataset, out_dir, steps)
     except BaseException:
         shutil.rmtree(out_dir, ignore_errors=True)
         raise
@@ -154,7 +160,7 @@ def _trainer(spec: dict, variant: str, callback, shared=None):
     return trainer, model, source, completion_tokens, out_dir
 
 
-def _build_trainer(spec: dict, variant: str, model, tokenizer, dataset, out_dir: Path):
+def _build_trainer(spec: dict, variant: str, model, tokenizer, dataset, out_dir: Path, steps: int):
     from trl import DPOConfig, DPOTrainer
 
     from amalab.trl import AMAConfig, AMATrainer
@@ -174,8 +180,7 @@ def _build_trainer(spec: dict, variant: str, model, tokenizer, dataset, out_dir:
         pass
 
     common = dict(
-        output_dir=str(out_dir), max_steps=spec["warmup_steps"] + spec["timed_steps"],
-        per_device_train_batch_size=spec["batch_size"],
+        output_dir=str(out_dir), max_steps=steps, per_device_train_batch_size=spec["batch_size"],
         gradient_accumulation_steps=1, learning_rate=spec["lr"], weight_decay=0.0, max_grad_norm=1.0,
         optim="adamw_torch", lr_scheduler_type="cosine", warmup_steps=0, beta=0.1, loss_type=["sigmoid"],
         max_length=spec["seq_len"], precompute_ref_log_probs=False, gradient_checkpointing=False,
@@ -296,7 +301,7 @@ def run_interleaved(spec: dict) -> list[dict]:
 
     class TurnTimer(TrainerCallback):
         def __init__(self, name):
-            self.name, self.turn_began, self.began, self.step, self.cycle = name, None, None, [], []
+            self.name, self.turn_began, self.began, self.step = name, None, None, []
             self.spans = []  # (turn began, on_step_end) of every step, on perf_counter's clock
 
         def on_train_begin(self, args, state, control, **kwargs):
@@ -310,7 +315,6 @@ def run_interleaved(spec: dict) -> list[dict]:
         def on_step_end(self, args, state, control, **kwargs):
             now = time.perf_counter()
             self.step.append(now - self.began)
-            self.cycle.append(now - self.turn_began)
             self.spans.append((self.turn_began, now))
             turns.end_turn()
             if len(self.step) < steps:
@@ -320,10 +324,10 @@ def run_interleaved(spec: dict) -> list[dict]:
                 turns.wait_for_all()
 
     began = time.perf_counter()
-    built = {}
+    built, timers = {}, {name: TurnTimer(name) for name in names}
     try:
         for name in names:
-            built[name] = _trainer(spec, name, TurnTimer(name))
+            built[name] = _trainer(spec, name, timers[name])
     except BaseException:
         for *_, out_dir in built.values():
             shutil.rmtree(out_dir, ignore_errors=True)
@@ -352,9 +356,10 @@ def run_interleaved(spec: dict) -> list[dict]:
     if errors:
         raise RuntimeError("; ".join(f"{name}: {error}" for name, error in errors.items()))
     warm, results = spec["warmup_steps"], []
-    for name, (trainer, model, source, completion_tokens, _) in built.items():
-        timer = trainer.callback_handler.callbacks[-1]
-        results.append(_result(spec, name, model, source, completion_tokens, timer.step[warm:], timer.cycle[warm:],
+    for name, (_, model, source, completion_tokens, _) in built.items():
+        timer = timers[name]
+        cycle = [end - turn_began for turn_began, end in timer.spans]
+        results.append(_result(spec, name, model, source, completion_tokens, timer.step[warm:], cycle[warm:],
                                len(timer.step), began))
         results[-1]["turn_spans"] = timer.spans[warm:]
     return results
