@@ -51,6 +51,7 @@ import argparse
 import datetime
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -197,17 +198,37 @@ def _build_trainer(spec: dict, variant: str, model, tokenizer, dataset, out_dir:
     return trainer
 
 
-def _result(spec, variant, model, source, completion_tokens, step, cycle, steps_run, began) -> dict:
+def _usage() -> tuple[float, float, int]:
+    """This process's (user CPU seconds, system CPU seconds, minor page faults) so far, all threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime, usage.ru_stime, usage.ru_minflt
+
+
+def _usage_between(before: tuple, after: tuple) -> dict:
+    return {key: b - a for key, a, b in zip(("user_seconds", "system_seconds", "minor_faults"), before, after)}
+
+
+def _allocator() -> str:
+    """The malloc this process runs on: jemalloc or tcmalloc where one is loaded (``LD_PRELOAD``), else glibc's."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return "unknown"
+    return next((name for name in ("jemalloc", "tcmalloc") if f"lib{name}" in maps), "glibc")
+
+
+def _result(spec, variant, model, source, completion_tokens, step, cycle, usage, steps_run, began) -> dict:
     import torch
 
     warm = spec["warmup_steps"]
     return {"variant": variant, "model": spec["model"], "data": source, "steps_run": steps_run,
-            "step_seconds": step, "cycle_seconds": cycle,
+            "step_seconds": step, "cycle_seconds": cycle, "cycle_usage": usage,
             "median_step_seconds": float(np.median(step)), "median_cycle_seconds": float(np.median(cycle)),
             "tokens_per_step": 2 * spec["batch_size"] * spec["seq_len"],
             "completion_tokens_per_step": completion_tokens[warm:],
             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "torch_threads": torch.get_num_threads(), "wall_seconds": time.perf_counter() - began}
+            "torch_threads": torch.get_num_threads(), "allocator": _allocator(),
+            "wall_seconds": time.perf_counter() - began}
 
 
 def run_variant(spec: dict) -> dict:
@@ -221,17 +242,18 @@ def run_variant(spec: dict) -> dict:
 
     class StepTimer(TrainerCallback):
         def __init__(self):
-            self.began, self.last_end, self.step, self.cycle = None, None, [], []
+            self.began, self.last_end, self.step, self.cycle, self.usage = None, None, [], [], []
 
         def on_step_begin(self, args, state, control, **kwargs):
             self.began = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
-            now = time.perf_counter()
+            now, usage = time.perf_counter(), _usage()
             self.step.append(now - self.began)
             if self.last_end is not None:
                 self.cycle.append(now - self.last_end)
-            self.last_end = now
+                self.usage.append(_usage_between(self.last_usage, usage))
+            self.last_end, self.last_usage = now, usage
 
     timer = StepTimer()
     began = time.perf_counter()
@@ -242,7 +264,7 @@ def run_variant(spec: dict) -> dict:
         shutil.rmtree(out_dir, ignore_errors=True)
     warm = spec["warmup_steps"]
     return _result(spec, spec["variant"], model, source, completion_tokens, timer.step[warm:],
-                   timer.cycle[warm - 1:], len(timer.step), began)
+                   timer.cycle[warm - 1:], timer.usage[warm - 1:], len(timer.step), began)
 
 
 class Turns:
@@ -303,11 +325,15 @@ def run_interleaved(spec: dict) -> list[dict]:
         def __init__(self, name):
             self.name, self.turn_began, self.began, self.step = name, None, None, []
             self.spans = []  # (turn began, on_step_end) of every step, on perf_counter's clock
+            self.usage = []  # the process's CPU time and page faults over each span (the others wait meanwhile)
+
+        def begin_turn(self):
+            turns.wait_for_turn(self.name)
+            self.turn_began, self.turn_usage = time.perf_counter(), _usage()
 
         def on_train_begin(self, args, state, control, **kwargs):
             turns.started.wait()  # every trainer built and set up before the first turn
-            turns.wait_for_turn(self.name)
-            self.turn_began = time.perf_counter()
+            self.begin_turn()
 
         def on_step_begin(self, args, state, control, **kwargs):
             self.began = time.perf_counter()
@@ -316,10 +342,10 @@ def run_interleaved(spec: dict) -> list[dict]:
             now = time.perf_counter()
             self.step.append(now - self.began)
             self.spans.append((self.turn_began, now))
+            self.usage.append(_usage_between(self.turn_usage, _usage()))
             turns.end_turn()
             if len(self.step) < steps:
-                turns.wait_for_turn(self.name)
-                self.turn_began = time.perf_counter()
+                self.begin_turn()
             else:
                 turns.wait_for_all()
 
@@ -360,7 +386,7 @@ def run_interleaved(spec: dict) -> list[dict]:
         timer = timers[name]
         cycle = [end - turn_began for turn_began, end in timer.spans]
         results.append(_result(spec, name, model, source, completion_tokens, timer.step[warm:], cycle[warm:],
-                               len(timer.step), began))
+                               timer.usage[warm:], len(timer.step), began))
         results[-1]["turn_spans"] = timer.spans[warm:]
     return results
 
@@ -388,7 +414,7 @@ def _step_rounds(run: dict) -> list[dict]:
     spans = run.pop("turn_spans")
     for k, (step, cycle) in enumerate(zip(run["step_seconds"], run["cycle_seconds"])):
         rounds.append(dict(run, round=k, step_seconds=[step], cycle_seconds=[cycle], median_step_seconds=step,
-                           median_cycle_seconds=cycle, turn_span=spans[k],
+                           median_cycle_seconds=cycle, turn_span=spans[k], cycle_usage=run["cycle_usage"][k:k + 1],
                            completion_tokens_per_step=run["completion_tokens_per_step"][k:k + 1]))
     return rounds
 
@@ -419,6 +445,13 @@ def _median_interval(values: list[float], resamples: int = 10_000) -> list[float
     return [float(x) for x in np.percentile(medians, [2.5, 97.5])]
 
 
+def _round_median(run: dict, kind: str) -> float:
+    """A run's median step or cycle time, or the median CPU time (user or system) of its cycles."""
+    if kind in ("user", "system"):
+        return float(np.median([usage[f"{kind}_seconds"] for usage in run["cycle_usage"]]))
+    return run[f"median_{kind}_seconds"]
+
+
 def summarize(model: str, runs: list[dict], gate: float) -> dict:
     """Per variant its times; per AMATrainer variant the per-round ratios to that round's trl-dpo run."""
     variants = {}
@@ -428,21 +461,26 @@ def summarize(model: str, runs: list[dict], gate: float) -> dict:
         variants[name] = {
             "step_seconds": _stats([s for r in ok for s in r["step_seconds"]]),
             "cycle_seconds": _stats([s for r in ok for s in r["cycle_seconds"]]),
+            **{f"cycle_{key}": _stats([u[key] for r in ok for u in r["cycle_usage"]])
+               for key in ("user_seconds", "system_seconds", "minor_faults")},
             "errors": [r["error"] for r in mine if "error" in r],
             "rounds": mine}
     ratios = {}
     for name in variants:
         if name == TRL or TRL not in variants:
             continue
-        per_round = {"step": [], "cycle": []}
+        per_round = {"step": [], "cycle": [], "user": [], "system": []}
         for trl_run, ama_run in zip(variants[TRL]["rounds"], variants[name]["rounds"]):
             if "error" in trl_run or "error" in ama_run:
                 continue
-            for kind in per_round:
-                per_round[kind].append(ama_run[f"median_{kind}_seconds"] / trl_run[f"median_{kind}_seconds"])
-        ratios[name] = {kind: {"per_round": values, "median": float(np.median(values)) if values else None,
-                               "median_interval_95": _median_interval(values)}
-                        for kind, values in per_round.items()}
+            for kind in per_round:  # None where TRL's time is 0 (a short step can take no system CPU time)
+                trl = _round_median(trl_run, kind)
+                per_round[kind].append(_round_median(ama_run, kind) / trl if trl > 0 else None)
+        ratios[name] = {}
+        for kind, values in per_round.items():
+            known = [v for v in values if v is not None]
+            ratios[name][kind] = {"per_round": values, "median": float(np.median(known)) if known else None,
+                                  "median_interval_95": _median_interval(known)}
     gated = model in GATED_MODELS
     met = ({name: (r["cycle"]["median"] is not None and r["cycle"]["median"] <= gate)
             for name, r in ratios.items()} if gated else None)
@@ -470,7 +508,9 @@ def _separate_rounds(model: str, args) -> list[dict]:
                           "traceback": traceback.format_exc()[-3000:]}
             result.update(round=round_index, load_average_before=load, load_average_after=_load())
             runs.append(result)
-            shown = (f"step {result['median_step_seconds']:.4f}s cycle {result['median_cycle_seconds']:.4f}s"
+            shown = (f"step {result['median_step_seconds']:.4f}s cycle {result['median_cycle_seconds']:.4f}s, "
+                     f"system {np.median([u['system_seconds'] for u in result['cycle_usage']]):.2f}s, "
+                     f"{np.median([u['minor_faults'] for u in result['cycle_usage']]):.0f} page faults a step"
                      if "error" not in result else result["error"][:200])
             print(f"[{model}] round {round_index} {variant}: {shown} (load {load})", flush=True)
     return runs
@@ -519,8 +559,8 @@ def main(argv=None) -> dict:
         for name, r in block["ratio_vs_trl"].items():
             print(f"[{model}] {name} / {TRL}: cycle median {r['cycle']['median']} (95 % bootstrap interval "
                   f"{r['cycle']['median_interval_95']}) per round "
-                  f"{[round(x, 4) for x in r['cycle']['per_round']]}; step median {r['step']['median']} "
-                  f"per round {[round(x, 4) for x in r['step']['per_round']]}", flush=True)
+                  f"{[round(x, 4) for x in r['cycle']['per_round']]}; step median {r['step']['median']}; "
+                  f"user CPU time median {r['user']['median']}, system {r['system']['median']}", flush=True)
         if block["gate"]["met"] is not None:
             print(f"[{model}] gate <= {block['gate']['at_most']}: {block['gate']['met']}", flush=True)
     return results
@@ -546,6 +586,7 @@ def _machine() -> dict:
     return {"platform": platform.platform(), "cpu": _cpu_model(), "python": platform.python_version(),
             "cpu_count": os.cpu_count(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "allocator_environment": {k: v for k, v in os.environ.items() if k == "LD_PRELOAD" or k.startswith("MALLOC_")},
             "transformers": transformers.__version__, "trl": trl.__version__,
             "load_average_at_start": _load()}
 

@@ -19,6 +19,18 @@ def needs_trl():
     pytest.importorskip("peft")
 
 
+def assert_usage_within(run: dict) -> None:
+    """Each timed cycle's CPU time and page faults: a step touches new memory, and the process cannot have
+    used more CPU time over a span than its wall time on every core (so the usage is the span's, not the
+    process's total), up to getrusage's tick."""
+    import os
+
+    assert len(run["cycle_usage"]) == len(run["cycle_seconds"])
+    for usage, seconds in zip(run["cycle_usage"], run["cycle_seconds"]):
+        assert usage["minor_faults"] > 0 and usage["user_seconds"] >= 0 and usage["system_seconds"] >= 0
+        assert usage["user_seconds"] + usage["system_seconds"] <= seconds * os.cpu_count() + 0.02
+
+
 def test_smallest_trl_step_benchmark_writes_the_documented_json(tmp_path):
     needs_trl()
     import torch
@@ -35,7 +47,7 @@ def test_smallest_trl_step_benchmark_writes_the_documented_json(tmp_path):
     written = json.loads((out / "results.json").read_text())
     assert written["schema"] == SCHEMA == results["schema"]
     assert written["command"].startswith("python -m benchmarks.trl_step")
-    for key in ("cpu", "cpu_count", "torch", "transformers", "trl", "load_average_at_start"):
+    for key in ("cpu", "cpu_count", "torch", "transformers", "trl", "load_average_at_start", "allocator_environment"):
         assert key in written["machine"]
     assert written["settings"]["batch_size"] == 8 and written["settings"]["seq_len"] == 128
     assert written["settings"]["completion_len"] == 32
@@ -53,6 +65,8 @@ def test_smallest_trl_step_benchmark_writes_the_documented_json(tmp_path):
         # every pair has one shape, so every step of every variant scores the same completion positions
         assert run["completion_tokens_per_step"] == [2 * 8 * 32]
         assert run["trainable_parameters"] > 0  # the LoRA adapter only
+        assert run["allocator"] in ("glibc", "jemalloc", "tcmalloc")
+        assert_usage_within(run)
     assert len({r["trainable_parameters"] for v in block["variants"].values() for r in v["rounds"]}) == 1
 
     assert set(block["ratio_vs_trl"]) == set(VARIANTS) - {TRL}
@@ -119,6 +133,11 @@ def test_a_failed_trainer_releases_the_others_waiting_for_their_turn():
     assert not t.is_alive() and raised == ["another trainer failed: a: ValueError: boom"]
 
 
+def time_of(round_: dict, kind: str) -> float:
+    """An interleaved round's one timed step: its wall seconds, or its cycle's user CPU seconds."""
+    return round_["cycle_usage"][0]["user_seconds"] if kind == "user" else round_[f"{kind}_seconds"][0]
+
+
 def test_interleaved_benchmark_reports_one_ratio_per_step_round(tmp_path):
     """``--interleave steps``: one process trains every variant, a round is one timed step of each, and each
     round's ratio is that step's time over TRL's; the trainers' steps (turn to on_step_end) never overlap and
@@ -140,9 +159,12 @@ def test_interleaved_benchmark_reports_one_ratio_per_step_round(tmp_path):
         assert [r["round"] for r in variant["rounds"]] == [0, 1, 2]
         assert all(r["steps_run"] == 4 and r["completion_tokens_per_step"] == [2 * 8 * 32] for r in variant["rounds"])
         assert variant["cycle_seconds"]["n"] == 3
+        assert variant["cycle_minor_faults"]["n"] == 3
+        for run in variant["rounds"]:
+            assert_usage_within(run)
     for name in set(VARIANTS) - {TRL}:
-        for kind in ("step", "cycle"):
-            expected = [a[f"{kind}_seconds"][0] / t[f"{kind}_seconds"][0]
+        for kind in ("step", "cycle", "user"):
+            expected = [time_of(a, kind) / time_of(t, kind)
                         for a, t in zip(block["variants"][name]["rounds"], block["variants"][TRL]["rounds"])]
             assert block["ratio_vs_trl"][name][kind]["per_round"] == pytest.approx(expected)
             assert block["ratio_vs_trl"][name][kind]["median_interval_95"] == [min(expected), max(expected)]
@@ -216,3 +238,25 @@ def test_an_interleaved_trainer_that_fails_releases_the_others(tmp_path, monkeyp
         assert "broken step" in error
     assert not [t for t in threading.enumerate() if t.name in (TRL, "ama-ama-s")]  # the trainers' threads ended
     assert set(VARIANTS) > set(block["variants"])
+
+
+def test_summary_ratios_of_cpu_times_per_round_and_none_where_trl_took_none():
+    """Per round the AMATrainer variant's wall, user-CPU and system-CPU times over TRL's (hand-built runs); a
+    round where TRL's step took no system CPU time (a short step can) has no system ratio, and the median
+    is over the others."""
+    from benchmarks.trl_step import summarize
+
+    def run(variant, k, wall, user, system):
+        return {"variant": variant, "round": k, "step_seconds": [wall], "cycle_seconds": [wall],
+                "median_step_seconds": wall, "median_cycle_seconds": wall,
+                "cycle_usage": [{"user_seconds": user, "system_seconds": system, "minor_faults": 10}]}
+
+    runs = [run("trl-dpo", 0, 1.0, 2.0, 0.0), run("ama-ama-s", 0, 1.1, 2.2, 0.1),
+            run("trl-dpo", 1, 2.0, 4.0, 0.5), run("ama-ama-s", 1, 1.0, 3.0, 1.0),
+            run("trl-dpo", 2, 1.0, 2.0, 0.5), run("ama-ama-s", 2, 1.0, 2.0, 2.0)]
+    ratios = summarize("tiny", runs, 1.02)["ratio_vs_trl"]["ama-ama-s"]
+    assert ratios["cycle"]["per_round"] == pytest.approx([1.1, 0.5, 1.0])
+    assert ratios["user"]["per_round"] == pytest.approx([1.1, 0.75, 1.0]) and ratios["user"]["median"] == 1.0
+    assert ratios["system"]["per_round"][0] is None
+    assert ratios["system"]["per_round"][1:] == pytest.approx([2.0, 4.0])
+    assert ratios["system"]["median"] == pytest.approx(3.0)
