@@ -208,13 +208,15 @@ def _usage_between(before: tuple, after: tuple) -> dict:
     return {key: b - a for key, a, b in zip(("user_seconds", "system_seconds", "minor_faults"), before, after)}
 
 
-def _allocator() -> str:
-    """The malloc this process runs on: jemalloc or tcmalloc where one is loaded (``LD_PRELOAD``), else glibc's."""
-    try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:
-        return "unknown"
-    return next((name for name in ("jemalloc", "tcmalloc") if f"lib{name}" in maps), "glibc")
+def _allocator(maps: str | None = None) -> str:
+    """The malloc this process runs on, from its memory map (``/proc/self/maps``): jemalloc or tcmalloc where
+    one is loaded (``LD_PRELOAD``), else glibc's."""
+    if maps is None:
+        try:
+            maps = Path("/proc/self/maps").read_text()
+        except OSError:
+            return "unknown"
+    return next((name for name in ("jemalloc", "tcmalloc") if f"/lib{name}" in maps), "glibc")
 
 
 def _result(spec, variant, model, source, completion_tokens, step, cycle, usage, steps_run, began) -> dict:
@@ -445,10 +447,12 @@ def _median_interval(values: list[float], resamples: int = 10_000) -> list[float
     return [float(x) for x in np.percentile(medians, [2.5, 97.5])]
 
 
-def _round_median(run: dict, kind: str) -> float:
-    """A run's median step or cycle time, or the median CPU time (user or system) of its cycles."""
+def _round_median(run: dict, kind: str) -> float | None:
+    """A run's median step or cycle time, or the median CPU time (user or system) of its cycles (None for
+    results that predate ``cycle_usage``)."""
     if kind in ("user", "system"):
-        return float(np.median([usage[f"{kind}_seconds"] for usage in run["cycle_usage"]]))
+        usage = run.get("cycle_usage")
+        return float(np.median([u[f"{kind}_seconds"] for u in usage])) if usage else None
     return run[f"median_{kind}_seconds"]
 
 
@@ -461,7 +465,7 @@ def summarize(model: str, runs: list[dict], gate: float) -> dict:
         variants[name] = {
             "step_seconds": _stats([s for r in ok for s in r["step_seconds"]]),
             "cycle_seconds": _stats([s for r in ok for s in r["cycle_seconds"]]),
-            **{f"cycle_{key}": _stats([u[key] for r in ok for u in r["cycle_usage"]])
+            **{f"cycle_{key}": _stats([u[key] for r in ok for u in r.get("cycle_usage", [])])
                for key in ("user_seconds", "system_seconds", "minor_faults")},
             "errors": [r["error"] for r in mine if "error" in r],
             "rounds": mine}
@@ -473,9 +477,9 @@ def summarize(model: str, runs: list[dict], gate: float) -> dict:
         for trl_run, ama_run in zip(variants[TRL]["rounds"], variants[name]["rounds"]):
             if "error" in trl_run or "error" in ama_run:
                 continue
-            for kind in per_round:  # None where TRL's time is 0 (a short step can take no system CPU time)
-                trl = _round_median(trl_run, kind)
-                per_round[kind].append(_round_median(ama_run, kind) / trl if trl > 0 else None)
+            for kind in per_round:  # None where either took no time (a short step can take no system time)
+                ama, trl = _round_median(ama_run, kind), _round_median(trl_run, kind)
+                per_round[kind].append(ama / trl if ama and trl else None)
         ratios[name] = {}
         for kind, values in per_round.items():
             known = [v for v in values if v is not None]

@@ -8,7 +8,8 @@ A run's own interval (``median_interval_95`` in its results.json) resamples its 
 nothing of how far the next run's median will land; repeated runs of the same command land further apart
 than their intervals. Here the rounds are resampled in two stages (a cluster bootstrap): draw as many runs as
 were given, with replacement, then in each drawn run as many of its rounds as it has, with replacement; the
-median of the drawn rounds, 10,000 times (seeded); the 2.5 and 97.5 percentiles of those medians.
+median of the drawn rounds, 10,000 times (seeded); the 2.5 and 97.5 percentiles of those medians. With few
+runs (three, say: ten distinct draws of runs) the interval is itself rough and tends to be too narrow.
 """
 
 from __future__ import annotations
@@ -24,13 +25,18 @@ RESAMPLES = 10_000
 
 
 def per_round_ratios(folder: Path, model: str, variant: str, kind: str = "cycle") -> list[float]:
-    """The per-round ratios to TRL of one run (``results.json`` in ``folder``)."""
+    """The per-round ratios to TRL of one run (``results.json`` in ``folder``), without the rounds that have
+    none (a CPU-time ratio where a step took no time)."""
     results = json.loads((folder / "results.json").read_text())
     try:
-        return [float(x) for x in results["models"][model]["ratio_vs_trl"][variant][kind]["per_round"]]
+        values = results["models"][model]["ratio_vs_trl"][variant][kind]["per_round"]
     except KeyError as e:
         raise ValueError(f"{folder / 'results.json'}: no {kind} ratios of {variant!r} on model {model!r} "
                          f"(missing key {e})") from None
+    known = [float(x) for x in values if x is not None]
+    if not known:
+        raise ValueError(f"{folder / 'results.json'}: no round has a {kind} ratio of {variant!r}")
+    return known
 
 
 def cluster_interval(runs: list[list[float]], resamples: int = RESAMPLES, seed: int = 0) -> list[float] | None:
@@ -57,7 +63,8 @@ def main(argv=None) -> dict:
     parser.add_argument("folders", nargs="+", type=Path, help="result folders of benchmarks.trl_step")
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--variant", default="ama-ama-s")
-    parser.add_argument("--kind", choices=("cycle", "step"), default="cycle")
+    parser.add_argument("--kind", choices=("cycle", "step", "user", "system"), default="cycle",
+                        help="wall time of the cycle or the step, or the cycle's user or system CPU time")
     args = parser.parse_args(argv)
     try:
         runs = [per_round_ratios(folder, args.model, args.variant, args.kind) for folder in args.folders]

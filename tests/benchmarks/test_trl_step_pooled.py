@@ -14,9 +14,10 @@ from benchmarks.trl_step import _median_interval
 from benchmarks.trl_step_pooled import cluster_interval, main, pooled
 
 
-def write_run(folder, per_round, variant="ama-ama-s"):
+def write_run(folder, per_round, variant="ama-ama-s", system=None):
     folder.mkdir(parents=True)
-    block = {"ratio_vs_trl": {variant: {"cycle": {"per_round": per_round}, "step": {"per_round": per_round}}}}
+    block = {"ratio_vs_trl": {variant: {"cycle": {"per_round": per_round}, "step": {"per_round": per_round},
+                                        "system": {"per_round": system or per_round}}}}
     (folder / "results.json").write_text(json.dumps({"models": {"smollm2": block}}))
 
 
@@ -63,3 +64,14 @@ def test_a_folder_without_the_variant_is_refused_in_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit:
         main([str(tmp_path / "nowhere")])
     assert "nowhere/results.json" in str(exit.value)
+
+
+def test_rounds_without_a_cpu_time_ratio_are_left_out(tmp_path):
+    write_run(tmp_path / "run0", [1.0, 1.1, 1.2], system=[None, 2.0, 4.0])
+    write_run(tmp_path / "run1", [1.0, 1.0], system=[3.0, None])
+    summary = main([str(tmp_path / "run0"), str(tmp_path / "run1"), "--kind", "system"])
+    assert summary["rounds"] == 3 and summary["median"] == pytest.approx(3.0)
+    write_run(tmp_path / "run2", [1.0], system=[None])
+    with pytest.raises(SystemExit) as exit:
+        main([str(tmp_path / "run2"), "--kind", "system"])
+    assert "run2/results.json: no round has a system ratio" in str(exit.value)
