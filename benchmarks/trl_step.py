@@ -513,7 +513,7 @@ def _separate_rounds(model: str, args) -> list[dict]:
             result.update(round=round_index, load_average_before=load, load_average_after=_load())
             runs.append(result)
             shown = (f"step {result['median_step_seconds']:.4f}s cycle {result['median_cycle_seconds']:.4f}s, "
-                     f"system {np.median([u['system_seconds'] for u in result['cycle_usage']]):.2f}s, "
+                     f"system {_round_median(result, 'system'):.2f}s, "
                      f"{np.median([u['minor_faults'] for u in result['cycle_usage']]):.0f} page faults a step"
                      if "error" not in result else result["error"][:200])
             print(f"[{model}] round {round_index} {variant}: {shown} (load {load})", flush=True)
